@@ -1,0 +1,257 @@
+//! The change model shared by sources, the agent and the hub.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A column value, typed enough that the hub can write it back without loss.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// A TOASTed value an UPDATE left unchanged: the target keeps what it has.
+    UnchangedToast,
+    /// boolean.
+    Bool(bool),
+    /// int2, int4, int8, oid.
+    Int(i64),
+    /// float4, float8.
+    Float(f64),
+    /// numeric, exact decimal text.
+    Numeric(String),
+    /// text, varchar, char, name.
+    Text(String),
+    /// bytea.
+    Bytes(Vec<u8>),
+    /// date, ISO text.
+    Date(String),
+    /// timestamp without time zone, ISO text.
+    Timestamp(String),
+    /// timestamp with time zone, ISO text in UTC.
+    TimestampTz(String),
+    /// json or jsonb text.
+    Json(String),
+    /// uuid text.
+    Uuid(String),
+    /// An array; nested arrays for more dimensions.
+    Array(Vec<Value>),
+    /// Any other type, as text with its type name.
+    Other {
+        /// The type name as the source prints it.
+        type_name: String,
+        /// The value's text form.
+        text: String,
+    },
+}
+
+/// Values in the column order of a [`TableSchema`].
+pub type Row = Vec<Value>;
+
+/// A table's qualified name at the source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableId {
+    /// Schema (namespace) name.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+}
+
+impl TableId {
+    /// A table id from its two parts.
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { schema: schema.into(), name: name.into() }
+    }
+
+    /// Parses `schema.table`, or `table` in schema `public`.
+    pub fn parse(qualified: &str) -> Option<Self> {
+        let (schema, name) = match qualified.split_once('.') {
+            Some((s, n)) => (s, n),
+            None => ("public", qualified),
+        };
+        (!schema.is_empty() && !name.is_empty() && !name.contains('.')).then(|| Self::new(schema, name))
+    }
+}
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// One column of a table schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// Type as the source prints it (`format_type`), used to create the target column.
+    pub type_name: String,
+    /// Source type oid, used to decode values.
+    pub type_oid: u32,
+}
+
+/// The shape of a source table at one point of its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSchema {
+    /// Which table.
+    pub table: TableId,
+    /// Columns in source order.
+    pub columns: Vec<Column>,
+    /// Indexes into `columns` of the primary key, in key order; never empty.
+    pub key_columns: Vec<usize>,
+    /// Digest of the shape; changes on schema drift.
+    pub version: u64,
+}
+
+impl TableSchema {
+    /// Builds a schema and computes its version digest.
+    pub fn new(table: TableId, columns: Vec<Column>, key_columns: Vec<usize>) -> Self {
+        let version = shape_digest(&table, &columns, &key_columns);
+        Self { table, columns, key_columns, version }
+    }
+
+    /// The key values of a full row.
+    pub fn key_of(&self, row: &[Value]) -> Row {
+        self.key_columns.iter().map(|&i| row.get(i).cloned().unwrap_or(Value::Null)).collect()
+    }
+}
+
+/// FNV-1a over the shape: stable across processes and builds, which `DefaultHasher` is not.
+fn shape_digest(table: &TableId, columns: &[Column], key: &[usize]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes.iter().chain(std::iter::once(&0xff)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(table.schema.as_bytes());
+    eat(table.name.as_bytes());
+    for c in columns {
+        eat(c.name.as_bytes());
+        eat(c.type_name.as_bytes());
+    }
+    for k in key {
+        eat(&(*k as u64).to_le_bytes());
+    }
+    h
+}
+
+/// What a change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// A new row.
+    Insert,
+    /// A changed row (possibly with a changed key).
+    Update,
+    /// A removed row.
+    Delete,
+    /// The table emptied; also opens a table's initial snapshot.
+    Truncate,
+    /// A row read by the initial snapshot.
+    SnapshotRead,
+}
+
+/// A Postgres log sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+impl std::str::FromStr for Lsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s.split_once('/').ok_or_else(|| format!("invalid lsn {s:?}: expected X/Y"))?;
+        let hi = u64::from_str_radix(hi, 16).map_err(|e| format!("invalid lsn {s:?}: {e}"))?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|e| format!("invalid lsn {s:?}: {e}"))?;
+        Ok(Lsn((hi << 32) | lo))
+    }
+}
+
+/// Where in the source's log a change was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// Postgres: commit end LSN, or the slot's consistent point for snapshot rows.
+    Postgres(Lsn),
+}
+
+/// One captured row change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    /// Agent sequence number, strictly increasing per source; 0 until the spool assigns it.
+    pub seq: u64,
+    /// The table's schema at the time of the change.
+    pub table: Arc<TableSchema>,
+    /// What the change does.
+    pub op: Operation,
+    /// Primary key values (empty for truncate).
+    pub key: Row,
+    /// The old row, as far as the replica identity gives it.
+    pub before: Option<Row>,
+    /// The new row.
+    pub after: Option<Row>,
+    /// Where the change was read.
+    pub position: Position,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    /// Source transaction id.
+    pub txid: u64,
+    /// Order inside the transaction.
+    pub txn_order: u32,
+    /// Last change of its transaction.
+    pub txn_last: bool,
+}
+
+/// Changes of one source, contiguous in seq.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeBatch {
+    /// Which source (agent) produced them.
+    pub source_id: String,
+    /// The changes, in seq order.
+    pub changes: Vec<ChangeEvent>,
+}
+
+impl ChangeBatch {
+    /// Seq of the first change.
+    pub fn first_seq(&self) -> u64 {
+        self.changes.first().map_or(0, |c| c.seq)
+    }
+
+    /// Seq of the last change.
+    pub fn last_seq(&self) -> u64 {
+        self.changes.last().map_or(0, |c| c.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trips_through_text() {
+        let lsn: Lsn = "16/B374D848".parse().unwrap();
+        assert_eq!(lsn.0, 0x16_B374_D848);
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert!("16B374D848".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn schema_version_changes_with_shape() {
+        let col = |n: &str, t: &str| Column { name: n.into(), type_name: t.into(), type_oid: 25 };
+        let a = TableSchema::new(TableId::new("public", "c"), vec![col("id", "text")], vec![0]);
+        let b = TableSchema::new(TableId::new("public", "c"), vec![col("id", "text"), col("x", "text")], vec![0]);
+        let a2 = TableSchema::new(TableId::new("public", "c"), vec![col("id", "text")], vec![0]);
+        assert_ne!(a.version, b.version);
+        assert_eq!(a.version, a2.version);
+    }
+
+    #[test]
+    fn table_id_parses_qualified_and_bare_names() {
+        assert_eq!(TableId::parse("pop.citizens"), Some(TableId::new("pop", "citizens")));
+        assert_eq!(TableId::parse("citizens"), Some(TableId::new("public", "citizens")));
+        assert_eq!(TableId::parse("a.b.c"), None);
+        assert_eq!(TableId::parse(".x"), None);
+    }
+}

@@ -1,0 +1,178 @@
+//! Prerequisites of the Postgres source, checked in plain words for `dongbo-agent check` and at start.
+
+use std::fmt;
+
+use tokio_postgres::Client;
+
+use crate::error::SourceError;
+use crate::postgres::catalog;
+use crate::postgres::config::PostgresConfig;
+use crate::postgres::snapshot::quote_ident;
+
+/// One checked prerequisite.
+#[derive(Debug, Clone)]
+pub struct CheckItem {
+    /// What was checked.
+    pub what: String,
+    /// What is wrong and how to fix it; `None` when fine.
+    pub problem: Option<String>,
+}
+
+/// The outcome of every check.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    /// Checks in the order they ran.
+    pub items: Vec<CheckItem>,
+}
+
+impl CheckReport {
+    fn ok(&mut self, what: impl Into<String>) {
+        self.items.push(CheckItem { what: what.into(), problem: None });
+    }
+
+    fn problem(&mut self, what: impl Into<String>, problem: impl Into<String>) {
+        self.items.push(CheckItem { what: what.into(), problem: Some(problem.into()) });
+    }
+
+    /// Adds a check from outside this module (e.g. the hub connection).
+    pub fn push(&mut self, item: CheckItem) {
+        self.items.push(item);
+    }
+
+    /// The first problem, if any.
+    pub fn first_problem(&self) -> Option<String> {
+        self.items.iter().find_map(|i| i.problem.clone())
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for i in &self.items {
+            match &i.problem {
+                None => writeln!(f, "ok       {}", i.what)?,
+                Some(p) => writeln!(f, "PROBLEM  {}: {}", i.what, p)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks wal_level, the role's rights, the tables and the publication. Touches nothing.
+pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport, SourceError> {
+    let mut r = CheckReport::default();
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level == "logical" {
+        r.ok("wal_level is logical");
+    } else {
+        r.problem(
+            "wal_level",
+            format!("is {wal_level}; set wal_level = logical in postgresql.conf and restart the server"),
+        );
+    }
+    let row = client
+        .query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await?;
+    if row.get::<_, bool>(0) {
+        r.ok(format!("role {} may replicate", config.user));
+    } else {
+        r.problem(
+            format!("role {}", config.user),
+            format!("lacks the REPLICATION attribute; run ALTER ROLE {} WITH REPLICATION", quote_ident(&config.user)),
+        );
+    }
+    let slots = client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int - count(*) FILTER (WHERE slot_name <> $1), \
+             bool_or(slot_name = $1) FROM pg_replication_slots",
+            &[&config.slot],
+        )
+        .await?;
+    let free: i32 = slots.get::<_, Option<i32>>(0).unwrap_or(0);
+    if slots.get::<_, Option<bool>>(1).unwrap_or(false) || free > 0 {
+        r.ok(format!("replication slot {} exists or can be created", config.slot));
+    } else {
+        r.problem("replication slots", "none free; raise max_replication_slots or drop an unused slot");
+    }
+    for table in config.table_ids() {
+        match catalog::find_table(client, &table).await {
+            Ok(None) => r.problem(format!("table {table}"), "does not exist; fix source.tables or create it"),
+            Err(SourceError::Prerequisite(p)) => r.problem(format!("table {table}"), p),
+            Err(e) => return Err(e),
+            Ok(Some(found)) => {
+                let can_read: bool = client
+                    .query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&found.oid])
+                    .await?
+                    .get(0);
+                if !can_read {
+                    r.problem(format!("table {table}"), format!("role {} cannot SELECT from it; GRANT SELECT ON {table} TO it", config.user));
+                } else if found.replica_identity == 'n' {
+                    r.problem(format!("table {table}"), format!("has REPLICA IDENTITY NOTHING; run ALTER TABLE {table} REPLICA IDENTITY DEFAULT"));
+                } else {
+                    r.ok(format!("table {table} has a primary key and is readable (~{} rows)", found.estimated_rows));
+                }
+            }
+        }
+    }
+    let missing = missing_from_publication(client, config).await?;
+    match missing {
+        None if config.create_publication => r.ok(format!("publication {} will be created", config.publication)),
+        None => r.problem(
+            format!("publication {}", config.publication),
+            format!("does not exist; create it with CREATE PUBLICATION {} FOR TABLE ... or set create_publication = true", config.publication),
+        ),
+        Some(m) if m.is_empty() => r.ok(format!("publication {} covers every table", config.publication)),
+        Some(m) if config.create_publication => r.ok(format!("publication {} will get tables {}", config.publication, m.join(", "))),
+        Some(m) => r.problem(
+            format!("publication {}", config.publication),
+            format!("lacks tables {}; ALTER PUBLICATION {} ADD TABLE ...", m.join(", "), config.publication),
+        ),
+    }
+    Ok(r)
+}
+
+/// `None` if the publication does not exist, else the configured tables it lacks.
+async fn missing_from_publication(client: &Client, config: &PostgresConfig) -> Result<Option<Vec<String>>, SourceError> {
+    let Some(row) = client
+        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&config.publication])
+        .await?
+    else {
+        return Ok(None);
+    };
+    if row.get::<_, bool>(0) {
+        return Ok(Some(Vec::new()));
+    }
+    let mut missing = Vec::new();
+    for t in config.table_ids() {
+        let present = client
+            .query_opt("SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3", &[&config.publication, &t.schema, &t.name])
+            .await?
+            .is_some();
+        if !present {
+            missing.push(t.to_string());
+        }
+    }
+    Ok(Some(missing))
+}
+
+/// Creates the publication, or adds the configured tables it lacks, when the config allows it.
+pub async fn ensure_publication(client: &Client, config: &PostgresConfig) -> Result<(), SourceError> {
+    let qualified = |t: &crate::model::TableId| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+    match missing_from_publication(client, config).await? {
+        Some(m) if m.is_empty() => Ok(()),
+        _ if !config.create_publication => Err(SourceError::Prerequisite(format!(
+            "publication {} is missing or lacks tables, and create_publication is false",
+            config.publication
+        ))),
+        None => {
+            let tables: Vec<String> = config.table_ids().iter().map(qualified).collect();
+            client.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&config.publication), tables.join(", "))).await?;
+            Ok(())
+        }
+        Some(missing) => {
+            for t in missing.iter().filter_map(|m| crate::model::TableId::parse(m)) {
+                client.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&config.publication), qualified(&t))).await?;
+            }
+            Ok(())
+        }
+    }
+}

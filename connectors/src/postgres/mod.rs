@@ -1,0 +1,382 @@
+//! The Postgres source: a consistent initial snapshot, then logical replication with `pgoutput`.
+//!
+//! # Snapshot
+//! On first start (or when the agent's spool says the snapshot never finished) the source drops any
+//! slot of its name, creates it with `EXPORT_SNAPSHOT`, and reads every table with `COPY` inside that
+//! snapshot ([`snapshot`]). Streaming then starts at the slot's consistent point: no gap, no overlap.
+//!
+//! # Streaming
+//! `START_REPLICATION` with `proto_version '1'` over the replication protocol ([`protocol`]), decoded
+//! by [`pgoutput`]. Each change carries its transaction's commit LSN; the last change of a
+//! transaction is marked `txn_last`, followed by [`Captured::Commit`].
+//!
+//! # Progress and acknowledgement
+//! The source never confirms on its own. The agent calls [`PostgresSource::release`] with a commit's
+//! end LSN once everything up to it is durable in the spool, and the source reports that position in
+//! its standby status updates, so the slot holds WAL only for what the spool does not have yet. While
+//! nothing is in flight, a server keepalive's WAL end is released too: an idle captured database
+//! must not pin WAL that other databases on the server produce.
+//!
+//! After a restart the server resends from the slot's confirmed position, which may be behind the
+//! spool. [`ResumePoint`] (stored by the agent atomically with its spool) drops that replayed prefix:
+//! whole transactions whose commit precedes `committed_end`, and the first `spooled` changes of a
+//! large transaction that was spooled in part.
+//!
+//! # Errors
+//! [`SourceError::is_transient`] separates a dropped connection (retry with backoff) from a setup
+//! problem such as `wal_level` or a table without primary key (stop and say what to change).
+
+pub mod catalog;
+pub mod check;
+pub mod config;
+pub mod pgoutput;
+pub mod protocol;
+pub mod snapshot;
+pub mod text;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+use tracing::{info, warn};
+
+pub use self::config::PostgresConfig;
+use self::pgoutput::{PgOutput, TupleValue};
+use self::protocol::{ConnectParams, ReplicationConnection, ReplicationMessage};
+use self::snapshot::SnapshotReader;
+pub use crate::error::SourceError;
+use crate::model::{ChangeEvent, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
+
+/// What the spool already holds, so a restart resumes without duplicates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The initial snapshot is fully spooled.
+    pub snapshot_done: bool,
+    /// End LSN of the last transaction fully spooled (or the snapshot's consistent point).
+    pub committed_end: Lsn,
+    /// A transaction spooled in part: its commit LSN and how many of its changes are spooled.
+    pub open_txn: Option<OpenTxn>,
+}
+
+/// A transaction of which a prefix is spooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTxn {
+    /// Commit LSN of the transaction.
+    pub final_lsn: Lsn,
+    /// Changes already spooled (they are `txn_order` 0 to `spooled - 1`).
+    pub spooled: u32,
+}
+
+/// One item captured from the source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Captured {
+    /// A row change; `txn` is its transaction's commit LSN (0 during the snapshot).
+    Change {
+        /// The change.
+        change: ChangeEvent,
+        /// Commit LSN of its transaction.
+        txn: Lsn,
+    },
+    /// A transaction ended: once everything before is durable, release `end`.
+    Commit {
+        /// End LSN of the commit record.
+        end: Lsn,
+    },
+    /// The snapshot is complete; streaming continues from `at`.
+    SnapshotDone {
+        /// The slot's consistent point.
+        at: Lsn,
+    },
+}
+
+struct TxnState {
+    final_lsn: Lsn,
+    commit_time_us: i64,
+    xid: u32,
+    next_order: u32,
+    skip_all: bool,
+    skip_first: u32,
+}
+
+enum Phase {
+    Snapshot(SnapshotReader),
+    Streaming,
+}
+
+/// Captures changes from one Postgres database.
+pub struct PostgresSource {
+    config: PostgresConfig,
+    client: Client,
+    repl: ReplicationConnection,
+    phase: Phase,
+    relations: HashMap<u32, Arc<TableSchema>>,
+    resume: ResumePoint,
+    txn: Option<TxnState>,
+    held: Option<(ChangeEvent, Lsn)>,
+    out: VecDeque<Captured>,
+    last_commit_seen: Lsn,
+    released: Lsn,
+    next_feedback: Instant,
+}
+
+impl PostgresSource {
+    /// Connects, checks prerequisites, and either resumes streaming or starts a new snapshot.
+    pub async fn start(config: PostgresConfig, resume: ResumePoint) -> Result<Self, SourceError> {
+        let password = config.resolve_password()?;
+        let (client, connection) = config.query_config(password.as_deref()).connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                warn!(error = %e, "source query connection ended");
+            }
+        });
+        let report = check::run(&client, &config).await?;
+        if let Some(problem) = report.first_problem() {
+            return Err(SourceError::Prerequisite(problem));
+        }
+        check::ensure_publication(&client, &config).await?;
+        let params = ConnectParams {
+            host: &config.host,
+            port: config.port,
+            user: &config.user,
+            password: password.as_deref(),
+            database: &config.database,
+        };
+        let mut repl = ReplicationConnection::connect(&params).await?;
+        let phase = if resume.snapshot_done {
+            let slot = client
+                .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()", &[&config.slot])
+                .await?;
+            if slot.is_none() {
+                return Err(SourceError::Prerequisite(format!(
+                    "replication slot {} is gone, so changes since the spool's last position cannot be read: \
+                     stop the agent, move its spool directory aside and start it again to take a new snapshot",
+                    config.slot
+                )));
+            }
+            // 0/0 lets the server start at the slot's confirmed position; ResumePoint drops what the
+            // spool already has.
+            repl.start_replication(&config.slot, Lsn(0), &config.publication).await?;
+            info!(slot = %config.slot, committed_end = %resume.committed_end, "streaming resumed");
+            Phase::Streaming
+        } else {
+            client
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+                    &[&config.slot],
+                )
+                .await?;
+            let rows = repl
+                .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT", config.slot))
+                .await?;
+            let row = rows.first().ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+            let field = |i: usize| row.get(i).cloned().flatten().ok_or_else(|| SourceError::Protocol("short CREATE_REPLICATION_SLOT row".into()));
+            let consistent_point: Lsn = field(1)?.parse().map_err(SourceError::Protocol)?;
+            let snapshot_name = field(2)?;
+            client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+            client.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot_name.replace('\'', "''"))).await?;
+            info!(slot = %config.slot, %consistent_point, "slot created, snapshot started");
+            Phase::Snapshot(SnapshotReader::new(config.table_ids(), consistent_point))
+        };
+        Ok(Self {
+            next_feedback: Instant::now() + Duration::from_millis(config.feedback_interval_ms),
+            config,
+            client,
+            repl,
+            phase,
+            relations: HashMap::new(),
+            released: resume.committed_end,
+            last_commit_seen: resume.committed_end,
+            resume,
+            txn: None,
+            held: None,
+            out: VecDeque::new(),
+        })
+    }
+
+    /// The next captured item, or `Ok(None)` if `until` passed first. Not cancel safe: bound the wait
+    /// with `until` instead of dropping the future.
+    pub async fn next(&mut self, until: Instant) -> Result<Option<Captured>, SourceError> {
+        loop {
+            if let Some(c) = self.out.pop_front() {
+                return Ok(Some(c));
+            }
+            if let Phase::Snapshot(reader) = &mut self.phase {
+                match reader.next(&self.client, until).await? {
+                    Some(item) => return Ok(item),
+                    None => {
+                        let at = reader.consistent_point();
+                        self.client.batch_execute("COMMIT").await?;
+                        self.repl.start_replication(&self.config.slot, at, &self.config.publication).await?;
+                        self.phase = Phase::Streaming;
+                        self.released = self.released.max(at);
+                        self.last_commit_seen = self.last_commit_seen.max(at);
+                        info!(%at, "snapshot complete, streaming started");
+                        return Ok(Some(Captured::SnapshotDone { at }));
+                    }
+                }
+            }
+            let wake = until.min(self.next_feedback);
+            match tokio::time::timeout_at(wake, self.repl.next_message()).await {
+                Ok(msg) => self.handle(msg?).await?,
+                Err(_) if Instant::now() >= self.next_feedback => self.send_feedback().await?,
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Everything up to `upto` is durable downstream: the server may recycle that WAL.
+    pub fn release(&mut self, upto: Lsn) {
+        self.released = self.released.max(upto);
+    }
+
+    /// Sends a status update if one is due; call while capture is paused so the server keeps the
+    /// connection.
+    pub async fn keep_alive(&mut self) -> Result<(), SourceError> {
+        if matches!(self.phase, Phase::Streaming) && Instant::now() >= self.next_feedback {
+            self.send_feedback().await?;
+        }
+        Ok(())
+    }
+
+    async fn send_feedback(&mut self) -> Result<(), SourceError> {
+        self.repl.send_status(self.released).await?;
+        self.next_feedback = Instant::now() + Duration::from_millis(self.config.feedback_interval_ms);
+        Ok(())
+    }
+
+    async fn handle(&mut self, msg: ReplicationMessage) -> Result<(), SourceError> {
+        match msg {
+            ReplicationMessage::Keepalive { wal_end, reply } => {
+                let quiet = self.txn.is_none() && self.held.is_none() && self.out.is_empty();
+                if quiet && self.released >= self.last_commit_seen {
+                    self.released = self.released.max(wal_end);
+                }
+                if reply {
+                    self.send_feedback().await?;
+                }
+            }
+            ReplicationMessage::XLogData { data, .. } => self.handle_pgoutput(pgoutput::decode(data)?).await?,
+        }
+        Ok(())
+    }
+
+    async fn handle_pgoutput(&mut self, msg: PgOutput) -> Result<(), SourceError> {
+        match msg {
+            PgOutput::Begin { final_lsn, commit_time_us, xid } => {
+                let skip_first = match self.resume.open_txn {
+                    Some(open) if open.final_lsn == final_lsn => open.spooled,
+                    _ => 0,
+                };
+                let skip_all = final_lsn < self.resume.committed_end;
+                self.txn = Some(TxnState { final_lsn, commit_time_us, xid, next_order: 0, skip_all, skip_first });
+            }
+            PgOutput::Commit { end_lsn } => {
+                let txn = self.txn.take().ok_or_else(|| SourceError::Protocol("Commit without Begin".into()))?;
+                if let Some((mut change, lsn)) = self.held.take() {
+                    change.txn_last = true;
+                    self.out.push_back(Captured::Change { change, txn: lsn });
+                }
+                if !txn.skip_all {
+                    self.out.push_back(Captured::Commit { end: end_lsn });
+                    self.last_commit_seen = end_lsn;
+                }
+                if self.resume.open_txn.is_some_and(|o| o.final_lsn == txn.final_lsn) {
+                    self.resume.open_txn = None;
+                }
+            }
+            PgOutput::Relation { relid, namespace, name, columns } => {
+                let schema = catalog::relation_schema(&self.client, relid, TableId::new(namespace, name), &columns).await?;
+                if let Some(old) = self.relations.get(&relid) {
+                    if old.version != schema.version {
+                        info!(table = %schema.table, "table shape changed at the source");
+                    }
+                }
+                self.relations.insert(relid, Arc::new(schema));
+            }
+            PgOutput::Insert { relid, new } => {
+                let schema = self.relation(relid)?;
+                let after = tuple_row(&schema, new)?;
+                let key = schema.key_of(&after);
+                self.push_change(schema, Operation::Insert, key, None, Some(after));
+            }
+            PgOutput::Update { relid, old, new } => {
+                let schema = self.relation(relid)?;
+                let after = tuple_row(&schema, new)?;
+                let before = old.map(|o| tuple_row(&schema, o)).transpose()?;
+                let key = schema.key_of(before.as_ref().unwrap_or(&after));
+                self.push_change(schema, Operation::Update, key, before, Some(after));
+            }
+            PgOutput::Delete { relid, old } => {
+                let schema = self.relation(relid)?;
+                let before = tuple_row(&schema, old)?;
+                let key = schema.key_of(&before);
+                self.push_change(schema, Operation::Delete, key, Some(before), None);
+            }
+            PgOutput::Truncate { relids } => {
+                for relid in relids {
+                    let schema = self.relation(relid)?;
+                    self.push_change(schema, Operation::Truncate, Vec::new(), None, None);
+                }
+            }
+            PgOutput::Ignored => {}
+        }
+        Ok(())
+    }
+
+    fn relation(&self, relid: u32) -> Result<Arc<TableSchema>, SourceError> {
+        self.relations
+            .get(&relid)
+            .cloned()
+            .ok_or_else(|| SourceError::Protocol(format!("change for relation {relid} before its Relation message")))
+    }
+
+    fn push_change(&mut self, table: Arc<TableSchema>, op: Operation, key: Row, before: Option<Row>, after: Option<Row>) {
+        let Some(txn) = self.txn.as_mut() else {
+            warn!("change outside a transaction ignored");
+            return;
+        };
+        let order = txn.next_order;
+        txn.next_order += 1;
+        if txn.skip_all || order < txn.skip_first {
+            return;
+        }
+        let change = ChangeEvent {
+            seq: 0,
+            table,
+            op,
+            key,
+            before,
+            after,
+            position: Position::Postgres(txn.final_lsn),
+            commit_time_us: txn.commit_time_us,
+            txid: u64::from(txn.xid),
+            txn_order: order,
+            txn_last: false,
+        };
+        if let Some((prev, lsn)) = self.held.replace((change, txn.final_lsn)) {
+            self.out.push_back(Captured::Change { change: prev, txn: lsn });
+        }
+    }
+}
+
+fn tuple_row(schema: &TableSchema, values: Vec<TupleValue>) -> Result<Row, SourceError> {
+    if values.len() != schema.columns.len() {
+        return Err(SourceError::Protocol(format!(
+            "tuple of {} has {} columns, its Relation message {}",
+            schema.table,
+            values.len(),
+            schema.columns.len()
+        )));
+    }
+    Ok(values
+        .into_iter()
+        .zip(&schema.columns)
+        .map(|(v, c)| match v {
+            TupleValue::Null => Value::Null,
+            TupleValue::UnchangedToast => Value::UnchangedToast,
+            TupleValue::Text(bytes) => text::parse_value(c.type_oid, &c.type_name, &String::from_utf8_lossy(&bytes)),
+        })
+        .collect())
+}

@@ -1,0 +1,150 @@
+//! The initial snapshot: every captured table read with `COPY ... TO STDOUT` inside the snapshot the
+//! replication slot exported when it was created. Streaming then starts at the slot's consistent
+//! point, so the snapshot and the stream meet with no gap and no overlap.
+//!
+//! Each table's snapshot opens with a TRUNCATE event: if the agent dies mid-snapshot, the exported
+//! snapshot is gone, so the next start drops the slot and takes a new snapshot, and the hub must not
+//! keep rows from the first attempt that were deleted in between.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_postgres::{Client, CopyOutStream};
+use tracing::info;
+
+use crate::error::SourceError;
+use crate::model::{ChangeEvent, Lsn, Operation, Position, TableId, TableSchema};
+use crate::postgres::catalog;
+use crate::postgres::text::{parse_value, split_copy_line};
+use crate::postgres::Captured;
+
+/// How often snapshot progress is logged: long tables must show that they move.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+struct TableCopy {
+    schema: Arc<TableSchema>,
+    rows: Pin<Box<CopyOutStream>>,
+    copied: u64,
+    estimated: i64,
+    partial: Vec<u8>,
+    lines: VecDeque<Vec<u8>>,
+}
+
+/// Reads the snapshot table by table, one row per call.
+pub struct SnapshotReader {
+    tables: VecDeque<TableId>,
+    current: Option<TableCopy>,
+    consistent_point: Lsn,
+    order: u32,
+    started_us: i64,
+    last_progress: Instant,
+}
+
+impl SnapshotReader {
+    /// A reader for `tables` at the slot's `consistent_point`; the client's transaction already uses
+    /// the exported snapshot.
+    pub fn new(tables: Vec<TableId>, consistent_point: Lsn) -> Self {
+        let started_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+        Self { tables: tables.into(), current: None, consistent_point, order: 0, started_us, last_progress: Instant::now() }
+    }
+
+    /// Where streaming continues after the snapshot.
+    pub fn consistent_point(&self) -> Lsn {
+        self.consistent_point
+    }
+
+    fn event(&mut self, schema: &Arc<TableSchema>, op: Operation, after: Option<Vec<crate::model::Value>>) -> Captured {
+        let key = after.as_ref().map(|r| schema.key_of(r)).unwrap_or_default();
+        let order = self.order;
+        self.order = self.order.wrapping_add(1);
+        Captured::Change {
+            change: ChangeEvent {
+                seq: 0,
+                table: schema.clone(),
+                op,
+                key,
+                before: None,
+                after,
+                position: Position::Postgres(self.consistent_point),
+                commit_time_us: self.started_us,
+                txid: 0,
+                txn_order: order,
+                txn_last: false,
+            },
+            txn: Lsn(0),
+        }
+    }
+
+    /// The next snapshot item, `Ok(None)` when every table is read, or `Err(Elapsed)`-like `Ok(Some(None))`
+    /// when `until` passed first.
+    pub async fn next(&mut self, client: &Client, until: Instant) -> Result<Option<Option<Captured>>, SourceError> {
+        loop {
+            let Some(copy) = self.current.as_mut() else {
+                let Some(table) = self.tables.pop_front() else { return Ok(None) };
+                let found = catalog::find_table(client, &table)
+                    .await?
+                    .ok_or_else(|| SourceError::Prerequisite(format!("table {table} does not exist at the source")))?;
+                let cols: Vec<String> = found.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+                let sql = format!(
+                    "COPY {}.{} ({}) TO STDOUT",
+                    quote_ident(&table.schema),
+                    quote_ident(&table.name),
+                    cols.join(", ")
+                );
+                let rows = Box::pin(client.copy_out(&sql).await?);
+                info!(table = %table, estimated_rows = found.estimated_rows, "snapshot of table started");
+                let schema = Arc::new(found.schema);
+                self.current = Some(TableCopy { schema: schema.clone(), rows, copied: 0, estimated: found.estimated_rows, partial: Vec::new(), lines: VecDeque::new() });
+                return Ok(Some(Some(self.event(&schema, Operation::Truncate, None))));
+            };
+            if let Some(line) = copy.lines.pop_front() {
+                let fields = split_copy_line(&line).map_err(SourceError::Protocol)?;
+                if fields.len() != copy.schema.columns.len() {
+                    return Err(SourceError::Protocol(format!("COPY row of {} has {} fields", copy.schema.table, fields.len())));
+                }
+                let row = fields
+                    .into_iter()
+                    .zip(&copy.schema.columns)
+                    .map(|(f, c)| match f {
+                        None => crate::model::Value::Null,
+                        Some(t) => parse_value(c.type_oid, &c.type_name, &t),
+                    })
+                    .collect();
+                copy.copied += 1;
+                if self.last_progress.elapsed() >= PROGRESS_EVERY {
+                    self.last_progress = Instant::now();
+                    info!(table = %copy.schema.table, rows = copy.copied, estimated_rows = copy.estimated, "snapshot progress");
+                }
+                let schema = copy.schema.clone();
+                return Ok(Some(Some(self.event(&schema, Operation::SnapshotRead, Some(row)))));
+            }
+            match tokio::time::timeout_at(until, copy.rows.next()).await {
+                Err(_) => return Ok(Some(None)),
+                Ok(Some(chunk)) => {
+                    let chunk = chunk?;
+                    // Postgres sends one row per CopyData, but nothing in the protocol promises it.
+                    copy.partial.extend_from_slice(&chunk);
+                    while let Some(nl) = copy.partial.iter().position(|&b| b == b'\n') {
+                        let rest = copy.partial.split_off(nl + 1);
+                        let mut line = std::mem::replace(&mut copy.partial, rest);
+                        line.pop();
+                        copy.lines.push_back(line);
+                    }
+                }
+                Ok(None) => {
+                    info!(table = %copy.schema.table, rows = copy.copied, "snapshot of table done");
+                    self.current = None;
+                }
+            }
+        }
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

@@ -1,0 +1,336 @@
+//! Conversion between the domain model and the `dongbo.v1` wire contract.
+//!
+//! Encoding cannot fail. Decoding validates everything a malformed or hostile peer could get wrong
+//! (missing fields, out-of-range schema references, rows of the wrong width, seqs out of order) and
+//! says exactly what, so the hub refuses the batch before touching the NDC.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dongbo_proto::v1 as pb;
+use prost::Message;
+
+use crate::model::{ChangeBatch, ChangeEvent, Column, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
+
+/// Why a batch from the wire was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The bytes are not a protobuf `ChangeBatch`.
+    #[error("batch is not a valid protobuf ChangeBatch: {0}")]
+    Undecodable(#[from] prost::DecodeError),
+    /// A field is missing or out of range.
+    #[error("malformed batch: {0}")]
+    Malformed(String),
+}
+
+fn malformed(msg: impl Into<String>) -> WireError {
+    WireError::Malformed(msg.into())
+}
+
+/// Encodes a batch into the bytes the agent spools and ships.
+pub fn encode_batch(batch: &ChangeBatch) -> Vec<u8> {
+    batch_to_proto(batch).encode_to_vec()
+}
+
+/// Decodes and validates spooled batch bytes.
+pub fn decode_batch(bytes: &[u8]) -> Result<ChangeBatch, WireError> {
+    ChangeBatch::try_from(pb::ChangeBatch::decode(bytes)?)
+}
+
+/// Converts a domain batch to its protobuf form, listing each referenced schema once.
+pub fn batch_to_proto(batch: &ChangeBatch) -> pb::ChangeBatch {
+    let mut index: HashMap<(TableId, u64), u32> = HashMap::new();
+    let mut schemas = Vec::new();
+    let changes = batch
+        .changes
+        .iter()
+        .map(|c| {
+            let key = (c.table.table.clone(), c.table.version);
+            let schema_index = *index.entry(key).or_insert_with(|| {
+                schemas.push(schema_to_proto(&c.table));
+                (schemas.len() - 1) as u32
+            });
+            pb::ChangeEvent {
+                seq: c.seq,
+                schema_index,
+                op: op_to_proto(c.op) as i32,
+                key: row_to_proto(Some(&c.key)),
+                before: row_to_proto(c.before.as_ref()),
+                after: row_to_proto(c.after.as_ref()),
+                position: Some(match c.position {
+                    Position::Postgres(lsn) => pb::SourcePosition { kind: Some(pb::source_position::Kind::PgLsn(lsn.0)) },
+                }),
+                commit_time_us: c.commit_time_us,
+                txid: c.txid,
+                txn_order: c.txn_order,
+                txn_last: c.txn_last,
+            }
+        })
+        .collect();
+    pb::ChangeBatch {
+        source_id: batch.source_id.clone(),
+        first_seq: batch.first_seq(),
+        last_seq: batch.last_seq(),
+        schemas,
+        changes,
+    }
+}
+
+fn schema_to_proto(s: &TableSchema) -> pb::TableSchema {
+    pb::TableSchema {
+        table: Some(pb::TableId { schema: s.table.schema.clone(), name: s.table.name.clone() }),
+        columns: s
+            .columns
+            .iter()
+            .map(|c| pb::Column { name: c.name.clone(), type_name: c.type_name.clone(), type_oid: c.type_oid })
+            .collect(),
+        key_columns: s.key_columns.iter().map(|&k| k as u32).collect(),
+        version: s.version,
+    }
+}
+
+fn op_to_proto(op: Operation) -> pb::Operation {
+    match op {
+        Operation::Insert => pb::Operation::Insert,
+        Operation::Update => pb::Operation::Update,
+        Operation::Delete => pb::Operation::Delete,
+        Operation::Truncate => pb::Operation::Truncate,
+        Operation::SnapshotRead => pb::Operation::SnapshotRead,
+    }
+}
+
+fn row_to_proto(row: Option<&Row>) -> Option<pb::Row> {
+    row.map(|r| pb::Row { values: r.iter().map(value_to_proto).collect() })
+}
+
+/// Converts one value to its protobuf form.
+pub fn value_to_proto(v: &Value) -> pb::Value {
+    use pb::value::Kind as K;
+    let kind = match v {
+        Value::Null => K::Null(true),
+        Value::UnchangedToast => K::UnchangedToast(true),
+        Value::Bool(b) => K::Boolean(*b),
+        Value::Int(i) => K::Int(*i),
+        Value::Float(f) => K::Float(*f),
+        Value::Numeric(s) => K::Numeric(s.clone()),
+        Value::Text(s) => K::Text(s.clone()),
+        Value::Bytes(b) => K::Bytea(b.clone()),
+        Value::Date(s) => K::Date(s.clone()),
+        Value::Timestamp(s) => K::Timestamp(s.clone()),
+        Value::TimestampTz(s) => K::Timestamptz(s.clone()),
+        Value::Json(s) => K::Json(s.clone()),
+        Value::Uuid(s) => K::Uuid(s.clone()),
+        Value::Array(items) => K::Array(pb::ArrayValue { elements: items.iter().map(value_to_proto).collect() }),
+        Value::Other { type_name, text } => K::Other(pb::OtherValue { type_name: type_name.clone(), text: text.clone() }),
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+impl TryFrom<pb::Value> for Value {
+    type Error = WireError;
+    fn try_from(v: pb::Value) -> Result<Self, WireError> {
+        use pb::value::Kind as K;
+        Ok(match v.kind.ok_or_else(|| malformed("a value has no kind"))? {
+            K::Null(_) => Value::Null,
+            K::UnchangedToast(_) => Value::UnchangedToast,
+            K::Boolean(b) => Value::Bool(b),
+            K::Int(i) => Value::Int(i),
+            K::Float(f) => Value::Float(f),
+            K::Numeric(s) => Value::Numeric(s),
+            K::Text(s) => Value::Text(s),
+            K::Bytea(b) => Value::Bytes(b),
+            K::Date(s) => Value::Date(s),
+            K::Timestamp(s) => Value::Timestamp(s),
+            K::Timestamptz(s) => Value::TimestampTz(s),
+            K::Json(s) => Value::Json(s),
+            K::Uuid(s) => Value::Uuid(s),
+            K::Array(a) => Value::Array(a.elements.into_iter().map(Value::try_from).collect::<Result<_, _>>()?),
+            K::Other(o) => Value::Other { type_name: o.type_name, text: o.text },
+        })
+    }
+}
+
+impl TryFrom<pb::TableSchema> for TableSchema {
+    type Error = WireError;
+    fn try_from(s: pb::TableSchema) -> Result<Self, WireError> {
+        let t = s.table.ok_or_else(|| malformed("a schema has no table"))?;
+        if t.schema.is_empty() || t.name.is_empty() {
+            return Err(malformed("a schema has an empty table name"));
+        }
+        if s.columns.is_empty() {
+            return Err(malformed(format!("schema of {}.{} has no columns", t.schema, t.name)));
+        }
+        if s.key_columns.is_empty() {
+            return Err(malformed(format!("schema of {}.{} has no primary key", t.schema, t.name)));
+        }
+        if let Some(k) = s.key_columns.iter().find(|&&k| k as usize >= s.columns.len()) {
+            return Err(malformed(format!("schema of {}.{} names key column {k} past its columns", t.schema, t.name)));
+        }
+        if let Some(c) = s.columns.iter().find(|c| c.name.is_empty() || c.type_name.is_empty()) {
+            return Err(malformed(format!("schema of {}.{} has a column without name or type ({c:?})", t.schema, t.name)));
+        }
+        let columns = s
+            .columns
+            .into_iter()
+            .map(|c| Column { name: c.name, type_name: c.type_name, type_oid: c.type_oid })
+            .collect();
+        let schema = TableSchema::new(
+            TableId::new(t.schema, t.name),
+            columns,
+            s.key_columns.into_iter().map(|k| k as usize).collect(),
+        );
+        if schema.version != s.version {
+            return Err(malformed(format!("schema of {} carries version {} but its shape digests to {}", schema.table, s.version, schema.version)));
+        }
+        Ok(schema)
+    }
+}
+
+fn row_from_proto(row: Option<pb::Row>, width: usize, what: &str, seq: u64) -> Result<Option<Row>, WireError> {
+    let Some(row) = row else { return Ok(None) };
+    if row.values.len() != width {
+        return Err(malformed(format!("change {seq}: {what} row has {} values, expected {width}", row.values.len())));
+    }
+    Ok(Some(row.values.into_iter().map(Value::try_from).collect::<Result<_, _>>()?))
+}
+
+impl TryFrom<pb::ChangeBatch> for ChangeBatch {
+    type Error = WireError;
+    fn try_from(b: pb::ChangeBatch) -> Result<Self, WireError> {
+        if b.source_id.is_empty() {
+            return Err(malformed("batch has no source_id"));
+        }
+        let schemas: Vec<Arc<TableSchema>> =
+            b.schemas.into_iter().map(|s| TableSchema::try_from(s).map(Arc::new)).collect::<Result<_, _>>()?;
+        let mut prev_seq = None;
+        let mut changes = Vec::with_capacity(b.changes.len());
+        for c in b.changes {
+            let seq = c.seq;
+            if prev_seq.is_some_and(|p| seq <= p) || seq == 0 {
+                return Err(malformed(format!("change seq {seq} is zero or not above the previous one")));
+            }
+            prev_seq = Some(seq);
+            let table = schemas
+                .get(c.schema_index as usize)
+                .cloned()
+                .ok_or_else(|| malformed(format!("change {seq} references schema {} of {}", c.schema_index, schemas.len())))?;
+            let op = match pb::Operation::try_from(c.op) {
+                Ok(pb::Operation::Insert) => Operation::Insert,
+                Ok(pb::Operation::Update) => Operation::Update,
+                Ok(pb::Operation::Delete) => Operation::Delete,
+                Ok(pb::Operation::Truncate) => Operation::Truncate,
+                Ok(pb::Operation::SnapshotRead) => Operation::SnapshotRead,
+                _ => return Err(malformed(format!("change {seq} has unknown operation {}", c.op))),
+            };
+            let width = table.columns.len();
+            let key = row_from_proto(c.key, table.key_columns.len(), "key", seq)?.unwrap_or_default();
+            let before = row_from_proto(c.before, width, "before", seq)?;
+            let after = row_from_proto(c.after, width, "after", seq)?;
+            let needs_after = matches!(op, Operation::Insert | Operation::Update | Operation::SnapshotRead);
+            if needs_after && after.is_none() {
+                return Err(malformed(format!("change {seq} ({op:?}) has no after row")));
+            }
+            if op != Operation::Truncate && key.len() != table.key_columns.len() {
+                return Err(malformed(format!("change {seq} ({op:?}) has no key")));
+            }
+            let position = match c.position.and_then(|p| p.kind) {
+                Some(pb::source_position::Kind::PgLsn(l)) => Position::Postgres(Lsn(l)),
+                None => return Err(malformed(format!("change {seq} has no source position"))),
+            };
+            changes.push(ChangeEvent {
+                seq,
+                table,
+                op,
+                key,
+                before,
+                after,
+                position,
+                commit_time_us: c.commit_time_us,
+                txid: c.txid,
+                txn_order: c.txn_order,
+                txn_last: c.txn_last,
+            });
+        }
+        let batch = ChangeBatch { source_id: b.source_id, changes };
+        if batch.first_seq() != b.first_seq || batch.last_seq() != b.last_seq {
+            return Err(malformed(format!(
+                "batch says seqs {}..={} but carries {}..={}",
+                b.first_seq,
+                b.last_seq,
+                batch.first_seq(),
+                batch.last_seq()
+            )));
+        }
+        Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> Arc<TableSchema> {
+        let col = |n: &str, t: &str, o| Column { name: n.into(), type_name: t.into(), type_oid: o };
+        Arc::new(TableSchema::new(
+            TableId::new("public", "citizens"),
+            vec![col("id", "character(12)", 1042), col("tags", "text[]", 1009), col("photo", "bytea", 17)],
+            vec![0],
+        ))
+    }
+
+    fn change(seq: u64) -> ChangeEvent {
+        let row = vec![
+            Value::Text("079123456789".into()),
+            Value::Array(vec![Value::Text("Hồ Chí Minh".into()), Value::Null]),
+            Value::UnchangedToast,
+        ];
+        ChangeEvent {
+            seq,
+            table: schema(),
+            op: Operation::Update,
+            key: vec![Value::Text("079123456789".into())],
+            before: None,
+            after: Some(row),
+            position: Position::Postgres(Lsn(42)),
+            commit_time_us: 1_700_000_000_000_000,
+            txid: 7,
+            txn_order: 0,
+            txn_last: true,
+        }
+    }
+
+    #[test]
+    fn batch_round_trips_with_one_schema_entry() {
+        let batch = ChangeBatch { source_id: "hcm".into(), changes: vec![change(5), change(6)] };
+        let proto = batch_to_proto(&batch);
+        assert_eq!(proto.schemas.len(), 1);
+        let back = decode_batch(&encode_batch(&batch)).unwrap();
+        assert_eq!(back, batch);
+    }
+
+    #[test]
+    fn decoding_refuses_malformed_batches_with_reasons() {
+        let batch = ChangeBatch { source_id: "hcm".into(), changes: vec![change(5), change(6)] };
+        let mut p = batch_to_proto(&batch);
+        p.changes[1].seq = 5;
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("not above"));
+
+        let mut p = batch_to_proto(&batch);
+        p.changes[0].schema_index = 3;
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("references schema 3"));
+
+        let mut p = batch_to_proto(&batch);
+        p.changes[0].after.as_mut().unwrap().values.pop();
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("after row has 2 values"));
+
+        let mut p = batch_to_proto(&batch);
+        p.schemas[0].key_columns.clear();
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("no primary key"));
+
+        let mut p = batch_to_proto(&batch);
+        p.changes[0].after.as_mut().unwrap().values[0].kind = None;
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("no kind"));
+
+        assert!(matches!(decode_batch(b"\xff\xff\xff"), Err(WireError::Undecodable(_))));
+    }
+}

@@ -1,0 +1,12 @@
+//! The dongbo wire contract: protobuf messages and the gRPC `Ingest` service, package `dongbo.v1`.
+//!
+//! Only generated code lives here. Conversion to the domain model (`dongbo_connectors::model`) is done
+//! with `TryFrom` at the edges, because every proto field is optional on the wire.
+
+/// Version 1 of the contract.
+pub mod v1 {
+    tonic::include_proto!("dongbo.v1");
+}
+
+/// The protocol version this build speaks; sent in `Hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
