@@ -1,1 +1,89 @@
-//! placeholder
+//! The dongbo agent: installed beside a local database, it captures every committed row change,
+//! spools it durably on local disk, and ships it to the hub.
+//!
+//! # Delivery contract
+//! source → spool: the source releases a position (Postgres: the slot's confirmed LSN) only after the
+//! changes up to it are flushed to the spool together with the resume point, so a crash replays at most
+//! what the resume point then drops. spool → hub: a batch leaves the spool only when the hub
+//! acknowledged it durable in the NDC. Every change carries a seq that is never reused, and the hub
+//! applies each seq at most once, so the whole path is exactly-once in effect.
+//!
+//! - [`config`]: `agent.toml`.
+//! - [`spool`]: the sled spool.
+//! - [`capture`]: source → spool.
+//! - [`ship`]: spool → hub (gRPC).
+//! - [`check`]: plain-words diagnosis for provincial IT.
+
+pub mod capture;
+pub mod check;
+pub mod config;
+pub mod ship;
+pub mod spool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoffBuilder;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::capture::{Capture, CaptureError};
+use crate::config::{AgentConfig, SourceConfig};
+use crate::spool::{Spool, SpoolError};
+
+/// The agent stopped on an error it cannot retry.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Capture hit a definite error (setup problem, corrupt spool).
+    #[error("capture stopped: {0}")]
+    Capture(#[from] CaptureError),
+    /// The spool could not be opened or written.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// Runs capture and shipping until `shutdown` turns true or capture meets a definite error.
+pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    let spool = Arc::new(Spool::open(&config.spool.path, config.spool.max_bytes)?);
+    info!(source_id = %config.source_id, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "agent starting");
+    let shipper = tokio::spawn(ship::run(config.source_id.clone(), config.hub.clone(), spool.clone(), shutdown.clone()));
+    let SourceConfig::Postgres(pg) = &config.source;
+    let capture = Capture::new(&config.source_id, &spool, config.spool.batch_max_changes, Duration::from_millis(config.spool.batch_max_wait_ms));
+    let mut backoff = ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(500))
+        .with_max_interval(Duration::from_secs(30))
+        .with_max_elapsed_time(None)
+        .build();
+    let result = loop {
+        let started = tokio::time::Instant::now();
+        match capture.run(pg, &mut shutdown).await {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff.reset();
+                }
+                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "capture interrupted; resuming from the spool's position");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "capture stopped");
+                break Err(AgentError::Capture(e));
+            }
+        }
+    };
+    if result.is_ok() {
+        match shipper.await {
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => warn!(error = %e, "shipper task failed"),
+            Ok(Ok(())) => {}
+        }
+    } else {
+        shipper.abort();
+    }
+    result
+}

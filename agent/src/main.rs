@@ -1,1 +1,86 @@
-fn main() {}
+//! `dongbo-agent`: `run` captures and ships; `check` says what is wrong in plain words.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "dongbo-agent", version, about = "Captures changes beside a local database and ships them to the dongbo hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture, spool and ship until stopped (SIGINT/SIGTERM).
+    Run {
+        /// Path to agent.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check the source database, spool and hub link, and say what is wrong.
+    Check {
+        /// Path to agent.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            init_logs();
+            let config = dongbo_agent::config::AgentConfig::load(&config)?;
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("shutdown requested");
+                let _ = tx.send(true);
+            });
+            dongbo_agent::run(config, rx).await.context("dongbo-agent stopped")?;
+            Ok(())
+        }
+        Command::Check { config } => {
+            let config = dongbo_agent::config::AgentConfig::load(&config)?;
+            let report = dongbo_agent::check::run(&config).await;
+            print!("{report}");
+            if report.first_problem().is_some() {
+                println!("\nsome checks failed: fix the PROBLEM lines above, then run check again");
+                std::process::exit(1);
+            }
+            println!("\nall checks passed");
+            Ok(())
+        }
+    }
+}
+
+fn init_logs() {
+    let filter = EnvFilter::try_from_env("DONGBO_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("DONGBO_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -124,6 +124,18 @@ impl PostgresConfig {
         }
     }
 
+    /// Opens the regular (query) connection, its driver task spawned on the runtime.
+    pub async fn connect_query(&self) -> Result<tokio_postgres::Client, crate::error::SourceError> {
+        let password = self.resolve_password()?;
+        let (client, connection) = self.query_config(password.as_deref()).connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "source query connection ended");
+            }
+        });
+        Ok(client)
+    }
+
     /// A tokio-postgres config for the regular (query) connection.
     pub fn query_config(&self, password: Option<&str>) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 pub use self::config::PostgresConfig;
@@ -125,12 +125,7 @@ impl PostgresSource {
     /// Connects, checks prerequisites, and either resumes streaming or starts a new snapshot.
     pub async fn start(config: PostgresConfig, resume: ResumePoint) -> Result<Self, SourceError> {
         let password = config.resolve_password()?;
-        let (client, connection) = config.query_config(password.as_deref()).connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                warn!(error = %e, "source query connection ended");
-            }
-        });
+        let client = config.connect_query().await?;
         let report = check::run(&client, &config).await?;
         if let Some(problem) = report.first_problem() {
             return Err(SourceError::Prerequisite(problem));

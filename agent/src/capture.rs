@@ -1,0 +1,145 @@
+//! Capture: source → spool. Changes are gathered in memory for at most `batch_max_wait_ms` (or
+//! `batch_max_changes`), then spooled with the resume point in one flushed write; only after that
+//! write does the source release the WAL up to the last spooled commit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
+use dongbo_connectors::postgres::{Captured, OpenTxn, PostgresConfig, PostgresSource, ResumePoint, SourceError};
+use dongbo_connectors::wire;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::spool::{Spool, SpoolError, SpooledBatch};
+
+/// Why capture stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+impl CaptureError {
+    /// Whether restarting capture later can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CaptureError::Source(e) => e.is_transient(),
+            CaptureError::Spool(_) => false,
+        }
+    }
+}
+
+/// How often a paused capture says so and reports its position to the source.
+const PAUSED_TICK: Duration = Duration::from_secs(1);
+/// How long a capture with nothing to do waits for the source before looking around again.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// One capture session: from `PostgresSource::start` until an error or shutdown.
+pub struct Capture<'a> {
+    source_id: &'a str,
+    spool: &'a Arc<Spool>,
+    batch_max_changes: usize,
+    batch_max_wait: Duration,
+}
+
+impl<'a> Capture<'a> {
+    /// A capture writing into `spool` for `source_id`.
+    pub fn new(source_id: &'a str, spool: &'a Arc<Spool>, batch_max_changes: usize, batch_max_wait: Duration) -> Self {
+        Self { source_id, spool, batch_max_changes, batch_max_wait }
+    }
+
+    /// Captures until `shutdown` turns true (then flushes what it holds) or an error.
+    pub async fn run(&self, config: &PostgresConfig, shutdown: &mut watch::Receiver<bool>) -> Result<(), CaptureError> {
+        let mut resume = self.spool.resume_point()?;
+        let mut next_seq = self.spool.next_seq()?;
+        let mut source = PostgresSource::start(config.clone(), resume).await?;
+        let mut pending: Vec<ChangeEvent> = Vec::with_capacity(self.batch_max_changes);
+        let mut dirty = false;
+        let mut first_pending_at = Instant::now();
+        let mut paused_since: Option<Instant> = None;
+        loop {
+            if *shutdown.borrow() {
+                self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                info!("capture stopped");
+                return Ok(());
+            }
+            if self.spool.is_full() {
+                if paused_since.is_none() {
+                    warn!(spool_bytes = self.spool.bytes(), "spool is full: capture paused, the source now holds its WAL until the hub catches up");
+                    paused_since = Some(Instant::now());
+                }
+                source.keep_alive().await?;
+                tokio::select! {
+                    _ = tokio::time::sleep(PAUSED_TICK) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            if let Some(since) = paused_since.take() {
+                info!(paused_s = since.elapsed().as_secs(), "spool has room again: capture resumed");
+            }
+            let until = if pending.is_empty() && !dirty { Instant::now() + IDLE_WAIT } else { first_pending_at + self.batch_max_wait };
+            let item = tokio::select! {
+                item = source.next(until) => item?,
+                _ = shutdown.changed() => continue,
+            };
+            match item {
+                Some(Captured::Change { mut change, txn }) => {
+                    if pending.is_empty() && !dirty {
+                        first_pending_at = Instant::now();
+                    }
+                    change.seq = next_seq;
+                    next_seq += 1;
+                    if txn.0 != 0 {
+                        resume.open_txn = Some(OpenTxn { final_lsn: txn, spooled: change.txn_order + 1 });
+                    }
+                    pending.push(change);
+                    if pending.len() >= self.batch_max_changes {
+                        self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                        dirty = false;
+                    }
+                }
+                Some(Captured::Commit { end }) => {
+                    if pending.is_empty() && !dirty {
+                        first_pending_at = Instant::now();
+                    }
+                    resume.committed_end = end;
+                    resume.open_txn = None;
+                    dirty = true;
+                }
+                Some(Captured::SnapshotDone { at }) => {
+                    resume.snapshot_done = true;
+                    resume.committed_end = at;
+                    resume.open_txn = None;
+                    self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                    dirty = false;
+                    info!(%at, "snapshot spooled");
+                }
+                None => {
+                    if !pending.is_empty() || dirty {
+                        self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                        dirty = false;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush(&self, source: &mut PostgresSource, pending: &mut Vec<ChangeEvent>, resume: &ResumePoint, next_seq: u64) -> Result<(), CaptureError> {
+        let batch = if pending.is_empty() {
+            None
+        } else {
+            let batch = ChangeBatch { source_id: self.source_id.to_string(), changes: std::mem::take(pending) };
+            Some(SpooledBatch { first_seq: batch.first_seq(), last_seq: batch.last_seq(), bytes: wire::encode_batch(&batch) })
+        };
+        self.spool.append(batch, resume, next_seq).await?;
+        source.release(resume.committed_end);
+        Ok(())
+    }
+}

@@ -1,0 +1,222 @@
+//! The agent's config file (`agent.toml`).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use dongbo_connectors::postgres::PostgresConfig;
+use serde::Deserialize;
+
+/// Everything the agent needs, read from one TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's identity at the hub, e.g. `hcm-population`. Lowercase letters, digits, `-`, `_`.
+    pub source_id: String,
+    /// The local database to capture.
+    pub source: SourceConfig,
+    /// The durable local spool.
+    pub spool: SpoolConfig,
+    /// Where to ship changes.
+    pub hub: HubLinkConfig,
+}
+
+/// The source database, one variant per connector kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// PostgreSQL logical replication.
+    Postgres(PostgresConfig),
+}
+
+/// The spool on local disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory of the sled database.
+    pub path: PathBuf,
+    /// When the spool holds this many bytes, capture pauses (the source then holds its WAL).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// A spooled batch holds at most this many changes.
+    #[serde(default = "default_batch_changes")]
+    pub batch_max_changes: usize,
+    /// A change waits at most this long in memory before it is spooled, in milliseconds.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_max_wait_ms: u64,
+}
+
+/// 8 GiB holds days of a provincial database's changes while the link is down.
+fn default_max_bytes() -> u64 {
+    8 << 30
+}
+/// Large enough to amortise an fsync, small enough to keep a gRPC message a few MiB.
+fn default_batch_changes() -> usize {
+    4096
+}
+/// Keeps spooling latency far below the 250 ms end-to-end target.
+fn default_batch_wait_ms() -> u64 {
+    20
+}
+
+/// The link to the hub.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubLinkConfig {
+    /// gRPC endpoint, e.g. `http://ndc-hub.example:7443`.
+    pub url: String,
+    /// Bearer token identifying this agent.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding the token (first line).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Batches sent but not yet acknowledged, at most.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight_batches: usize,
+    /// Compress batches on the wire with zstd (for weak links).
+    #[serde(default = "default_true")]
+    pub compress: bool,
+    /// Longest wait between reconnection attempts, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_in_flight() -> usize {
+    16
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
+
+impl fmt::Debug for HubLinkConfig {
+    // Hand-written so the token never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubLinkConfig")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("max_in_flight_batches", &self.max_in_flight_batches)
+            .field("compress", &self.compress)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubLinkConfig {
+    /// The token from `token` or `token_file`.
+    pub fn resolve_token(&self) -> std::io::Result<String> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Ok(t.clone()),
+            (None, Some(p)) => Ok(std::fs::read_to_string(p)?.lines().next().unwrap_or_default().to_string()),
+            (None, None) => Ok(String::new()),
+        }
+    }
+}
+
+/// The config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown fields.
+    #[error("config {path} is not valid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation.
+        message: String,
+    },
+    /// Values are out of range; every problem is listed.
+    #[error("config has problems:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: AgentConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every problem at once, without I/O.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let id_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if !id_ok(&self.source_id) {
+            p.push(format!("source_id {:?} must be lowercase letters, digits, - and _", self.source_id));
+        }
+        match &self.source {
+            SourceConfig::Postgres(pg) => p.extend(pg.validate()),
+        }
+        if self.spool.batch_max_changes == 0 {
+            p.push("spool.batch_max_changes must be at least 1".into());
+        }
+        if self.spool.max_bytes < 1 << 20 {
+            p.push("spool.max_bytes must be at least 1 MiB".into());
+        }
+        if !(self.hub.url.starts_with("http://") || self.hub.url.starts_with("https://")) {
+            p.push(format!("hub.url {:?} must start with http:// or https://", self.hub.url));
+        }
+        if self.hub.token.is_some() && self.hub.token_file.is_some() {
+            p.push("set hub.token or hub.token_file, not both".into());
+        }
+        if self.hub.max_in_flight_batches == 0 {
+            p.push("hub.max_in_flight_batches must be at least 1".into());
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+source_id = "hcm-population"
+[source]
+kind = "postgres"
+host = "127.0.0.1"
+database = "population"
+user = "dongbo"
+password = "s3cret"
+tables = ["public.citizens"]
+[spool]
+path = "/var/lib/dongbo/spool"
+[hub]
+url = "http://127.0.0.1:7443"
+token = "tok"
+"#;
+
+    #[test]
+    fn parses_a_good_config_and_redacts_secrets() {
+        let c: AgentConfig = toml::from_str(GOOD).unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret") && !dbg.contains("\"tok\""), "{dbg}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_all_reported() {
+        let bad = GOOD.replace("tables = [\"public.citizens\"]", "tables = []\nwal = 1");
+        assert!(toml::from_str::<AgentConfig>(&bad).unwrap_err().to_string().contains("unknown field"));
+        let bad = GOOD.replace("tables = [\"public.citizens\"]", "tables = []").replace("hcm-population", "HCM").replace("http://", "tcp://");
+        let c: AgentConfig = toml::from_str(&bad).unwrap();
+        let problems = c.validate();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+}

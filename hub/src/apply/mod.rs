@@ -1,0 +1,325 @@
+//! Apply to the NDC Postgres, exactly once in effect.
+//!
+//! One NDC transaction takes a run of consecutive batches of one source, locks the source's row in
+//! `dongbo.applied_position`, skips every change at or below the recorded seq, applies the rest with
+//! `COPY` into staging tables and set-based upserts/deletes ([`plan`]), and records the new seq in the
+//! same transaction. A batch replayed after any crash therefore changes nothing, and a position is
+//! acknowledged to the agent only after that commit.
+//!
+//! Bad input loses nothing: changes for a table the agent may not send, or that Postgres refuses
+//! (a definite SQLSTATE such as a value out of range), go to `dongbo.quarantine` with the reason and
+//! the encoded change, in the same transaction that advances the position.
+
+pub mod plan;
+pub mod target;
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::Bytes;
+use dongbo_connectors::error::sqlstate_is_transient;
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Position, TableId, Value};
+use dongbo_connectors::postgres::text::{push_copy_escaped, write_value};
+use dongbo_connectors::wire;
+use futures::SinkExt;
+use tokio_postgres::{Client, Transaction};
+use tracing::{info, warn};
+
+use self::plan::{Plan, RowOp};
+use self::target::Target;
+use crate::config::{AgentAcl, NdcConfig};
+
+/// Applying failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The NDC refused or the connection broke.
+    #[error("NDC apply failed: {0}")]
+    Ndc(#[from] tokio_postgres::Error),
+    /// The NDC config could not be used.
+    #[error("cannot read the NDC password file: {0}")]
+    Config(#[from] std::io::Error),
+}
+
+impl ApplyError {
+    /// Whether retrying later can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Ndc(e) => e.code().is_none_or(|c| sqlstate_is_transient(c.code())),
+            ApplyError::Config(_) => false,
+        }
+    }
+}
+
+/// What one apply did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Every change up to here is durable in the NDC.
+    pub applied_seq: u64,
+    /// Changes applied now.
+    pub applied: u64,
+    /// Changes quarantined now.
+    pub quarantined: u64,
+}
+
+/// Creates the hub's own tables in the NDC. Idempotent.
+pub async fn bootstrap(client: &Client) -> Result<(), ApplyError> {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS dongbo;
+             CREATE TABLE IF NOT EXISTS dongbo.applied_position (
+                 source_id text PRIMARY KEY,
+                 applied_seq bigint NOT NULL DEFAULT 0,
+                 source_position text,
+                 changes_applied bigint NOT NULL DEFAULT 0,
+                 changes_quarantined bigint NOT NULL DEFAULT 0,
+                 updated_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS dongbo.quarantine (
+                 source_id text NOT NULL,
+                 seq bigint NOT NULL,
+                 source_table text NOT NULL,
+                 operation text NOT NULL,
+                 reason text NOT NULL,
+                 change bytea NOT NULL,
+                 quarantined_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (source_id, seq));",
+        )
+        .await?;
+    Ok(())
+}
+
+/// Connects to the NDC.
+pub async fn connect(ndc: &NdcConfig) -> Result<Client, ApplyError> {
+    let (client, connection) = ndc.pg_config()?.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(error = %e, "NDC connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies one source's batches to the NDC.
+pub struct NdcApplier {
+    client: Client,
+    acl: AgentAcl,
+    ndc_schema: String,
+    targets: HashMap<(TableId, u64), Target>,
+    broken: HashMap<(TableId, u64), String>,
+}
+
+impl NdcApplier {
+    /// An applier for the agent `acl` on its own NDC connection.
+    pub async fn connect(ndc: &NdcConfig, acl: AgentAcl) -> Result<Self, ApplyError> {
+        let client = connect(ndc).await?;
+        client
+            .execute("INSERT INTO dongbo.applied_position (source_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&acl.id])
+            .await?;
+        Ok(Self { client, ndc_schema: acl.schema(), acl, targets: HashMap::new(), broken: HashMap::new() })
+    }
+
+    /// The last seq durable in the NDC for this source.
+    pub async fn applied_seq(&self) -> Result<u64, ApplyError> {
+        let row = self.client.query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1", &[&self.acl.id]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Applies consecutive batches in one transaction.
+    pub async fn apply(&mut self, batches: &[ChangeBatch]) -> Result<ApplyOutcome, ApplyError> {
+        for c in batches.iter().flat_map(|b| &b.changes) {
+            self.ensure_target(c).await?;
+        }
+        match self.apply_txn(batches, false).await {
+            Err(e) if !e.is_transient() => {
+                warn!(source_id = %self.acl.id, error = %e, "batch refused by the NDC; applying change by change to quarantine the bad ones");
+                self.apply_txn(batches, true).await
+            }
+            other => other,
+        }
+    }
+
+    async fn ensure_target(&mut self, c: &ChangeEvent) -> Result<(), ApplyError> {
+        let id = (c.table.table.clone(), c.table.version);
+        if self.targets.contains_key(&id) || self.broken.contains_key(&id) || !self.acl.allows(&c.table.table.to_string()) {
+            return Ok(());
+        }
+        let target = Target::new(&self.ndc_schema, &c.table, self.targets.len());
+        match self.client.batch_execute(&target.ddl(&self.ndc_schema, &c.table)).await {
+            Ok(()) => {
+                info!(source_id = %self.acl.id, table = %target.qualified, version = c.table.version, "target table ready");
+                self.targets.insert(id, target);
+            }
+            Err(e) if e.code().is_some_and(|code| !sqlstate_is_transient(code.code())) => {
+                let reason = format!("cannot create or widen the NDC table for {}: {}", c.table.table, db_message(&e));
+                warn!(source_id = %self.acl.id, %reason, "changes of this table will be quarantined");
+                self.broken.insert(id, reason);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+
+    async fn apply_txn(&mut self, batches: &[ChangeBatch], one_by_one: bool) -> Result<ApplyOutcome, ApplyError> {
+        let last_seq = batches.iter().map(ChangeBatch::last_seq).max().unwrap_or(0);
+        let Self { client, acl, targets, broken, .. } = self;
+        let mut txn = client.transaction().await?;
+        let applied: i64 = txn
+            .query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1 FOR UPDATE", &[&acl.id])
+            .await?
+            .get(0);
+        let applied = applied as u64;
+        let fresh: Vec<&ChangeEvent> = batches.iter().flat_map(|b| &b.changes).filter(|c| c.seq > applied).collect();
+        let Some(last) = fresh.last() else {
+            txn.commit().await?;
+            return Ok(ApplyOutcome { applied_seq: applied, ..Default::default() });
+        };
+        let position = match last.position {
+            Position::Postgres(lsn) => lsn.to_string(),
+        };
+        let mut quarantine: Vec<(&ChangeEvent, String)> = Vec::new();
+        let mut accepted = Vec::with_capacity(fresh.len());
+        for c in fresh {
+            match refusal(acl, broken, c) {
+                Some(reason) => quarantine.push((c, reason)),
+                None => accepted.push(c),
+            }
+        }
+        let mut used_stages = HashSet::new();
+        if one_by_one {
+            let mut kept = Vec::with_capacity(accepted.len());
+            for c in accepted {
+                let mut plan = Plan::default();
+                plan.add(c);
+                let sp = txn.savepoint("dongbo_change").await?;
+                match execute(&sp, &plan, &targets, &mut used_stages).await {
+                    Ok(()) => {
+                        sp.commit().await?;
+                        kept.push(c);
+                    }
+                    Err(e) if e.code().is_some_and(|code| !sqlstate_is_transient(code.code())) => {
+                        sp.rollback().await?;
+                        quarantine.push((c, format!("the NDC refused the change: {}", db_message(&e))));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            accepted = kept;
+        } else {
+            let mut plan = Plan::default();
+            accepted.iter().for_each(|c| plan.add(c));
+            execute(&txn, &plan, &targets, &mut used_stages).await?;
+        }
+        for (c, reason) in &quarantine {
+            let op = format!("{:?}", c.op).to_lowercase();
+            let one = ChangeBatch { source_id: acl.id.clone(), changes: vec![(*c).clone()] };
+            txn.execute(
+                "INSERT INTO dongbo.quarantine (source_id, seq, source_table, operation, reason, change) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[&acl.id, &(c.seq as i64), &c.table.table.to_string(), &op, reason, &wire::encode_batch(&one)],
+            )
+            .await?;
+            warn!(source_id = %acl.id, seq = c.seq, table = %c.table.table, %reason, "change quarantined");
+        }
+        let (n_applied, n_quarantined) = (accepted.len() as i64, quarantine.len() as i64);
+        txn.execute(
+            "UPDATE dongbo.applied_position SET applied_seq = $2, source_position = $3, \
+             changes_applied = changes_applied + $4, changes_quarantined = changes_quarantined + $5, updated_at = now() \
+             WHERE source_id = $1",
+            &[&acl.id, &(last_seq.max(applied) as i64), &position, &n_applied, &n_quarantined],
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(ApplyOutcome { applied_seq: last_seq.max(applied), applied: n_applied as u64, quarantined: n_quarantined as u64 })
+    }
+}
+
+/// Why a change cannot be applied before trying, if it cannot.
+fn refusal(acl: &AgentAcl, broken: &HashMap<(TableId, u64), String>, c: &ChangeEvent) -> Option<String> {
+    if !acl.allows(&c.table.table.to_string()) {
+        return Some(format!("table {} is not among the tables agent {} may send", c.table.table, acl.id));
+    }
+    broken.get(&(c.table.table.clone(), c.table.version)).cloned()
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+async fn execute(
+    txn: &Transaction<'_>,
+    plan: &Plan,
+    targets: &HashMap<(TableId, u64), Target>,
+    used_stages: &mut HashSet<String>,
+) -> Result<(), tokio_postgres::Error> {
+    for table in &plan.tables {
+        let Some(target) = targets.get(&(table.schema.table.clone(), table.schema.version)) else { continue };
+        if table.truncate {
+            txn.batch_execute(&format!("TRUNCATE {}", target.qualified)).await?;
+        }
+        let mut deletes = Vec::new();
+        let mut upserts: HashMap<Vec<usize>, Vec<&Vec<Value>>> = HashMap::new();
+        for op in table.ops.values() {
+            match op {
+                RowOp::Delete(key) => deletes.push(key),
+                RowOp::Upsert(row) => {
+                    let present: Vec<usize> = (0..row.len()).filter(|&i| row[i] != Value::UnchangedToast).collect();
+                    upserts.entry(present).or_default().push(row);
+                }
+            }
+        }
+        if !deletes.is_empty() {
+            if !used_stages.insert(target.delete_stage.clone()) {
+                txn.batch_execute(&format!("DELETE FROM {}", target.delete_stage)).await?;
+            }
+            let all: Vec<usize> = (0..target.key_columns.len()).collect();
+            copy_rows(txn, &target.copy_delete_sql(), deletes.into_iter(), &all).await?;
+            txn.batch_execute(&target.delete_sql()).await?;
+        }
+        for (present, rows) in upserts {
+            if !used_stages.insert(target.stage.clone()) {
+                txn.batch_execute(&format!("DELETE FROM {}", target.stage)).await?;
+            }
+            copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
+            txn.batch_execute(&target.upsert_sql(&present)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Streams rows into `COPY ... FROM STDIN` in text format, sending about 1 MiB at a time.
+async fn copy_rows<'r>(
+    txn: &Transaction<'_>,
+    sql: &str,
+    rows: impl Iterator<Item = &'r Vec<Value>>,
+    columns: &[usize],
+) -> Result<(), tokio_postgres::Error> {
+    const CHUNK: usize = 1 << 20;
+    let sink = txn.copy_in::<_, Bytes>(sql).await?;
+    futures::pin_mut!(sink);
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 4096);
+    let mut text = String::new();
+    for row in rows {
+        for (n, &i) in columns.iter().enumerate() {
+            if n > 0 {
+                buf.push(b'\t');
+            }
+            text.clear();
+            match row.get(i).and_then(|v| write_value(v, &mut text)) {
+                Some(()) => push_copy_escaped(&text, &mut buf),
+                None => buf.extend_from_slice(b"\\N"),
+            }
+        }
+        buf.push(b'\n');
+        if buf.len() >= CHUNK {
+            sink.send(Bytes::from(std::mem::take(&mut buf))).await?;
+            buf.reserve(CHUNK + 4096);
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(Bytes::from(buf)).await?;
+    }
+    sink.finish().await?;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Turns an ordered run of changes into set-based work per table: one final operation per primary
+//! key, which the applier executes as one DELETE and a few upserts per table.
+//!
+//! Per-key order is what the NDC must respect, and collapsing preserves it: the last operation on a
+//! key wins; an update that changes the key deletes the old key and upserts the new one; a TRUNCATE
+//! drops everything planned before it for the table. Distinct keys commute, so deletes and upserts of
+//! one table can run as separate statements. A change of table shape seals the table's plan and opens
+//! a new one, so rows of different widths never mix.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dongbo_connectors::model::{ChangeEvent, Operation, Row, TableId, TableSchema, Value};
+use dongbo_connectors::postgres::text::write_value;
+
+/// The final operation on one key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOp {
+    /// Insert or replace the row (unchanged-TOAST columns keep the target's value).
+    Upsert(Row),
+    /// Remove the row with this key.
+    Delete(Row),
+}
+
+/// Planned work on one table, for one schema version.
+#[derive(Debug)]
+pub struct TablePlan {
+    /// The table's shape for these rows.
+    pub schema: Arc<TableSchema>,
+    /// Empty the table before anything else.
+    pub truncate: bool,
+    /// Final operation per key (keyed by the key's text).
+    pub ops: HashMap<String, RowOp>,
+}
+
+/// Planned work for a run of changes.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Table plans in the order they must run.
+    pub tables: Vec<TablePlan>,
+    open: HashMap<TableId, usize>,
+}
+
+/// A key's identity as text; `\u{1}` separates parts and `\u{2}` marks NULL, neither of which Postgres
+/// prints in a value's text.
+pub fn key_text(key: &[Value]) -> String {
+    let mut s = String::new();
+    for v in key {
+        if write_value(v, &mut s).is_none() {
+            s.push('\u{2}');
+        }
+        s.push('\u{1}');
+    }
+    s
+}
+
+impl Plan {
+    /// Adds the next change, in seq order.
+    pub fn add(&mut self, c: &ChangeEvent) {
+        let idx = match self.open.get(&c.table.table) {
+            Some(&i) if self.tables[i].schema.version == c.table.version => i,
+            _ => {
+                self.tables.push(TablePlan { schema: c.table.clone(), truncate: false, ops: HashMap::new() });
+                self.open.insert(c.table.table.clone(), self.tables.len() - 1);
+                self.tables.len() - 1
+            }
+        };
+        let plan = &mut self.tables[idx];
+        match c.op {
+            Operation::Truncate => {
+                plan.truncate = true;
+                plan.ops.clear();
+            }
+            Operation::Delete => {
+                plan.ops.insert(key_text(&c.key), RowOp::Delete(c.key.clone()));
+            }
+            Operation::Insert | Operation::Update | Operation::SnapshotRead => {
+                let Some(after) = &c.after else { return };
+                let new_key = plan.schema.key_of(after);
+                let new_text = key_text(&new_key);
+                let old_text = key_text(&c.key);
+                if c.op == Operation::Update && old_text != new_text {
+                    plan.ops.insert(old_text, RowOp::Delete(c.key.clone()));
+                }
+                let mut row = after.clone();
+                if row.contains(&Value::UnchangedToast) {
+                    if let Some(RowOp::Upsert(prev)) = plan.ops.get(&new_text) {
+                        for (v, p) in row.iter_mut().zip(prev) {
+                            if *v == Value::UnchangedToast {
+                                *v = p.clone();
+                            }
+                        }
+                    }
+                }
+                plan.ops.insert(new_text, RowOp::Upsert(row));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dongbo_connectors::model::{Column, Lsn, Position};
+
+    fn schema(cols: &[&str]) -> Arc<TableSchema> {
+        Arc::new(TableSchema::new(
+            TableId::new("public", "citizens"),
+            cols.iter().map(|c| Column { name: c.to_string(), type_name: "text".into(), type_oid: 25 }).collect(),
+            vec![0],
+        ))
+    }
+
+    fn change(s: &Arc<TableSchema>, op: Operation, key: &str, after: Option<Vec<Value>>) -> ChangeEvent {
+        ChangeEvent {
+            seq: 1,
+            table: s.clone(),
+            op,
+            key: vec![Value::Text(key.into())],
+            before: None,
+            after,
+            position: Position::Postgres(Lsn(1)),
+            commit_time_us: 0,
+            txid: 1,
+            txn_order: 0,
+            txn_last: false,
+        }
+    }
+
+    fn t(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    #[test]
+    fn last_operation_per_key_wins_and_key_changes_delete_the_old_key() {
+        let s = schema(&["id", "addr"]);
+        let mut p = Plan::default();
+        p.add(&change(&s, Operation::Insert, "a", Some(vec![t("a"), t("x")])));
+        p.add(&change(&s, Operation::Update, "a", Some(vec![t("a"), t("y")])));
+        p.add(&change(&s, Operation::Update, "a", Some(vec![t("b"), t("y")])));
+        p.add(&change(&s, Operation::Insert, "c", Some(vec![t("c"), t("z")])));
+        p.add(&change(&s, Operation::Delete, "c", None));
+        assert_eq!(p.tables.len(), 1);
+        let ops = &p.tables[0].ops;
+        assert_eq!(ops[&key_text(&[t("a")])], RowOp::Delete(vec![t("a")]));
+        assert_eq!(ops[&key_text(&[t("b")])], RowOp::Upsert(vec![t("b"), t("y")]));
+        assert_eq!(ops[&key_text(&[t("c")])], RowOp::Delete(vec![t("c")]));
+    }
+
+    #[test]
+    fn unchanged_toast_takes_the_planned_value_and_truncate_clears() {
+        let s = schema(&["id", "doc"]);
+        let mut p = Plan::default();
+        p.add(&change(&s, Operation::Insert, "a", Some(vec![t("a"), t("big")])));
+        p.add(&change(&s, Operation::Update, "a", Some(vec![t("a"), Value::UnchangedToast])));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("a")])], RowOp::Upsert(vec![t("a"), t("big")]));
+        p.add(&change(&s, Operation::Update, "b", Some(vec![t("b"), Value::UnchangedToast])));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Upsert(vec![t("b"), Value::UnchangedToast]));
+        p.add(&change(&s, Operation::Truncate, "", None));
+        p.add(&change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")])));
+        assert!(p.tables[0].truncate);
+        assert_eq!(p.tables[0].ops.len(), 1);
+    }
+
+    #[test]
+    fn a_shape_change_opens_a_new_table_plan_in_order() {
+        let v1 = schema(&["id"]);
+        let v2 = schema(&["id", "extra"]);
+        let mut p = Plan::default();
+        p.add(&change(&v1, Operation::Insert, "a", Some(vec![t("a")])));
+        p.add(&change(&v2, Operation::Insert, "b", Some(vec![t("b"), t("e")])));
+        p.add(&change(&v1, Operation::Insert, "c", Some(vec![t("c")])));
+        assert_eq!(p.tables.len(), 3);
+        assert_eq!(p.tables[1].schema.columns.len(), 2);
+    }
+
+    #[test]
+    fn null_and_empty_keys_differ() {
+        assert_ne!(key_text(&[Value::Null]), key_text(&[t("")]));
+        assert_ne!(key_text(&[t("a"), t("b")]), key_text(&[t("ab"), t("")]));
+    }
+}

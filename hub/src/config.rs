@@ -1,0 +1,222 @@
+//! The hub's config file (`hub.toml`).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Everything the hub needs, read from one TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// gRPC listen address for agents, e.g. `0.0.0.0:7443`.
+    pub listen: String,
+    /// The NDC Postgres database.
+    pub ndc: NdcConfig,
+    /// Agents allowed to connect.
+    #[serde(default)]
+    pub agents: Vec<AgentAcl>,
+    /// Apply tuning.
+    #[serde(default)]
+    pub apply: ApplyConfig,
+}
+
+/// Connection to the NDC Postgres.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NdcConfig {
+    /// Host, or Unix socket directory.
+    pub host: String,
+    /// Port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Database.
+    pub database: String,
+    /// Role; needs CREATE on the database (it creates one schema per agent).
+    pub user: String,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// File holding the password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+impl fmt::Debug for NdcConfig {
+    // Hand-written so the password never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NdcConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl NdcConfig {
+    /// A tokio-postgres config for the NDC.
+    pub fn pg_config(&self) -> std::io::Result<tokio_postgres::Config> {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host).port(self.port).user(&self.user).dbname(&self.database).application_name("dongbo-hub");
+        c.options("-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601");
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f)?.lines().next().map(str::to_string),
+            (None, None) => None,
+        };
+        if let Some(p) = password {
+            c.password(p);
+        }
+        Ok(c)
+    }
+}
+
+/// One agent's identity and rights.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAcl {
+    /// The agent's `source_id`.
+    pub id: String,
+    /// SHA-256 (hex) of the agent's bearer token; the token itself is not stored at the hub.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// The token in clear, for demos only.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// NDC schema for this agent's tables; defaults to the id with `-` as `_`.
+    #[serde(default)]
+    pub target_schema: Option<String>,
+    /// Source tables (`schema.table`) this agent may send; empty allows all. Others are quarantined.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// The province this agent serves (2-digit code), shown to operators.
+    #[serde(default)]
+    pub province: Option<String>,
+}
+
+impl fmt::Debug for AgentAcl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentAcl")
+            .field("id", &self.id)
+            .field("target_schema", &self.target_schema)
+            .field("tables", &self.tables)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentAcl {
+    /// Whether `token` is this agent's.
+    pub fn accepts(&self, token: &str) -> bool {
+        let digest = hex::encode(Sha256::digest(token.as_bytes()));
+        let expected = match (&self.token_sha256, &self.token) {
+            (Some(h), _) => h.to_ascii_lowercase(),
+            (None, Some(t)) => hex::encode(Sha256::digest(t.as_bytes())),
+            (None, None) => return false,
+        };
+        // Comparing digests, not tokens: timing reveals nothing about the token.
+        digest == expected
+    }
+
+    /// The NDC schema for this agent.
+    pub fn schema(&self) -> String {
+        self.target_schema.clone().unwrap_or_else(|| self.id.replace('-', "_"))
+    }
+
+    /// Whether the agent may send `table` (`schema.table`).
+    pub fn allows(&self, table: &str) -> bool {
+        self.tables.is_empty() || self.tables.iter().any(|t| t == table || format!("public.{t}") == table)
+    }
+}
+
+/// Apply tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// One NDC transaction applies up to this many changes, gathered from consecutive batches.
+    #[serde(default = "default_txn_changes")]
+    pub max_changes_per_txn: usize,
+}
+
+/// Large enough that per-transaction costs vanish, small enough to keep memory in tens of MiB.
+fn default_txn_changes() -> usize {
+    20_000
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        Self { max_changes_per_txn: default_txn_changes() }
+    }
+}
+
+/// The config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown fields.
+    #[error("config {path} is not valid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation.
+        message: String,
+    },
+    /// Values are out of range; every problem is listed.
+    #[error("config has problems:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl HubConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: HubConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every problem at once, without I/O.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!("listen {:?} is not host:port", self.listen));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for a in &self.agents {
+            if !seen.insert(&a.id) {
+                p.push(format!("agent {} is listed twice", a.id));
+            }
+            if a.token.is_none() && a.token_sha256.is_none() {
+                p.push(format!("agent {} has neither token_sha256 nor token", a.id));
+            }
+            if a.token_sha256.as_ref().is_some_and(|h| h.len() != 64 || hex::decode(h).is_err()) {
+                p.push(format!("agent {}: token_sha256 must be 64 hex digits", a.id));
+            }
+            let schema = a.schema();
+            if !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') || schema.is_empty() || schema == "dongbo" {
+                p.push(format!("agent {}: target schema {schema:?} must be lowercase letters, digits and _ (and not dongbo)", a.id));
+            }
+        }
+        if self.apply.max_changes_per_txn == 0 {
+            p.push("apply.max_changes_per_txn must be at least 1".into());
+        }
+        p
+    }
+}

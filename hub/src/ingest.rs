@@ -1,0 +1,184 @@
+//! The gRPC `Ingest` service: agents stream spooled batches, the hub applies them and acknowledges
+//! each position once it is durable in the NDC.
+//!
+//! Per stream, a reader task authenticates (bearer token → [`AgentAcl`]), decodes and validates each
+//! batch, and hands it to an applier task over a small bounded channel, so decoding overlaps the NDC
+//! transaction and a slow NDC pushes back on the agent through HTTP/2 flow control instead of
+//! growing memory. The applier gathers consecutive batches into one transaction.
+//!
+//! This is the ingest boundary: anything that yields validated [`ChangeBatch`]es of one source in seq
+//! order (a Kafka consumer, later) can drive [`NdcApplier`] the same way.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dongbo_connectors::model::ChangeBatch;
+use dongbo_connectors::wire;
+use dongbo_proto::v1::{agent_message, hub_message, ingest_server::Ingest, Ack, AgentMessage, HubMessage, Welcome};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::apply::{ApplyError, NdcApplier};
+use crate::config::{AgentAcl, HubConfig};
+
+/// An agent must say Hello this soon after opening a stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Decoded batches waiting for the applier; a few keep the NDC busy without buffering much.
+const APPLY_QUEUE: usize = 8;
+
+/// The ingest service.
+pub struct IngestService {
+    config: Arc<HubConfig>,
+}
+
+impl IngestService {
+    /// A service for the agents in `config`.
+    pub fn new(config: Arc<HubConfig>) -> Self {
+        Self { config }
+    }
+
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAcl, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("no authorization metadata: set hub.token in the agent config"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        self.config
+            .agents
+            .iter()
+            .find(|a| a.accepts(token))
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown agent token: check hub.token in the agent config and the hub's agents list"))
+    }
+}
+
+fn apply_status(e: &ApplyError) -> Status {
+    if e.is_transient() {
+        Status::unavailable(format!("NDC temporarily unavailable: {e}"))
+    } else {
+        Status::internal(format!("NDC apply failed: {e}"))
+    }
+}
+
+type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = HubStream;
+
+    async fn stream(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<HubStream>, Status> {
+        let acl = self.authenticate(&request)?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(Status::invalid_argument("no Hello within 10 s")),
+            Ok(m) => m?.and_then(|m| m.kind),
+        };
+        let Some(agent_message::Kind::Hello(hello)) = hello else {
+            return Err(Status::invalid_argument("the first message on an ingest stream must be Hello"));
+        };
+        if hello.source_id != acl.id {
+            return Err(Status::permission_denied(format!("this token belongs to agent {}, not {}", acl.id, hello.source_id)));
+        }
+        if hello.protocol_version != dongbo_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "agent speaks protocol {}, this hub speaks {}: upgrade one of them",
+                hello.protocol_version,
+                dongbo_proto::PROTOCOL_VERSION
+            )));
+        }
+        let mut applier = NdcApplier::connect(&self.config.ndc, acl.clone()).await.map_err(|e| apply_status(&e))?;
+        let applied = applier.applied_seq().await.map_err(|e| apply_status(&e))?;
+        info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, "agent connected");
+
+        let (out_tx, out_rx) = mpsc::channel::<Result<HubMessage, Status>>(16);
+        let welcome = HubMessage { kind: Some(hub_message::Kind::Welcome(Welcome { applied_seq: applied })) };
+        out_tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("agent went away"))?;
+
+        let (batch_tx, mut batch_rx) = mpsc::channel::<ChangeBatch>(APPLY_QUEUE);
+        let reader_out = out_tx.clone();
+        let source_id = acl.id.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        info!(source_id = %source_id, error = %e, "agent stream ended");
+                        break;
+                    }
+                };
+                let batch = match decode(&source_id, msg) {
+                    Ok(b) => b,
+                    Err(status) => {
+                        warn!(source_id = %source_id, error = %status.message(), "malformed message refused; nothing of it applied");
+                        let _ = reader_out.send(Err(status)).await;
+                        break;
+                    }
+                };
+                if batch_tx.send(batch).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let max_changes = self.config.apply.max_changes_per_txn;
+        tokio::spawn(async move {
+            while let Some(first) = batch_rx.recv().await {
+                let mut batches = vec![first];
+                let mut n = batches[0].changes.len();
+                while n < max_changes {
+                    match batch_rx.try_recv() {
+                        Ok(b) => {
+                            n += b.changes.len();
+                            batches.push(b);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match applier.apply(&batches).await {
+                    Ok(outcome) => {
+                        let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq: outcome.applied_seq })) };
+                        if out_tx.send(Ok(ack)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(source_id = %acl.id, error = %e, "apply failed; the agent will resend from the last durable position");
+                        let _ = out_tx.send(Err(apply_status(&e))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+fn decode(source_id: &str, msg: AgentMessage) -> Result<ChangeBatch, Status> {
+    let spooled = match msg.kind {
+        Some(agent_message::Kind::Batch(b)) => b,
+        Some(agent_message::Kind::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice on one stream")),
+        None => return Err(Status::invalid_argument("message with no content")),
+    };
+    let batch = wire::decode_batch(&spooled.change_batch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if batch.source_id != source_id {
+        return Err(Status::permission_denied(format!("batch claims source {} on the stream of {source_id}", batch.source_id)));
+    }
+    if batch.changes.is_empty() || batch.first_seq() != spooled.first_seq || batch.last_seq() != spooled.last_seq {
+        return Err(Status::invalid_argument(format!(
+            "batch envelope says seqs {}..={} but the batch holds {}..={}",
+            spooled.first_seq,
+            spooled.last_seq,
+            batch.first_seq(),
+            batch.last_seq()
+        )));
+    }
+    Ok(batch)
+}
