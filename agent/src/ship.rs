@@ -125,7 +125,6 @@ async fn session(
     backoff: &mut backoff::ExponentialBackoff,
 ) -> Result<(), ShipError> {
     let (applied, tx, mut inbound) = open_stream(source_id, link, token).await?;
-    backoff.reset();
     spool.ack(applied)?;
     info!(hub = %link.url, applied_seq = applied, spool_batches = spool.batch_count(), "connected to hub");
     let mut appended = spool.subscribe();
@@ -146,13 +145,22 @@ async fn session(
                     })),
                 };
                 debug!(first_seq = b.first_seq, last_seq = b.last_seq, "batch sent");
-                tx.send(msg).await.map_err(|_| ShipError::Protocol("hub closed the stream".into()))?;
+                if tx.send(msg).await.is_err() {
+                    // The hub ended the stream; its status says why (a refused batch, say).
+                    return Err(match inbound.message().await {
+                        Err(status) => status.into(),
+                        Ok(_) => ShipError::Protocol("hub closed the stream".into()),
+                    });
+                }
             }
         }
         let window_full = in_flight.len() >= link.max_in_flight_batches;
         tokio::select! {
             msg = inbound.message() => match msg?.and_then(|m| m.kind) {
                 Some(hub_message::Kind::Ack(ack)) => {
+                    // Only progress proves the link works: a hub that accepts and then refuses every
+                    // batch must not be hammered at the initial backoff interval.
+                    backoff.reset();
                     spool.ack(ack.durable_seq)?;
                     while in_flight.front().is_some_and(|&s| s <= ack.durable_seq) {
                         in_flight.pop_front();

@@ -54,7 +54,7 @@ pub fn batch_to_proto(batch: &ChangeBatch) -> pb::ChangeBatch {
                 seq: c.seq,
                 schema_index,
                 op: op_to_proto(c.op) as i32,
-                key: row_to_proto(Some(&c.key)),
+                key: row_to_proto(Some(&c.key).filter(|k| !k.is_empty())),
                 before: row_to_proto(c.before.as_ref()),
                 after: row_to_proto(c.after.as_ref()),
                 position: Some(match c.position {

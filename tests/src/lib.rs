@@ -1,1 +1,228 @@
-//! harness
+//! The dongbo test harness: real Postgres clusters made with `initdb`, real `dongbo-hub` and
+//! `dongbo-agent` processes, and row-by-row comparison of source and NDC.
+
+pub mod citizens;
+pub mod pg;
+pub mod procs;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio_postgres::Client;
+
+use crate::pg::PgCluster;
+use crate::procs::DongboProcess;
+
+/// A source database, an NDC database, a hub and an agent, as in production but on one machine.
+pub struct Deployment {
+    /// The cluster holding both databases (`province` and `ndc`).
+    pub pg: PgCluster,
+    /// Configs, spool and logs.
+    pub dir: PathBuf,
+    /// The hub's gRPC port.
+    pub hub_port: u16,
+    /// The agent's identity.
+    pub source_id: String,
+    /// Tables the agent captures.
+    pub tables: Vec<String>,
+    /// The hub process, when running.
+    pub hub: Option<DongboProcess>,
+    /// The agent process, when running.
+    pub agent: Option<DongboProcess>,
+    /// Extra lines for the agent's `[spool]` section.
+    pub spool_extra: String,
+}
+
+/// The agent's token in test deployments.
+pub const TOKEN: &str = "test-agent-token";
+
+impl Deployment {
+    /// A new cluster with empty `province` and `ndc` databases; `setup_sql` runs in `province`.
+    pub async fn new(name: &str, setup_sql: &str, tables: &[&str]) -> anyhow::Result<Self> {
+        let pg = PgCluster::start(name)?;
+        pg.create_database("province").await?;
+        pg.create_database("ndc").await?;
+        let src = pg.connect_as_role("province").await?;
+        src.batch_execute(setup_sql).await.context("setup sql")?;
+        let dir = pg.dir.join("work");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            pg,
+            dir,
+            hub_port: pg::free_port(),
+            source_id: "hcm-population".into(),
+            tables: tables.iter().map(|t| t.to_string()).collect(),
+            hub: None,
+            agent: None,
+            spool_extra: String::new(),
+        })
+    }
+
+    /// The source database, as the table owner.
+    pub async fn source(&self) -> anyhow::Result<Client> {
+        self.pg.connect_as_role("province").await
+    }
+
+    /// The NDC database.
+    pub async fn ndc(&self) -> anyhow::Result<Client> {
+        self.pg.connect("ndc").await
+    }
+
+    /// The NDC schema of this deployment's agent.
+    pub fn ndc_schema(&self) -> String {
+        self.source_id.replace('-', "_")
+    }
+
+    /// Writes hub.toml with `agents_toml` (or the default agent entry) and starts the hub.
+    pub async fn start_hub_with(&mut self, agents_toml: &str) -> anyhow::Result<()> {
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\n\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n{agents_toml}",
+            port = self.hub_port,
+            pg = self.pg.port,
+            role = pg::ROLE,
+            pw = pg::PASSWORD,
+        );
+        let path = self.dir.join("hub.toml");
+        std::fs::write(&path, config)?;
+        let p = DongboProcess::spawn("dongbo-hub", &["serve", "--config", &path.to_string_lossy()], &self.dir.join("hub.log"))?;
+        self.hub = Some(p);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.hub_port)).await.is_err() {
+            if Instant::now() > deadline || !self.hub.as_mut().is_some_and(|h| h.is_running()) {
+                bail!("hub did not start:\n{}", self.hub.as_ref().map(|h| h.log_text()).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// The default hub agents section: this deployment's agent, all tables allowed.
+    pub fn default_agents_toml(&self) -> String {
+        format!("[[agents]]\nid = \"{}\"\ntoken = \"{TOKEN}\"\nprovince = \"79\"\n", self.source_id)
+    }
+
+    /// Starts the hub with the default agent entry.
+    pub async fn start_hub(&mut self) -> anyhow::Result<()> {
+        let agents = self.default_agents_toml();
+        self.start_hub_with(&agents).await
+    }
+
+    /// The agent's config text.
+    pub fn agent_config(&self) -> String {
+        let tables: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
+        format!(
+            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n\n[spool]\npath = \"{spool}\"\n{extra}\n\n[hub]\nurl = \"http://127.0.0.1:{hub}\"\ntoken = \"{TOKEN}\"\nmax_backoff_ms = 1000\n",
+            id = self.source_id,
+            pg = self.pg.port,
+            role = pg::ROLE,
+            pw = pg::PASSWORD,
+            tables = tables.join(", "),
+            spool = self.dir.join("spool").display(),
+            extra = self.spool_extra,
+            hub = self.hub_port,
+        )
+    }
+
+    /// Writes agent.toml and starts the agent.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let path = self.dir.join("agent.toml");
+        std::fs::write(&path, self.agent_config())?;
+        self.agent = Some(DongboProcess::spawn("dongbo-agent", &["run", "--config", &path.to_string_lossy()], &self.dir.join("agent.log"))?);
+        Ok(())
+    }
+
+    /// Rows of a table as text, in key order.
+    pub async fn rows(client: &Client, table: &str, key: &str) -> anyhow::Result<Vec<String>> {
+        let rows = client.query(&format!("SELECT t::text FROM {table} t ORDER BY {key}"), &[]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Waits until the NDC copy of `table` equals the source, then compares row by row; returns the
+    /// row count.
+    pub async fn wait_same(&self, table: &str, key: &str, timeout: Duration) -> anyhow::Result<usize> {
+        let src = self.source().await?;
+        let ndc = self.ndc().await?;
+        let ndc_table = format!("{}.{table}", self.ndc_schema());
+        let digest = |t: &str| format!("SELECT count(*)::text || ':' || coalesce(md5(string_agg(x::text, E'\\n' ORDER BY {key})), '') FROM {t} x");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let a: String = src.query_one(&digest(table), &[]).await?.get(0);
+            let b: Option<String> = match ndc.query_one(&digest(&ndc_table), &[]).await {
+                Ok(r) => Some(r.get(0)),
+                Err(_) => None, // the target table may not exist yet
+            };
+            if b.as_deref() == Some(a.as_str()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            self.ensure_alive()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let want = Self::rows(&src, table, key).await?;
+        let got = Self::rows(&ndc, &ndc_table, key).await.unwrap_or_default();
+        if want != got {
+            let first_diff = want.iter().zip(&got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
+            bail!(
+                "NDC {ndc_table} differs from source after {timeout:?}: source {} rows, NDC {} rows; first difference at row {first_diff}:\n  source: {:?}\n  ndc:    {:?}\nhub log tail:\n{}\nagent log tail:\n{}",
+                want.len(),
+                got.len(),
+                want.get(first_diff),
+                got.get(first_diff),
+                self.hub.as_ref().map(|h| tail(&h.log_text(), 15)).unwrap_or_default(),
+                self.agent.as_ref().map(|a| tail(&a.log_text(), 15)).unwrap_or_default(),
+            );
+        }
+        Ok(want.len())
+    }
+
+    /// Fails with the process's log if the hub or agent we started has died.
+    pub fn ensure_alive(&self) -> anyhow::Result<()> {
+        for (name, p) in [("hub", &self.hub), ("agent", &self.agent)] {
+            if let Some(p) = p {
+                if !p.is_running() {
+                    bail!("the {name} exited unexpectedly; its log:\n{}", tail(&p.log_text(), 30));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The hub's bookkeeping for this source: (applied seq, changes applied, changes quarantined).
+    pub async fn applied(&self) -> anyhow::Result<(i64, i64, i64)> {
+        let ndc = self.ndc().await?;
+        let r = ndc
+            .query_one("SELECT applied_seq, changes_applied, changes_quarantined FROM dongbo.applied_position WHERE source_id = $1", &[&self.source_id])
+            .await?;
+        Ok((r.get(0), r.get(1), r.get(2)))
+    }
+
+    /// Waits until the hub has applied (or quarantined) exactly `expected` changes, failing if it
+    /// applies more.
+    pub async fn wait_applied(&self, expected: i64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, applied, quarantined) = self.applied().await.unwrap_or((0, 0, 0));
+            let n = applied + quarantined;
+            if n == expected {
+                return Ok(());
+            }
+            if n > expected {
+                bail!("hub applied {n} changes, more than the {expected} the source made: something was applied twice");
+            }
+            if Instant::now() > deadline {
+                bail!("hub applied {n} of {expected} changes within {timeout:?}");
+            }
+            self.ensure_alive()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The last `n` lines of a log.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

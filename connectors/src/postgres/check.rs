@@ -82,13 +82,13 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
     }
     let slots = client
         .query_one(
-            "SELECT current_setting('max_replication_slots')::int - count(*) FILTER (WHERE slot_name <> $1), \
-             bool_or(slot_name = $1) FROM pg_replication_slots",
+            "SELECT (current_setting('max_replication_slots')::int - count(*) FILTER (WHERE slot_name <> $1))::int4, \
+             coalesce(bool_or(slot_name = $1), false) FROM pg_replication_slots",
             &[&config.slot],
         )
         .await?;
-    let free: i32 = slots.get::<_, Option<i32>>(0).unwrap_or(0);
-    if slots.get::<_, Option<bool>>(1).unwrap_or(false) || free > 0 {
+    let free: i32 = slots.try_get(0)?;
+    if slots.try_get::<_, bool>(1)? || free > 0 {
         r.ok(format!("replication slot {} exists or can be created", config.slot));
     } else {
         r.problem("replication slots", "none free; raise max_replication_slots or drop an unused slot");

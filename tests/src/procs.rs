@@ -1,0 +1,75 @@
+//! Real `dongbo-agent` and `dongbo-hub` processes, so a test can `kill -9` them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+/// Path of a workspace binary, next to the test executable's directory (`target/<profile>/`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test executable has no parent directory")?;
+    let path = dir.join(name);
+    anyhow::ensure!(path.exists(), "{} is not built: run `cargo build --bins` first (tests/run-all.sh does)", path.display());
+    Ok(path)
+}
+
+/// A running dongbo process; killed with SIGKILL on drop.
+pub struct DongboProcess {
+    child: Option<Child>,
+    /// Its combined log.
+    pub log: PathBuf,
+}
+
+impl DongboProcess {
+    /// Starts `binary args...`, logging to `log`.
+    pub fn spawn(binary_name: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = Command::new(binary(binary_name)?)
+            .args(args)
+            .env("DONGBO_LOG", std::env::var("DONGBO_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawn {binary_name}"))?;
+        Ok(Self { child: Some(child), log: log.to_path_buf() })
+    }
+
+    /// `kill -9`: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&self) -> bool {
+        // /proc tells without reaping, so a shared reference is enough; a zombie has exited.
+        self.child.as_ref().is_some_and(|c| {
+            std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                .map(|s| !s.split_whitespace().nth(2).is_some_and(|state| state == "Z"))
+                .unwrap_or(false)
+        })
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DongboProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,3 @@
+//! End-to-end and fault scenarios against real Postgres clusters and real dongbo processes.
+
+mod snapshot_and_stream;
