@@ -4,6 +4,7 @@
 pub mod citizens;
 pub mod pg;
 pub mod procs;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

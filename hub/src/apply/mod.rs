@@ -263,7 +263,15 @@ async fn execute(
         for op in table.ops.values() {
             match op {
                 RowOp::Delete(key) => deletes.push(key),
-                RowOp::Upsert(row) => {
+                RowOp::Upsert { row, toast_from: Some(old_key) } => {
+                    // Rare (a key change on a row with out-of-line values), so one statement each,
+                    // before the old key's row is deleted below.
+                    let present: Vec<usize> = (0..row.len()).filter(|&i| row[i] != Value::UnchangedToast).collect();
+                    let params: Vec<Option<String>> = present.iter().map(|&i| &row[i]).chain(old_key.iter()).map(pg_text).collect();
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+                    txn.execute(&target.rekey_sql(&present), &refs).await?;
+                }
+                RowOp::Upsert { row, toast_from: None } => {
                     let present: Vec<usize> = (0..row.len()).filter(|&i| row[i] != Value::UnchangedToast).collect();
                     upserts.entry(present).or_default().push(row);
                 }
@@ -286,6 +294,11 @@ async fn execute(
         }
     }
     Ok(())
+}
+
+fn pg_text(v: &Value) -> Option<String> {
+    let mut s = String::new();
+    write_value(v, &mut s).map(|()| s)
 }
 
 /// Streams rows into `COPY ... FROM STDIN` in text format, sending about 1 MiB at a time.

@@ -16,8 +16,15 @@ use dongbo_connectors::postgres::text::write_value;
 /// The final operation on one key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowOp {
-    /// Insert or replace the row (unchanged-TOAST columns keep the target's value).
-    Upsert(Row),
+    /// Insert or replace the row. Unchanged-TOAST columns keep the target's value: the value of this
+    /// key's row, or with `toast_from`, of the row the key was changed from (Postgres does not resend
+    /// a TOASTed value when an UPDATE changes the key but not that column).
+    Upsert {
+        /// The new row.
+        row: Row,
+        /// The key whose NDC row holds the unchanged TOAST values, when the key changed.
+        toast_from: Option<Row>,
+    },
     /// Remove the row with this key.
     Delete(Row),
 }
@@ -78,21 +85,33 @@ impl Plan {
                 let Some(after) = &c.after else { return };
                 let new_key = plan.schema.key_of(after);
                 let new_text = key_text(&new_key);
-                let old_text = key_text(&c.key);
+                let old_text = if c.op == Operation::Update { key_text(&c.key) } else { new_text.clone() };
+                let mut row = after.clone();
+                let mut toast_from = None;
+                if row.contains(&Value::UnchangedToast) {
+                    // The unchanged values belong to the row as it was under its old key.
+                    let previous = if old_text != new_text { plan.ops.get(&old_text) } else { plan.ops.get(&new_text) };
+                    match previous {
+                        Some(RowOp::Upsert { row: prev, toast_from: prev_from }) => {
+                            for (v, p) in row.iter_mut().zip(prev) {
+                                if *v == Value::UnchangedToast {
+                                    *v = p.clone();
+                                }
+                            }
+                            toast_from = prev_from.clone();
+                        }
+                        _ => {
+                            toast_from = (old_text != new_text).then(|| c.key.clone());
+                        }
+                    }
+                    if !row.contains(&Value::UnchangedToast) {
+                        toast_from = None;
+                    }
+                }
                 if c.op == Operation::Update && old_text != new_text {
                     plan.ops.insert(old_text, RowOp::Delete(c.key.clone()));
                 }
-                let mut row = after.clone();
-                if row.contains(&Value::UnchangedToast) {
-                    if let Some(RowOp::Upsert(prev)) = plan.ops.get(&new_text) {
-                        for (v, p) in row.iter_mut().zip(prev) {
-                            if *v == Value::UnchangedToast {
-                                *v = p.clone();
-                            }
-                        }
-                    }
-                }
-                plan.ops.insert(new_text, RowOp::Upsert(row));
+                plan.ops.insert(new_text, RowOp::Upsert { row, toast_from });
             }
         }
     }
@@ -143,7 +162,7 @@ mod tests {
         assert_eq!(p.tables.len(), 1);
         let ops = &p.tables[0].ops;
         assert_eq!(ops[&key_text(&[t("a")])], RowOp::Delete(vec![t("a")]));
-        assert_eq!(ops[&key_text(&[t("b")])], RowOp::Upsert(vec![t("b"), t("y")]));
+        assert_eq!(ops[&key_text(&[t("b")])], RowOp::Upsert { row: vec![t("b"), t("y")], toast_from: None });
         assert_eq!(ops[&key_text(&[t("c")])], RowOp::Delete(vec![t("c")]));
     }
 
@@ -153,13 +172,30 @@ mod tests {
         let mut p = Plan::default();
         p.add(&change(&s, Operation::Insert, "a", Some(vec![t("a"), t("big")])));
         p.add(&change(&s, Operation::Update, "a", Some(vec![t("a"), Value::UnchangedToast])));
-        assert_eq!(p.tables[0].ops[&key_text(&[t("a")])], RowOp::Upsert(vec![t("a"), t("big")]));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("a")])], RowOp::Upsert { row: vec![t("a"), t("big")], toast_from: None });
         p.add(&change(&s, Operation::Update, "b", Some(vec![t("b"), Value::UnchangedToast])));
-        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Upsert(vec![t("b"), Value::UnchangedToast]));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: None });
         p.add(&change(&s, Operation::Truncate, "", None));
         p.add(&change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")])));
         assert!(p.tables[0].truncate);
         assert_eq!(p.tables[0].ops.len(), 1);
+    }
+
+    #[test]
+    fn a_key_change_keeps_unchanged_toast_from_the_old_row() {
+        let s = schema(&["id", "doc"]);
+        let mut p = Plan::default();
+        // Re-keyed with no earlier state in the plan: the NDC's row under "a" holds the value.
+        p.add(&change(&s, Operation::Update, "a", Some(vec![t("b"), Value::UnchangedToast])));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) });
+        // Re-keyed again: still the NDC's row under "a".
+        p.add(&change(&s, Operation::Update, "b", Some(vec![t("c"), Value::UnchangedToast])));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("c")])], RowOp::Upsert { row: vec![t("c"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) });
+        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Delete(vec![t("b")]));
+        // Re-keyed after a full write in the plan: the value comes from the plan.
+        p.add(&change(&s, Operation::Insert, "x", Some(vec![t("x"), t("big")])));
+        p.add(&change(&s, Operation::Update, "x", Some(vec![t("y"), Value::UnchangedToast])));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("y")])], RowOp::Upsert { row: vec![t("y"), t("big")], toast_from: None });
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub struct Target {
     pub columns: Vec<String>,
     /// Quoted key column names.
     pub key_columns: Vec<String>,
+    /// Column types in the NDC, in schema order.
+    pub types: Vec<String>,
+    /// Indexes of the key columns.
+    pub key_index: Vec<usize>,
 }
 
 fn column_type(c: &Column) -> &str {
@@ -40,6 +44,8 @@ impl Target {
             stage: format!("dongbo_stage_{n}"),
             delete_stage: format!("dongbo_stage_del_{n}"),
             key_columns: schema.key_columns.iter().map(|&k| columns[k].clone()).collect(),
+            types: schema.columns.iter().map(|c| column_type(c).to_string()).collect(),
+            key_index: schema.key_columns.clone(),
             columns,
         }
     }
@@ -88,6 +94,42 @@ impl Target {
         )
     }
 
+    /// Upsert of one re-keyed row: columns in `present` from parameters `$1..` (as text), the others
+    /// from the target's row under the old key, parameters after those. Runs before the old key is
+    /// deleted. A LEFT JOIN keeps the row even if the old one is missing (its other columns then NULL).
+    pub fn rekey_sql(&self, present: &[usize]) -> String {
+        let mut n = 0;
+        let values: Vec<String> = (0..self.columns.len())
+            .map(|i| {
+                if present.contains(&i) {
+                    n += 1;
+                    format!("${n}::text::{}", self.types[i])
+                } else {
+                    format!("old.{}", self.columns[i])
+                }
+            })
+            .collect();
+        let on: Vec<String> = self
+            .key_index
+            .iter()
+            .map(|&k| {
+                n += 1;
+                format!("old.{} = ${n}::text::{}", self.columns[k], self.types[k])
+            })
+            .collect();
+        let updates: Vec<String> =
+            self.columns.iter().filter(|c| !self.key_columns.contains(c)).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
+        let action = if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
+        format!(
+            "INSERT INTO {t} ({cols}) SELECT {values} FROM (SELECT 1) AS one LEFT JOIN {t} old ON {on} ON CONFLICT ({keys}) {action}",
+            t = self.qualified,
+            cols = self.columns.join(", "),
+            values = values.join(", "),
+            on = on.join(" AND "),
+            keys = self.key_columns.join(", "),
+        )
+    }
+
     /// COPY into the stage for the columns in `present`.
     pub fn copy_stage_sql(&self, present: &[usize]) -> String {
         let cols: Vec<&str> = present.iter().map(|&i| self.columns[i].as_str()).collect();
@@ -128,5 +170,11 @@ mod tests {
         );
         assert!(t.upsert_sql(&[0]).ends_with("DO NOTHING"));
         assert!(t.delete_sql().contains("t.\"id\" = d.\"id\""));
+        assert_eq!(
+            t.rekey_sql(&[0, 1]),
+            "INSERT INTO \"hcm_population\".\"Công dân\" (\"id\", \"gender\", \"addr\") SELECT $1::text::character(12), $2::text::text, old.\"addr\" \
+             FROM (SELECT 1) AS one LEFT JOIN \"hcm_population\".\"Công dân\" old ON old.\"id\" = $3::text::character(12) \
+             ON CONFLICT (\"id\") DO UPDATE SET \"gender\" = EXCLUDED.\"gender\", \"addr\" = EXCLUDED.\"addr\""
+        );
     }
 }

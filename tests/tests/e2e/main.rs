@@ -1,3 +1,7 @@
 //! End-to-end and fault scenarios against real Postgres clusters and real dongbo processes.
 
+mod agent_check;
+mod bad_input;
+mod crash_recovery;
+mod mixed_workload;
 mod snapshot_and_stream;
