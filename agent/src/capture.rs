@@ -71,7 +71,10 @@ impl<'a> Capture<'a> {
             }
             if self.spool.is_full() {
                 if paused_since.is_none() {
-                    warn!(spool_bytes = self.spool.bytes(), "spool is full: capture paused, the source now holds its WAL until the hub catches up");
+                    warn!(
+                        spool_bytes = self.spool.bytes(),
+                        "spool is full: capture paused, the source now holds its WAL until the hub catches up"
+                    );
                     paused_since = Some(Instant::now());
                 }
                 source.keep_alive().await?;
@@ -84,7 +87,11 @@ impl<'a> Capture<'a> {
             if let Some(since) = paused_since.take() {
                 info!(paused_s = since.elapsed().as_secs(), "spool has room again: capture resumed");
             }
-            let until = if pending.is_empty() && !dirty { Instant::now() + IDLE_WAIT } else { first_pending_at + self.batch_max_wait };
+            let until = if pending.is_empty() && !dirty {
+                Instant::now() + IDLE_WAIT
+            } else {
+                first_pending_at + self.batch_max_wait
+            };
             let item = tokio::select! {
                 item = source.next(until) => item?,
                 _ = shutdown.changed() => continue,
@@ -131,12 +138,22 @@ impl<'a> Capture<'a> {
         }
     }
 
-    async fn flush(&self, source: &mut PostgresSource, pending: &mut Vec<ChangeEvent>, resume: &ResumePoint, next_seq: u64) -> Result<(), CaptureError> {
+    async fn flush(
+        &self,
+        source: &mut PostgresSource,
+        pending: &mut Vec<ChangeEvent>,
+        resume: &ResumePoint,
+        next_seq: u64,
+    ) -> Result<(), CaptureError> {
         let batch = if pending.is_empty() {
             None
         } else {
             let batch = ChangeBatch { source_id: self.source_id.to_string(), changes: std::mem::take(pending) };
-            Some(SpooledBatch { first_seq: batch.first_seq(), last_seq: batch.last_seq(), bytes: wire::encode_batch(&batch) })
+            Some(SpooledBatch {
+                first_seq: batch.first_seq(),
+                last_seq: batch.last_seq(),
+                bytes: wire::encode_batch(&batch),
+            })
         };
         self.spool.append(batch, resume, next_seq).await?;
         source.release(resume.committed_end);

@@ -11,7 +11,10 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
     let SourceConfig::Postgres(pg) = &config.source;
     match pg.connect_query().await {
         Ok(client) => {
-            report.push(CheckItem { what: format!("source {}:{}/{} reachable", pg.host, pg.port, pg.database), problem: None });
+            report.push(CheckItem {
+                what: format!("source {}:{}/{} reachable", pg.host, pg.port, pg.database),
+                problem: None,
+            });
             match dongbo_connectors::postgres::check::run(&client, pg).await {
                 Ok(r) => r.items.into_iter().for_each(|i| report.push(i)),
                 Err(e) => report.push(CheckItem { what: "source checks".into(), problem: Some(e.to_string()) }),
@@ -24,14 +27,18 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
     }
     let spool_dir = &config.spool.path;
     let parent = spool_dir.parent().unwrap_or(spool_dir);
-    let writable = std::fs::create_dir_all(spool_dir).is_ok() || parent.metadata().map(|m| !m.permissions().readonly()).unwrap_or(false);
+    let writable = std::fs::create_dir_all(spool_dir).is_ok()
+        || parent.metadata().map(|m| !m.permissions().readonly()).unwrap_or(false);
     report.push(CheckItem {
         what: format!("spool directory {}", spool_dir.display()),
         problem: (!writable).then(|| "cannot be created or written; fix spool.path or its permissions".to_string()),
     });
     let token = config.hub.resolve_token().unwrap_or_default();
     match ship::open_stream(&config.source_id, &config.hub, &token).await {
-        Ok((applied, _, _)) => report.push(CheckItem { what: format!("hub {} accepts this agent (applied seq {applied})", config.hub.url), problem: None }),
+        Ok((applied, _, _)) => report.push(CheckItem {
+            what: format!("hub {} accepts this agent (applied seq {applied})", config.hub.url),
+            problem: None,
+        }),
         Err(e) => report.push(CheckItem { what: format!("hub {}", config.hub.url), problem: Some(e.to_string()) }),
     }
     report

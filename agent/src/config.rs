@@ -115,48 +115,23 @@ impl HubLinkConfig {
     }
 }
 
-/// The config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML does not parse or has unknown fields.
-    #[error("config {path} is not valid: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's explanation.
-        message: String,
-    },
-    /// Values are out of range; every problem is listed.
-    #[error("config has problems:\n  - {}", .0.join("\n  - "))]
-    Invalid(Vec<String>),
-}
+pub use dongbo_connectors::config_file::ConfigError;
+use dongbo_connectors::config_file::Validate;
 
 impl AgentConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: AgentConfig =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        dongbo_connectors::config_file::load(path)
     }
+}
 
+impl Validate for AgentConfig {
     /// Every problem at once, without I/O.
-    pub fn validate(&self) -> Vec<String> {
+    fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();
-        let id_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        let id_ok = |s: &str| {
+            !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        };
         if !id_ok(&self.source_id) {
             p.push(format!("source_id {:?} must be lowercase letters, digits, - and _", self.source_id));
         }
@@ -214,9 +189,23 @@ token = "tok"
     fn unknown_fields_and_bad_values_are_all_reported() {
         let bad = GOOD.replace("tables = [\"public.citizens\"]", "tables = []\nwal = 1");
         assert!(toml::from_str::<AgentConfig>(&bad).unwrap_err().to_string().contains("unknown field"));
-        let bad = GOOD.replace("tables = [\"public.citizens\"]", "tables = []").replace("hcm-population", "HCM").replace("http://", "tcp://");
+        let bad = GOOD
+            .replace("tables = [\"public.citizens\"]", "tables = []")
+            .replace("hcm-population", "HCM")
+            .replace("http://", "tcp://");
         let c: AgentConfig = toml::from_str(&bad).unwrap();
         let problems = c.validate();
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c: AgentConfig = toml::from_str(include_str!("../../deploy/examples/agent.toml")).unwrap();
+        assert_eq!(c.validate(), Vec::<String>::new());
     }
 }

@@ -8,11 +8,11 @@
 //! acknowledged it durable in the NDC. Every change carries a seq that is never reused, and the hub
 //! applies each seq at most once, so the whole path is exactly-once in effect.
 //!
-//! - [`config`]: `agent.toml`.
-//! - [`spool`]: the sled spool.
-//! - [`capture`]: source → spool.
-//! - [`ship`]: spool → hub (gRPC).
-//! - [`check`]: plain-words diagnosis for provincial IT.
+//! - [`config`] — `agent.toml`.
+//! - [`spool`] — the sled spool.
+//! - [`capture`] — source → spool.
+//! - [`ship`] — spool → hub (gRPC).
+//! - [`check`] — plain-words diagnosis for provincial IT.
 
 pub mod capture;
 pub mod check;
@@ -47,9 +47,15 @@ pub enum AgentError {
 pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let spool = Arc::new(Spool::open(&config.spool.path, config.spool.max_bytes)?);
     info!(source_id = %config.source_id, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "agent starting");
-    let shipper = tokio::spawn(ship::run(config.source_id.clone(), config.hub.clone(), spool.clone(), shutdown.clone()));
+    let shipper =
+        tokio::spawn(ship::run(config.source_id.clone(), config.hub.clone(), spool.clone(), shutdown.clone()));
     let SourceConfig::Postgres(pg) = &config.source;
-    let capture = Capture::new(&config.source_id, &spool, config.spool.batch_max_changes, Duration::from_millis(config.spool.batch_max_wait_ms));
+    let capture = Capture::new(
+        &config.source_id,
+        &spool,
+        config.spool.batch_max_changes,
+        Duration::from_millis(config.spool.batch_max_wait_ms),
+    );
     let mut backoff = ExponentialBackoffBuilder::new()
         .with_initial_interval(Duration::from_millis(500))
         .with_max_interval(Duration::from_secs(30))

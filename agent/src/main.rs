@@ -8,7 +8,11 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "dongbo-agent", version, about = "Captures changes beside a local database and ships them to the dongbo hub")]
+#[command(
+    name = "dongbo-agent",
+    version,
+    about = "Captures changes beside a local database and ships them to the dongbo hub"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -43,7 +43,12 @@ pub enum ShipError {
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
 /// Ships the spool to the hub until `shutdown` turns true.
-pub async fn run(source_id: String, link: HubLinkConfig, spool: Arc<Spool>, mut shutdown: watch::Receiver<bool>) -> Result<(), SpoolError> {
+pub async fn run(
+    source_id: String,
+    link: HubLinkConfig,
+    spool: Arc<Spool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SpoolError> {
     let token = link.resolve_token().unwrap_or_else(|e| {
         warn!(error = %e, "cannot read hub.token_file; connecting without a token");
         String::new()
@@ -94,7 +99,9 @@ pub async fn open_stream(
     token: &str,
 ) -> Result<(u64, mpsc::Sender<AgentMessage>, tonic::Streaming<dongbo_proto::v1::HubMessage>), ShipError> {
     let channel = connect(&link.url).await?;
-    let mut client = IngestClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client = IngestClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     if link.compress {
         client = client.send_compressed(CompressionEncoding::Zstd);
     }
@@ -108,7 +115,8 @@ pub async fn open_stream(
     };
     tx.send(hello).await.map_err(|_| ShipError::Protocol("stream closed before Hello".into()))?;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let bearer = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| ShipError::Protocol("hub token has characters not allowed in a header".into()))?;
+    let bearer = MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| ShipError::Protocol("hub token has characters not allowed in a header".into()))?;
     request.metadata_mut().insert("authorization", bearer);
     let mut inbound = client.stream(request).await?.into_inner();
     match inbound.message().await?.and_then(|m| m.kind) {

@@ -124,7 +124,12 @@ impl Spool {
     }
 
     /// Durably stores a batch (if any) with the resume point that includes it. Returns once flushed.
-    pub async fn append(&self, batch: Option<SpooledBatch>, resume: &ResumePoint, next_seq: u64) -> Result<(), SpoolError> {
+    pub async fn append(
+        &self,
+        batch: Option<SpooledBatch>,
+        resume: &ResumePoint,
+        next_seq: u64,
+    ) -> Result<(), SpoolError> {
         let mut b = sled::Batch::default();
         let mut added = 0;
         if let Some(batch) = &batch {
@@ -232,7 +237,10 @@ mod tests {
         assert_eq!(s.batch_count(), 2);
         let first = s.next_seq().unwrap() - 20;
         let all = s.batches_after(0, 10).unwrap();
-        assert_eq!(all.iter().map(|b| (b.first_seq, b.last_seq)).collect::<Vec<_>>(), vec![(first, first + 9), (first + 10, first + 19)]);
+        assert_eq!(
+            all.iter().map(|b| (b.first_seq, b.last_seq)).collect::<Vec<_>>(),
+            vec![(first, first + 9), (first + 10, first + 19)]
+        );
         assert_eq!(s.batches_after(first, 10).unwrap().len(), 1);
         s.ack(first + 9).unwrap();
         assert_eq!(s.batch_count(), 1);

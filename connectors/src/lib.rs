@@ -7,10 +7,11 @@
 //! the [`postgres::ResumePoint`] it stored atomically with the spooled changes, which makes the spool
 //! exactly-once.
 //!
-//! - [`model`]: the domain types (`Value`, `Row`, `TableSchema`, `ChangeEvent`, `Lsn`).
-//! - [`wire`]: conversion between the domain types and the `dongbo.v1` protobuf contract.
-//! - [`postgres`]: the Postgres source (pgoutput logical replication and a consistent snapshot).
+//! - [`model`] — the domain types (`Value`, `Row`, `TableSchema`, `ChangeEvent`, `Lsn`).
+//! - [`wire`] — conversion between the domain types and the `dongbo.v1` protobuf contract.
+//! - [`postgres`] — the Postgres source (pgoutput logical replication and a consistent snapshot).
 
+pub mod config_file;
 pub mod error;
 pub mod model;
 pub mod postgres;

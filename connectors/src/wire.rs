@@ -58,7 +58,9 @@ pub fn batch_to_proto(batch: &ChangeBatch) -> pb::ChangeBatch {
                 before: row_to_proto(c.before.as_ref()),
                 after: row_to_proto(c.after.as_ref()),
                 position: Some(match c.position {
-                    Position::Postgres(lsn) => pb::SourcePosition { kind: Some(pb::source_position::Kind::PgLsn(lsn.0)) },
+                    Position::Postgres(lsn) => {
+                        pb::SourcePosition { kind: Some(pb::source_position::Kind::PgLsn(lsn.0)) }
+                    }
                 }),
                 commit_time_us: c.commit_time_us,
                 txid: c.txid,
@@ -121,7 +123,9 @@ pub fn value_to_proto(v: &Value) -> pb::Value {
         Value::Json(s) => K::Json(s.clone()),
         Value::Uuid(s) => K::Uuid(s.clone()),
         Value::Array(items) => K::Array(pb::ArrayValue { elements: items.iter().map(value_to_proto).collect() }),
-        Value::Other { type_name, text } => K::Other(pb::OtherValue { type_name: type_name.clone(), text: text.clone() }),
+        Value::Other { type_name, text } => {
+            K::Other(pb::OtherValue { type_name: type_name.clone(), text: text.clone() })
+        }
     };
     pb::Value { kind: Some(kind) }
 }
@@ -167,7 +171,10 @@ impl TryFrom<pb::TableSchema> for TableSchema {
             return Err(malformed(format!("schema of {}.{} names key column {k} past its columns", t.schema, t.name)));
         }
         if let Some(c) = s.columns.iter().find(|c| c.name.is_empty() || c.type_name.is_empty()) {
-            return Err(malformed(format!("schema of {}.{} has a column without name or type ({c:?})", t.schema, t.name)));
+            return Err(malformed(format!(
+                "schema of {}.{} has a column without name or type ({c:?})",
+                t.schema, t.name
+            )));
         }
         let columns = s
             .columns
@@ -180,7 +187,10 @@ impl TryFrom<pb::TableSchema> for TableSchema {
             s.key_columns.into_iter().map(|k| k as usize).collect(),
         );
         if schema.version != s.version {
-            return Err(malformed(format!("schema of {} carries version {} but its shape digests to {}", schema.table, s.version, schema.version)));
+            return Err(malformed(format!(
+                "schema of {} carries version {} but its shape digests to {}",
+                schema.table, s.version, schema.version
+            )));
         }
         Ok(schema)
     }
@@ -210,10 +220,9 @@ impl TryFrom<pb::ChangeBatch> for ChangeBatch {
                 return Err(malformed(format!("change seq {seq} is zero or not above the previous one")));
             }
             prev_seq = Some(seq);
-            let table = schemas
-                .get(c.schema_index as usize)
-                .cloned()
-                .ok_or_else(|| malformed(format!("change {seq} references schema {} of {}", c.schema_index, schemas.len())))?;
+            let table = schemas.get(c.schema_index as usize).cloned().ok_or_else(|| {
+                malformed(format!("change {seq} references schema {} of {}", c.schema_index, schemas.len()))
+            })?;
             let op = match pb::Operation::try_from(c.op) {
                 Ok(pb::Operation::Insert) => Operation::Insert,
                 Ok(pb::Operation::Update) => Operation::Update,

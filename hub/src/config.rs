@@ -155,45 +155,19 @@ impl Default for ApplyConfig {
     }
 }
 
-/// The config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML does not parse or has unknown fields.
-    #[error("config {path} is not valid: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's explanation.
-        message: String,
-    },
-    /// Values are out of range; every problem is listed.
-    #[error("config has problems:\n  - {}", .0.join("\n  - "))]
-    Invalid(Vec<String>),
-}
+pub use dongbo_connectors::config_file::ConfigError;
+use dongbo_connectors::config_file::Validate;
 
 impl HubConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: HubConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        dongbo_connectors::config_file::load(path)
     }
+}
 
+impl Validate for HubConfig {
     /// Every problem at once, without I/O.
-    pub fn validate(&self) -> Vec<String> {
+    fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!("listen {:?} is not host:port", self.listen));
@@ -210,13 +184,56 @@ impl HubConfig {
                 p.push(format!("agent {}: token_sha256 must be 64 hex digits", a.id));
             }
             let schema = a.schema();
-            if !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') || schema.is_empty() || schema == "dongbo" {
-                p.push(format!("agent {}: target schema {schema:?} must be lowercase letters, digits and _ (and not dongbo)", a.id));
+            if !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                || schema.is_empty()
+                || schema == "dongbo"
+            {
+                p.push(format!(
+                    "agent {}: target schema {schema:?} must be lowercase letters, digits and _ (and not dongbo)",
+                    a.id
+                ));
             }
         }
         if self.apply.max_changes_per_txn == 0 {
             p.push("apply.max_changes_per_txn must be at least 1".into());
         }
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c: HubConfig = toml::from_str(include_str!("../../deploy/examples/hub.toml")).unwrap();
+        assert_eq!(c.validate(), Vec::<String>::new());
+        assert!(c.agents[0].accepts("test"), "the example hash is sha256(\"test\")");
+        assert!(!c.agents[0].accepts("tset"));
+        assert!(c.agents[0].allows("public.citizens") && !c.agents[0].allows("public.secrets"));
+    }
+
+    #[test]
+    fn problems_are_listed_together_and_secrets_stay_out_of_debug() {
+        let text = r#"
+listen = "nowhere"
+[ndc]
+host = "h"
+database = "ndc"
+user = "u"
+password = "hunter2"
+[[agents]]
+id = "a"
+[[agents]]
+id = "a"
+token = "t0ps3cret"
+target_schema = "dongbo"
+"#;
+        let c: HubConfig = toml::from_str(text).unwrap();
+        let problems = c.validate();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("t0ps3cret"), "{dbg}");
     }
 }

@@ -51,12 +51,11 @@ impl IngestService {
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        self.config
-            .agents
-            .iter()
-            .find(|a| a.accepts(token))
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown agent token: check hub.token in the agent config and the hub's agents list"))
+        self.config.agents.iter().find(|a| a.accepts(token)).cloned().ok_or_else(|| {
+            Status::unauthenticated(
+                "unknown agent token: check hub.token in the agent config and the hub's agents list",
+            )
+        })
     }
 }
 
@@ -85,7 +84,10 @@ impl Ingest for IngestService {
             return Err(Status::invalid_argument("the first message on an ingest stream must be Hello"));
         };
         if hello.source_id != acl.id {
-            return Err(Status::permission_denied(format!("this token belongs to agent {}, not {}", acl.id, hello.source_id)));
+            return Err(Status::permission_denied(format!(
+                "this token belongs to agent {}, not {}",
+                acl.id, hello.source_id
+            )));
         }
         if hello.protocol_version != dongbo_proto::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
@@ -144,7 +146,8 @@ impl Ingest for IngestService {
                 }
                 match applier.apply(&batches).await {
                     Ok(outcome) => {
-                        let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq: outcome.applied_seq })) };
+                        let ack =
+                            HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq: outcome.applied_seq })) };
                         if out_tx.send(Ok(ack)).await.is_err() {
                             break;
                         }
@@ -169,7 +172,10 @@ fn decode(source_id: &str, msg: AgentMessage) -> Result<ChangeBatch, Status> {
     };
     let batch = wire::decode_batch(&spooled.change_batch).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if batch.source_id != source_id {
-        return Err(Status::permission_denied(format!("batch claims source {} on the stream of {source_id}", batch.source_id)));
+        return Err(Status::permission_denied(format!(
+            "batch claims source {} on the stream of {source_id}",
+            batch.source_id
+        )));
     }
     if batch.changes.is_empty() || batch.first_seq() != spooled.first_seq || batch.last_seq() != spooled.last_seq {
         return Err(Status::invalid_argument(format!(

@@ -6,9 +6,9 @@
 //! quarantine) committed together with the source's new position (`dongbo.applied_position`). Changes
 //! at or below that position are skipped, so replays after any crash change nothing.
 //!
-//! - [`config`]: `hub.toml`.
-//! - [`ingest`]: the gRPC service agents stream to.
-//! - [`apply`]: planning and applying changes in the NDC, quarantine.
+//! - [`config`] — `hub.toml`.
+//! - [`ingest`] — the gRPC service agents stream to.
+//! - [`apply`] — planning and applying changes in the NDC, quarantine.
 
 pub mod apply;
 pub mod config;
@@ -41,7 +41,11 @@ pub enum HubError {
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
 /// Prepares the NDC and serves agents on `listener` until `shutdown` completes.
-pub async fn run(config: HubConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), HubError> {
+pub async fn run(
+    config: HubConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), HubError> {
     let client = apply::connect(&config.ndc).await?;
     apply::bootstrap(&client).await?;
     drop(client);

@@ -40,7 +40,9 @@ async fn main() -> anyhow::Result<()> {
                 builder.init();
             }
             let config = dongbo_hub::config::HubConfig::load(&config)?;
-            let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
             dongbo_hub::run(config, listener, shutdown_signal()).await.context("dongbo-hub stopped")?;
             Ok(())
         }

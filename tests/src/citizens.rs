@@ -50,20 +50,32 @@ pub fn communes() -> &'static [Commune] {
     static LIST: OnceLock<Vec<Commune>> = OnceLock::new();
     LIST.get_or_init(|| {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/admin-units/communes_2025.csv");
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}; shared/ must sit beside the repo"));
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("cannot read {path}: {e}; shared/ must sit beside the repo"));
         text.lines()
             .skip(1)
             .filter_map(|l| {
                 let f: Vec<&str> = l.split(',').collect();
-                (f.len() >= 4).then(|| Commune { province: f[0].into(), province_name: f[1].into(), code: f[2].into(), name: f[3].into() })
+                (f.len() >= 4).then(|| Commune {
+                    province: f[0].into(),
+                    province_name: f[1].into(),
+                    code: f[2].into(),
+                    name: f[3].into(),
+                })
             })
             .collect()
     })
 }
 
-const FAMILY: &[&str] = &["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi", "Đỗ", "Hồ", "Ngô", "Dương", "Lý"];
+const FAMILY: &[&str] = &[
+    "Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi", "Đỗ", "Hồ", "Ngô", "Dương",
+    "Lý",
+];
 const MIDDLE: &[&str] = &["Văn", "Thị", "Hữu", "Đức", "Ngọc", "Minh", "Thanh", "Quốc", "Gia", "Bảo"];
-const GIVEN: &[&str] = &["An", "Bình", "Châu", "Dũng", "Giang", "Hà", "Hùng", "Khánh", "Linh", "Mai", "Nam", "Phương", "Quân", "Thảo", "Trang", "Tuấn", "Vy", "Yến"];
+const GIVEN: &[&str] = &[
+    "An", "Bình", "Châu", "Dũng", "Giang", "Hà", "Hùng", "Khánh", "Linh", "Mai", "Nam", "Phương", "Quân", "Thảo",
+    "Trang", "Tuấn", "Vy", "Yến",
+];
 const STREETS: &[&str] = &["Lê Lợi", "Trần Hưng Đạo", "Nguyễn Huệ", "Hai Bà Trưng", "Lý Thường Kiệt", "Điện Biên Phủ"];
 
 /// Deterministic generator of citizens.
@@ -95,7 +107,13 @@ impl CitizenGen {
 
     /// An address in `commune`.
     pub fn address(&mut self, c: &Commune) -> String {
-        format!("Số {} {}, {}, {}", self.rng.gen_range(1..400), STREETS[self.rng.gen_range(0..STREETS.len())], c.name, c.province_name)
+        format!(
+            "Số {} {}, {}, {}",
+            self.rng.gen_range(1..400),
+            STREETS[self.rng.gen_range(0..STREETS.len())],
+            c.name,
+            c.province_name
+        )
     }
 
     /// A full name.
@@ -135,14 +153,14 @@ pub async fn insert_citizens(client: &Client, gen: &mut CitizenGen, n: usize) ->
                 g = i % 2,
                 p = c.province,
                 code = c.code,
-                u = format!("00000000-0000-4000-8000-{i:012}"),
+                u = format_args!("00000000-0000-4000-8000-{i:012}"),
                 inc = i % 100000,
                 cents = i % 100,
                 score = (i as f64) / 7.0,
-                act = i % 3 != 0,
+                act = !i.is_multiple_of(3),
                 photo = i,
-                tag = if i % 5 == 0 { "NULL".to_string() } else { format!("'nhóm \"{}\"'", i % 7) },
-                note = if i % 11 == 0 { "NULL".to_string() } else { format!("'ghi chú {i}'") },
+                tag = if i.is_multiple_of(5) { "NULL".to_string() } else { format!("'nhóm \"{}\"'", i % 7) },
+                note = if i.is_multiple_of(11) { "NULL".to_string() } else { format!("'ghi chú {i}'") },
             ));
             ids.push(id);
         }

@@ -86,7 +86,11 @@ impl Deployment {
         );
         let path = self.dir.join("hub.toml");
         std::fs::write(&path, config)?;
-        let p = DongboProcess::spawn("dongbo-hub", &["serve", "--config", &path.to_string_lossy()], &self.dir.join("hub.log"))?;
+        let p = DongboProcess::spawn(
+            "dongbo-hub",
+            &["serve", "--config", &path.to_string_lossy()],
+            &self.dir.join("hub.log"),
+        )?;
         self.hub = Some(p);
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(("127.0.0.1", self.hub_port)).await.is_err() {
@@ -129,7 +133,11 @@ impl Deployment {
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
         let path = self.dir.join("agent.toml");
         std::fs::write(&path, self.agent_config())?;
-        self.agent = Some(DongboProcess::spawn("dongbo-agent", &["run", "--config", &path.to_string_lossy()], &self.dir.join("agent.log"))?);
+        self.agent = Some(DongboProcess::spawn(
+            "dongbo-agent",
+            &["run", "--config", &path.to_string_lossy()],
+            &self.dir.join("agent.log"),
+        )?);
         Ok(())
     }
 
@@ -145,7 +153,9 @@ impl Deployment {
         let src = self.source().await?;
         let ndc = self.ndc().await?;
         let ndc_table = format!("{}.{table}", self.ndc_schema());
-        let digest = |t: &str| format!("SELECT count(*)::text || ':' || coalesce(md5(string_agg(x::text, E'\\n' ORDER BY {key})), '') FROM {t} x");
+        let digest = |t: &str| {
+            format!("SELECT count(*)::text || ':' || coalesce(md5(string_agg(x::text, E'\\n' ORDER BY {key})), '') FROM {t} x")
+        };
         let deadline = Instant::now() + timeout;
         loop {
             let a: String = src.query_one(&digest(table), &[]).await?.get(0);

@@ -34,10 +34,14 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect()
+        })
         .unwrap_or_default();
     versions.sort();
-    versions.pop().context("no PostgreSQL server binaries: install postgresql (run ./deploy/install-deps.sh) or set PG_BIN")
+    versions
+        .pop()
+        .context("no PostgreSQL server binaries: install postgresql (run ./deploy/install-deps.sh) or set PG_BIN")
 }
 
 fn run(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -65,12 +69,16 @@ impl PgCluster {
     /// Creates and starts a cluster named `name`.
     pub fn start(name: &str) -> anyhow::Result<Self> {
         let bin = bin_dir()?;
-        let dir = std::env::temp_dir().join(format!("dongbo-pg-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+        let dir =
+            std::env::temp_dir().join(format!("dongbo-pg-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
         std::fs::create_dir_all(&dir)?;
         if is_root() {
             let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status()?.success();
             if !ok {
-                bail!("cannot chown {} to postgres: is the postgres user there? (./deploy/install-deps.sh creates it)", dir.display());
+                bail!(
+                    "cannot chown {} to postgres: is the postgres user there? (./deploy/install-deps.sh creates it)",
+                    dir.display()
+                );
             }
         }
         let data = dir.join("data");
@@ -80,7 +88,23 @@ impl PgCluster {
         if is_root() {
             Command::new("chown").args(["postgres:postgres"]).arg(&pwfile).status()?;
         }
-        run(&bin, "initdb", &["-D", &data_s, "-U", "postgres", "-E", "UTF8", "--no-locale", "--auth-local=trust", "--auth-host=scram-sha-256", "--pwfile", &pwfile.to_string_lossy()])?;
+        run(
+            &bin,
+            "initdb",
+            &[
+                "-D",
+                &data_s,
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--pwfile",
+                &pwfile.to_string_lossy(),
+            ],
+        )?;
         let port = free_port();
         let conf = format!(
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\n\
@@ -101,7 +125,8 @@ impl PgCluster {
     pub async fn connect(&self, database: &str) -> anyhow::Result<Client> {
         let mut c = tokio_postgres::Config::new();
         c.host_path(&self.dir).port(self.port).user("postgres").dbname(database);
-        let (client, conn) = c.connect(NoTls).await.with_context(|| format!("connect to {database} on port {}", self.port))?;
+        let (client, conn) =
+            c.connect(NoTls).await.with_context(|| format!("connect to {database} on port {}", self.port))?;
         tokio::spawn(conn);
         Ok(client)
     }

@@ -5,13 +5,23 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
 
-/// Path of a workspace binary, next to the test executable's directory (`target/<profile>/`).
+/// Path of a workspace binary in `target/<profile>/`: beside this executable (the benchmark) or one
+/// level up (test executables live in `target/<profile>/deps/`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("test executable has no parent directory")?;
-    let path = dir.join(name);
-    anyhow::ensure!(path.exists(), "{} is not built: run `cargo build --bins` first (tests/run-all.sh does)", path.display());
-    Ok(path)
+    let dir = exe.parent().context("executable has no parent directory")?;
+    for candidate in [Some(dir.join(name)), dir.parent().map(|p| p.join(name))].into_iter().flatten() {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    anyhow::bail!("{name} is not built next to {}: run `cargo build --bins` (or --release) first", dir.display())
+}
+
+/// Peak resident memory of a process in KiB (VmHWM), if it is running.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A running dongbo process; killed with SIGKILL on drop.
@@ -52,12 +62,17 @@ impl DongboProcess {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it is still running.
     pub fn is_running(&self) -> bool {
         // /proc tells without reaping, so a shared reference is enough; a zombie has exited.
         self.child.as_ref().is_some_and(|c| {
             std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
-                .map(|s| !s.split_whitespace().nth(2).is_some_and(|state| state == "Z"))
+                .map(|s| s.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
                 .unwrap_or(false)
         })
     }

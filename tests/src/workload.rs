@@ -7,7 +7,8 @@ use crate::citizens::{communes, insert_citizens, move_citizen, CitizenGen};
 
 /// Inserts `n` rows in ONE transaction, built in SQL (every type, NULLs, diacritics, odd array text).
 pub async fn big_insert_txn(client: &Client, first: u64, n: u64) -> anyhow::Result<u64> {
-    let picks: Vec<String> = communes().iter().step_by(97).take(20).map(|c| format!("'{}:{}'", c.province, c.code)).collect();
+    let picks: Vec<String> =
+        communes().iter().step_by(97).take(20).map(|c| format!("'{}:{}'", c.province, c.code)).collect();
     let sql = format!(
         "WITH picks AS (SELECT ARRAY[{picks}] AS a)
          INSERT INTO citizens (citizen_id, full_name, birth_date, gender, province_code, commune_code, address, residence_kind,
@@ -27,7 +28,12 @@ pub async fn big_insert_txn(client: &Client, first: u64, n: u64) -> anyhow::Resu
 
 /// A mixed run of small transactions over `ids`: inserts, residence moves, key changes and deletes.
 /// Returns the row changes made. `ids` is kept up to date.
-pub async fn mixed_small_txns(client: &Client, gen: &mut CitizenGen, ids: &mut Vec<String>, rounds: usize) -> anyhow::Result<u64> {
+pub async fn mixed_small_txns(
+    client: &Client,
+    gen: &mut CitizenGen,
+    ids: &mut Vec<String>,
+    rounds: usize,
+) -> anyhow::Result<u64> {
     let mut changes = 0;
     for round in 0..rounds {
         let new = insert_citizens(client, gen, 20).await?;

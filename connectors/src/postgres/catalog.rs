@@ -104,9 +104,10 @@ fn key_indexes(table: &TableId, columns: &[Column], key: &[String]) -> Result<Ve
     }
     key.iter()
         .map(|k| {
-            columns.iter().position(|c| &c.name == k).ok_or_else(|| {
-                SourceError::Prerequisite(format!("primary key column {k} of {table} is not published"))
-            })
+            columns
+                .iter()
+                .position(|c| &c.name == k)
+                .ok_or_else(|| SourceError::Prerequisite(format!("primary key column {k} of {table} is not published")))
         })
         .collect()
 }

@@ -69,9 +69,8 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
             format!("is {wal_level}; set wal_level = logical in postgresql.conf and restart the server"),
         );
     }
-    let row = client
-        .query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
-        .await?;
+    let row =
+        client.query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[]).await?;
     if row.get::<_, bool>(0) {
         r.ok(format!("role {} may replicate", config.user));
     } else {
@@ -99,16 +98,20 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
             Err(SourceError::Prerequisite(p)) => r.problem(format!("table {table}"), p),
             Err(e) => return Err(e),
             Ok(Some(found)) => {
-                let can_read: bool = client
-                    .query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&found.oid])
-                    .await?
-                    .get(0);
+                let can_read: bool =
+                    client.query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&found.oid]).await?.get(0);
                 if !can_read {
-                    r.problem(format!("table {table}"), format!("role {} cannot SELECT from it; GRANT SELECT ON {table} TO it", config.user));
+                    r.problem(
+                        format!("table {table}"),
+                        format!("role {} cannot SELECT from it; GRANT SELECT ON {table} TO it", config.user),
+                    );
                 } else if found.replica_identity == 'n' {
-                    r.problem(format!("table {table}"), format!("has REPLICA IDENTITY NOTHING; run ALTER TABLE {table} REPLICA IDENTITY DEFAULT"));
+                    r.problem(
+                        format!("table {table}"),
+                        format!("has REPLICA IDENTITY NOTHING; run ALTER TABLE {table} REPLICA IDENTITY DEFAULT"),
+                    );
                 } else {
-                    r.ok(format!("table {table} has a primary key and is readable (~{} rows)", found.estimated_rows));
+                    r.ok(format!("table {table} has a primary key and is readable"));
                 }
             }
         }
@@ -118,10 +121,15 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
         None if config.create_publication => r.ok(format!("publication {} will be created", config.publication)),
         None => r.problem(
             format!("publication {}", config.publication),
-            format!("does not exist; create it with CREATE PUBLICATION {} FOR TABLE ... or set create_publication = true", config.publication),
+            format!(
+                "does not exist; create it with CREATE PUBLICATION {} FOR TABLE ... or set create_publication = true",
+                config.publication
+            ),
         ),
         Some(m) if m.is_empty() => r.ok(format!("publication {} covers every table", config.publication)),
-        Some(m) if config.create_publication => r.ok(format!("publication {} will get tables {}", config.publication, m.join(", "))),
+        Some(m) if config.create_publication => {
+            r.ok(format!("publication {} will get tables {}", config.publication, m.join(", ")))
+        }
         Some(m) => r.problem(
             format!("publication {}", config.publication),
             format!("lacks tables {}; ALTER PUBLICATION {} ADD TABLE ...", m.join(", "), config.publication),
@@ -131,10 +139,12 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
 }
 
 /// `None` if the publication does not exist, else the configured tables it lacks.
-async fn missing_from_publication(client: &Client, config: &PostgresConfig) -> Result<Option<Vec<String>>, SourceError> {
-    let Some(row) = client
-        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&config.publication])
-        .await?
+async fn missing_from_publication(
+    client: &Client,
+    config: &PostgresConfig,
+) -> Result<Option<Vec<String>>, SourceError> {
+    let Some(row) =
+        client.query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&config.publication]).await?
     else {
         return Ok(None);
     };
@@ -144,7 +154,10 @@ async fn missing_from_publication(client: &Client, config: &PostgresConfig) -> R
     let mut missing = Vec::new();
     for t in config.table_ids() {
         let present = client
-            .query_opt("SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3", &[&config.publication, &t.schema, &t.name])
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&config.publication, &t.schema, &t.name],
+            )
             .await?
             .is_some();
         if !present {
@@ -165,12 +178,24 @@ pub async fn ensure_publication(client: &Client, config: &PostgresConfig) -> Res
         ))),
         None => {
             let tables: Vec<String> = config.table_ids().iter().map(qualified).collect();
-            client.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&config.publication), tables.join(", "))).await?;
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_ident(&config.publication),
+                    tables.join(", ")
+                ))
+                .await?;
             Ok(())
         }
         Some(missing) => {
             for t in missing.iter().filter_map(|m| crate::model::TableId::parse(m)) {
-                client.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&config.publication), qualified(&t))).await?;
+                client
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION {} ADD TABLE {}",
+                        quote_ident(&config.publication),
+                        qualified(&t)
+                    ))
+                    .await?;
             }
             Ok(())
         }

@@ -95,7 +95,8 @@ impl PostgresConfig {
         if self.password.is_some() && self.password_file.is_some() {
             problems.push("set source.password or source.password_file, not both".into());
         }
-        let ident_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        let ident_ok =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !ident_ok(&self.slot) {
             problems.push(format!("source.slot {:?} must be lowercase letters, digits and _", self.slot));
         }

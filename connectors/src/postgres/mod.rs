@@ -141,7 +141,10 @@ impl PostgresSource {
         let mut repl = ReplicationConnection::connect(&params).await?;
         let phase = if resume.snapshot_done {
             let slot = client
-                .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()", &[&config.slot])
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+                    &[&config.slot],
+                )
                 .await?;
             if slot.is_none() {
                 return Err(SourceError::Prerequisite(format!(
@@ -165,8 +168,14 @@ impl PostgresSource {
             let rows = repl
                 .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT", config.slot))
                 .await?;
-            let row = rows.first().ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
-            let field = |i: usize| row.get(i).cloned().flatten().ok_or_else(|| SourceError::Protocol("short CREATE_REPLICATION_SLOT row".into()));
+            let row =
+                rows.first().ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+            let field = |i: usize| {
+                row.get(i)
+                    .cloned()
+                    .flatten()
+                    .ok_or_else(|| SourceError::Protocol("short CREATE_REPLICATION_SLOT row".into()))
+            };
             let consistent_point: Lsn = field(1)?.parse().map_err(SourceError::Protocol)?;
             let snapshot_name = field(2)?;
             client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
@@ -282,7 +291,8 @@ impl PostgresSource {
                 }
             }
             PgOutput::Relation { relid, namespace, name, columns } => {
-                let schema = catalog::relation_schema(&self.client, relid, TableId::new(namespace, name), &columns).await?;
+                let schema =
+                    catalog::relation_schema(&self.client, relid, TableId::new(namespace, name), &columns).await?;
                 if let Some(old) = self.relations.get(&relid) {
                     if old.version != schema.version {
                         info!(table = %schema.table, "table shape changed at the source");
@@ -327,7 +337,14 @@ impl PostgresSource {
             .ok_or_else(|| SourceError::Protocol(format!("change for relation {relid} before its Relation message")))
     }
 
-    fn push_change(&mut self, table: Arc<TableSchema>, op: Operation, key: Row, before: Option<Row>, after: Option<Row>) {
+    fn push_change(
+        &mut self,
+        table: Arc<TableSchema>,
+        op: Operation,
+        key: Row,
+        before: Option<Row>,
+        after: Option<Row>,
+    ) {
         let Some(txn) = self.txn.as_mut() else {
             warn!("change outside a transaction ignored");
             return;

@@ -128,7 +128,12 @@ fn tuple(buf: &mut Bytes, what: &str) -> Result<Vec<TupleValue>, SourceError> {
                 need(buf, len, what)?;
                 TupleValue::Text(buf.split_to(len))
             }
-            other => return Err(SourceError::Protocol(format!("tuple value kind {:?} (binary mode is not requested)", other as char))),
+            other => {
+                return Err(SourceError::Protocol(format!(
+                    "tuple value kind {:?} (binary mode is not requested)",
+                    other as char
+                )))
+            }
         });
     }
     Ok(values)
@@ -166,7 +171,12 @@ pub fn decode(mut buf: Bytes) -> Result<PgOutput, SourceError> {
                 let flags = buf.get_u8();
                 let name = cstring(&mut buf, "Relation")?;
                 need(&buf, 8, "Relation")?;
-                columns.push(RelationColumn { is_key: flags & 1 == 1, name, type_oid: buf.get_u32(), type_mod: buf.get_i32() });
+                columns.push(RelationColumn {
+                    is_key: flags & 1 == 1,
+                    name,
+                    type_oid: buf.get_u32(),
+                    type_mod: buf.get_i32(),
+                });
             }
             // An empty namespace means pg_catalog.
             let namespace = if namespace.is_empty() { "pg_catalog".into() } else { namespace };
@@ -241,7 +251,10 @@ mod tests {
         b.put_u64(0x100);
         b.put_i64(0);
         b.put_u32(7);
-        assert_eq!(decode(b.freeze()).unwrap(), PgOutput::Begin { final_lsn: Lsn(0x100), commit_time_us: PG_EPOCH_OFFSET_US, xid: 7 });
+        assert_eq!(
+            decode(b.freeze()).unwrap(),
+            PgOutput::Begin { final_lsn: Lsn(0x100), commit_time_us: PG_EPOCH_OFFSET_US, xid: 7 }
+        );
         let mut b = BytesMut::new();
         b.put_u8(b'C');
         b.put_u8(0);

@@ -51,7 +51,10 @@ impl Decoder for PgCodec {
         }
         let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize;
         if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("backend message length {len} out of range")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("backend message length {len} out of range"),
+            ));
         }
         if src.len() < len + 1 {
             src.reserve(len + 1 - src.len());
@@ -145,12 +148,17 @@ impl ReplicationConnection {
     async fn recv(&mut self) -> Result<BackendMessage, SourceError> {
         match self.framed.next().await {
             Some(m) => Ok(m?),
-            None => Err(SourceError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source server closed the replication connection"))),
+            None => Err(SourceError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the source server closed the replication connection",
+            ))),
         }
     }
 
     async fn authenticate(&mut self, p: &ConnectParams<'_>) -> Result<(), SourceError> {
-        let password = || p.password.ok_or_else(|| SourceError::Auth("the server asks for a password and none is configured".into()));
+        let password = || {
+            p.password.ok_or_else(|| SourceError::Auth("the server asks for a password and none is configured".into()))
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let m = self.recv().await?;
@@ -163,26 +171,39 @@ impl ReplicationConnection {
                         0 => return Ok(()),
                         3 => frontend::password_message(password()?.as_bytes(), &mut buf)?,
                         5 => {
-                            let salt: [u8; 4] = body.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| SourceError::Protocol("short md5 salt".into()))?;
-                            let hash = postgres_protocol::authentication::md5_hash(p.user.as_bytes(), password()?.as_bytes(), salt);
+                            let salt: [u8; 4] = body
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| SourceError::Protocol("short md5 salt".into()))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                p.user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
                             frontend::password_message(hash.as_bytes(), &mut buf)?;
                         }
                         10 => {
                             let mechanisms = String::from_utf8_lossy(&body);
                             if !mechanisms.split('\0').any(|m| m == "SCRAM-SHA-256") {
-                                return Err(SourceError::Auth(format!("the server offers only SASL mechanisms {mechanisms:?}")));
+                                return Err(SourceError::Auth(format!(
+                                    "the server offers only SASL mechanisms {mechanisms:?}"
+                                )));
                             }
                             let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                             frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf)?;
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| SourceError::Protocol("SASL continue before SASL start".into()))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| SourceError::Protocol("SASL continue before SASL start".into()))?;
                             s.update(&body).map_err(|e| SourceError::Auth(e.to_string()))?;
                             frontend::sasl_response(s.message(), &mut buf)?;
                         }
                         12 => {
-                            let mut s = scram.take().ok_or_else(|| SourceError::Protocol("SASL final before SASL start".into()))?;
+                            let mut s = scram
+                                .take()
+                                .ok_or_else(|| SourceError::Protocol("SASL final before SASL start".into()))?;
                             s.finish(&body).map_err(|e| SourceError::Auth(e.to_string()))?;
                             continue;
                         }
@@ -191,7 +212,9 @@ impl ReplicationConnection {
                     self.send(buf).await?;
                 }
                 b'E' => return Err(auth_or_server_error(&m.body)),
-                other => return Err(SourceError::Protocol(format!("message {:?} during authentication", other as char))),
+                other => {
+                    return Err(SourceError::Protocol(format!("message {:?} during authentication", other as char)))
+                }
             }
         }
     }
@@ -243,7 +266,12 @@ impl ReplicationConnection {
                 b'W' => return Ok(()),
                 b'E' => return Err(server_error(&m.body)),
                 b'N' => {}
-                other => return Err(SourceError::Protocol(format!("message {:?} instead of CopyBothResponse", other as char))),
+                other => {
+                    return Err(SourceError::Protocol(format!(
+                        "message {:?} instead of CopyBothResponse",
+                        other as char
+                    )))
+                }
             }
         }
     }
@@ -275,7 +303,12 @@ impl ReplicationConnection {
                     }
                 }
                 b'E' => return Err(server_error(&m.body)),
-                b'c' => return Err(SourceError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source server ended replication (CopyDone)"))),
+                b'c' => {
+                    return Err(SourceError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the source server ended replication (CopyDone)",
+                    )))
+                }
                 b'N' => {}
                 other => return Err(SourceError::Protocol(format!("message {:?} while streaming", other as char))),
             }

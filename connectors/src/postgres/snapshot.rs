@@ -49,7 +49,14 @@ impl SnapshotReader {
     /// the exported snapshot.
     pub fn new(tables: Vec<TableId>, consistent_point: Lsn) -> Self {
         let started_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-        Self { tables: tables.into(), current: None, consistent_point, order: 0, started_us, last_progress: Instant::now() }
+        Self {
+            tables: tables.into(),
+            current: None,
+            consistent_point,
+            order: 0,
+            started_us,
+            last_progress: Instant::now(),
+        }
     }
 
     /// Where streaming continues after the snapshot.
@@ -98,13 +105,24 @@ impl SnapshotReader {
                 let rows = Box::pin(client.copy_out(&sql).await?);
                 info!(table = %table, estimated_rows = found.estimated_rows, "snapshot of table started");
                 let schema = Arc::new(found.schema);
-                self.current = Some(TableCopy { schema: schema.clone(), rows, copied: 0, estimated: found.estimated_rows, partial: Vec::new(), lines: VecDeque::new() });
+                self.current = Some(TableCopy {
+                    schema: schema.clone(),
+                    rows,
+                    copied: 0,
+                    estimated: found.estimated_rows,
+                    partial: Vec::new(),
+                    lines: VecDeque::new(),
+                });
                 return Ok(Some(Some(self.event(&schema, Operation::Truncate, None))));
             };
             if let Some(line) = copy.lines.pop_front() {
                 let fields = split_copy_line(&line).map_err(SourceError::Protocol)?;
                 if fields.len() != copy.schema.columns.len() {
-                    return Err(SourceError::Protocol(format!("COPY row of {} has {} fields", copy.schema.table, fields.len())));
+                    return Err(SourceError::Protocol(format!(
+                        "COPY row of {} has {} fields",
+                        copy.schema.table,
+                        fields.len()
+                    )));
                 }
                 let row = fields
                     .into_iter()

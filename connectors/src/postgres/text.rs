@@ -282,7 +282,10 @@ mod tests {
     fn scalars_parse_to_their_types_and_print_back() {
         assert_eq!(parse_value(23, "integer", "-42"), Value::Int(-42));
         assert_eq!(parse_value(16, "boolean", "t"), Value::Bool(true));
-        assert_eq!(parse_value(1700, "numeric", "12345678901234567890.000000001"), Value::Numeric("12345678901234567890.000000001".into()));
+        assert_eq!(
+            parse_value(1700, "numeric", "12345678901234567890.000000001"),
+            Value::Numeric("12345678901234567890.000000001".into())
+        );
         assert_eq!(parse_value(17, "bytea", "\\x00ff"), Value::Bytes(vec![0, 255]));
         assert_eq!(round_trip(701, "0.1"), "0.1");
         assert_eq!(round_trip(701, "-Infinity"), "-Infinity");
@@ -305,7 +308,13 @@ mod tests {
             ])
         );
         let v = parse_value(1007, "integer[]", "{{1,2},{3,4}}");
-        assert_eq!(v, Value::Array(vec![Value::Array(vec![Value::Int(1), Value::Int(2)]), Value::Array(vec![Value::Int(3), Value::Int(4)])]));
+        assert_eq!(
+            v,
+            Value::Array(vec![
+                Value::Array(vec![Value::Int(1), Value::Int(2)]),
+                Value::Array(vec![Value::Int(3), Value::Int(4)])
+            ])
+        );
         assert_eq!(round_trip(1009, r#"{"a\\b","c"}"#), r#"{"a\\b","c"}"#);
         assert_eq!(round_trip(1007, "{}"), "{}");
         // Explicit bounds are kept verbatim rather than lost.

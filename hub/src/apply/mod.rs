@@ -118,7 +118,10 @@ impl NdcApplier {
 
     /// The last seq durable in the NDC for this source.
     pub async fn applied_seq(&self) -> Result<u64, ApplyError> {
-        let row = self.client.query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1", &[&self.acl.id]).await?;
+        let row = self
+            .client
+            .query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1", &[&self.acl.id])
+            .await?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 
@@ -138,7 +141,10 @@ impl NdcApplier {
 
     async fn ensure_target(&mut self, c: &ChangeEvent) -> Result<(), ApplyError> {
         let id = (c.table.table.clone(), c.table.version);
-        if self.targets.contains_key(&id) || self.broken.contains_key(&id) || !self.acl.allows(&c.table.table.to_string()) {
+        if self.targets.contains_key(&id)
+            || self.broken.contains_key(&id)
+            || !self.acl.allows(&c.table.table.to_string())
+        {
             return Ok(());
         }
         let target = Target::new(&self.ndc_schema, &c.table, self.targets.len());
@@ -156,7 +162,6 @@ impl NdcApplier {
         }
         Ok(())
     }
-
 
     async fn apply_txn(&mut self, batches: &[ChangeBatch], one_by_one: bool) -> Result<ApplyOutcome, ApplyError> {
         let last_seq = batches.iter().map(ChangeBatch::last_seq).max().unwrap_or(0);
@@ -190,7 +195,7 @@ impl NdcApplier {
                 let mut plan = Plan::default();
                 plan.add(c);
                 let sp = txn.savepoint("dongbo_change").await?;
-                match execute(&sp, &plan, &targets, &mut used_stages).await {
+                match execute(&sp, &plan, targets, &mut used_stages).await {
                     Ok(()) => {
                         sp.commit().await?;
                         kept.push(c);
@@ -206,7 +211,7 @@ impl NdcApplier {
         } else {
             let mut plan = Plan::default();
             accepted.iter().for_each(|c| plan.add(c));
-            execute(&txn, &plan, &targets, &mut used_stages).await?;
+            execute(&txn, &plan, targets, &mut used_stages).await?;
         }
         for (c, reason) in &quarantine {
             let op = format!("{:?}", c.op).to_lowercase();
@@ -228,7 +233,11 @@ impl NdcApplier {
         )
         .await?;
         txn.commit().await?;
-        Ok(ApplyOutcome { applied_seq: last_seq.max(applied), applied: n_applied as u64, quarantined: n_quarantined as u64 })
+        Ok(ApplyOutcome {
+            applied_seq: last_seq.max(applied),
+            applied: n_applied as u64,
+            quarantined: n_quarantined as u64,
+        })
     }
 }
 
@@ -267,7 +276,8 @@ async fn execute(
                     // Rare (a key change on a row with out-of-line values), so one statement each,
                     // before the old key's row is deleted below.
                     let present: Vec<usize> = (0..row.len()).filter(|&i| row[i] != Value::UnchangedToast).collect();
-                    let params: Vec<Option<String>> = present.iter().map(|&i| &row[i]).chain(old_key.iter()).map(pg_text).collect();
+                    let params: Vec<Option<String>> =
+                        present.iter().map(|&i| &row[i]).chain(old_key.iter()).map(pg_text).collect();
                     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
                     txn.execute(&target.rekey_sql(&present), &refs).await?;
                 }

@@ -172,9 +172,15 @@ mod tests {
         let mut p = Plan::default();
         p.add(&change(&s, Operation::Insert, "a", Some(vec![t("a"), t("big")])));
         p.add(&change(&s, Operation::Update, "a", Some(vec![t("a"), Value::UnchangedToast])));
-        assert_eq!(p.tables[0].ops[&key_text(&[t("a")])], RowOp::Upsert { row: vec![t("a"), t("big")], toast_from: None });
+        assert_eq!(
+            p.tables[0].ops[&key_text(&[t("a")])],
+            RowOp::Upsert { row: vec![t("a"), t("big")], toast_from: None }
+        );
         p.add(&change(&s, Operation::Update, "b", Some(vec![t("b"), Value::UnchangedToast])));
-        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: None });
+        assert_eq!(
+            p.tables[0].ops[&key_text(&[t("b")])],
+            RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: None }
+        );
         p.add(&change(&s, Operation::Truncate, "", None));
         p.add(&change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")])));
         assert!(p.tables[0].truncate);
@@ -187,15 +193,24 @@ mod tests {
         let mut p = Plan::default();
         // Re-keyed with no earlier state in the plan: the NDC's row under "a" holds the value.
         p.add(&change(&s, Operation::Update, "a", Some(vec![t("b"), Value::UnchangedToast])));
-        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) });
+        assert_eq!(
+            p.tables[0].ops[&key_text(&[t("b")])],
+            RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) }
+        );
         // Re-keyed again: still the NDC's row under "a".
         p.add(&change(&s, Operation::Update, "b", Some(vec![t("c"), Value::UnchangedToast])));
-        assert_eq!(p.tables[0].ops[&key_text(&[t("c")])], RowOp::Upsert { row: vec![t("c"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) });
+        assert_eq!(
+            p.tables[0].ops[&key_text(&[t("c")])],
+            RowOp::Upsert { row: vec![t("c"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) }
+        );
         assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Delete(vec![t("b")]));
         // Re-keyed after a full write in the plan: the value comes from the plan.
         p.add(&change(&s, Operation::Insert, "x", Some(vec![t("x"), t("big")])));
         p.add(&change(&s, Operation::Update, "x", Some(vec![t("y"), Value::UnchangedToast])));
-        assert_eq!(p.tables[0].ops[&key_text(&[t("y")])], RowOp::Upsert { row: vec![t("y"), t("big")], toast_from: None });
+        assert_eq!(
+            p.tables[0].ops[&key_text(&[t("y")])],
+            RowOp::Upsert { row: vec![t("y"), t("big")], toast_from: None }
+        );
     }
 
     #[test]

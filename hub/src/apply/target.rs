@@ -52,7 +52,8 @@ impl Target {
 
     /// DDL creating (or widening) the target and (re)creating its staging tables. Idempotent.
     pub fn ddl(&self, ndc_schema: &str, schema: &TableSchema) -> String {
-        let cols: Vec<String> = schema.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), column_type(c))).collect();
+        let cols: Vec<String> =
+            schema.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), column_type(c))).collect();
         let mut sql = format!(
             "CREATE SCHEMA IF NOT EXISTS {};\nCREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}));\n",
             quote_ident(ndc_schema),
@@ -61,7 +62,12 @@ impl Target {
             self.key_columns.join(", ")
         );
         for c in &schema.columns {
-            sql.push_str(&format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {};\n", self.qualified, quote_ident(&c.name), column_type(c)));
+            sql.push_str(&format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {};\n",
+                self.qualified,
+                quote_ident(&c.name),
+                column_type(c)
+            ));
         }
         sql.push_str(&format!(
             "DROP TABLE IF EXISTS pg_temp.{s}; DROP TABLE IF EXISTS pg_temp.{d};\n\
@@ -84,7 +90,8 @@ impl Target {
             .filter(|c| !self.key_columns.iter().any(|k| k == *c))
             .map(|c| format!("{c} = EXCLUDED.{c}"))
             .collect();
-        let action = if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
+        let action =
+            if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
         format!(
             "INSERT INTO {} ({c}) SELECT {c} FROM {} ON CONFLICT ({}) {action}",
             self.qualified,
@@ -117,9 +124,14 @@ impl Target {
                 format!("old.{} = ${n}::text::{}", self.columns[k], self.types[k])
             })
             .collect();
-        let updates: Vec<String> =
-            self.columns.iter().filter(|c| !self.key_columns.contains(c)).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
-        let action = if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
+        let updates: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| !self.key_columns.contains(c))
+            .map(|c| format!("{c} = EXCLUDED.{c}"))
+            .collect();
+        let action =
+            if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
         format!(
             "INSERT INTO {t} ({cols}) SELECT {values} FROM (SELECT 1) AS one LEFT JOIN {t} old ON {on} ON CONFLICT ({keys}) {action}",
             t = self.qualified,

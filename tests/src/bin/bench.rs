@@ -1,1 +1,376 @@
-fn main() {}
+//! `dongbo-bench`: dongbo's figures, each beside the physical floor measured in the same run on the
+//! same machine (only ratios from one run mean anything on a shared, noisy machine).
+//!
+//! 1. capture: a backlog of N inserts then N updates on a citizen table, decoded by `pg_recvlogical`
+//!    (time until `pg_stat_replication.sent_lsn` reaches the end LSN) and captured by the agent into its
+//!    spool (time until its slot's confirmed LSN, which it advances only once spooled, reaches it);
+//!    and the agent's peak resident memory.
+//! 2. end to end: the same backlog through agent → gRPC → hub → NDC, against a staged upsert of the
+//!    same rows (`COPY` into a temp table, `INSERT ... ON CONFLICT`) into the NDC cluster.
+//! 3. latency: commit at the source → row written in the NDC, p50 and p99, at a steady rate.
+//!
+//! Usage: `cargo build --release --bins && target/release/dongbo-bench [--rows N] [--rate R] [--seconds S]`
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use dongbo_tests::pg::{self, PgCluster};
+use dongbo_tests::procs::{binary, peak_rss_kib, DongboProcess};
+use tokio_postgres::Client;
+
+const TABLE: &str = "CREATE TABLE citizens (
+    citizen_id char(12) PRIMARY KEY, full_name text NOT NULL, birth_date date, gender smallint,
+    province_code varchar(2), commune_code varchar(5), address text, residence_kind text,
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), version int NOT NULL DEFAULT 1);
+    ALTER TABLE citizens SET (autovacuum_enabled = false);";
+
+struct Args {
+    rows: u64,
+    rate: u64,
+    seconds: u64,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args { rows: 1_000_000, rate: 5_000, seconds: 20 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value: u64 = it.next().context("flag without value")?.parse()?;
+        match flag.as_str() {
+            "--rows" => a.rows = value,
+            "--rate" => a.rate = value,
+            "--seconds" => a.seconds = value,
+            other => bail!("unknown flag {other}; use --rows, --rate, --seconds"),
+        }
+    }
+    Ok(a)
+}
+
+fn agent_config(dir: &std::path::Path, name: &str, src_port: u16, hub_port: u16) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "source_id = \"{name}\"\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {src_port}\ndatabase = \"province\"\n\
+             user = \"{role}\"\npassword = \"{pw}\"\ntables = [\"public.citizens\"]\nslot = \"{slot}\"\npublication = \"dongbo\"\n\
+             feedback_interval_ms = 100\n[spool]\npath = \"{spool}\"\nmax_bytes = 68719476736\n\
+             [hub]\nurl = \"http://127.0.0.1:{hub_port}\"\ntoken = \"bench\"\nmax_backoff_ms = 500\n",
+            role = pg::ROLE,
+            pw = pg::PASSWORD,
+            slot = name.replace('-', "_"),
+            spool = dir.join(format!("{name}-spool")).display(),
+        ),
+    )?;
+    Ok(path)
+}
+
+fn hub_config(dir: &std::path::Path, ndc_port: u16, hub_port: u16) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("hub.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{hub_port}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
+             [[agents]]\nid = \"e2e\"\ntoken = \"bench\"\n",
+            role = pg::ROLE,
+            pw = pg::PASSWORD,
+        ),
+    )?;
+    Ok(path)
+}
+
+async fn lsn(client: &Client, sql: &str) -> anyhow::Result<i64> {
+    Ok(client.query_one(sql, &[]).await?.get::<_, Option<i64>>(0).unwrap_or(0))
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut done: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    while !done().await? {
+        if start.elapsed() > timeout {
+            bail!("{what} did not finish within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(start.elapsed())
+}
+
+async fn wait_hub(port: u16) -> anyhow::Result<()> {
+    wait_for("hub start", Duration::from_secs(30), || async move {
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok())
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn applied(ndc: &Client, id: &str) -> anyhow::Result<i64> {
+    Ok(ndc
+        .query_opt("SELECT changes_applied FROM dongbo.applied_position WHERE source_id = $1", &[&id])
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0))
+}
+
+/// N inserts in 10 transactions, then N updates in 10 transactions.
+async fn load(src: &Client, rows: u64) -> anyhow::Result<()> {
+    let step = rows.div_ceil(10);
+    for i in 0..10 {
+        let (a, b) = (i * step + 1, ((i + 1) * step).min(rows));
+        src.execute(
+            &format!(
+                "INSERT INTO citizens (citizen_id, full_name, birth_date, gender, province_code, commune_code, address, residence_kind)
+                 SELECT lpad(g::text, 12, '0'), 'Nguyễn Văn ' || g, DATE '1960-01-01' + g % 20000, g % 2, '79',
+                        lpad((25000 + g % 1500)::text, 5, '0'), 'Số ' || g % 300 || ' đường Nguyễn Huệ, Thành phố Hồ Chí Minh', 'thường trú'
+                 FROM generate_series({a}, {b}) g"
+            ),
+            &[],
+        )
+        .await?;
+    }
+    for i in 0..10 {
+        let (a, b) = (i * step + 1, ((i + 1) * step).min(rows));
+        src.execute(
+            &format!(
+                "UPDATE citizens SET commune_code = '26734', address = address || ' (mới)', version = version + 1, updated_at = clock_timestamp()
+                 WHERE citizen_id BETWEEN lpad('{a}', 12, '0') AND lpad('{b}', 12, '0')"
+            ),
+            &[],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Staged upsert of the same rows into the NDC: the apply floor.
+async fn staged_upsert_floor(ndc: &Client, rows: u64) -> anyhow::Result<Duration> {
+    ndc.batch_execute(&format!("DROP TABLE IF EXISTS floor_target; {}", TABLE.replace("citizens", "floor_target")))
+        .await?;
+    ndc.batch_execute("CREATE TEMP TABLE floor_stage (LIKE floor_target)").await?;
+    let start = Instant::now();
+    for pass in 0..2 {
+        let mut buf = Vec::with_capacity(rows as usize * 120);
+        for g in 1..=rows {
+            let suffix = if pass == 1 { " (mới)" } else { "" };
+            buf.extend_from_slice(
+                format!(
+                    "{g:012}\tNguyễn Văn {g}\t1990-01-01\t{}\t79\t{:05}\tSố {} đường Nguyễn Huệ, Thành phố Hồ Chí Minh{suffix}\tthường trú\t2026-01-01 00:00:00+00\t{}\n",
+                    g % 2,
+                    25000 + g % 1500,
+                    g % 300,
+                    pass + 1
+                )
+                .as_bytes(),
+            );
+        }
+        ndc.batch_execute("BEGIN; TRUNCATE floor_stage").await?;
+        send_all(ndc, "COPY floor_stage FROM STDIN", buf).await?;
+        ndc.batch_execute(
+            "INSERT INTO floor_target SELECT * FROM floor_stage ON CONFLICT (citizen_id) DO UPDATE SET
+               full_name = EXCLUDED.full_name, birth_date = EXCLUDED.birth_date, gender = EXCLUDED.gender,
+               province_code = EXCLUDED.province_code, commune_code = EXCLUDED.commune_code, address = EXCLUDED.address,
+               residence_kind = EXCLUDED.residence_kind, updated_at = EXCLUDED.updated_at, version = EXCLUDED.version;
+             COMMIT",
+        )
+        .await?;
+    }
+    Ok(start.elapsed())
+}
+
+/// Sends `data` through `COPY ... FROM STDIN`.
+async fn send_all(client: &Client, sql: &str, data: Vec<u8>) -> anyhow::Result<()> {
+    use futures::SinkExt;
+    let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    println!(
+        "dongbo-bench: {} inserts then {} updates; latency at {} changes/s for {} s",
+        a.rows, a.rows, a.rate, a.seconds
+    );
+    let province = PgCluster::start("bench-province")?;
+    let ndc_pg = PgCluster::start("bench-ndc")?;
+    province.create_database("province").await?;
+    ndc_pg.create_database("ndc").await?;
+    let dir = province.dir.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let src = province.connect("province").await?;
+    src.batch_execute(TABLE).await?;
+    src.batch_execute("ALTER TABLE citizens OWNER TO dongbo; CREATE PUBLICATION dongbo FOR TABLE citizens").await?;
+    src.batch_execute("SELECT pg_create_logical_replication_slot('floor', 'pgoutput')").await?;
+    let ndc = ndc_pg.connect("ndc").await?;
+    let hub_port = pg::free_port();
+    let hub_cfg = hub_config(&dir, ndc_pg.port, hub_port)?;
+
+    // Create both agents' slots (and the NDC table) before the load, so all decode the same backlog.
+    let capture_cfg = agent_config(&dir, "capture", province.port, pg::free_port())?;
+    let e2e_cfg = agent_config(&dir, "e2e", province.port, hub_port)?;
+    let mut hub =
+        DongboProcess::spawn("dongbo-hub", &["serve", "--config", &hub_cfg.to_string_lossy()], &dir.join("hub.log"))?;
+    wait_hub(hub_port).await?;
+    for (name, cfg) in [("capture", &capture_cfg), ("e2e", &e2e_cfg)] {
+        let mut agent = DongboProcess::spawn(
+            "dongbo-agent",
+            &["run", "--config", &cfg.to_string_lossy()],
+            &dir.join(format!("{name}.log")),
+        )?;
+        let slot = format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}' AND confirmed_flush_lsn IS NOT NULL"
+        );
+        wait_for("agent slot", Duration::from_secs(60), || async { Ok(lsn(&src, &slot).await? == 1) }).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        agent.stop();
+    }
+    wait_for("snapshot applied", Duration::from_secs(30), || async { Ok(applied(&ndc, "e2e").await? == 1) }).await?;
+    hub.stop();
+
+    println!("loading the backlog ...");
+    let t = Instant::now();
+    load(&src, a.rows).await?;
+    let end_lsn = lsn(&src, "SELECT (pg_current_wal_lsn() - '0/0')::int8").await?;
+    let changes = 2 * a.rows;
+    println!("  backlog written in {:.1} s", t.elapsed().as_secs_f64());
+
+    // 1. Capture floor: pg_recvlogical.
+    let pg_bin = pg::bin_dir()?;
+    let mut recv = std::process::Command::new(pg_bin.join("pg_recvlogical"))
+        .args([
+            "-h",
+            &province.dir.to_string_lossy(),
+            "-p",
+            &province.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "province",
+        ])
+        .args([
+            "--slot",
+            "floor",
+            "--start",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=dongbo",
+            "-f",
+            "/dev/null",
+        ])
+        .spawn()
+        .context("pg_recvlogical")?;
+    let floor = wait_for("pg_recvlogical", Duration::from_secs(600), || async {
+        Ok(lsn(
+            &src,
+            "SELECT max((sent_lsn - '0/0')::int8) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'",
+        )
+        .await?
+            >= end_lsn)
+    })
+    .await?;
+    let _ = recv.kill();
+    let _ = recv.wait();
+
+    // 1. Capture: the agent into its spool (no hub).
+    let mut agent = DongboProcess::spawn(
+        "dongbo-agent",
+        &["run", "--config", &capture_cfg.to_string_lossy()],
+        &dir.join("capture.log"),
+    )?;
+    let captured = wait_for("agent capture", Duration::from_secs(600), || async {
+        Ok(lsn(
+            &src,
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'capture'",
+        )
+        .await?
+            >= end_lsn)
+    })
+    .await?;
+    let rss = agent.pid().and_then(peak_rss_kib).unwrap_or(0);
+    agent.stop();
+    src.batch_execute("SELECT pg_drop_replication_slot('floor'); SELECT pg_drop_replication_slot('capture')").await?;
+    let agent_size = std::fs::metadata(binary("dongbo-agent")?)?.len();
+
+    // 2. End to end: backlog through agent, gRPC, hub, NDC; floor: staged upsert of the same rows.
+    let mut hub =
+        DongboProcess::spawn("dongbo-hub", &["serve", "--config", &hub_cfg.to_string_lossy()], &dir.join("hub.log"))?;
+    wait_hub(hub_port).await?;
+    let mut e2e =
+        DongboProcess::spawn("dongbo-agent", &["run", "--config", &e2e_cfg.to_string_lossy()], &dir.join("e2e.log"))?;
+    let target = 1 + changes as i64;
+    let e2e_time =
+        wait_for("end to end", Duration::from_secs(1200), || async { Ok(applied(&ndc, "e2e").await? >= target) })
+            .await?;
+    let e2e_rss = e2e.pid().and_then(peak_rss_kib).unwrap_or(0);
+    let staged = staged_upsert_floor(&ndc, a.rows).await?;
+
+    // 3. Latency at a steady rate: a trigger in the NDC records (write time - source commit time).
+    ndc.batch_execute(
+        "CREATE TABLE latency (ms float8);
+         CREATE FUNCTION record_latency() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN INSERT INTO latency VALUES (extract(epoch FROM clock_timestamp() - NEW.updated_at) * 1000); RETURN NEW; END$$;
+         CREATE TRIGGER record_latency AFTER INSERT OR UPDATE ON e2e.citizens FOR EACH ROW EXECUTE FUNCTION record_latency();",
+    )
+    .await?;
+    let per_tick = (a.rate / 100).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut next = 1u64;
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(a.seconds) {
+        tick.tick().await;
+        let (lo, hi) = (next, next + per_tick - 1);
+        next = if hi >= a.rows { 1 } else { hi + 1 };
+        sent += src
+            .execute(
+                "UPDATE citizens SET version = version + 1, updated_at = clock_timestamp() WHERE citizen_id BETWEEN lpad($1, 12, '0') AND lpad($2, 12, '0')",
+                &[&lo.to_string(), &hi.to_string()],
+            )
+            .await?;
+    }
+    let offered = sent as f64 / started.elapsed().as_secs_f64();
+    let target = target + sent as i64;
+    wait_for("latency run drained", Duration::from_secs(120), || async { Ok(applied(&ndc, "e2e").await? >= target) })
+        .await?;
+    let lat = ndc.query_one("SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms) FROM latency", &[]).await?;
+    e2e.stop();
+    hub.stop();
+
+    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    let (floor_r, cap_r, e2e_r, staged_r) =
+        (rate(changes, floor), rate(changes, captured), rate(changes, e2e_time), rate(changes, staged));
+    println!("\n== capture ({changes} row changes from a backlog)");
+    println!("  pg_recvlogical floor   {floor_r:>10.0} changes/s  ({:.2} s)", floor.as_secs_f64());
+    println!(
+        "  agent into its spool   {cap_r:>10.0} changes/s  ({:.2} s)   ratio {:.2} (target >= 0.95)",
+        captured.as_secs_f64(),
+        cap_r / floor_r
+    );
+    println!(
+        "  agent peak RSS         {:>10.1} MiB (capture), {:.1} MiB (end to end)   (target < 50)",
+        rss as f64 / 1024.0,
+        e2e_rss as f64 / 1024.0
+    );
+    println!("  agent binary           {:>10.1} MiB   (target < 30)", agent_size as f64 / 1048576.0);
+    println!("== end to end (source backlog -> NDC)");
+    println!("  staged upsert floor    {staged_r:>10.0} rows/s     ({:.2} s)", staged.as_secs_f64());
+    println!(
+        "  dongbo end to end      {e2e_r:>10.0} changes/s  ({:.2} s)   ratio {:.2} (target >= 0.50)",
+        e2e_time.as_secs_f64(),
+        e2e_r / staged_r
+    );
+    println!("== latency, source commit -> NDC write, at {offered:.0} changes/s offered");
+    println!(
+        "  {} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   (target p99 < 250)",
+        lat.get::<_, i64>(0),
+        lat.get::<_, Option<f64>>(1).unwrap_or(0.0),
+        lat.get::<_, Option<f64>>(2).unwrap_or(0.0),
+        lat.get::<_, Option<f64>>(3).unwrap_or(0.0)
+    );
+    Ok(())
+}

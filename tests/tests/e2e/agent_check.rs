@@ -9,7 +9,8 @@ use dongbo_tests::Deployment;
 async fn check_reports_a_table_without_primary_key_a_missing_table_and_an_unreachable_hub() -> anyhow::Result<()> {
     let setup = "CREATE TABLE households (household_id uuid PRIMARY KEY, head text);
                  CREATE TABLE residence_log (citizen_id char(12), commune_code varchar(5));";
-    let mut d = Deployment::new("check", setup, &["public.households", "public.residence_log", "public.nowhere"]).await?;
+    let mut d =
+        Deployment::new("check", setup, &["public.households", "public.residence_log", "public.nowhere"]).await?;
     let config = d.dir.join("agent.toml");
     std::fs::write(&config, d.agent_config())?;
     let out = Command::new(binary("dongbo-agent")?).args(["check", "--config"]).arg(&config).output()?;
@@ -17,7 +18,10 @@ async fn check_reports_a_table_without_primary_key_a_missing_table_and_an_unreac
     assert!(!out.status.success(), "check must fail:\n{text}");
     assert!(text.contains("ok       wal_level is logical"), "{text}");
     assert!(text.contains("ok       table public.households has a primary key"), "{text}");
-    assert!(text.contains("PROBLEM  table public.residence_log: table public.residence_log has no primary key"), "{text}");
+    assert!(
+        text.contains("PROBLEM  table public.residence_log: table public.residence_log has no primary key"),
+        "{text}"
+    );
     assert!(text.contains("PROBLEM  table public.nowhere: does not exist"), "{text}");
     assert!(text.contains(&format!("PROBLEM  hub http://127.0.0.1:{}", d.hub_port)), "{text}");
 

@@ -8,10 +8,19 @@ use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
 use dongbo_tests::{Deployment, TOKEN};
 use tonic::Code;
 
-async fn open(port: u16, token: &str, hello_id: &str, then: Vec<AgentMessage>) -> Result<Vec<dongbo_proto::v1::HubMessage>, tonic::Status> {
+async fn open(
+    port: u16,
+    token: &str,
+    hello_id: &str,
+    then: Vec<AgentMessage>,
+) -> Result<Vec<dongbo_proto::v1::HubMessage>, tonic::Status> {
     let mut client = IngestClient::connect(format!("http://127.0.0.1:{port}")).await.expect("hub reachable");
     let mut msgs = vec![AgentMessage {
-        kind: Some(agent_message::Kind::Hello(Hello { source_id: hello_id.into(), agent_version: "test".into(), protocol_version: dongbo_proto::PROTOCOL_VERSION })),
+        kind: Some(agent_message::Kind::Hello(Hello {
+            source_id: hello_id.into(),
+            agent_version: "test".into(),
+            protocol_version: dongbo_proto::PROTOCOL_VERSION,
+        })),
     }];
     msgs.extend(then);
     let mut request = tonic::Request::new(tokio_stream::iter(msgs));
@@ -36,7 +45,13 @@ async fn unauthenticated_and_malformed_streams_are_refused_and_apply_nothing() -
     let err = open(d.hub_port, TOKEN, "da-nang-health", vec![]).await.expect_err("another agent's id is refused");
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    let garbage = AgentMessage { kind: Some(agent_message::Kind::Batch(SpooledBatch { first_seq: 1, last_seq: 1, change_batch: vec![0xff, 0x01, 0x02] })) };
+    let garbage = AgentMessage {
+        kind: Some(agent_message::Kind::Batch(SpooledBatch {
+            first_seq: 1,
+            last_seq: 1,
+            change_batch: vec![0xff, 0x01, 0x02],
+        })),
+    };
     let err = open(d.hub_port, TOKEN, &d.source_id, vec![garbage]).await.expect_err("garbage is refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("not a valid protobuf ChangeBatch"), "{}", err.message());
@@ -49,7 +64,13 @@ async fn unauthenticated_and_malformed_streams_are_refused_and_apply_nothing() -
         schemas: vec![],
         changes: vec![dongbo_proto::v1::ChangeEvent { seq: 5, schema_index: 0, op: 1, ..Default::default() }],
     };
-    let msg = AgentMessage { kind: Some(agent_message::Kind::Batch(SpooledBatch { first_seq: 5, last_seq: 5, change_batch: prost::Message::encode_to_vec(&bad) })) };
+    let msg = AgentMessage {
+        kind: Some(agent_message::Kind::Batch(SpooledBatch {
+            first_seq: 5,
+            last_seq: 5,
+            change_batch: prost::Message::encode_to_vec(&bad),
+        })),
+    };
     let err = open(d.hub_port, TOKEN, &d.source_id, vec![msg]).await.expect_err("a broken batch is refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("references schema 0"), "{}", err.message());

@@ -7,7 +7,10 @@ use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
 use dongbo_tests::workload::{big_insert_txn, mixed_small_txns};
 use dongbo_tests::Deployment;
 
-async fn deployment_after_snapshot(name: &str, rows: usize) -> anyhow::Result<(Deployment, CitizenGen, Vec<String>, u64)> {
+async fn deployment_after_snapshot(
+    name: &str,
+    rows: usize,
+) -> anyhow::Result<(Deployment, CitizenGen, Vec<String>, u64)> {
     let mut d = Deployment::new(name, CITIZENS_DDL, &["public.citizens"]).await?;
     let src = d.source().await?;
     let mut gen = CitizenGen::new(3);
@@ -62,7 +65,12 @@ async fn hub_killed_mid_apply_restarts_without_loss_or_duplicates() -> anyhow::R
 }
 
 async fn slot_lsn(src: &tokio_postgres::Client) -> anyhow::Result<i64> {
-    let r = src.query_one("SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'dongbo'", &[]).await?;
+    let r = src
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'dongbo'",
+            &[],
+        )
+        .await?;
     Ok(r.get(0))
 }
 

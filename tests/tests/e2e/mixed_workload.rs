@@ -36,11 +36,17 @@ async fn hundred_thousand_mixed_changes_arrive_exactly_once() -> anyhow::Result<
         .execute("UPDATE citizens SET citizen_id = '3' || substr(citizen_id, 2) WHERE citizen_id IN (SELECT citizen_id FROM citizens WHERE length(note) > 8192 ORDER BY citizen_id LIMIT 10)", &[])
         .await?;
     // Set-based updates, a key change on many rows, deletes, NULLs.
-    changes += src.execute("UPDATE citizens SET income = income * 1.1, active = NOT active WHERE gender = 0", &[]).await?;
+    changes +=
+        src.execute("UPDATE citizens SET income = income * 1.1, active = NOT active WHERE gender = 0", &[]).await?;
     changes += src
         .execute("UPDATE citizens SET citizen_id = '9' || substr(citizen_id, 2) WHERE citizen_id LIKE '7000000%' AND right(citizen_id, 1) = '3'", &[])
         .await?;
-    changes += src.execute("UPDATE citizens SET address = NULL, profile = NULL, tags = '{}' WHERE right(citizen_id, 1) = '5'", &[]).await?;
+    changes += src
+        .execute(
+            "UPDATE citizens SET address = NULL, profile = NULL, tags = '{}' WHERE right(citizen_id, 1) = '5'",
+            &[],
+        )
+        .await?;
     changes += src.execute("DELETE FROM citizens WHERE right(citizen_id, 2) = '17'", &[]).await?;
     changes += mixed_small_txns(&src, &mut gen, &mut ids, 150).await?;
     assert!(changes >= 100_000, "the workload made {changes} changes");

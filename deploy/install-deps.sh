@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what dongbo's demo, tests and benchmarks need on a Debian/Ubuntu machine, and nothing that
+# is already there: PostgreSQL server binaries (the harness makes throw-away clusters with initdb), the
+# `postgres` OS user (initdb refuses to run as root), pg_recvlogical (the capture benchmark's floor).
+# Rust itself must already be installed (https://rustup.rs).
+set -euo pipefail
+
+have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v pg_recvlogical >/dev/null 2>&1; }
+
+if ! have_pg || ! id postgres >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing PostgreSQL server binaries (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql postgresql-client >/dev/null
+fi
+id postgres >/dev/null 2>&1 || { echo "no postgres user after installing postgresql" >&2; exit 1; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is not installed: install Rust from https://rustup.rs first" >&2
+  exit 1
+fi

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The one command that runs every dongbo test: formatting and lints, unit tests, and the end-to-end and
+# fault scenarios against real PostgreSQL clusters and real dongbo processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./deploy/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The scenarios start the real binaries, so build them first.
+cargo build --workspace --bins
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
