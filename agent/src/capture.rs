@@ -149,11 +149,7 @@ impl<'a> Capture<'a> {
             None
         } else {
             let batch = ChangeBatch { source_id: self.source_id.to_string(), changes: std::mem::take(pending) };
-            Some(SpooledBatch {
-                first_seq: batch.first_seq(),
-                last_seq: batch.last_seq(),
-                bytes: wire::encode_batch(&batch),
-            })
+            Some(SpooledBatch { first_seq: batch.first_seq(), last_seq: batch.last_seq(), bytes: wire::encode_batch(batch) })
         };
         self.spool.append(batch, resume, next_seq).await?;
         source.release(resume.committed_end);

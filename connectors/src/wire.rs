@@ -27,9 +27,9 @@ fn malformed(msg: impl Into<String>) -> WireError {
     WireError::Malformed(msg.into())
 }
 
-/// Encodes a batch into the bytes the agent spools and ships.
-pub fn encode_batch(batch: &ChangeBatch) -> Vec<u8> {
-    batch_to_proto(batch).encode_to_vec()
+/// Encodes a batch into the bytes the agent spools and ships, consuming it (no value is copied).
+pub fn encode_batch(batch: ChangeBatch) -> Vec<u8> {
+    batch_into_proto(batch).encode_to_vec()
 }
 
 /// Decodes and validates spooled batch bytes.
@@ -38,12 +38,13 @@ pub fn decode_batch(bytes: &[u8]) -> Result<ChangeBatch, WireError> {
 }
 
 /// Converts a domain batch to its protobuf form, listing each referenced schema once.
-pub fn batch_to_proto(batch: &ChangeBatch) -> pb::ChangeBatch {
+pub fn batch_into_proto(batch: ChangeBatch) -> pb::ChangeBatch {
+    let (first_seq, last_seq) = (batch.first_seq(), batch.last_seq());
     let mut index: HashMap<(TableId, u64), u32> = HashMap::new();
     let mut schemas = Vec::new();
     let changes = batch
         .changes
-        .iter()
+        .into_iter()
         .map(|c| {
             let key = (c.table.table.clone(), c.table.version);
             let schema_index = *index.entry(key).or_insert_with(|| {
@@ -54,9 +55,9 @@ pub fn batch_to_proto(batch: &ChangeBatch) -> pb::ChangeBatch {
                 seq: c.seq,
                 schema_index,
                 op: op_to_proto(c.op) as i32,
-                key: row_to_proto(Some(&c.key).filter(|k| !k.is_empty())),
-                before: row_to_proto(c.before.as_ref()),
-                after: row_to_proto(c.after.as_ref()),
+                key: row_into_proto(Some(c.key).filter(|k| !k.is_empty())),
+                before: row_into_proto(c.before),
+                after: row_into_proto(c.after),
                 position: Some(match c.position {
                     Position::Postgres(lsn) => {
                         pb::SourcePosition { kind: Some(pb::source_position::Kind::PgLsn(lsn.0)) }
@@ -69,13 +70,7 @@ pub fn batch_to_proto(batch: &ChangeBatch) -> pb::ChangeBatch {
             }
         })
         .collect();
-    pb::ChangeBatch {
-        source_id: batch.source_id.clone(),
-        first_seq: batch.first_seq(),
-        last_seq: batch.last_seq(),
-        schemas,
-        changes,
-    }
+    pb::ChangeBatch { source_id: batch.source_id, first_seq, last_seq, schemas, changes }
 }
 
 fn schema_to_proto(s: &TableSchema) -> pb::TableSchema {
@@ -101,31 +96,29 @@ fn op_to_proto(op: Operation) -> pb::Operation {
     }
 }
 
-fn row_to_proto(row: Option<&Row>) -> Option<pb::Row> {
-    row.map(|r| pb::Row { values: r.iter().map(value_to_proto).collect() })
+fn row_into_proto(row: Option<Row>) -> Option<pb::Row> {
+    row.map(|r| pb::Row { values: r.into_iter().map(value_into_proto).collect() })
 }
 
 /// Converts one value to its protobuf form.
-pub fn value_to_proto(v: &Value) -> pb::Value {
+pub fn value_into_proto(v: Value) -> pb::Value {
     use pb::value::Kind as K;
     let kind = match v {
         Value::Null => K::Null(true),
         Value::UnchangedToast => K::UnchangedToast(true),
-        Value::Bool(b) => K::Boolean(*b),
-        Value::Int(i) => K::Int(*i),
-        Value::Float(f) => K::Float(*f),
-        Value::Numeric(s) => K::Numeric(s.clone()),
-        Value::Text(s) => K::Text(s.clone()),
-        Value::Bytes(b) => K::Bytea(b.clone()),
-        Value::Date(s) => K::Date(s.clone()),
-        Value::Timestamp(s) => K::Timestamp(s.clone()),
-        Value::TimestampTz(s) => K::Timestamptz(s.clone()),
-        Value::Json(s) => K::Json(s.clone()),
-        Value::Uuid(s) => K::Uuid(s.clone()),
-        Value::Array(items) => K::Array(pb::ArrayValue { elements: items.iter().map(value_to_proto).collect() }),
-        Value::Other { type_name, text } => {
-            K::Other(pb::OtherValue { type_name: type_name.clone(), text: text.clone() })
-        }
+        Value::Bool(b) => K::Boolean(b),
+        Value::Int(i) => K::Int(i),
+        Value::Float(f) => K::Float(f),
+        Value::Numeric(s) => K::Numeric(s),
+        Value::Text(s) => K::Text(s),
+        Value::Bytes(b) => K::Bytea(b),
+        Value::Date(s) => K::Date(s),
+        Value::Timestamp(s) => K::Timestamp(s),
+        Value::TimestampTz(s) => K::Timestamptz(s),
+        Value::Json(s) => K::Json(s),
+        Value::Uuid(s) => K::Uuid(s),
+        Value::Array(items) => K::Array(pb::ArrayValue { elements: items.into_iter().map(value_into_proto).collect() }),
+        Value::Other { type_name, text } => K::Other(pb::OtherValue { type_name, text }),
     };
     pb::Value { kind: Some(kind) }
 }
@@ -311,32 +304,32 @@ mod tests {
     #[test]
     fn batch_round_trips_with_one_schema_entry() {
         let batch = ChangeBatch { source_id: "hcm".into(), changes: vec![change(5), change(6)] };
-        let proto = batch_to_proto(&batch);
+        let proto = batch_into_proto(batch.clone());
         assert_eq!(proto.schemas.len(), 1);
-        let back = decode_batch(&encode_batch(&batch)).unwrap();
+        let back = decode_batch(&encode_batch(batch.clone())).unwrap();
         assert_eq!(back, batch);
     }
 
     #[test]
     fn decoding_refuses_malformed_batches_with_reasons() {
         let batch = ChangeBatch { source_id: "hcm".into(), changes: vec![change(5), change(6)] };
-        let mut p = batch_to_proto(&batch);
+        let mut p = batch_into_proto(batch.clone());
         p.changes[1].seq = 5;
         assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("not above"));
 
-        let mut p = batch_to_proto(&batch);
+        let mut p = batch_into_proto(batch.clone());
         p.changes[0].schema_index = 3;
         assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("references schema 3"));
 
-        let mut p = batch_to_proto(&batch);
+        let mut p = batch_into_proto(batch.clone());
         p.changes[0].after.as_mut().unwrap().values.pop();
         assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("after row has 2 values"));
 
-        let mut p = batch_to_proto(&batch);
+        let mut p = batch_into_proto(batch.clone());
         p.schemas[0].key_columns.clear();
         assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("no primary key"));
 
-        let mut p = batch_to_proto(&batch);
+        let mut p = batch_into_proto(batch.clone());
         p.changes[0].after.as_mut().unwrap().values[0].kind = None;
         assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("no kind"));
 

@@ -219,7 +219,7 @@ impl NdcApplier {
             txn.execute(
                 "INSERT INTO dongbo.quarantine (source_id, seq, source_table, operation, reason, change) \
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                &[&acl.id, &(c.seq as i64), &c.table.table.to_string(), &op, reason, &wire::encode_batch(&one)],
+                &[&acl.id, &(c.seq as i64), &c.table.table.to_string(), &op, reason, &wire::encode_batch(one)],
             )
             .await?;
             warn!(source_id = %acl.id, seq = c.seq, table = %c.table.table, %reason, "change quarantined");

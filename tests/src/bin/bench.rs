@@ -133,7 +133,7 @@ async fn load(src: &Client, rows: u64) -> anyhow::Result<()> {
         src.execute(
             &format!(
                 "UPDATE citizens SET commune_code = '26734', address = address || ' (mới)', version = version + 1, updated_at = clock_timestamp()
-                 WHERE citizen_id BETWEEN lpad('{a}', 12, '0') AND lpad('{b}', 12, '0')"
+                 WHERE citizen_id BETWEEN '{a:012}' AND '{b:012}'"
             ),
             &[],
         )
@@ -311,6 +311,7 @@ async fn main() -> anyhow::Result<()> {
     // 3. Latency at a steady rate: a trigger in the NDC records (write time - source commit time).
     ndc.batch_execute(
         "CREATE TABLE latency (ms float8);
+         GRANT INSERT ON latency TO dongbo;
          CREATE FUNCTION record_latency() RETURNS trigger LANGUAGE plpgsql AS
            $$BEGIN INSERT INTO latency VALUES (extract(epoch FROM clock_timestamp() - NEW.updated_at) * 1000); RETURN NEW; END$$;
          CREATE TRIGGER record_latency AFTER INSERT OR UPDATE ON e2e.citizens FOR EACH ROW EXECUTE FUNCTION record_latency();",
@@ -328,8 +329,8 @@ async fn main() -> anyhow::Result<()> {
         next = if hi >= a.rows { 1 } else { hi + 1 };
         sent += src
             .execute(
-                "UPDATE citizens SET version = version + 1, updated_at = clock_timestamp() WHERE citizen_id BETWEEN lpad($1, 12, '0') AND lpad($2, 12, '0')",
-                &[&lo.to_string(), &hi.to_string()],
+                "UPDATE citizens SET version = version + 1, updated_at = clock_timestamp() WHERE citizen_id BETWEEN $1::char(12) AND $2::char(12)",
+                &[&format!("{lo:012}"), &format!("{hi:012}")],
             )
             .await?;
     }
@@ -340,6 +341,10 @@ async fn main() -> anyhow::Result<()> {
     let lat = ndc.query_one("SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms) FROM latency", &[]).await?;
     e2e.stop();
     hub.stop();
+    let quarantined: i64 = ndc.query_one("SELECT count(*) FROM dongbo.quarantine", &[]).await?.get(0);
+    if quarantined > 0 {
+        bail!("{quarantined} changes were quarantined during the benchmark; see dongbo.quarantine");
+    }
 
     let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
     let (floor_r, cap_r, e2e_r, staged_r) =

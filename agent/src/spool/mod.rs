@@ -1,8 +1,11 @@
-//! The durable local spool (sled): captured batches wait here until the hub has made them durable.
+//! The durable local spool: captured batches wait here until the hub has made them durable.
+//!
+//! Payloads go to append-only segment files ([`segments`]); sled holds the index (seq range →
+//! segment, offset, length), the source's [`ResumePoint`] and the next seq, updated atomically.
 //!
 //! # Contract
-//! - [`Spool::append`] writes a batch and the source's [`ResumePoint`] in one atomic sled batch and
-//!   flushes to disk before returning: only then may the source release its WAL.
+//! - [`Spool::append`] syncs the payload to its segment, then writes its index entry and the resume
+//!   point in one atomic sled batch and flushes: only then may the source release its WAL.
 //! - [`Spool::ack`] removes batches the hub acknowledged as durable. A removal lost in a crash only
 //!   means the batch is shipped again, and the hub drops it by seq.
 //! - Seqs are never reused: a new spool starts its seqs at the current Unix time in microseconds,
@@ -10,15 +13,23 @@
 //!   change per microsecond since it started), so a wiped spool cannot collide with what the hub
 //!   already applied.
 
+pub mod segments;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dongbo_connectors::model::Lsn;
 use dongbo_connectors::postgres::{OpenTxn, ResumePoint};
 use tokio::sync::watch;
 
+use self::segments::{Location, Segments};
+
 const BATCH_PREFIX: u8 = b'b';
+/// sled's page cache defaults to 1 GiB; the spool is written once and read once in order, so a small
+/// cache loses nothing and keeps the agent within its memory budget on old servers.
+const CACHE_BYTES: u64 = 8 << 20;
 const KEY_RESUME: &[u8] = b"m:resume";
 const KEY_NEXT_SEQ: &[u8] = b"m:next_seq";
 
@@ -28,6 +39,9 @@ pub enum SpoolError {
     /// sled failed (disk full, corruption, I/O).
     #[error("spool storage failed: {0}; check the disk holding spool.path")]
     Storage(#[from] sled::Error),
+    /// A segment file could not be written or read.
+    #[error("spool segment I/O failed: {0}; check the disk holding spool.path")]
+    Segment(#[from] std::io::Error),
     /// A stored record does not decode: the spool directory was damaged or written by another program.
     #[error("spool record {0} is damaged")]
     Corrupt(&'static str),
@@ -47,6 +61,7 @@ pub struct SpooledBatch {
 /// The spool.
 pub struct Spool {
     db: sled::Db,
+    segments: Arc<Mutex<Segments>>,
     bytes: AtomicU64,
     batches: AtomicU64,
     max_bytes: u64,
@@ -58,6 +73,23 @@ fn batch_key(first_seq: u64) -> [u8; 9] {
     k[0] = BATCH_PREFIX;
     k[1..].copy_from_slice(&first_seq.to_be_bytes());
     k
+}
+
+/// Index entry: last seq, then where the payload is.
+fn encode_index(last_seq: u64, at: Location) -> Vec<u8> {
+    let mut v = Vec::with_capacity(28);
+    v.extend_from_slice(&last_seq.to_be_bytes());
+    v.extend_from_slice(&at.segment.to_be_bytes());
+    v.extend_from_slice(&at.offset.to_be_bytes());
+    v.extend_from_slice(&at.len.to_be_bytes());
+    v
+}
+
+fn decode_index(v: &[u8]) -> Result<(u64, Location), SpoolError> {
+    let bad = || SpoolError::Corrupt("batch index");
+    let u64_at = |i: usize| v.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).ok_or_else(bad);
+    let len = v.get(24..28).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).ok_or_else(bad)?;
+    Ok((u64_at(0)?, Location { segment: u64_at(8)?, offset: u64_at(16)?, len }))
 }
 
 fn encode_resume(r: &ResumePoint) -> Vec<u8> {
@@ -92,21 +124,37 @@ fn decode_resume(v: &[u8]) -> Result<ResumePoint, SpoolError> {
 impl Spool {
     /// Opens (or creates) the spool at `path`.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
-        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open()?;
-        let (mut bytes, mut batches, mut last) = (0u64, 0u64, 0u64);
+        let db = sled::Config::new()
+            .path(path.join("index"))
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
+        let segments = Segments::open(&path.join("segments"))?;
+        let (mut bytes, mut batches, mut last, mut oldest) = (0u64, 0u64, 0u64, None);
         for entry in db.scan_prefix([BATCH_PREFIX]) {
             let (_, v) = entry?;
-            bytes += v.len() as u64;
+            let (last_seq, at) = decode_index(&v)?;
+            bytes += u64::from(at.len);
             batches += 1;
-            last = last.max(read_last_seq(&v)?);
+            last = last.max(last_seq);
+            oldest = Some(oldest.map_or(at.segment, |o: u64| o.min(at.segment)));
         }
+        // Segments no batch needs any more: acknowledged before a crash, or torn and never indexed.
+        segments.release_before(oldest)?;
         if db.get(KEY_NEXT_SEQ)?.is_none() {
             let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
             db.insert(KEY_NEXT_SEQ, &now_us.to_be_bytes())?;
             db.flush()?;
         }
         let (last_appended, _) = watch::channel(last);
-        Ok(Self { db, bytes: AtomicU64::new(bytes), batches: AtomicU64::new(batches), max_bytes, last_appended })
+        Ok(Self {
+            db,
+            segments: Arc::new(Mutex::new(segments)),
+            bytes: AtomicU64::new(bytes),
+            batches: AtomicU64::new(batches),
+            max_bytes,
+            last_appended,
+        })
     }
 
     /// Where the source resumes: what is durably spooled.
@@ -124,29 +172,30 @@ impl Spool {
     }
 
     /// Durably stores a batch (if any) with the resume point that includes it. Returns once flushed.
-    pub async fn append(
-        &self,
-        batch: Option<SpooledBatch>,
-        resume: &ResumePoint,
-        next_seq: u64,
-    ) -> Result<(), SpoolError> {
+    pub async fn append(&self, batch: Option<SpooledBatch>, resume: &ResumePoint, next_seq: u64) -> Result<(), SpoolError> {
         let mut b = sled::Batch::default();
-        let mut added = 0;
-        if let Some(batch) = &batch {
-            let mut value = Vec::with_capacity(8 + batch.bytes.len());
-            value.extend_from_slice(&batch.last_seq.to_be_bytes());
-            value.extend_from_slice(&batch.bytes);
-            added = value.len() as u64;
-            b.insert(&batch_key(batch.first_seq), value);
+        let mut added = None;
+        if let Some(batch) = batch {
+            let segments = self.segments.clone();
+            let (first_seq, last_seq, len) = (batch.first_seq, batch.last_seq, batch.bytes.len() as u64);
+            // Sequential write + fsync: blocking I/O, kept off the async workers.
+            let at = tokio::task::spawn_blocking(move || {
+                let mut segments = segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?;
+                segments.append(first_seq, &batch.bytes)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            b.insert(&batch_key(first_seq), encode_index(last_seq, at));
+            added = Some((last_seq, len));
         }
         b.insert(KEY_RESUME, encode_resume(resume));
         b.insert(KEY_NEXT_SEQ, &next_seq.to_be_bytes());
         self.db.apply_batch(b)?;
         self.db.flush_async().await?;
-        if let Some(batch) = batch {
-            self.bytes.fetch_add(added, Ordering::Relaxed);
+        if let Some((last_seq, len)) = added {
+            self.bytes.fetch_add(len, Ordering::Relaxed);
             self.batches.fetch_add(1, Ordering::Relaxed);
-            self.last_appended.send_replace(batch.last_seq);
+            self.last_appended.send_replace(last_seq);
         }
         Ok(())
     }
@@ -155,12 +204,15 @@ impl Spool {
     pub fn ack(&self, durable_seq: u64) -> Result<(), SpoolError> {
         let mut b = sled::Batch::default();
         let (mut freed, mut removed) = (0u64, 0u64);
+        let mut oldest_kept = None;
         for entry in self.db.scan_prefix([BATCH_PREFIX]) {
             let (k, v) = entry?;
-            if read_last_seq(&v)? > durable_seq {
+            let (last_seq, at) = decode_index(&v)?;
+            if last_seq > durable_seq {
+                oldest_kept = Some(at.segment);
                 break;
             }
-            freed += v.len() as u64;
+            freed += u64::from(at.len);
             removed += 1;
             b.remove(k);
         }
@@ -168,6 +220,8 @@ impl Spool {
             self.db.apply_batch(b)?;
             self.bytes.fetch_sub(freed, Ordering::Relaxed);
             self.batches.fetch_sub(removed, Ordering::Relaxed);
+            let segments = self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?;
+            segments.release_before(oldest_kept)?;
         }
         Ok(())
     }
@@ -180,7 +234,9 @@ impl Spool {
         for entry in self.db.range(start..end).take(limit) {
             let (k, v) = entry?;
             let first_seq = u64::from_be_bytes(k[1..9].try_into().map_err(|_| SpoolError::Corrupt("batch key"))?);
-            out.push(SpooledBatch { first_seq, last_seq: read_last_seq(&v)?, bytes: v[8..].to_vec() });
+            let (last_seq, at) = decode_index(&v)?;
+            let bytes = self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?.read(at)?;
+            out.push(SpooledBatch { first_seq, last_seq, bytes });
         }
         Ok(out)
     }
@@ -204,10 +260,6 @@ impl Spool {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.last_appended.subscribe()
     }
-}
-
-fn read_last_seq(v: &[u8]) -> Result<u64, SpoolError> {
-    v.get(..8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).ok_or(SpoolError::Corrupt("batch"))
 }
 
 #[cfg(test)]
@@ -244,7 +296,7 @@ mod tests {
         assert_eq!(s.batches_after(first, 10).unwrap().len(), 1);
         s.ack(first + 9).unwrap();
         assert_eq!(s.batch_count(), 1);
-        assert_eq!(s.bytes(), 108);
+        assert_eq!(s.bytes(), 100);
         s.ack(first + 15).unwrap();
         assert_eq!(s.batch_count(), 1, "a batch is dropped only when all of it is durable");
     }
@@ -264,7 +316,7 @@ mod tests {
     #[tokio::test]
     async fn fills_up_at_its_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), 250).unwrap();
+        let s = Spool::open(dir.path(), 230).unwrap();
         s.append(Some(batch(1, 1)), &ResumePoint::default(), 2).await.unwrap();
         assert!(!s.is_full());
         s.append(Some(batch(2, 2)), &ResumePoint::default(), 3).await.unwrap();
