@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
-use dongbo_connectors::postgres::{Captured, OpenTxn, PostgresConfig, PostgresSource, ResumePoint, SourceError};
+use dongbo_connectors::postgres::{
+    Captured, OpenTxn, PostgresConfig, PostgresSource, Released, ResumePoint, SourceError,
+};
 use dongbo_connectors::wire;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -58,14 +60,15 @@ impl<'a> Capture<'a> {
     pub async fn run(&self, config: &PostgresConfig, shutdown: &mut watch::Receiver<bool>) -> Result<(), CaptureError> {
         let mut resume = self.spool.resume_point()?;
         let mut next_seq = self.spool.next_seq()?;
-        let mut source = PostgresSource::start(config.clone(), resume).await?;
+        let released = Released::new(resume.committed_end);
+        let mut source = PostgresSource::start(config.clone(), resume, released.clone()).await?;
         let mut pending: Vec<ChangeEvent> = Vec::with_capacity(self.batch_max_changes);
         let mut dirty = false;
         let mut first_pending_at = Instant::now();
         let mut paused_since: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
-                self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                self.flush(&released, &mut pending, &resume, next_seq).await?;
                 info!("capture stopped");
                 return Ok(());
             }
@@ -92,6 +95,8 @@ impl<'a> Capture<'a> {
             } else {
                 first_pending_at + self.batch_max_wait
             };
+            // Dropping `next` mid-message is safe only because shutdown then spools what is complete
+            // and drops the source; the server resends the rest after the restart.
             let item = tokio::select! {
                 item = source.next(until) => item?,
                 _ = shutdown.changed() => continue,
@@ -108,7 +113,7 @@ impl<'a> Capture<'a> {
                     }
                     pending.push(change);
                     if pending.len() >= self.batch_max_changes {
-                        self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                        self.flush(&released, &mut pending, &resume, next_seq).await?;
                         dirty = false;
                     }
                 }
@@ -124,13 +129,13 @@ impl<'a> Capture<'a> {
                     resume.snapshot_done = true;
                     resume.committed_end = at;
                     resume.open_txn = None;
-                    self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                    self.flush(&released, &mut pending, &resume, next_seq).await?;
                     dirty = false;
                     info!(%at, "snapshot spooled");
                 }
                 None => {
                     if !pending.is_empty() || dirty {
-                        self.flush(&mut source, &mut pending, &resume, next_seq).await?;
+                        self.flush(&released, &mut pending, &resume, next_seq).await?;
                         dirty = false;
                     }
                 }
@@ -140,7 +145,7 @@ impl<'a> Capture<'a> {
 
     async fn flush(
         &self,
-        source: &mut PostgresSource,
+        released: &Released,
         pending: &mut Vec<ChangeEvent>,
         resume: &ResumePoint,
         next_seq: u64,
@@ -149,10 +154,14 @@ impl<'a> Capture<'a> {
             None
         } else {
             let batch = ChangeBatch { source_id: self.source_id.to_string(), changes: std::mem::take(pending) };
-            Some(SpooledBatch { first_seq: batch.first_seq(), last_seq: batch.last_seq(), bytes: wire::encode_batch(batch) })
+            Some(SpooledBatch {
+                first_seq: batch.first_seq(),
+                last_seq: batch.last_seq(),
+                bytes: wire::encode_batch(batch),
+            })
         };
         self.spool.append(batch, resume, next_seq).await?;
-        source.release(resume.committed_end);
+        released.release(resume.committed_end);
         Ok(())
     }
 }

@@ -1,8 +1,8 @@
 //! Sources of row changes and the change model they share.
 //!
 //! A source captures committed row changes from one upstream database, in commit order, as
-//! [`model::ChangeEvent`]s. It never decides when a change is safe to forget: the agent tells it, with
-//! [`postgres::PostgresSource::release`], once the change is durable in the agent's spool. Delivery is
+//! [`model::ChangeEvent`]s. It never decides when a change is safe to forget: the agent tells it, through
+//! [`postgres::Released`], once the change is durable in the agent's spool. Delivery is
 //! therefore at-least-once from the source; the agent removes the replayed prefix after a restart using
 //! the [`postgres::ResumePoint`] it stored atomically with the spooled changes, which makes the spool
 //! exactly-once.

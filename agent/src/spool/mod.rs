@@ -172,7 +172,12 @@ impl Spool {
     }
 
     /// Durably stores a batch (if any) with the resume point that includes it. Returns once flushed.
-    pub async fn append(&self, batch: Option<SpooledBatch>, resume: &ResumePoint, next_seq: u64) -> Result<(), SpoolError> {
+    pub async fn append(
+        &self,
+        batch: Option<SpooledBatch>,
+        resume: &ResumePoint,
+        next_seq: u64,
+    ) -> Result<(), SpoolError> {
         let mut b = sled::Batch::default();
         let mut added = None;
         if let Some(batch) = batch {
@@ -235,7 +240,8 @@ impl Spool {
             let (k, v) = entry?;
             let first_seq = u64::from_be_bytes(k[1..9].try_into().map_err(|_| SpoolError::Corrupt("batch key"))?);
             let (last_seq, at) = decode_index(&v)?;
-            let bytes = self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?.read(at)?;
+            let bytes =
+                self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?.read(at)?;
             out.push(SpooledBatch { first_seq, last_seq, bytes });
         }
         Ok(out)

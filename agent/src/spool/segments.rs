@@ -73,7 +73,9 @@ impl Segments {
         let current = self.current.as_ref().map(|(id, _, _)| *id);
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let Some(id) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok()) else { continue };
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok()) else {
+                continue;
+            };
             if Some(id) != current && oldest_needed.is_none_or(|needed| id < needed) {
                 fs::remove_file(&path)?;
             }

@@ -11,9 +11,9 @@
 //! transaction is marked `txn_last`, followed by [`Captured::Commit`].
 //!
 //! # Progress and acknowledgement
-//! The source never confirms on its own. The agent calls [`PostgresSource::release`] with a commit's
-//! end LSN once everything up to it is durable in the spool, and the source reports that position in
-//! its standby status updates, so the slot holds WAL only for what the spool does not have yet. While
+//! The source never confirms on its own. The agent advances the shared [`Released`] position with a
+//! commit's end LSN once everything up to it is durable in the spool, and the source reports that
+//! position in its standby status updates, so the slot holds WAL only for what the spool does not have yet. While
 //! nothing is in flight, a server keepalive's WAL end is released too: an idle captured database
 //! must not pin WAL that other databases on the server produce.
 //!
@@ -35,6 +35,7 @@ pub mod snapshot;
 pub mod text;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,29 @@ use self::protocol::{ConnectParams, ReplicationConnection, ReplicationMessage};
 use self::snapshot::SnapshotReader;
 pub use crate::error::SourceError;
 use crate::model::{ChangeEvent, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
+
+/// The position up to which everything is durable downstream, shared between whoever makes changes
+/// durable (the agent's spool writer) and the source, which reports it to the server. Only moves
+/// forward.
+#[derive(Debug, Clone, Default)]
+pub struct Released(Arc<AtomicU64>);
+
+impl Released {
+    /// Starts at `lsn`.
+    pub fn new(lsn: Lsn) -> Self {
+        Self(Arc::new(AtomicU64::new(lsn.0)))
+    }
+
+    /// Everything up to `upto` is durable downstream.
+    pub fn release(&self, upto: Lsn) {
+        self.0.fetch_max(upto.0, Ordering::AcqRel);
+    }
+
+    /// The released position.
+    pub fn get(&self) -> Lsn {
+        Lsn(self.0.load(Ordering::Acquire))
+    }
+}
 
 /// What the spool already holds, so a restart resumes without duplicates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -117,13 +141,14 @@ pub struct PostgresSource {
     held: Option<(ChangeEvent, Lsn)>,
     out: VecDeque<Captured>,
     last_commit_seen: Lsn,
-    released: Lsn,
+    released: Released,
     next_feedback: Instant,
 }
 
 impl PostgresSource {
     /// Connects, checks prerequisites, and either resumes streaming or starts a new snapshot.
-    pub async fn start(config: PostgresConfig, resume: ResumePoint) -> Result<Self, SourceError> {
+    /// `released` is advanced by whoever makes changes durable; the source reports it to the server.
+    pub async fn start(config: PostgresConfig, resume: ResumePoint, released: Released) -> Result<Self, SourceError> {
         let password = config.resolve_password()?;
         let client = config.connect_query().await?;
         let report = check::run(&client, &config).await?;
@@ -190,7 +215,10 @@ impl PostgresSource {
             repl,
             phase,
             relations: HashMap::new(),
-            released: resume.committed_end,
+            released: {
+                released.release(resume.committed_end);
+                released
+            },
             last_commit_seen: resume.committed_end,
             resume,
             txn: None,
@@ -214,7 +242,7 @@ impl PostgresSource {
                         self.client.batch_execute("COMMIT").await?;
                         self.repl.start_replication(&self.config.slot, at, &self.config.publication).await?;
                         self.phase = Phase::Streaming;
-                        self.released = self.released.max(at);
+                        self.released.release(at);
                         self.last_commit_seen = self.last_commit_seen.max(at);
                         info!(%at, "snapshot complete, streaming started");
                         return Ok(Some(Captured::SnapshotDone { at }));
@@ -230,11 +258,6 @@ impl PostgresSource {
         }
     }
 
-    /// Everything up to `upto` is durable downstream: the server may recycle that WAL.
-    pub fn release(&mut self, upto: Lsn) {
-        self.released = self.released.max(upto);
-    }
-
     /// Sends a status update if one is due; call while capture is paused so the server keeps the
     /// connection.
     pub async fn keep_alive(&mut self) -> Result<(), SourceError> {
@@ -245,7 +268,7 @@ impl PostgresSource {
     }
 
     async fn send_feedback(&mut self) -> Result<(), SourceError> {
-        self.repl.send_status(self.released).await?;
+        self.repl.send_status(self.released.get()).await?;
         self.next_feedback = Instant::now() + Duration::from_millis(self.config.feedback_interval_ms);
         Ok(())
     }
@@ -254,8 +277,8 @@ impl PostgresSource {
         match msg {
             ReplicationMessage::Keepalive { wal_end, reply } => {
                 let quiet = self.txn.is_none() && self.held.is_none() && self.out.is_empty();
-                if quiet && self.released >= self.last_commit_seen {
-                    self.released = self.released.max(wal_end);
+                if quiet && self.released.get() >= self.last_commit_seen {
+                    self.released.release(wal_end);
                 }
                 if reply {
                     self.send_feedback().await?;

@@ -291,7 +291,7 @@ mod tests {
         assert_eq!(round_trip(701, "-Infinity"), "-Infinity");
         assert_eq!(round_trip(701, "NaN"), "NaN");
         assert_eq!(round_trip(17, "\\x00ff"), "\\x00ff");
-        assert_eq!(parse_value(600, "point", "(1,2)"), Value::Other { type_name: "t".into(), text: "(1,2)".into() });
+        assert_eq!(parse_value(600, "point", "(1,2)"), Value::Other { type_name: "point".into(), text: "(1,2)".into() });
     }
 
     #[test]
