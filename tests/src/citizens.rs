@@ -7,8 +7,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
-/// The citizens table: every type the Postgres source must carry, a TOAST-able note and a 12-digit id.
+/// The citizens table: every type the Postgres source must carry (plus a user-defined enum and an
+/// interval, which travel as text with their type names), a TOAST-able note and a 12-digit id.
 pub const CITIZENS_DDL: &str = "
+CREATE TYPE citizen_status AS ENUM ('active', 'abroad', 'deceased');
 CREATE TABLE citizens (
     citizen_id     char(12) PRIMARY KEY,
     full_name      text NOT NULL,
@@ -29,6 +31,8 @@ CREATE TABLE citizens (
     tags           text[],
     phones         bigint[],
     note           text,
+    status         citizen_status DEFAULT 'active',
+    resident_for   interval DEFAULT '3 years 2 mons 5 days',
     version        bigint NOT NULL DEFAULT 1
 );";
 

@@ -5,3 +5,4 @@ mod bad_input;
 mod crash_recovery;
 mod mixed_workload;
 mod snapshot_and_stream;
+mod spool_limits;
