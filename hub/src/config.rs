@@ -112,16 +112,19 @@ impl fmt::Debug for AgentAcl {
 }
 
 impl AgentAcl {
+    /// SHA-256 (hex) of this agent's token, however the config gives it.
+    fn token_digest(&self) -> Option<String> {
+        match (&self.token_sha256, &self.token) {
+            (Some(h), _) => Some(h.to_ascii_lowercase()),
+            (None, Some(t)) => Some(hex::encode(Sha256::digest(t.as_bytes()))),
+            (None, None) => None,
+        }
+    }
+
     /// Whether `token` is this agent's.
     pub fn accepts(&self, token: &str) -> bool {
-        let digest = hex::encode(Sha256::digest(token.as_bytes()));
-        let expected = match (&self.token_sha256, &self.token) {
-            (Some(h), _) => h.to_ascii_lowercase(),
-            (None, Some(t)) => hex::encode(Sha256::digest(t.as_bytes())),
-            (None, None) => return false,
-        };
         // Comparing digests, not tokens: timing reveals nothing about the token.
-        digest == expected
+        self.token_digest().is_some_and(|expected| hex::encode(Sha256::digest(token.as_bytes())) == expected)
     }
 
     /// The NDC schema for this agent.
@@ -173,9 +176,15 @@ impl Validate for HubConfig {
             p.push(format!("listen {:?} is not host:port", self.listen));
         }
         let mut seen = std::collections::HashSet::new();
+        let mut tokens = std::collections::HashMap::new();
         for a in &self.agents {
             if !seen.insert(&a.id) {
                 p.push(format!("agent {} is listed twice", a.id));
+            }
+            if let Some(digest) = a.token_digest() {
+                if let Some(other) = tokens.insert(digest, &a.id) {
+                    p.push(format!("agents {other} and {} share a token: each agent needs its own", a.id));
+                }
             }
             if a.token.is_none() && a.token_sha256.is_none() {
                 p.push(format!("agent {} has neither token_sha256 nor token", a.id));
@@ -229,10 +238,14 @@ id = "a"
 id = "a"
 token = "t0ps3cret"
 target_schema = "dongbo"
+[[agents]]
+id = "b"
+token = "t0ps3cret"
 "#;
         let c: HubConfig = toml::from_str(text).unwrap();
         let problems = c.validate();
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("share a token")), "{problems:?}");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2") && !dbg.contains("t0ps3cret"), "{dbg}");
     }

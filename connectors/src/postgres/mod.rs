@@ -411,7 +411,9 @@ fn tuple_row(schema: &TableSchema, values: Vec<TupleValue>) -> Result<Row, Sourc
         .map(|(v, c)| match v {
             TupleValue::Null => Value::Null,
             TupleValue::UnchangedToast => Value::UnchangedToast,
-            TupleValue::Text(bytes) => text::parse_value(c.type_oid, &c.type_name, &String::from_utf8_lossy(&bytes)),
+            TupleValue::Text(bytes) => {
+                text::parse_value(c.type_oid, &c.type_name, String::from_utf8_lossy(&bytes).into_owned())
+            }
         })
         .collect())
 }

@@ -129,7 +129,7 @@ impl SnapshotReader {
                     .zip(&copy.schema.columns)
                     .map(|(f, c)| match f {
                         None => crate::model::Value::Null,
-                        Some(t) => parse_value(c.type_oid, &c.type_name, &t),
+                        Some(t) => parse_value(c.type_oid, &c.type_name, t),
                     })
                     .collect();
                 copy.copied += 1;

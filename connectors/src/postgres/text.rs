@@ -55,32 +55,48 @@ fn array_element(type_oid: u32) -> Option<u32> {
     })
 }
 
-/// Parses a value printed in Postgres text format. Never fails: text that does not parse as its
-/// type is kept as [`Value::Other`], so nothing is lost.
-pub fn parse_value(type_oid: u32, type_name: &str, text: &str) -> Value {
-    parse_scalar(type_oid, text)
-        .or_else(|| array_element(type_oid).and_then(|elem| parse_array(elem, text)))
-        .unwrap_or_else(|| Value::Other { type_name: type_name.to_string(), text: text.to_string() })
+/// Parses a value printed in Postgres text format, taking the text by value so text-like values move
+/// instead of being copied. Never fails: text that does not parse as its type is kept as
+/// [`Value::Other`], so nothing is lost.
+pub fn parse_value(type_oid: u32, type_name: &str, text: String) -> Value {
+    let text = match parse_scalar(type_oid, text) {
+        Ok(v) => return v,
+        Err(text) => text,
+    };
+    if let Some(v) = array_element(type_oid).and_then(|elem| parse_array(elem, &text)) {
+        return v;
+    }
+    Value::Other { type_name: type_name.to_string(), text }
 }
 
-fn parse_scalar(type_oid: u32, text: &str) -> Option<Value> {
-    Some(match type_oid {
-        oid::BOOL => match text {
+/// A scalar of a modelled type, or the text back when the type is not modelled or does not parse.
+fn parse_scalar(type_oid: u32, text: String) -> Result<Value, String> {
+    Ok(match type_oid {
+        oid::BOOL => match text.as_str() {
             "t" => Value::Bool(true),
             "f" => Value::Bool(false),
-            _ => return None,
+            _ => return Err(text),
         },
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => Value::Int(text.parse().ok()?),
-        oid::FLOAT4 | oid::FLOAT8 => Value::Float(text.parse().ok()?),
-        oid::NUMERIC => Value::Numeric(text.to_string()),
-        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::CHAR => Value::Text(text.to_string()),
-        oid::BYTEA => Value::Bytes(hex::decode(text.strip_prefix("\\x")?).ok()?),
-        oid::DATE => Value::Date(text.to_string()),
-        oid::TIMESTAMP => Value::Timestamp(text.to_string()),
-        oid::TIMESTAMPTZ => Value::TimestampTz(text.to_string()),
-        oid::JSON | oid::JSONB => Value::Json(text.to_string()),
-        oid::UUID => Value::Uuid(text.to_string()),
-        _ => return None,
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => match text.parse() {
+            Ok(i) => Value::Int(i),
+            Err(_) => return Err(text),
+        },
+        oid::FLOAT4 | oid::FLOAT8 => match text.parse() {
+            Ok(f) => Value::Float(f),
+            Err(_) => return Err(text),
+        },
+        oid::NUMERIC => Value::Numeric(text),
+        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::CHAR => Value::Text(text),
+        oid::BYTEA => match text.strip_prefix("\\x").and_then(|h| hex::decode(h).ok()) {
+            Some(b) => Value::Bytes(b),
+            None => return Err(text),
+        },
+        oid::DATE => Value::Date(text),
+        oid::TIMESTAMP => Value::Timestamp(text),
+        oid::TIMESTAMPTZ => Value::TimestampTz(text),
+        oid::JSON | oid::JSONB => Value::Json(text),
+        oid::UUID => Value::Uuid(text),
+        _ => return Err(text),
     })
 }
 
@@ -114,7 +130,7 @@ fn parse_array_level(elem_oid: u32, chars: &mut std::iter::Peekable<std::str::Ch
                         c => s.push(c),
                     }
                 }
-                items.push(parse_scalar(elem_oid, &s)?);
+                items.push(parse_scalar(elem_oid, s).ok()?);
             }
             _ => {
                 let mut s = String::new();
@@ -126,7 +142,11 @@ fn parse_array_level(elem_oid: u32, chars: &mut std::iter::Peekable<std::str::Ch
                     chars.next();
                 }
                 let s = s.trim();
-                items.push(if s.eq_ignore_ascii_case("NULL") { Value::Null } else { parse_scalar(elem_oid, s)? });
+                items.push(if s.eq_ignore_ascii_case("NULL") {
+                    Value::Null
+                } else {
+                    parse_scalar(elem_oid, s.to_string()).ok()?
+                });
             }
         }
         match chars.next()? {
@@ -272,7 +292,7 @@ mod tests {
     use super::*;
 
     fn round_trip(oid: u32, text: &str) -> String {
-        let v = parse_value(oid, "t", text);
+        let v = parse_value(oid, "t", text.to_string());
         let mut s = String::new();
         write_value(&v, &mut s).unwrap();
         s
@@ -280,23 +300,26 @@ mod tests {
 
     #[test]
     fn scalars_parse_to_their_types_and_print_back() {
-        assert_eq!(parse_value(23, "integer", "-42"), Value::Int(-42));
-        assert_eq!(parse_value(16, "boolean", "t"), Value::Bool(true));
+        assert_eq!(parse_value(23, "integer", "-42".into()), Value::Int(-42));
+        assert_eq!(parse_value(16, "boolean", "t".into()), Value::Bool(true));
         assert_eq!(
-            parse_value(1700, "numeric", "12345678901234567890.000000001"),
+            parse_value(1700, "numeric", "12345678901234567890.000000001".into()),
             Value::Numeric("12345678901234567890.000000001".into())
         );
-        assert_eq!(parse_value(17, "bytea", "\\x00ff"), Value::Bytes(vec![0, 255]));
+        assert_eq!(parse_value(17, "bytea", "\\x00ff".into()), Value::Bytes(vec![0, 255]));
         assert_eq!(round_trip(701, "0.1"), "0.1");
         assert_eq!(round_trip(701, "-Infinity"), "-Infinity");
         assert_eq!(round_trip(701, "NaN"), "NaN");
         assert_eq!(round_trip(17, "\\x00ff"), "\\x00ff");
-        assert_eq!(parse_value(600, "point", "(1,2)"), Value::Other { type_name: "point".into(), text: "(1,2)".into() });
+        assert_eq!(
+            parse_value(600, "point", "(1,2)".into()),
+            Value::Other { type_name: "point".into(), text: "(1,2)".into() }
+        );
     }
 
     #[test]
     fn arrays_parse_quoted_null_and_nested_elements() {
-        let v = parse_value(1009, "text[]", r#"{plain,"with space","q\"uote",NULL,"NULL"}"#);
+        let v = parse_value(1009, "text[]", r#"{plain,"with space","q\"uote",NULL,"NULL"}"#.into());
         assert_eq!(
             v,
             Value::Array(vec![
@@ -307,7 +330,7 @@ mod tests {
                 Value::Text("NULL".into()),
             ])
         );
-        let v = parse_value(1007, "integer[]", "{{1,2},{3,4}}");
+        let v = parse_value(1007, "integer[]", "{{1,2},{3,4}}".into());
         assert_eq!(
             v,
             Value::Array(vec![
@@ -318,7 +341,7 @@ mod tests {
         assert_eq!(round_trip(1009, r#"{"a\\b","c"}"#), r#"{"a\\b","c"}"#);
         assert_eq!(round_trip(1007, "{}"), "{}");
         // Explicit bounds are kept verbatim rather than lost.
-        assert!(matches!(parse_value(1007, "integer[]", "[0:1]={1,2}"), Value::Other { .. }));
+        assert!(matches!(parse_value(1007, "integer[]", "[0:1]={1,2}".into()), Value::Other { .. }));
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl NdcApplier {
                 let mut plan = Plan::default();
                 plan.add(c);
                 let sp = txn.savepoint("dongbo_change").await?;
-                match execute(&sp, &plan, targets, &mut used_stages).await {
+                match execute(&sp, &plan, targets, &mut used_stages, false).await {
                     Ok(()) => {
                         sp.commit().await?;
                         kept.push(c);
@@ -211,7 +211,7 @@ impl NdcApplier {
         } else {
             let mut plan = Plan::default();
             accepted.iter().for_each(|c| plan.add(c));
-            execute(&txn, &plan, targets, &mut used_stages).await?;
+            execute(&txn, &plan, targets, &mut used_stages, true).await?;
         }
         for (c, reason) in &quarantine {
             let op = format!("{:?}", c.op).to_lowercase();
@@ -261,11 +261,23 @@ async fn execute(
     plan: &Plan,
     targets: &HashMap<(TableId, u64), Target>,
     used_stages: &mut HashSet<String>,
+    direct_snapshot_copy: bool,
 ) -> Result<(), tokio_postgres::Error> {
     for table in &plan.tables {
         let Some(target) = targets.get(&(table.schema.table.clone(), table.schema.version)) else { continue };
         if table.truncate {
             txn.batch_execute(&format!("TRUNCATE {}", target.qualified)).await?;
+        }
+        if direct_snapshot_copy && table.snapshot_only {
+            // Should a key exist after all, the unique violation rolls the transaction back and the
+            // change-by-change retry applies these rows as upserts.
+            let rows = table.ops.values().filter_map(|op| match op {
+                RowOp::Upsert { row, .. } => Some(row),
+                RowOp::Delete(_) => None,
+            });
+            let all: Vec<usize> = (0..target.columns.len()).collect();
+            copy_rows(txn, &target.copy_target_sql(), rows, &all).await?;
+            continue;
         }
         let mut deletes = Vec::new();
         let mut upserts: HashMap<Vec<usize>, Vec<&Vec<Value>>> = HashMap::new();

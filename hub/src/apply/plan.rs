@@ -38,6 +38,9 @@ pub struct TablePlan {
     pub truncate: bool,
     /// Final operation per key (keyed by the key's text).
     pub ops: HashMap<String, RowOp>,
+    /// Every operation is a snapshot read: the rows are new to the target (a table's snapshot opens
+    /// with a truncate and reads each key once), so they can be copied in without an upsert.
+    pub snapshot_only: bool,
 }
 
 /// Planned work for a run of changes.
@@ -67,12 +70,18 @@ impl Plan {
         let idx = match self.open.get(&c.table.table) {
             Some(&i) if self.tables[i].schema.version == c.table.version => i,
             _ => {
-                self.tables.push(TablePlan { schema: c.table.clone(), truncate: false, ops: HashMap::new() });
+                self.tables.push(TablePlan {
+                    schema: c.table.clone(),
+                    truncate: false,
+                    ops: HashMap::new(),
+                    snapshot_only: true,
+                });
                 self.open.insert(c.table.table.clone(), self.tables.len() - 1);
                 self.tables.len() - 1
             }
         };
         let plan = &mut self.tables[idx];
+        plan.snapshot_only &= matches!(c.op, Operation::SnapshotRead | Operation::Truncate);
         match c.op {
             Operation::Truncate => {
                 plan.truncate = true;
@@ -185,6 +194,11 @@ mod tests {
         p.add(&change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")])));
         assert!(p.tables[0].truncate);
         assert_eq!(p.tables[0].ops.len(), 1);
+        assert!(!p.tables[0].snapshot_only, "earlier updates make the plan mixed");
+        let mut p = Plan::default();
+        p.add(&change(&s, Operation::Truncate, "", None));
+        p.add(&change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")])));
+        assert!(p.tables[0].snapshot_only);
     }
 
     #[test]

@@ -148,6 +148,11 @@ impl Target {
         format!("COPY {} ({}) FROM STDIN", self.stage, cols.join(", "))
     }
 
+    /// COPY of whole rows straight into the target (snapshot rows, new to the target).
+    pub fn copy_target_sql(&self) -> String {
+        format!("COPY {} ({}) FROM STDIN", self.qualified, self.columns.join(", "))
+    }
+
     /// COPY of keys into the delete stage.
     pub fn copy_delete_sql(&self) -> String {
         format!("COPY {} ({}) FROM STDIN", self.delete_stage, self.key_columns.join(", "))

@@ -53,7 +53,7 @@ fn agent_config(dir: &std::path::Path, name: &str, src_port: u16, hub_port: u16)
             "source_id = \"{name}\"\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {src_port}\ndatabase = \"province\"\n\
              user = \"{role}\"\npassword = \"{pw}\"\ntables = [\"public.citizens\"]\nslot = \"{slot}\"\npublication = \"dongbo\"\n\
              feedback_interval_ms = 100\n[spool]\npath = \"{spool}\"\nmax_bytes = 68719476736\n\
-             [hub]\nurl = \"http://127.0.0.1:{hub_port}\"\ntoken = \"bench\"\nmax_backoff_ms = 500\n",
+             [hub]\nurl = \"http://127.0.0.1:{hub_port}\"\ntoken = \"{name}-token\"\nmax_backoff_ms = 500\n",
             role = pg::ROLE,
             pw = pg::PASSWORD,
             slot = name.replace('-', "_"),
@@ -69,7 +69,7 @@ fn hub_config(dir: &std::path::Path, ndc_port: u16, hub_port: u16) -> anyhow::Re
         &path,
         format!(
             "listen = \"127.0.0.1:{hub_port}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
-             [[agents]]\nid = \"e2e\"\ntoken = \"bench\"\n",
+             [[agents]]\nid = \"e2e\"\ntoken = \"e2e-token\"\n[[agents]]\nid = \"snap\"\ntoken = \"snap-token\"\n",
             role = pg::ROLE,
             pw = pg::PASSWORD,
         ),
@@ -142,12 +142,14 @@ async fn load(src: &Client, rows: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Staged upsert of the same rows into the NDC: the apply floor.
-async fn staged_upsert_floor(ndc: &Client, rows: u64) -> anyhow::Result<Duration> {
+/// Staged upsert of the same rows into the NDC: the apply floor. Also returns the time of the first
+/// `COPY` alone (rows in, no upsert): the snapshot floor.
+async fn staged_upsert_floor(ndc: &Client, rows: u64) -> anyhow::Result<(Duration, Duration)> {
     ndc.batch_execute(&format!("DROP TABLE IF EXISTS floor_target; {}", TABLE.replace("citizens", "floor_target")))
         .await?;
     ndc.batch_execute("CREATE TEMP TABLE floor_stage (LIKE floor_target)").await?;
     let start = Instant::now();
+    let mut copy_in = Duration::ZERO;
     for pass in 0..2 {
         let mut buf = Vec::with_capacity(rows as usize * 120);
         for g in 1..=rows {
@@ -164,7 +166,11 @@ async fn staged_upsert_floor(ndc: &Client, rows: u64) -> anyhow::Result<Duration
             );
         }
         ndc.batch_execute("BEGIN; TRUNCATE floor_stage").await?;
+        let copy_start = Instant::now();
         send_all(ndc, "COPY floor_stage FROM STDIN", buf).await?;
+        if pass == 0 {
+            copy_in = copy_start.elapsed();
+        }
         ndc.batch_execute(
             "INSERT INTO floor_target SELECT * FROM floor_stage ON CONFLICT (citizen_id) DO UPDATE SET
                full_name = EXCLUDED.full_name, birth_date = EXCLUDED.birth_date, gender = EXCLUDED.gender,
@@ -174,7 +180,7 @@ async fn staged_upsert_floor(ndc: &Client, rows: u64) -> anyhow::Result<Duration
         )
         .await?;
     }
-    Ok(start.elapsed())
+    Ok((start.elapsed(), copy_in))
 }
 
 /// Sends `data` through `COPY ... FROM STDIN`.
@@ -306,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
         wait_for("end to end", Duration::from_secs(1200), || async { Ok(applied(&ndc, "e2e").await? >= target) })
             .await?;
     let e2e_rss = e2e.pid().and_then(peak_rss_kib).unwrap_or(0);
-    let staged = staged_upsert_floor(&ndc, a.rows).await?;
+    let (staged, copy_in) = staged_upsert_floor(&ndc, a.rows).await?;
 
     // 3. Latency at a steady rate: a trigger in the NDC records (write time - source commit time).
     ndc.batch_execute(
@@ -340,6 +346,16 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let lat = ndc.query_one("SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms) FROM latency", &[]).await?;
     e2e.stop();
+
+    // 4. Initial snapshot of the whole table into the NDC, against COPY in of the same rows.
+    let snap_cfg = agent_config(&dir, "snap", province.port, hub_port)?;
+    let mut snap =
+        DongboProcess::spawn("dongbo-agent", &["run", "--config", &snap_cfg.to_string_lossy()], &dir.join("snap.log"))?;
+    let snap_target = 1 + a.rows as i64;
+    let snapshot =
+        wait_for("snapshot", Duration::from_secs(1200), || async { Ok(applied(&ndc, "snap").await? >= snap_target) })
+            .await?;
+    snap.stop();
     hub.stop();
     let quarantined: i64 = ndc.query_one("SELECT count(*) FROM dongbo.quarantine", &[]).await?.get(0);
     if quarantined > 0 {
@@ -368,6 +384,14 @@ async fn main() -> anyhow::Result<()> {
         "  dongbo end to end      {e2e_r:>10.0} changes/s  ({:.2} s)   ratio {:.2} (target >= 0.50)",
         e2e_time.as_secs_f64(),
         e2e_r / staged_r
+    );
+    let (copy_r, snap_r) = (rate(a.rows, copy_in), rate(a.rows, snapshot));
+    println!("== initial snapshot ({} rows, source -> NDC)", a.rows);
+    println!("  COPY in floor          {copy_r:>10.0} rows/s     ({:.2} s)", copy_in.as_secs_f64());
+    println!(
+        "  dongbo snapshot        {snap_r:>10.0} rows/s     ({:.2} s)   ratio {:.2} (target >= 0.50)",
+        snapshot.as_secs_f64(),
+        snap_r / copy_r
     );
     println!("== latency, source commit -> NDC write, at {offered:.0} changes/s offered");
     println!(

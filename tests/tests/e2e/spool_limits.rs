@@ -8,7 +8,10 @@ use dongbo_tests::Deployment;
 
 async fn slot_lsn(src: &tokio_postgres::Client) -> anyhow::Result<i64> {
     let r = src
-        .query_one("SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'dongbo'", &[])
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'dongbo'",
+            &[],
+        )
         .await?;
     Ok(r.get(0))
 }
@@ -60,7 +63,8 @@ async fn an_idle_captured_table_does_not_pin_the_servers_wal() -> anyhow::Result
     let before = slot_lsn(&src).await?;
     // Activity on a table dongbo does not capture still produces WAL.
     for _ in 0..20 {
-        src.batch_execute("INSERT INTO audit_trail (what) SELECT 'ghi nhận ' || g FROM generate_series(1, 500) g").await?;
+        src.batch_execute("INSERT INTO audit_trail (what) SELECT 'ghi nhận ' || g FROM generate_series(1, 500) g")
+            .await?;
     }
     let end: i64 = src.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await?.get(0);
     let deadline = Instant::now() + Duration::from_secs(30);
