@@ -107,7 +107,9 @@ impl Plan {
                                     *v = p.clone();
                                 }
                             }
-                            toast_from = prev_from.clone();
+                            // Values the plan does not have are in the NDC row under the key the
+                            // previous write was staged from, or else under this change's old key.
+                            toast_from = prev_from.clone().or_else(|| (old_text != new_text).then(|| c.key.clone()));
                         }
                         _ => {
                             toast_from = (old_text != new_text).then(|| c.key.clone());
@@ -218,6 +220,13 @@ mod tests {
             RowOp::Upsert { row: vec![t("c"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) }
         );
         assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Delete(vec![t("b")]));
+        // Updated in place (value unchanged), then re-keyed: the NDC row under the old key holds it.
+        p.add(&change(&s, Operation::Update, "m", Some(vec![t("m"), Value::UnchangedToast])));
+        p.add(&change(&s, Operation::Update, "m", Some(vec![t("n"), Value::UnchangedToast])));
+        assert_eq!(
+            p.tables[0].ops[&key_text(&[t("n")])],
+            RowOp::Upsert { row: vec![t("n"), Value::UnchangedToast], toast_from: Some(vec![t("m")]) }
+        );
         // Re-keyed after a full write in the plan: the value comes from the plan.
         p.add(&change(&s, Operation::Insert, "x", Some(vec![t("x"), t("big")])));
         p.add(&change(&s, Operation::Update, "x", Some(vec![t("y"), Value::UnchangedToast])));

@@ -35,6 +35,20 @@ async fn hundred_thousand_mixed_changes_arrive_exactly_once() -> anyhow::Result<
     changes += src
         .execute("UPDATE citizens SET citizen_id = '3' || substr(citizen_id, 2) WHERE citizen_id IN (SELECT citizen_id FROM citizens WHERE length(note) > 8192 ORDER BY citizen_id LIMIT 10)", &[])
         .await?;
+    // In one transaction (so in one apply plan): an in-place update, then a key change, both leaving
+    // the TOASTed note untouched.
+    let toasted = src
+        .query("SELECT citizen_id FROM citizens WHERE length(note) > 8192 AND citizen_id NOT LIKE '3%' ORDER BY citizen_id LIMIT 5", &[])
+        .await?;
+    for row in toasted {
+        let id: String = row.get(0);
+        src.batch_execute(&format!(
+            "BEGIN; UPDATE citizens SET version = version + 1 WHERE citizen_id = '{id}';
+             UPDATE citizens SET citizen_id = '4' || substr(citizen_id, 2) WHERE citizen_id = '{id}'; COMMIT"
+        ))
+        .await?;
+        changes += 2;
+    }
     // Set-based updates, a key change on many rows, deletes, NULLs.
     changes +=
         src.execute("UPDATE citizens SET income = income * 1.1, active = NOT active WHERE gender = 0", &[]).await?;
