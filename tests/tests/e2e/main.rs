@@ -4,5 +4,6 @@ mod agent_check;
 mod bad_input;
 mod crash_recovery;
 mod mixed_workload;
+mod schema_drift;
 mod snapshot_and_stream;
 mod spool_limits;
