@@ -258,7 +258,7 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 
 async fn execute(
     txn: &Transaction<'_>,
-    plan: &Plan,
+    plan: &Plan<'_>,
     targets: &HashMap<(TableId, u64), Target>,
     used_stages: &mut HashSet<String>,
     direct_snapshot_copy: bool,
@@ -272,7 +272,7 @@ async fn execute(
             // Should a key exist after all, the unique violation rolls the transaction back and the
             // change-by-change retry applies these rows as upserts.
             let rows = table.ops.values().filter_map(|op| match op {
-                RowOp::Upsert { row, .. } => Some(row),
+                RowOp::Upsert { row, .. } => Some(row.as_ref()),
                 RowOp::Delete(_) => None,
             });
             let all: Vec<usize> = (0..target.columns.len()).collect();
@@ -280,10 +280,10 @@ async fn execute(
             continue;
         }
         let mut deletes = Vec::new();
-        let mut upserts: HashMap<Vec<usize>, Vec<&Vec<Value>>> = HashMap::new();
+        let mut upserts: HashMap<Vec<usize>, Vec<&[Value]>> = HashMap::new();
         for op in table.ops.values() {
             match op {
-                RowOp::Delete(key) => deletes.push(key),
+                RowOp::Delete(key) => deletes.push(*key),
                 RowOp::Upsert { row, toast_from: Some(old_key) } => {
                     // Rare (a key change on a row with out-of-line values), so one statement each,
                     // before the old key's row is deleted below.
@@ -295,7 +295,7 @@ async fn execute(
                 }
                 RowOp::Upsert { row, toast_from: None } => {
                     let present: Vec<usize> = (0..row.len()).filter(|&i| row[i] != Value::UnchangedToast).collect();
-                    upserts.entry(present).or_default().push(row);
+                    upserts.entry(present).or_default().push(row.as_ref());
                 }
             }
         }
@@ -327,7 +327,7 @@ fn pg_text(v: &Value) -> Option<String> {
 async fn copy_rows<'r>(
     txn: &Transaction<'_>,
     sql: &str,
-    rows: impl Iterator<Item = &'r Vec<Value>>,
+    rows: impl Iterator<Item = &'r [Value]>,
     columns: &[usize],
 ) -> Result<(), tokio_postgres::Error> {
     const CHUNK: usize = 1 << 20;

@@ -7,37 +7,38 @@
 //! one table can run as separate statements. A change of table shape seals the table's plan and opens
 //! a new one, so rows of different widths never mix.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dongbo_connectors::model::{ChangeEvent, Operation, Row, TableId, TableSchema, Value};
+use dongbo_connectors::model::{ChangeEvent, Operation, TableId, TableSchema, Value};
 use dongbo_connectors::postgres::text::write_value;
 
 /// The final operation on one key.
 #[derive(Debug, Clone, PartialEq)]
-pub enum RowOp {
+pub enum RowOp<'a> {
     /// Insert or replace the row. Unchanged-TOAST columns keep the target's value: the value of this
     /// key's row, or with `toast_from`, of the row the key was changed from (Postgres does not resend
     /// a TOASTed value when an UPDATE changes the key but not that column).
     Upsert {
-        /// The new row.
-        row: Row,
+        /// The new row, borrowed from the change unless TOAST values were merged into it.
+        row: Cow<'a, [Value]>,
         /// The key whose NDC row holds the unchanged TOAST values, when the key changed.
-        toast_from: Option<Row>,
+        toast_from: Option<&'a [Value]>,
     },
     /// Remove the row with this key.
-    Delete(Row),
+    Delete(&'a [Value]),
 }
 
 /// Planned work on one table, for one schema version.
 #[derive(Debug)]
-pub struct TablePlan {
+pub struct TablePlan<'a> {
     /// The table's shape for these rows.
     pub schema: Arc<TableSchema>,
     /// Empty the table before anything else.
     pub truncate: bool,
     /// Final operation per key (keyed by the key's text).
-    pub ops: HashMap<String, RowOp>,
+    pub ops: HashMap<String, RowOp<'a>>,
     /// Every operation is a snapshot read: the rows are new to the target (a table's snapshot opens
     /// with a truncate and reads each key once), so they can be copied in without an upsert.
     pub snapshot_only: bool,
@@ -45,9 +46,9 @@ pub struct TablePlan {
 
 /// Planned work for a run of changes.
 #[derive(Debug, Default)]
-pub struct Plan {
+pub struct Plan<'a> {
     /// Table plans in the order they must run.
-    pub tables: Vec<TablePlan>,
+    pub tables: Vec<TablePlan<'a>>,
     open: HashMap<TableId, usize>,
 }
 
@@ -64,9 +65,9 @@ pub fn key_text(key: &[Value]) -> String {
     s
 }
 
-impl Plan {
-    /// Adds the next change, in seq order.
-    pub fn add(&mut self, c: &ChangeEvent) {
+impl<'a> Plan<'a> {
+    /// Adds the next change, in seq order. Rows are borrowed from the change, not copied.
+    pub fn add(&mut self, c: &'a ChangeEvent) {
         let idx = match self.open.get(&c.table.table) {
             Some(&i) if self.tables[i].schema.version == c.table.version => i,
             _ => {
@@ -88,31 +89,32 @@ impl Plan {
                 plan.ops.clear();
             }
             Operation::Delete => {
-                plan.ops.insert(key_text(&c.key), RowOp::Delete(c.key.clone()));
+                plan.ops.insert(key_text(&c.key), RowOp::Delete(&c.key));
             }
             Operation::Insert | Operation::Update | Operation::SnapshotRead => {
                 let Some(after) = &c.after else { return };
                 let new_key = plan.schema.key_of(after);
                 let new_text = key_text(&new_key);
                 let old_text = if c.op == Operation::Update { key_text(&c.key) } else { new_text.clone() };
-                let mut row = after.clone();
+                let mut row = Cow::Borrowed(after.as_slice());
                 let mut toast_from = None;
                 if row.contains(&Value::UnchangedToast) {
                     // The unchanged values belong to the row as it was under its old key.
                     let previous = if old_text != new_text { plan.ops.get(&old_text) } else { plan.ops.get(&new_text) };
                     match previous {
                         Some(RowOp::Upsert { row: prev, toast_from: prev_from }) => {
-                            for (v, p) in row.iter_mut().zip(prev) {
-                                if *v == Value::UnchangedToast {
-                                    *v = p.clone();
-                                }
-                            }
+                            let merged: Vec<Value> = row
+                                .iter()
+                                .zip(prev.iter())
+                                .map(|(v, p)| if *v == Value::UnchangedToast { p.clone() } else { v.clone() })
+                                .collect();
+                            row = Cow::Owned(merged);
                             // Values the plan does not have are in the NDC row under the key the
                             // previous write was staged from, or else under this change's old key.
-                            toast_from = prev_from.clone().or_else(|| (old_text != new_text).then(|| c.key.clone()));
+                            toast_from = prev_from.or_else(|| (old_text != new_text).then_some(c.key.as_slice()));
                         }
                         _ => {
-                            toast_from = (old_text != new_text).then(|| c.key.clone());
+                            toast_from = (old_text != new_text).then_some(c.key.as_slice());
                         }
                     }
                     if !row.contains(&Value::UnchangedToast) {
@@ -120,7 +122,7 @@ impl Plan {
                     }
                 }
                 if c.op == Operation::Update && old_text != new_text {
-                    plan.ops.insert(old_text, RowOp::Delete(c.key.clone()));
+                    plan.ops.insert(old_text, RowOp::Delete(&c.key));
                 }
                 plan.ops.insert(new_text, RowOp::Upsert { row, toast_from });
             }
@@ -157,6 +159,11 @@ mod tests {
         }
     }
 
+    /// Changes outlive the plan that borrows them; in a test, simply for the whole run.
+    fn leak(c: ChangeEvent) -> &'static ChangeEvent {
+        Box::leak(Box::new(c))
+    }
+
     fn t(s: &str) -> Value {
         Value::Text(s.into())
     }
@@ -165,41 +172,44 @@ mod tests {
     fn last_operation_per_key_wins_and_key_changes_delete_the_old_key() {
         let s = schema(&["id", "addr"]);
         let mut p = Plan::default();
-        p.add(&change(&s, Operation::Insert, "a", Some(vec![t("a"), t("x")])));
-        p.add(&change(&s, Operation::Update, "a", Some(vec![t("a"), t("y")])));
-        p.add(&change(&s, Operation::Update, "a", Some(vec![t("b"), t("y")])));
-        p.add(&change(&s, Operation::Insert, "c", Some(vec![t("c"), t("z")])));
-        p.add(&change(&s, Operation::Delete, "c", None));
+        p.add(leak(change(&s, Operation::Insert, "a", Some(vec![t("a"), t("x")]))));
+        p.add(leak(change(&s, Operation::Update, "a", Some(vec![t("a"), t("y")]))));
+        p.add(leak(change(&s, Operation::Update, "a", Some(vec![t("b"), t("y")]))));
+        p.add(leak(change(&s, Operation::Insert, "c", Some(vec![t("c"), t("z")]))));
+        p.add(leak(change(&s, Operation::Delete, "c", None)));
         assert_eq!(p.tables.len(), 1);
         let ops = &p.tables[0].ops;
-        assert_eq!(ops[&key_text(&[t("a")])], RowOp::Delete(vec![t("a")]));
-        assert_eq!(ops[&key_text(&[t("b")])], RowOp::Upsert { row: vec![t("b"), t("y")], toast_from: None });
-        assert_eq!(ops[&key_text(&[t("c")])], RowOp::Delete(vec![t("c")]));
+        assert_eq!(ops[&key_text(&[t("a")])], RowOp::Delete(&[t("a")][..]));
+        assert_eq!(
+            ops[&key_text(&[t("b")])],
+            RowOp::Upsert { row: Cow::Owned(vec![t("b"), t("y")]), toast_from: None }
+        );
+        assert_eq!(ops[&key_text(&[t("c")])], RowOp::Delete(&[t("c")][..]));
     }
 
     #[test]
     fn unchanged_toast_takes_the_planned_value_and_truncate_clears() {
         let s = schema(&["id", "doc"]);
         let mut p = Plan::default();
-        p.add(&change(&s, Operation::Insert, "a", Some(vec![t("a"), t("big")])));
-        p.add(&change(&s, Operation::Update, "a", Some(vec![t("a"), Value::UnchangedToast])));
+        p.add(leak(change(&s, Operation::Insert, "a", Some(vec![t("a"), t("big")]))));
+        p.add(leak(change(&s, Operation::Update, "a", Some(vec![t("a"), Value::UnchangedToast]))));
         assert_eq!(
             p.tables[0].ops[&key_text(&[t("a")])],
-            RowOp::Upsert { row: vec![t("a"), t("big")], toast_from: None }
+            RowOp::Upsert { row: Cow::Owned(vec![t("a"), t("big")]), toast_from: None }
         );
-        p.add(&change(&s, Operation::Update, "b", Some(vec![t("b"), Value::UnchangedToast])));
+        p.add(leak(change(&s, Operation::Update, "b", Some(vec![t("b"), Value::UnchangedToast]))));
         assert_eq!(
             p.tables[0].ops[&key_text(&[t("b")])],
-            RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: None }
+            RowOp::Upsert { row: Cow::Owned(vec![t("b"), Value::UnchangedToast]), toast_from: None }
         );
-        p.add(&change(&s, Operation::Truncate, "", None));
-        p.add(&change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")])));
+        p.add(leak(change(&s, Operation::Truncate, "", None)));
+        p.add(leak(change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")]))));
         assert!(p.tables[0].truncate);
         assert_eq!(p.tables[0].ops.len(), 1);
         assert!(!p.tables[0].snapshot_only, "earlier updates make the plan mixed");
         let mut p = Plan::default();
-        p.add(&change(&s, Operation::Truncate, "", None));
-        p.add(&change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")])));
+        p.add(leak(change(&s, Operation::Truncate, "", None)));
+        p.add(leak(change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")]))));
         assert!(p.tables[0].snapshot_only);
     }
 
@@ -208,31 +218,31 @@ mod tests {
         let s = schema(&["id", "doc"]);
         let mut p = Plan::default();
         // Re-keyed with no earlier state in the plan: the NDC's row under "a" holds the value.
-        p.add(&change(&s, Operation::Update, "a", Some(vec![t("b"), Value::UnchangedToast])));
+        p.add(leak(change(&s, Operation::Update, "a", Some(vec![t("b"), Value::UnchangedToast]))));
         assert_eq!(
             p.tables[0].ops[&key_text(&[t("b")])],
-            RowOp::Upsert { row: vec![t("b"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) }
+            RowOp::Upsert { row: Cow::Owned(vec![t("b"), Value::UnchangedToast]), toast_from: Some(&[t("a")][..]) }
         );
         // Re-keyed again: still the NDC's row under "a".
-        p.add(&change(&s, Operation::Update, "b", Some(vec![t("c"), Value::UnchangedToast])));
+        p.add(leak(change(&s, Operation::Update, "b", Some(vec![t("c"), Value::UnchangedToast]))));
         assert_eq!(
             p.tables[0].ops[&key_text(&[t("c")])],
-            RowOp::Upsert { row: vec![t("c"), Value::UnchangedToast], toast_from: Some(vec![t("a")]) }
+            RowOp::Upsert { row: Cow::Owned(vec![t("c"), Value::UnchangedToast]), toast_from: Some(&[t("a")][..]) }
         );
-        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Delete(vec![t("b")]));
+        assert_eq!(p.tables[0].ops[&key_text(&[t("b")])], RowOp::Delete(&[t("b")][..]));
         // Updated in place (value unchanged), then re-keyed: the NDC row under the old key holds it.
-        p.add(&change(&s, Operation::Update, "m", Some(vec![t("m"), Value::UnchangedToast])));
-        p.add(&change(&s, Operation::Update, "m", Some(vec![t("n"), Value::UnchangedToast])));
+        p.add(leak(change(&s, Operation::Update, "m", Some(vec![t("m"), Value::UnchangedToast]))));
+        p.add(leak(change(&s, Operation::Update, "m", Some(vec![t("n"), Value::UnchangedToast]))));
         assert_eq!(
             p.tables[0].ops[&key_text(&[t("n")])],
-            RowOp::Upsert { row: vec![t("n"), Value::UnchangedToast], toast_from: Some(vec![t("m")]) }
+            RowOp::Upsert { row: Cow::Owned(vec![t("n"), Value::UnchangedToast]), toast_from: Some(&[t("m")][..]) }
         );
         // Re-keyed after a full write in the plan: the value comes from the plan.
-        p.add(&change(&s, Operation::Insert, "x", Some(vec![t("x"), t("big")])));
-        p.add(&change(&s, Operation::Update, "x", Some(vec![t("y"), Value::UnchangedToast])));
+        p.add(leak(change(&s, Operation::Insert, "x", Some(vec![t("x"), t("big")]))));
+        p.add(leak(change(&s, Operation::Update, "x", Some(vec![t("y"), Value::UnchangedToast]))));
         assert_eq!(
             p.tables[0].ops[&key_text(&[t("y")])],
-            RowOp::Upsert { row: vec![t("y"), t("big")], toast_from: None }
+            RowOp::Upsert { row: Cow::Owned(vec![t("y"), t("big")]), toast_from: None }
         );
     }
 
@@ -241,9 +251,9 @@ mod tests {
         let v1 = schema(&["id"]);
         let v2 = schema(&["id", "extra"]);
         let mut p = Plan::default();
-        p.add(&change(&v1, Operation::Insert, "a", Some(vec![t("a")])));
-        p.add(&change(&v2, Operation::Insert, "b", Some(vec![t("b"), t("e")])));
-        p.add(&change(&v1, Operation::Insert, "c", Some(vec![t("c")])));
+        p.add(leak(change(&v1, Operation::Insert, "a", Some(vec![t("a")]))));
+        p.add(leak(change(&v2, Operation::Insert, "b", Some(vec![t("b"), t("e")]))));
+        p.add(leak(change(&v1, Operation::Insert, "c", Some(vec![t("c")]))));
         assert_eq!(p.tables.len(), 3);
         assert_eq!(p.tables[1].schema.columns.len(), 2);
     }
