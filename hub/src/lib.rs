@@ -6,6 +6,15 @@
 //! quarantine) committed together with the source's new position (`dongbo.applied_position`). Changes
 //! at or below that position are skipped, so replays after any crash change nothing.
 //!
+//! # Where fan-out and Kafka plug in
+//! [`apply::NdcApplier::apply`] takes validated [`dongbo_connectors::model::ChangeBatch`]es of one source
+//! in seq order; it does not care whether they came from the gRPC [`ingest`] stream or, later, a Kafka
+//! partition (whose consumed offsets then belong in the same NDC transaction as the rows). Fan-out
+//! needs a retained, replayable log of applied changes: the plan is a hub-local sled log keyed by
+//! (source, seq), appended idempotently for every received batch before the agent's acknowledgement
+//! is sent (so a batch applied but not yet logged when the hub dies is logged on the replay the missing
+//! acknowledgement causes), and read by subscribers only up to the NDC's applied seq.
+//!
 //! - [`config`] — `hub.toml`.
 //! - [`ingest`] — the gRPC service agents stream to.
 //! - [`apply`] — planning and applying changes in the NDC, quarantine.
