@@ -112,11 +112,11 @@ async fn applied(ndc: &Client, id: &str) -> anyhow::Result<i64> {
         .unwrap_or(0))
 }
 
-/// N inserts in 10 transactions, then N updates in 10 transactions.
-async fn load(src: &Client, rows: u64) -> anyhow::Result<()> {
+/// N inserts in 10 transactions, then N updates in 10 transactions, on ids `first..first + rows`.
+async fn load(src: &Client, first: u64, rows: u64) -> anyhow::Result<()> {
     let step = rows.div_ceil(10);
     for i in 0..10 {
-        let (a, b) = (i * step + 1, ((i + 1) * step).min(rows));
+        let (a, b) = (first + i * step, first + ((i + 1) * step).min(rows) - 1);
         src.execute(
             &format!(
                 "INSERT INTO citizens (citizen_id, full_name, birth_date, gender, province_code, commune_code, address, residence_kind)
@@ -129,7 +129,7 @@ async fn load(src: &Client, rows: u64) -> anyhow::Result<()> {
         .await?;
     }
     for i in 0..10 {
-        let (a, b) = (i * step + 1, ((i + 1) * step).min(rows));
+        let (a, b) = (first + i * step, first + ((i + 1) * step).min(rows) - 1);
         src.execute(
             &format!(
                 "UPDATE citizens SET commune_code = '26734', address = address || ' (mới)', version = version + 1, updated_at = clock_timestamp()
@@ -238,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!("loading the backlog ...");
     let t = Instant::now();
-    load(&src, a.rows).await?;
+    load(&src, 1, a.rows).await?;
     let end_lsn = lsn(&src, "SELECT (pg_current_wal_lsn() - '0/0')::int8").await?;
     let changes = 2 * a.rows;
     println!("  backlog written in {:.1} s", t.elapsed().as_secs_f64());
@@ -357,6 +357,74 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     snap.stop();
     hub.stop();
+
+    // 5. Capture while the load runs: pg_recvlogical and an agent both stream live from fresh slots.
+    src.batch_execute("SELECT pg_create_logical_replication_slot('live_floor', 'pgoutput')").await?;
+    let live_cfg = agent_config(&dir, "live", province.port, pg::free_port())?;
+    let mut live =
+        DongboProcess::spawn("dongbo-agent", &["run", "--config", &live_cfg.to_string_lossy()], &dir.join("live.log"))?;
+    let live_slot = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'live' AND active";
+    wait_for("live agent streaming", Duration::from_secs(600), || async { Ok(lsn(&src, live_slot).await? == 1) })
+        .await?;
+    // The live agent's snapshot of the whole table must be spooled before the clock starts.
+    wait_for("live snapshot", Duration::from_secs(600), || async {
+        Ok(lsn(&src, "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'live'")
+            .await?
+            >= lsn(&src, "SELECT (pg_current_wal_lsn() - '0/0')::int8").await?)
+    })
+    .await?;
+    let mut recv_live = std::process::Command::new(pg_bin.join("pg_recvlogical"))
+        .args([
+            "-h",
+            &province.dir.to_string_lossy(),
+            "-p",
+            &province.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "province",
+        ])
+        .args([
+            "--slot",
+            "live_floor",
+            "--start",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=dongbo",
+            "-f",
+            "/dev/null",
+        ])
+        .spawn()
+        .context("pg_recvlogical")?;
+    let live_start = Instant::now();
+    load(&src, 10_000_000, a.rows).await?;
+    let live_end = lsn(&src, "SELECT (pg_current_wal_lsn() - '0/0')::int8").await?;
+    let (mut floor_live, mut agent_live) = (None, None);
+    while floor_live.is_none() || agent_live.is_none() {
+        if live_start.elapsed() > Duration::from_secs(600) {
+            bail!("live capture did not finish within 600 s");
+        }
+        let sent = lsn(
+            &src,
+            "SELECT max((sent_lsn - '0/0')::int8) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'",
+        )
+        .await?;
+        let confirmed =
+            lsn(&src, "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'live'")
+                .await?;
+        if floor_live.is_none() && sent >= live_end {
+            floor_live = Some(live_start.elapsed());
+        }
+        if agent_live.is_none() && confirmed >= live_end {
+            agent_live = Some(live_start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = recv_live.kill();
+    let _ = recv_live.wait();
+    live.stop();
+    let (floor_live, agent_live) = (floor_live.unwrap_or_default(), agent_live.unwrap_or_default());
     let quarantined: i64 = ndc.query_one("SELECT count(*) FROM dongbo.quarantine", &[]).await?.get(0);
     if quarantined > 0 {
         bail!("{quarantined} changes were quarantined during the benchmark; see dongbo.quarantine");
@@ -378,6 +446,14 @@ async fn main() -> anyhow::Result<()> {
         e2e_rss as f64 / 1024.0
     );
     println!("  agent binary           {:>10.1} MiB   (target < 30)", agent_size as f64 / 1048576.0);
+    let (fl_r, al_r) = (rate(changes, floor_live), rate(changes, agent_live));
+    println!("== capture while the load runs ({changes} row changes, both streaming live)");
+    println!("  pg_recvlogical floor   {fl_r:>10.0} changes/s  ({:.2} s from load start)", floor_live.as_secs_f64());
+    println!(
+        "  agent into its spool   {al_r:>10.0} changes/s  ({:.2} s)   ratio {:.2} (target >= 0.85)",
+        agent_live.as_secs_f64(),
+        al_r / fl_r
+    );
     println!("== end to end (source backlog -> NDC)");
     println!("  staged upsert floor    {staged_r:>10.0} rows/s     ({:.2} s)", staged.as_secs_f64());
     println!(
