@@ -124,12 +124,16 @@ fn decode_resume(v: &[u8]) -> Result<ResumePoint, SpoolError> {
 impl Spool {
     /// Opens (or creates) the spool at `path`.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
+        Self::open_with_segments(path, max_bytes, segments::SEGMENT_BYTES)
+    }
+
+    fn open_with_segments(path: &Path, max_bytes: u64, segment_bytes: u64) -> Result<Self, SpoolError> {
         let db = sled::Config::new()
             .path(path.join("index"))
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(CACHE_BYTES)
             .open()?;
-        let segments = Segments::open(&path.join("segments"))?;
+        let segments = Segments::open(&path.join("segments"), segment_bytes)?;
         let (mut bytes, mut batches, mut last, mut oldest) = (0u64, 0u64, 0u64, None);
         for entry in db.scan_prefix([BATCH_PREFIX]) {
             let (_, v) = entry?;
@@ -207,6 +211,10 @@ impl Spool {
 
     /// Removes every batch whose last seq is at or below `durable_seq`.
     pub fn ack(&self, durable_seq: u64) -> Result<(), SpoolError> {
+        // Held across the scan and the release: no append can roll to a new segment in between, so
+        // every batch in a segment older than the current one is already in the index we scan (appends
+        // are sequential and index a batch before the next one can start a segment).
+        let segments = self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?;
         let mut b = sled::Batch::default();
         let (mut freed, mut removed) = (0u64, 0u64);
         let mut oldest_kept = None;
@@ -225,7 +233,6 @@ impl Spool {
             self.db.apply_batch(b)?;
             self.bytes.fetch_sub(freed, Ordering::Relaxed);
             self.batches.fetch_sub(removed, Ordering::Relaxed);
-            let segments = self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?;
             segments.release_before(oldest_kept)?;
         }
         Ok(())
@@ -317,6 +324,29 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         let fresh = Spool::open(b.path(), 1 << 30).unwrap();
         assert!(fresh.next_seq().unwrap() > first_old + 1000);
+    }
+
+    #[tokio::test]
+    async fn acks_free_whole_segments_and_keep_every_unacknowledged_batch_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = dir.path().join("segments");
+        let count = || std::fs::read_dir(&segs).unwrap().count();
+        // 250-byte segments: a new segment every third 100-byte batch.
+        let s = Spool::open_with_segments(dir.path(), 1 << 30, 250).unwrap();
+        for i in 1..=9u64 {
+            s.append(Some(batch(i, i)), &ResumePoint::default(), i + 1).await.unwrap();
+        }
+        assert_eq!(count(), 3);
+        s.ack(4).unwrap();
+        assert_eq!(count(), 2, "the first segment held only acknowledged batches");
+        let left: Vec<u64> = s.batches_after(0, 100).unwrap().iter().map(|b| b.first_seq).collect();
+        assert_eq!(left, vec![5, 6, 7, 8, 9], "batch 5 shares a segment with acknowledged 4 and stays readable");
+        s.ack(9).unwrap();
+        assert_eq!(count(), 1, "only the segment being appended to remains");
+        drop(s);
+        let s = Spool::open_with_segments(dir.path(), 1 << 30, 250).unwrap();
+        assert_eq!((s.batch_count(), s.bytes()), (0, 0));
+        assert_eq!(count(), 0, "a reopened empty spool drops the old tail segment");
     }
 
     #[tokio::test]

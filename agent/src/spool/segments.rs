@@ -30,13 +30,14 @@ pub struct Location {
 pub struct Segments {
     dir: PathBuf,
     current: Option<(u64, File, u64)>,
+    segment_bytes: u64,
 }
 
 impl Segments {
     /// Opens the directory; appends always go to a new segment, never after a possibly torn tail.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
+    pub fn open(dir: &Path, segment_bytes: u64) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.to_path_buf(), current: None })
+        Ok(Self { dir: dir.to_path_buf(), current: None, segment_bytes })
     }
 
     fn path(&self, segment: u64) -> PathBuf {
@@ -45,7 +46,7 @@ impl Segments {
 
     /// Appends `payload` (starting a segment named `first_seq` if needed) and syncs it to disk.
     pub fn append(&mut self, first_seq: u64, payload: &[u8]) -> std::io::Result<Location> {
-        if self.current.as_ref().is_none_or(|(_, _, size)| *size >= SEGMENT_BYTES) {
+        if self.current.as_ref().is_none_or(|(_, _, size)| *size >= self.segment_bytes) {
             let file = OpenOptions::new().create(true).append(true).open(self.path(first_seq))?;
             // The new file's directory entry must be durable too.
             File::open(&self.dir)?.sync_all()?;
@@ -91,14 +92,14 @@ mod tests {
     #[test]
     fn appends_read_back_and_old_segments_are_released() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Segments::open(dir.path()).unwrap();
+        let mut s = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
         let a = s.append(10, b"hello").unwrap();
         let b = s.append(11, b"world!").unwrap();
         assert_eq!((a.segment, a.offset, b.segment, b.offset), (10, 0, 10, 5));
         assert_eq!(s.read(b).unwrap(), b"world!");
         drop(s);
         // A reopened spool starts a fresh segment and can drop the old one once nothing needs it.
-        let mut s = Segments::open(dir.path()).unwrap();
+        let mut s = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
         let c = s.append(12, b"again").unwrap();
         assert_eq!(c.segment, 12);
         s.release_before(Some(10)).unwrap();
