@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::fanout::subscription::{Catalog, DictionaryTable, EventRule, Purpose, Subscriber, SubscriptionDef};
+
 /// Everything the hub needs, read from one TOML file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +22,85 @@ pub struct HubConfig {
     /// Apply tuning.
     #[serde(default)]
     pub apply: ApplyConfig,
+    /// The fan-out log.
+    #[serde(default)]
+    pub fanout: FanoutConfig,
+    /// The admin API (subscriptions, dead letters, audit) for operators and the CLI.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Tables of the national data dictionary subscribers may follow.
+    #[serde(default)]
+    pub dictionary: Vec<DictionaryTable>,
+    /// Domain event rules.
+    #[serde(default)]
+    pub events: Vec<EventRule>,
+    /// Legal purposes and the fields each allows.
+    #[serde(default)]
+    pub purposes: Vec<Purpose>,
+    /// Downstream systems allowed to subscribe.
+    #[serde(default)]
+    pub subscribers: Vec<Subscriber>,
+    /// Subscriptions declared here (more can be added at run time).
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionDef>,
+}
+
+/// Where and how long the hub keeps its fan-out log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FanoutConfig {
+    /// Directory of the hub's sled database (log, cursors, dead letters).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Records older than this are dropped once every subscription has acknowledged them.
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/dongbo-hub")
+}
+
+fn default_retention_hours() -> u64 {
+    7 * 24
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self { data_dir: default_data_dir(), retention_hours: default_retention_hours() }
+    }
+}
+
+/// The admin HTTP API.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address, e.g. `127.0.0.1:7444`.
+    pub listen: String,
+    /// SHA-256 (hex) of the operators' bearer token.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// The token in clear, for demos only.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig").field("listen", &self.listen).finish_non_exhaustive()
+    }
+}
+
+impl AdminConfig {
+    /// Whether `token` is the operators' token.
+    pub fn accepts(&self, token: &str) -> bool {
+        let expected = match (&self.token_sha256, &self.token) {
+            (Some(h), _) => h.to_ascii_lowercase(),
+            (None, Some(t)) => hex::encode(Sha256::digest(t.as_bytes())),
+            (None, None) => return false,
+        };
+        hex::encode(Sha256::digest(token.as_bytes())) == expected
+    }
 }
 
 /// Connection to the NDC Postgres.
@@ -205,6 +286,23 @@ impl Validate for HubConfig {
         }
         if self.apply.max_changes_per_txn == 0 {
             p.push("apply.max_changes_per_txn must be at least 1".into());
+        }
+        if let Some(admin) = &self.admin {
+            if admin.listen.parse::<std::net::SocketAddr>().is_err() {
+                p.push(format!("admin.listen {:?} is not host:port", admin.listen));
+            }
+            if admin.token.is_none() && admin.token_sha256.is_none() {
+                p.push("admin needs token_sha256 (or token) so that only operators use it".into());
+            }
+        }
+        let (catalog, problems) = Catalog::new(&self.dictionary, &self.events, &self.purposes, &self.subscribers);
+        p.extend(problems);
+        let mut ids = std::collections::HashSet::new();
+        for s in &self.subscriptions {
+            if !ids.insert(&s.id) {
+                p.push(format!("subscription {} is declared twice", s.id));
+            }
+            p.extend(catalog.check(s));
         }
         p
     }

@@ -24,6 +24,8 @@ use tracing::{info, warn};
 
 use crate::apply::{ApplyError, NdcApplier};
 use crate::config::{AgentAcl, HubConfig};
+use crate::fanout::log::{Append, FanoutLog};
+use crate::fanout::Fanout;
 
 /// An agent must say Hello this soon after opening a stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,12 +35,13 @@ const APPLY_QUEUE: usize = 8;
 /// The ingest service.
 pub struct IngestService {
     config: Arc<HubConfig>,
+    fanout: Arc<Fanout>,
 }
 
 impl IngestService {
-    /// A service for the agents in `config`.
-    pub fn new(config: Arc<HubConfig>) -> Self {
-        Self { config }
+    /// A service for the agents in `config`, logging what it applies to `fanout`.
+    pub fn new(config: Arc<HubConfig>, fanout: Arc<Fanout>) -> Self {
+        Self { config, fanout }
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAcl, Status> {
@@ -96,15 +99,21 @@ impl Ingest for IngestService {
                 dongbo_proto::PROTOCOL_VERSION
             )));
         }
-        let mut applier = NdcApplier::connect(&self.config.ndc, acl.clone()).await.map_err(|e| apply_status(&e))?;
+        let mut applier = NdcApplier::connect(&self.config.ndc, acl.clone(), self.fanout.rules.clone())
+            .await
+            .map_err(|e| apply_status(&e))?;
         let applied = applier.applied_seq().await.map_err(|e| apply_status(&e))?;
-        info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, "agent connected");
+        let log = self.fanout.log.clone();
+        let logged = log.adopt_source(&acl.id, applied).await.map_err(|e| Status::internal(e.to_string()))?;
+        // Durable at both hops: the agent resends whatever the NDC has but the log does not yet.
+        let durable = applied.min(logged);
+        info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, logged_seq = logged, "agent connected");
 
         let (out_tx, out_rx) = mpsc::channel::<Result<HubMessage, Status>>(16);
-        let welcome = HubMessage { kind: Some(hub_message::Kind::Welcome(Welcome { applied_seq: applied })) };
+        let welcome = HubMessage { kind: Some(hub_message::Kind::Welcome(Welcome { applied_seq: durable })) };
         out_tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("agent went away"))?;
 
-        let (batch_tx, mut batch_rx) = mpsc::channel::<ChangeBatch>(APPLY_QUEUE);
+        let (batch_tx, mut batch_rx) = mpsc::channel::<(ChangeBatch, Vec<u8>)>(APPLY_QUEUE);
         let reader_out = out_tx.clone();
         let source_id = acl.id.clone();
         tokio::spawn(async move {
@@ -134,27 +143,26 @@ impl Ingest for IngestService {
         tokio::spawn(async move {
             while let Some(first) = batch_rx.recv().await {
                 let mut batches = vec![first];
-                let mut n = batches[0].changes.len();
+                let mut n = batches[0].0.changes.len();
                 while n < max_changes {
                     match batch_rx.try_recv() {
                         Ok(b) => {
-                            n += b.changes.len();
+                            n += b.0.changes.len();
                             batches.push(b);
                         }
                         Err(_) => break,
                     }
                 }
-                match applier.apply(&batches).await {
-                    Ok(outcome) => {
-                        let ack =
-                            HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq: outcome.applied_seq })) };
+                match apply_and_log(&mut applier, &log, &acl.id, &batches).await {
+                    Ok(durable_seq) => {
+                        let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq })) };
                         if out_tx.send(Ok(ack)).await.is_err() {
                             break;
                         }
                     }
-                    Err(e) => {
-                        warn!(source_id = %acl.id, error = %e, "apply failed; the agent will resend from the last durable position");
-                        let _ = out_tx.send(Err(apply_status(&e))).await;
+                    Err(status) => {
+                        warn!(source_id = %acl.id, error = %status.message(), "apply failed; the agent will resend from the last durable position");
+                        let _ = out_tx.send(Err(status)).await;
                         break;
                     }
                 }
@@ -164,7 +172,35 @@ impl Ingest for IngestService {
     }
 }
 
-fn decode(source_id: &str, msg: AgentMessage) -> Result<ChangeBatch, Status> {
+/// Applies a run of batches to the NDC, then logs them for fan-out; returns the seq durable at both.
+async fn apply_and_log(
+    applier: &mut NdcApplier,
+    log: &FanoutLog,
+    source_id: &str,
+    batches: &[(ChangeBatch, Vec<u8>)],
+) -> Result<u64, Status> {
+    let logged = log.logged_seq(source_id).map_err(|e| Status::internal(e.to_string()))?.unwrap_or(0);
+    applier.set_logged_seq(logged);
+    let decoded: Vec<&ChangeBatch> = batches.iter().map(|(b, _)| b).collect();
+    let outcome = applier.apply(&decoded).await.map_err(|e| apply_status(&e))?;
+    let last_seq = decoded.iter().map(|b| b.last_seq()).max().unwrap_or(0);
+    let mut events = outcome.events;
+    let mut excluded = outcome.quarantined;
+    let replayed_upto = outcome.applied_before.min(last_seq);
+    if replayed_upto > logged {
+        // Applied before the hub last stopped but not logged: recover what that apply recorded.
+        let (old_events, old_quarantined) = applier.recorded(logged, replayed_upto).await.map_err(|e| apply_status(&e))?;
+        events.splice(0..0, old_events);
+        excluded.extend(old_quarantined);
+    }
+    let logged = log
+        .append(Append { source_id, batches, excluded, events })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(logged.min(outcome.applied_seq))
+}
+
+fn decode(source_id: &str, msg: AgentMessage) -> Result<(ChangeBatch, Vec<u8>), Status> {
     let spooled = match msg.kind {
         Some(agent_message::Kind::Batch(b)) => b,
         Some(agent_message::Kind::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice on one stream")),
@@ -186,5 +222,5 @@ fn decode(source_id: &str, msg: AgentMessage) -> Result<ChangeBatch, Status> {
             batch.last_seq()
         )));
     }
-    Ok(batch)
+    Ok((batch, spooled.change_batch))
 }

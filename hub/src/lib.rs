@@ -6,33 +6,43 @@
 //! quarantine) committed together with the source's new position (`dongbo.applied_position`). Changes
 //! at or below that position are skipped, so replays after any crash change nothing.
 //!
-//! # Where fan-out and Kafka plug in
+//! # Fan-out
+//! After the NDC commit and before the agent's acknowledgement, the applied changes and the domain
+//! events they raised are appended to the hub's fan-out log ([`fanout`]), from which each
+//! subscription is delivered at its own pace, projected to its purpose, with every delivery in the
+//! hash-chained [`audit`] log.
+//!
+//! # Where Kafka plugs in
 //! [`apply::NdcApplier::apply`] takes validated [`dongbo_connectors::model::ChangeBatch`]es of one source
 //! in seq order; it does not care whether they came from the gRPC [`ingest`] stream or, later, a Kafka
-//! partition (whose consumed offsets then belong in the same NDC transaction as the rows). Fan-out
-//! needs a retained, replayable log of applied changes: the plan is a hub-local sled log keyed by
-//! (source, seq), appended idempotently for every received batch before the agent's acknowledgement
-//! is sent (so a batch applied but not yet logged when the hub dies is logged on the replay the missing
-//! acknowledgement causes), and read by subscribers only up to the NDC's applied seq.
+//! partition (whose consumed offsets then belong in the same NDC transaction as the rows).
 //!
 //! - [`config`] — `hub.toml`.
 //! - [`ingest`] — the gRPC service agents stream to.
 //! - [`apply`] — planning and applying changes in the NDC, quarantine.
+//! - [`fanout`] — subscriptions, events, the log and delivery.
+//! - [`audit`] — the delivery audit log.
+//! - [`admin`] — the operators' HTTP API.
 
+pub mod admin;
 pub mod apply;
+pub mod audit;
 pub mod config;
+pub mod fanout;
 pub mod ingest;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use dongbo_proto::v1::ingest_server::IngestServer;
+use dongbo_proto::v1::subscribe_server::SubscribeServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tracing::info;
 
 use crate::config::HubConfig;
+use crate::fanout::grpc::SubscribeService;
 use crate::ingest::IngestService;
 
 /// The hub could not run.
@@ -44,6 +54,12 @@ pub enum HubError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// Fan-out could not start.
+    #[error(transparent)]
+    Fanout(#[from] fanout::FanoutError),
+    /// The admin API could not listen.
+    #[error("admin API: {0}")]
+    Admin(#[from] std::io::Error),
 }
 
 /// gRPC messages up to this size: one change can carry a TOASTed value of hundreds of MiB.
@@ -53,22 +69,46 @@ pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 pub async fn run(
     config: HubConfig,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
     let client = apply::connect(&config.ndc).await?;
     apply::bootstrap(&client).await?;
     drop(client);
+    let fanout = fanout::Fanout::start(&config).await?;
     let addr = listener.local_addr().ok();
-    info!(listen = ?addr, agents = config.agents.len(), "hub serving");
-    let service = IngestServer::new(IngestService::new(Arc::new(config)))
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(admin) = config.admin.clone() {
+        let admin_listener = TcpListener::bind(&admin.listen).await?;
+        info!(listen = %admin.listen, "admin API serving");
+        let mut stop = stop_rx.clone();
+        let f = fanout.clone();
+        let ndc = config.ndc.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = admin::serve(f, admin, ndc, admin_listener, stopped).await {
+                tracing::warn!(error = %e, "admin API stopped");
+            }
+        });
+    }
+    info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), "hub serving");
+    let service = IngestServer::new(IngestService::new(Arc::new(config), fanout.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let subscribe = SubscribeServer::new(SubscribeService::new(fanout))
+        .send_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Zstd);
     // Acks are small messages: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to each one.
-    tonic::transport::Server::builder()
+    let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(service)
+        .add_service(subscribe)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
+    let _ = stop_tx.send(true);
+    drop(stop_rx);
+    result?;
     Ok(())
 }

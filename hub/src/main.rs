@@ -26,6 +26,79 @@ enum Command {
         /// The agent's token.
         token: String,
     },
+    /// Manage subscriptions of a running hub (admin API).
+    Subscriptions {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: SubscriptionAction,
+    },
+    /// List or replay a webhook subscription's dead letters (admin API).
+    DeadLetters {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+    /// Check the audit log or answer a citizen's access question, straight from the NDC.
+    Audit {
+        /// Path to hub.toml (for the NDC connection and purpose descriptions).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The hub's admin API.
+    #[arg(long, default_value = "http://127.0.0.1:7444", env = "DONGBO_ADMIN_URL")]
+    admin: String,
+    /// The operators' token.
+    #[arg(long, env = "DONGBO_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum SubscriptionAction {
+    /// List subscriptions with their positions.
+    List,
+    /// Add a subscription from a TOML or JSON file holding one definition.
+    Add {
+        /// The definition file.
+        file: PathBuf,
+    },
+    /// Remove a subscription added at run time.
+    Remove {
+        /// Subscription id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// List the dead letters of a subscription.
+    List {
+        /// Subscription id.
+        subscription: String,
+    },
+    /// Deliver them again, in order.
+    Replay {
+        /// Subscription id.
+        subscription: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Walk the hash chain and report the first broken link.
+    Verify,
+    /// Which systems received this citizen's data, when, and for what purpose.
+    Citizen {
+        /// The 12-digit citizen id.
+        citizen_id: String,
+    },
 }
 
 #[tokio::main]
@@ -51,6 +124,101 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", hex::encode(sha2::Sha256::digest(token.as_bytes())));
             Ok(())
         }
+        Command::Subscriptions { admin, action } => {
+            let (method, path, body) = match action {
+                SubscriptionAction::List => (reqwest::Method::GET, "/subscriptions".to_string(), None),
+                SubscriptionAction::Add { file } => {
+                    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                    let def: dongbo_hub::fanout::subscription::SubscriptionDef =
+                        if file.extension().is_some_and(|e| e == "toml") {
+                            toml::from_str(&text).with_context(|| format!("{} is not a subscription", file.display()))?
+                        } else {
+                            serde_json::from_str(&text)
+                                .with_context(|| format!("{} is not a subscription", file.display()))?
+                        };
+                    (reqwest::Method::POST, "/subscriptions".to_string(), Some(serde_json::to_vec(&def)?))
+                }
+                SubscriptionAction::Remove { id } => (reqwest::Method::DELETE, format!("/subscriptions/{id}"), None),
+            };
+            admin_call(&admin, method, &path, body).await
+        }
+        Command::DeadLetters { admin, action } => {
+            let (method, path) = match action {
+                DeadLetterAction::List { subscription } => {
+                    (reqwest::Method::GET, format!("/subscriptions/{subscription}/dead-letters"))
+                }
+                DeadLetterAction::Replay { subscription } => {
+                    (reqwest::Method::POST, format!("/subscriptions/{subscription}/dead-letters/replay"))
+                }
+            };
+            admin_call(&admin, method, &path, None).await
+        }
+        Command::Audit { config, action } => {
+            let config = dongbo_hub::config::HubConfig::load(&config)?;
+            let client = dongbo_hub::apply::connect(&config.ndc).await.context("cannot reach the NDC")?;
+            match action {
+                AuditAction::Verify => {
+                    let v = dongbo_hub::audit::verify(&client).await?;
+                    match v.first_broken {
+                        None => {
+                            println!("audit log intact: {} entries, every link holds", v.entries);
+                            Ok(())
+                        }
+                        Some((id, why)) => {
+                            println!("audit log BROKEN at entry {id}: {why} ({} entries before it hold)", v.entries);
+                            std::process::exit(2);
+                        }
+                    }
+                }
+                AuditAction::Citizen { citizen_id } => {
+                    let rows = dongbo_hub::audit::citizen_deliveries(&client, &citizen_id).await?;
+                    if rows.is_empty() {
+                        println!("no system has received data of citizen {citizen_id}");
+                    }
+                    for r in rows {
+                        let purpose = config
+                            .purposes
+                            .iter()
+                            .find(|p| p.id == r.entry.purpose)
+                            .map_or(String::new(), |p| format!(" ({})", p.description));
+                        println!(
+                            "{}  {} via {} ({}), purpose {}{}: {} [{}]",
+                            dongbo_hub::fanout::record::rfc3339_micros(r.at_us),
+                            r.entry.subscriber,
+                            r.entry.channel,
+                            r.entry.subscription,
+                            r.entry.purpose,
+                            purpose,
+                            r.entry.event_id,
+                            r.entry.fields.join(", ")
+                        );
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Calls the admin API and prints its JSON answer; fails with the hub's problems listed.
+async fn admin_call(admin: &AdminArgs, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<()> {
+    let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
+    let mut req = reqwest::Client::new().request(method, &url).bearer_auth(&admin.token);
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    let resp = req.send().await.with_context(|| format!("cannot reach the admin API at {url}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let pretty = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(text);
+    if status.is_success() {
+        println!("{pretty}");
+        Ok(())
+    } else {
+        anyhow::bail!("the hub answered {status}:\n{pretty}")
     }
 }
 

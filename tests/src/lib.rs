@@ -33,6 +33,9 @@ pub struct Deployment {
     pub agent: Option<DongboProcess>,
     /// Extra lines for the agent's `[spool]` section.
     pub spool_extra: String,
+    /// Fan-out declarations appended to hub.toml (dictionary, events, purposes, subscribers,
+    /// subscriptions, admin).
+    pub fanout_toml: String,
 }
 
 /// The agent's token in test deployments.
@@ -57,6 +60,7 @@ impl Deployment {
             hub: None,
             agent: None,
             spool_extra: String::new(),
+            fanout_toml: String::new(),
         })
     }
 
@@ -78,11 +82,13 @@ impl Deployment {
     /// Writes hub.toml with `agents_toml` (or the default agent entry) and starts the hub.
     pub async fn start_hub_with(&mut self, agents_toml: &str) -> anyhow::Result<()> {
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n{agents_toml}",
+            "listen = \"127.0.0.1:{port}\"\n\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n[fanout]\ndata_dir = \"{data}\"\n\n{agents_toml}\n{fanout}",
             port = self.hub_port,
             pg = self.pg.port,
             role = pg::ROLE,
             pw = pg::PASSWORD,
+            data = self.dir.join("hub-data").display(),
+            fanout = self.fanout_toml,
         );
         let path = self.dir.join("hub.toml");
         std::fs::write(&path, config)?;

@@ -27,6 +27,8 @@ use tracing::{info, warn};
 use self::plan::{Plan, RowOp};
 use self::target::Target;
 use crate::config::{AgentAcl, NdcConfig};
+use crate::fanout::events::{self, ActiveRule};
+use crate::fanout::record::DomainEvent;
 
 /// Applying failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +52,18 @@ impl ApplyError {
 }
 
 /// What one apply did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyOutcome {
     /// Every change up to here is durable in the NDC.
     pub applied_seq: u64,
+    /// The applied seq before this transaction: changes at or below it were skipped.
+    pub applied_before: u64,
     /// Changes applied now.
     pub applied: u64,
-    /// Changes quarantined now.
-    pub quarantined: u64,
+    /// Seqs quarantined now.
+    pub quarantined: Vec<u64>,
+    /// Domain events the applied changes raised (also in `dongbo.event_outbox`).
+    pub events: Vec<DomainEvent>,
 }
 
 /// Creates the hub's own tables in the NDC. Idempotent.
@@ -83,6 +89,8 @@ pub async fn bootstrap(client: &Client) -> Result<(), ApplyError> {
                  PRIMARY KEY (source_id, seq));",
         )
         .await?;
+    client.batch_execute(events::OUTBOX_DDL).await?;
+    client.batch_execute(crate::audit::AUDIT_DDL).await?;
     Ok(())
 }
 
@@ -104,16 +112,66 @@ pub struct NdcApplier {
     ndc_schema: String,
     targets: HashMap<(TableId, u64), Target>,
     broken: HashMap<(TableId, u64), String>,
+    rules: std::sync::Arc<Vec<ActiveRule>>,
+    /// Outbox events at or below this seq are in the fan-out log and may be deleted.
+    logged_seq: u64,
+    pruned_seq: u64,
 }
 
 impl NdcApplier {
-    /// An applier for the agent `acl` on its own NDC connection.
-    pub async fn connect(ndc: &NdcConfig, acl: AgentAcl) -> Result<Self, ApplyError> {
+    /// An applier for the agent `acl` on its own NDC connection, raising events by `rules`.
+    pub async fn connect(
+        ndc: &NdcConfig,
+        acl: AgentAcl,
+        rules: std::sync::Arc<Vec<ActiveRule>>,
+    ) -> Result<Self, ApplyError> {
         let client = connect(ndc).await?;
         client
             .execute("INSERT INTO dongbo.applied_position (source_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&acl.id])
             .await?;
-        Ok(Self { client, ndc_schema: acl.schema(), acl, targets: HashMap::new(), broken: HashMap::new() })
+        Ok(Self {
+            client,
+            ndc_schema: acl.schema(),
+            acl,
+            targets: HashMap::new(),
+            broken: HashMap::new(),
+            rules,
+            logged_seq: 0,
+            pruned_seq: 0,
+        })
+    }
+
+    /// Tells the applier the fan-out log holds everything up to `seq`, so the outbox can let go.
+    pub fn set_logged_seq(&mut self, seq: u64) {
+        self.logged_seq = seq;
+    }
+
+    /// The events and quarantined seqs recorded for seqs in `after+1..=upto`: what a replay of
+    /// already-applied changes needs to log them.
+    pub async fn recorded(&self, after: u64, upto: u64) -> Result<(Vec<DomainEvent>, Vec<u64>), ApplyError> {
+        let (a, u) = (after as i64, upto as i64);
+        let events = self
+            .client
+            .query(
+                "SELECT body::text FROM dongbo.event_outbox WHERE source_id = $1 AND seq > $2 AND seq <= $3 \
+                 ORDER BY seq, event_id",
+                &[&self.acl.id, &a, &u],
+            )
+            .await?
+            .into_iter()
+            .filter_map(|r| serde_json::from_str::<DomainEvent>(r.get::<_, &str>(0)).ok())
+            .collect();
+        let quarantined = self
+            .client
+            .query(
+                "SELECT seq FROM dongbo.quarantine WHERE source_id = $1 AND seq > $2 AND seq <= $3",
+                &[&self.acl.id, &a, &u],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect();
+        Ok((events, quarantined))
     }
 
     /// The last seq durable in the NDC for this source.
@@ -126,7 +184,7 @@ impl NdcApplier {
     }
 
     /// Applies consecutive batches in one transaction.
-    pub async fn apply(&mut self, batches: &[ChangeBatch]) -> Result<ApplyOutcome, ApplyError> {
+    pub async fn apply(&mut self, batches: &[&ChangeBatch]) -> Result<ApplyOutcome, ApplyError> {
         for c in batches.iter().flat_map(|b| &b.changes) {
             self.ensure_target(c).await?;
         }
@@ -163,9 +221,9 @@ impl NdcApplier {
         Ok(())
     }
 
-    async fn apply_txn(&mut self, batches: &[ChangeBatch], one_by_one: bool) -> Result<ApplyOutcome, ApplyError> {
-        let last_seq = batches.iter().map(ChangeBatch::last_seq).max().unwrap_or(0);
-        let Self { client, acl, targets, broken, .. } = self;
+    async fn apply_txn(&mut self, batches: &[&ChangeBatch], one_by_one: bool) -> Result<ApplyOutcome, ApplyError> {
+        let last_seq = batches.iter().map(|b| b.last_seq()).max().unwrap_or(0);
+        let Self { client, acl, targets, broken, rules, logged_seq, pruned_seq, .. } = self;
         let mut txn = client.transaction().await?;
         let applied: i64 = txn
             .query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1 FOR UPDATE", &[&acl.id])
@@ -175,7 +233,7 @@ impl NdcApplier {
         let fresh: Vec<&ChangeEvent> = batches.iter().flat_map(|b| &b.changes).filter(|c| c.seq > applied).collect();
         let Some(last) = fresh.last() else {
             txn.commit().await?;
-            return Ok(ApplyOutcome { applied_seq: applied, ..Default::default() });
+            return Ok(ApplyOutcome { applied_seq: applied, applied_before: applied, ..Default::default() });
         };
         let position = match last.position {
             Position::Postgres(lsn) => lsn.to_string(),
@@ -188,6 +246,12 @@ impl NdcApplier {
                 None => accepted.push(c),
             }
         }
+        // Before anything is written: events read the NDC rows as they were.
+        let mut raised = if rules.is_empty() {
+            Vec::new()
+        } else {
+            events::derive(&txn, rules, &acl.id, &accepted, targets).await?
+        };
         let mut used_stages = HashSet::new();
         if one_by_one {
             let mut kept = Vec::with_capacity(accepted.len());
@@ -208,6 +272,8 @@ impl NdcApplier {
                 }
             }
             accepted = kept;
+            let refused: HashSet<u64> = quarantine.iter().map(|(c, _)| c.seq).collect();
+            raised.retain(|e| !refused.contains(&e.seq));
         } else {
             let mut plan = Plan::default();
             accepted.iter().for_each(|c| plan.add(c));
@@ -224,6 +290,15 @@ impl NdcApplier {
             .await?;
             warn!(source_id = %acl.id, seq = c.seq, table = %c.table.table, %reason, "change quarantined");
         }
+        events::store(&txn, &acl.id, &raised).await?;
+        if *logged_seq > *pruned_seq {
+            txn.execute(
+                "DELETE FROM dongbo.event_outbox WHERE source_id = $1 AND seq <= $2",
+                &[&acl.id, &(*logged_seq as i64)],
+            )
+            .await?;
+            *pruned_seq = *logged_seq;
+        }
         let (n_applied, n_quarantined) = (accepted.len() as i64, quarantine.len() as i64);
         txn.execute(
             "UPDATE dongbo.applied_position SET applied_seq = $2, source_position = $3, \
@@ -235,8 +310,10 @@ impl NdcApplier {
         txn.commit().await?;
         Ok(ApplyOutcome {
             applied_seq: last_seq.max(applied),
+            applied_before: applied,
             applied: n_applied as u64,
-            quarantined: n_quarantined as u64,
+            quarantined: quarantine.iter().map(|(c, _)| c.seq).collect(),
+            events: raised,
         })
     }
 }

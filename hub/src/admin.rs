@@ -1,0 +1,192 @@
+//! The admin HTTP API for operators and `dongbo-hub` CLI commands: subscriptions at run time, dead
+//! letters, and the audit log's verification and citizen query. Every call needs the operators'
+//! bearer token.
+//!
+//! | method | path | does |
+//! | --- | --- | --- |
+//! | GET | `/healthz` | liveness (no token) |
+//! | GET | `/subscriptions` | list with positions and dead-letter counts |
+//! | POST | `/subscriptions` | add (JSON definition); 400 lists every problem |
+//! | DELETE | `/subscriptions/{id}` | remove one added at run time |
+//! | GET | `/subscriptions/{id}/dead-letters` | list a webhook's dead letters |
+//! | POST | `/subscriptions/{id}/dead-letters/replay` | re-deliver them |
+//! | GET | `/audit/citizens/{citizen_id}` | who received this citizen's data, when, for what |
+//! | GET | `/audit/verify` | check the hash chain |
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::audit;
+use crate::config::{AdminConfig, NdcConfig};
+use crate::fanout::record::rfc3339_micros;
+use crate::fanout::subscription::SubscriptionDef;
+use crate::fanout::{Fanout, FanoutError};
+
+#[derive(Clone)]
+struct AppState {
+    fanout: Arc<Fanout>,
+    admin: AdminConfig,
+    ndc: NdcConfig,
+}
+
+/// A JSON error answer.
+fn error(status: StatusCode, problems: Vec<String>) -> Response {
+    (status, Json(json!({ "problems": problems }))).into_response()
+}
+
+fn fanout_error(e: FanoutError) -> Response {
+    match e {
+        FanoutError::Refused(p) => error(StatusCode::BAD_REQUEST, p),
+        FanoutError::Unknown(id) => error(StatusCode::NOT_FOUND, vec![format!("no subscription {id}")]),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, vec![other.to_string()]),
+    }
+}
+
+fn authorised(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let token = headers.get("authorization").and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
+    match token {
+        Some(t) if state.admin.accepts(t) => Ok(()),
+        _ => Err(Box::new(error(StatusCode::UNAUTHORIZED, vec!["send `authorization: Bearer <admin token>`".into()]))),
+    }
+}
+
+async fn list(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    match s.fanout.list().await {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => fanout_error(e),
+    }
+}
+
+async fn add(State(s): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let def: SubscriptionDef = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, vec![format!("the definition is not valid JSON: {e}")]),
+    };
+    let id = def.id.clone();
+    match s.fanout.add(def).await {
+        Ok(()) => (StatusCode::CREATED, Json(json!({ "id": id }))).into_response(),
+        Err(e) => fanout_error(e),
+    }
+}
+
+async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    match s.fanout.remove(&id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => fanout_error(e),
+    }
+}
+
+async fn dead_letters(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    if s.fanout.get(&id).await.is_none() {
+        return error(StatusCode::NOT_FOUND, vec![format!("no subscription {id}")]);
+    }
+    match s.fanout.state.dead_letters(&id) {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, vec![e.to_string()]),
+    }
+}
+
+async fn replay(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    match s.fanout.replay(&id).await {
+        Ok((delivered, kept)) => Json(json!({ "delivered": delivered, "still_queued": kept })).into_response(),
+        Err(e) => fanout_error(e),
+    }
+}
+
+async fn citizen(State(s): State<AppState>, headers: HeaderMap, Path(citizen_id): Path<String>) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let result = async {
+        let client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
+        audit::citizen_deliveries(&client, &citizen_id).await.map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(rows) => Json(citizen_report(&s.fanout, &rows)).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, vec![e]),
+    }
+}
+
+/// The citizen's access report: one line per delivery, with the purpose's description.
+pub fn citizen_report(fanout: &Fanout, rows: &[audit::Stored]) -> serde_json::Value {
+    let lines: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "at": rfc3339_micros(r.at_us),
+                "subscriber": r.entry.subscriber,
+                "subscription": r.entry.subscription,
+                "purpose": r.entry.purpose,
+                "purpose_description": fanout.catalog.purposes.get(&r.entry.purpose).map(|p| p.description.clone()),
+                "channel": r.entry.channel,
+                "event_id": r.entry.event_id,
+                "fields": r.entry.fields,
+            })
+        })
+        .collect();
+    json!(lines)
+}
+
+async fn verify(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorised(&s, &headers) {
+        return *r;
+    }
+    let result = async {
+        let client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
+        audit::verify(&client).await.map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(v) => Json(json!({
+            "entries_checked": v.entries,
+            "intact": v.first_broken.is_none(),
+            "first_broken": v.first_broken.map(|(id, why)| json!({ "entry": id, "problem": why })),
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, vec![e]),
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes.
+pub async fn serve(
+    fanout: Arc<Fanout>,
+    admin: AdminConfig,
+    ndc: NdcConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/subscriptions", get(list).post(add))
+        .route("/subscriptions/{id}", axum::routing::delete(remove))
+        .route("/subscriptions/{id}/dead-letters", get(dead_letters))
+        .route("/subscriptions/{id}/dead-letters/replay", post(replay))
+        .route("/audit/citizens/{citizen_id}", get(citizen))
+        .route("/audit/verify", get(verify))
+        .with_state(AppState { fanout, admin, ndc });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
