@@ -124,7 +124,7 @@ impl AuditLog {
         txn.execute(
             "INSERT INTO dongbo.audit_log \
              (id, at_us, at, subscription, subscriber, purpose, channel, citizen_id, event_id, fields, prev_hash, hash) \
-             SELECT i, $2, $3::timestamptz, s, sb, p, c, ci, e, \
+             SELECT i, $2, $3::text::timestamptz, s, sb, p, c, ci, e, \
                     CASE WHEN f = '' THEN '{}'::text[] ELSE string_to_array(f, E'\\x1f') END, ph, h \
              FROM unnest($1::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
                          $10::text[], $11::bytea[], $12::bytea[]) AS u(i, s, sb, p, c, ci, e, f, ph, h)",
@@ -207,7 +207,8 @@ pub async fn verify(client: &Client) -> Result<Verification, tokio_postgres::Err
     }
     let checked = expected - 1;
     if checked != last_id || (last_id > 0 && prev != head_hash) {
-        let what = format!("the chain ends at entry {checked} but the head says {last_id}: entries were deleted at the end");
+        let what =
+            format!("the chain ends at entry {checked} but the head says {last_id}: entries were deleted at the end");
         return Ok(Verification { entries: checked, first_broken: Some((checked + 1, what)) });
     }
     Ok(Verification { entries: checked, first_broken: None })

@@ -189,7 +189,8 @@ async fn apply_and_log(
     let replayed_upto = outcome.applied_before.min(last_seq);
     if replayed_upto > logged {
         // Applied before the hub last stopped but not logged: recover what that apply recorded.
-        let (old_events, old_quarantined) = applier.recorded(logged, replayed_upto).await.map_err(|e| apply_status(&e))?;
+        let (old_events, old_quarantined) =
+            applier.recorded(logged, replayed_upto).await.map_err(|e| apply_status(&e))?;
         events.splice(0..0, old_events);
         excluded.extend(old_quarantined);
     }

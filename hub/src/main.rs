@@ -128,10 +128,12 @@ async fn main() -> anyhow::Result<()> {
             let (method, path, body) = match action {
                 SubscriptionAction::List => (reqwest::Method::GET, "/subscriptions".to_string(), None),
                 SubscriptionAction::Add { file } => {
-                    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                    let text =
+                        std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
                     let def: dongbo_hub::fanout::subscription::SubscriptionDef =
                         if file.extension().is_some_and(|e| e == "toml") {
-                            toml::from_str(&text).with_context(|| format!("{} is not a subscription", file.display()))?
+                            toml::from_str(&text)
+                                .with_context(|| format!("{} is not a subscription", file.display()))?
                         } else {
                             serde_json::from_str(&text)
                                 .with_context(|| format!("{} is not a subscription", file.display()))?
@@ -201,7 +203,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Calls the admin API and prints its JSON answer; fails with the hub's problems listed.
-async fn admin_call(admin: &AdminArgs, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<()> {
+async fn admin_call(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<()> {
     let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
     let mut req = reqwest::Client::new().request(method, &url).bearer_auth(&admin.token);
     if let Some(b) = body {

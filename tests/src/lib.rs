@@ -2,6 +2,7 @@
 //! `dongbo-agent` processes, and row-by-row comparison of source and NDC.
 
 pub mod citizens;
+pub mod fanout;
 pub mod pg;
 pub mod procs;
 pub mod workload;

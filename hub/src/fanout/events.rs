@@ -66,7 +66,8 @@ pub async fn derive(
     let mut events = Vec::new();
     for rule in rules {
         let table = TableId::parse(&rule.rule.table);
-        let relevant: Vec<&ChangeEvent> = changes.iter().copied().filter(|c| Some(&c.table.table) == table.as_ref()).collect();
+        let relevant: Vec<&ChangeEvent> =
+            changes.iter().copied().filter(|c| Some(&c.table.table) == table.as_ref()).collect();
         let mut by_version: HashMap<u64, Option<Positions>> = HashMap::new();
         for c in &relevant {
             by_version.entry(c.table.version).or_insert_with(|| {
@@ -142,7 +143,12 @@ fn event(
     let event_id = format!("{source_id}:{}:{}", c.seq, rule.rule.name);
     let side = |values: &Watched| -> Json {
         Json::Object(
-            rule.rule.watch.iter().zip(values).map(|(w, v)| (w.clone(), v.clone().map_or(Json::Null, Json::String))).collect(),
+            rule.rule
+                .watch
+                .iter()
+                .zip(values)
+                .map(|(w, v)| (w.clone(), v.clone().map_or(Json::Null, Json::String)))
+                .collect(),
         )
     };
     let mut payload = Map::new();
@@ -218,7 +224,11 @@ pub const OUTBOX_DDL: &str = "CREATE TABLE IF NOT EXISTS dongbo.event_outbox (
     PRIMARY KEY (source_id, seq, event_id));";
 
 /// Writes `events` to the outbox in `txn`.
-pub async fn store(txn: &Transaction<'_>, source_id: &str, events: &[DomainEvent]) -> Result<(), tokio_postgres::Error> {
+pub async fn store(
+    txn: &Transaction<'_>,
+    source_id: &str,
+    events: &[DomainEvent],
+) -> Result<(), tokio_postgres::Error> {
     if events.is_empty() {
         return Ok(());
     }

@@ -359,9 +359,7 @@ impl Filter {
                 b.collect_fields(out);
             }
             Filter::Not(a) => a.collect_fields(out),
-            Filter::Compare { field, .. } | Filter::In { field, .. } | Filter::IsNull { field, .. } => {
-                out.push(field)
-            }
+            Filter::Compare { field, .. } | Filter::In { field, .. } | Filter::IsNull { field, .. } => out.push(field),
         }
     }
 

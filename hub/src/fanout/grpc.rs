@@ -91,8 +91,9 @@ impl Subscribe for SubscribeService {
         let from = if open.resume_token.is_empty() {
             acked
         } else {
-            let c = Cursor::parse(&open.resume_token)
-                .ok_or_else(|| Status::invalid_argument(format!("resume token {:?} is not valid", open.resume_token)))?;
+            let c = Cursor::parse(&open.resume_token).ok_or_else(|| {
+                Status::invalid_argument(format!("resume token {:?} is not valid", open.resume_token))
+            })?;
             let first = self.fanout.log.first().map_err(|e| Status::internal(e.to_string()))?;
             if c.chunk < first {
                 return Err(Status::out_of_range(format!(

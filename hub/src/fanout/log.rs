@@ -264,7 +264,10 @@ impl FanoutLog {
     /// everything examined (further than the last item when skipped items follow it).
     pub fn read(&self, from: Cursor, max: usize, changes: bool) -> Result<(Vec<(Cursor, Item)>, Cursor), LogError> {
         let mut out = Vec::new();
-        let mut at = Cursor { chunk: from.chunk.max(self.first()?), item: if from.chunk < self.first()? { 0 } else { from.item } };
+        let mut at = Cursor {
+            chunk: from.chunk.max(self.first()?),
+            item: if from.chunk < self.first()? { 0 } else { from.item },
+        };
         let end = *self.end.borrow();
         let mut examined = 0usize;
         while at.chunk < end && out.len() < max && examined < 64 * max.max(1) {
@@ -301,7 +304,8 @@ impl FanoutLog {
     }
 
     fn changes_of(&self, offset: u64, h: &ChunkHeader) -> Result<Vec<ChangeEvent>, LogError> {
-        let data = self.tree.get(key(DATA, offset))?.ok_or_else(|| LogError::Corrupt(offset, "no change data".into()))?;
+        let data =
+            self.tree.get(key(DATA, offset))?.ok_or_else(|| LogError::Corrupt(offset, "no change data".into()))?;
         let mut out = Vec::with_capacity(h.n_changes as usize);
         let mut rest: &[u8] = &data;
         while rest.len() >= 4 {

@@ -199,9 +199,7 @@ impl Start {
             "beginning" => Ok(Start::Beginning),
             t => humantime::parse_rfc3339_weak(t)
                 .or_else(|_| humantime::parse_rfc3339(t))
-                .map(|st| {
-                    Start::At(st.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64))
-                })
+                .map(|st| Start::At(st.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)))
                 .map_err(|_| format!("start {t:?} is not now, beginning or a time like 2026-11-01T00:00:00Z")),
         }
     }
@@ -265,7 +263,10 @@ impl Catalog {
                 p.push(format!("dictionary table {:?} is not schema.table", t.table));
             }
             if !t.fields.contains(&t.citizen_id) {
-                p.push(format!("dictionary table {}: citizen_id column {} is not among its fields", t.table, t.citizen_id));
+                p.push(format!(
+                    "dictionary table {}: citizen_id column {} is not among its fields",
+                    t.table, t.citizen_id
+                ));
             }
             if c.items.insert(t.table.clone(), t.fields.iter().cloned().collect()).is_some() {
                 p.push(format!("dictionary table {} is declared twice", t.table));
@@ -294,7 +295,9 @@ impl Catalog {
         for purpose in purposes {
             for (name, fields) in &purpose.allows {
                 match c.items.get(name) {
-                    None => p.push(format!("purpose {}: {name} is neither a dictionary table nor an event", purpose.id)),
+                    None => {
+                        p.push(format!("purpose {}: {name} is neither a dictionary table nor an event", purpose.id))
+                    }
                     Some(known) => {
                         for f in fields.iter().filter(|f| !known.contains(*f)) {
                             p.push(format!("purpose {}: {name} has no field {f}", purpose.id));
@@ -342,10 +345,7 @@ impl Catalog {
         for name in &def.follow {
             if !self.items.contains_key(name) {
                 let known: Vec<&str> = self.items.keys().map(String::as_str).collect();
-                p.push(format!(
-                    "subscription {id}: unknown table or event {name} (known: {})",
-                    known.join(", ")
-                ));
+                p.push(format!("subscription {id}: unknown table or event {name} (known: {})", known.join(", ")));
             } else if !purpose.allows.contains_key(name) {
                 p.push(format!("subscription {id}: purpose {} does not cover {name}", purpose.id));
             }
@@ -463,7 +463,10 @@ token = "t"
     #[test]
     fn a_subscription_within_its_purpose_is_accepted() {
         let c = catalog();
-        assert_eq!(c.check(&def(&["citizen_id", "current.commune_code"], Some("province_code = '79'"))), Vec::<String>::new());
+        assert_eq!(
+            c.check(&def(&["citizen_id", "current.commune_code"], Some("province_code = '79'"))),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -84,7 +84,10 @@ pub async fn run(fanout: Arc<Fanout>, sub: Arc<Subscription>, mut commands: mpsc
         }
     };
     let sender = Sender {
-        client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a plain HTTP client builds"),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("a plain HTTP client builds"),
         url: url.clone(),
         secret,
         subscription: sub.def.id.clone(),
@@ -147,20 +150,19 @@ async fn deliver_page(
     if scanned == from {
         return Ok(false);
     }
-    let mut held: HashSet<String> = fanout
-        .state
-        .dead_letters(id)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|d| d.citizen_id)
-        .collect();
+    let mut held: HashSet<String> =
+        fanout.state.dead_letters(id).map_err(|e| e.to_string())?.into_iter().map(|d| d.citizen_id).collect();
     for o in items.iter().filter_map(|(c, item)| sub.project(*c, item)) {
         if held.contains(&o.citizen_id) {
             dead_letter(fanout, sub, &o, "held behind an earlier undelivered record of this citizen", 0).await?;
             fanout.state.ack(id, o.cursor).await.map_err(|e| e.to_string())?;
             continue;
         }
-        fanout.audit.record(&[sub.audit_entry(&o.citizen_id, &o.event_id, &o.fields)]).await.map_err(|e| format!("cannot write the audit log: {e}"))?;
+        fanout
+            .audit
+            .record(&[sub.audit_entry(&o.citizen_id, &o.event_id, &o.fields)])
+            .await
+            .map_err(|e| format!("cannot write the audit log: {e}"))?;
         let body = serde_json::to_vec(&o.body).expect("records serialise");
         let mut wait = policy();
         let mut attempts = 0;
@@ -190,7 +192,13 @@ async fn deliver_page(
     Ok(true)
 }
 
-async fn dead_letter(fanout: &Fanout, sub: &Subscription, o: &Outgoing, why: &str, attempts: u32) -> Result<(), String> {
+async fn dead_letter(
+    fanout: &Fanout,
+    sub: &Subscription,
+    o: &Outgoing,
+    why: &str,
+    attempts: u32,
+) -> Result<(), String> {
     let d = DeadLetter {
         id: 0,
         resume_token: o.cursor.token(),
