@@ -188,12 +188,22 @@ pub async fn admin(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
-    let mut req =
-        reqwest::Client::new().request(method, format!("http://127.0.0.1:{port}{path}")).bearer_auth(ADMIN_TOKEN);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let resp = loop {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let mut req = reqwest::Client::new().request(method.clone(), url).bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        match req.send().await {
+            Ok(r) => break r,
+            // A hub just started may not accept yet.
+            Err(e) if e.is_connect() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => bail!("admin API {path}: {e:#}"),
+        }
+    };
     let status = resp.status().as_u16();
     let text = resp.text().await?;
     Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))))

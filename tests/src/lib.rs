@@ -100,7 +100,10 @@ impl Deployment {
         )?;
         self.hub = Some(p);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.hub_port)).await.is_err() {
+        // The log line, not just the port: a free port picked earlier may since serve something else.
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.hub_port)).await.is_err()
+            || !self.hub.as_ref().is_some_and(|h| h.log_text().contains("hub serving"))
+        {
             if Instant::now() > deadline || !self.hub.as_mut().is_some_and(|h| h.is_running()) {
                 bail!("hub did not start:\n{}", self.hub.as_ref().map(|h| h.log_text()).unwrap_or_default());
             }

@@ -181,3 +181,201 @@ async fn residence_change_reaches_each_subscriber_with_only_its_fields_and_is_au
     assert!(out.contains("BROKEN at entry 2") && out.contains("missing (deleted)"), "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_away_during_10_000_changes_and_hub_killed_resumes_with_none_lost_in_citizen_order(
+) -> anyhow::Result<()> {
+    let mut d = Deployment::new("fanoutresume", CITIZENS_DDL, &["public.citizens"]).await?;
+    let src = d.source().await?;
+    let ids = insert_citizens(&src, &mut CitizenGen::new(11), 500).await?;
+    let fields = ["citizen_id", "previous.commune_code", "current.commune_code"];
+    d.fanout_toml = declarations(pg::free_port())
+        + &grpc_subscription("bhxh-residence", "bhxh", "social-insurance", &["residence.changed"], &fields, None);
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+
+    let mut start: HashMap<String, String> = HashMap::new();
+    for r in src.query("SELECT citizen_id, commune_code FROM citizens", &[]).await? {
+        start.insert(r.get(0), r.get(1));
+    }
+    // 10 000 moves, 10 per transaction, each to a commune other than the citizen's current one.
+    let communes = dongbo_tests::citizens::communes();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    let mut plan = Vec::new();
+    let mut current = start.clone();
+    for n in 0..10_000usize {
+        let id = ids[(n * 37) % ids.len()].clone();
+        let mut k = (n * 7919) % communes.len();
+        while communes[k].code == current[&id] {
+            k = (k + 1) % communes.len();
+        }
+        let c = &communes[k];
+        current.insert(id.clone(), c.code.clone());
+        expected.entry(id.clone()).or_default().push(c.code.clone());
+        plan.push((id, c.province.clone(), c.code.clone(), format!("{n} đường Số {n}")));
+    }
+    let writer = d.source().await?;
+    let writes = tokio::spawn(async move {
+        for chunk in plan.chunks(10) {
+            writer.batch_execute("BEGIN").await?;
+            for (id, p, c, a) in chunk {
+                relocate(&writer, id, p, c, a).await?;
+            }
+            writer.batch_execute("COMMIT").await?;
+        }
+        anyhow::Ok(())
+    });
+
+    let url = hub_url(&d).await;
+    let mut got = Vec::new();
+    let mut sub = Subscription::open(&url, BHXH_TOKEN, "bhxh-residence", None, 128).await?;
+    got.extend(collect(&mut sub, 1_000, Duration::from_secs(60)).await?);
+    // Away without acknowledging what is in flight, while the writes go on; the hub dies meanwhile.
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.hub.as_mut().expect("hub").kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.start_hub().await?;
+    writes.await??;
+    let mut sub = Subscription::open(&url, BHXH_TOKEN, "bhxh-residence", None, 128).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut unique = BTreeSet::new();
+    got.retain(|r| unique.insert(r.event_id.clone()));
+    while unique.len() < 10_000 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "only {} of 10 000 events arrived", unique.len());
+        let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(30), sub.next()).await? else {
+            anyhow::bail!("the stream stalled after {} events", unique.len());
+        };
+        if let Some(last) = batch.last() {
+            sub.ack(&last.resume_token).await?;
+        }
+        for r in batch {
+            if unique.insert(r.event_id.clone()) {
+                got.push(r);
+            }
+        }
+    }
+    // Per citizen, exactly the moves made, in the order made, each linking to the one before.
+    let mut seen: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for r in &got {
+        let id = r.body["citizen_id"].as_str().unwrap_or_default().to_string();
+        let prev = r.body["previous"]["commune_code"].as_str().unwrap_or_default().to_string();
+        let cur = r.body["current"]["commune_code"].as_str().unwrap_or_default().to_string();
+        seen.entry(id).or_default().push((prev, cur));
+    }
+    assert_eq!(seen.len(), expected.len());
+    for (id, moves) in &expected {
+        let events = &seen[id];
+        let currents: Vec<&String> = events.iter().map(|(_, c)| c).collect();
+        assert_eq!(currents, moves.iter().collect::<Vec<_>>(), "citizen {id}: events out of order or missing");
+        let mut before = &start[id];
+        for (prev, cur) in events {
+            assert_eq!(prev, before, "citizen {id}: previous residence does not link");
+            before = cur;
+        }
+    }
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_webhook_retries_then_dead_letters_then_replay_delivers_in_citizen_order() -> anyhow::Result<()> {
+    let mut d = Deployment::new("fanoutdlq", CITIZENS_DDL, &["public.citizens"]).await?;
+    let src = d.source().await?;
+    let ids = insert_citizens(&src, &mut CitizenGen::new(13), 50).await?;
+    let receiver = Receiver::default();
+    receiver.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let url = receiver.start().await?;
+    let admin_port = pg::free_port();
+    d.fanout_toml =
+        declarations(admin_port) + &webhook_subscription("bhyt-residence", &url, &["citizen_id", "current.address"], 3);
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+
+    let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
+    relocate(&src, a, "79", "26734", "1 first move of a").await?;
+    relocate(&src, b, "79", "26737", "1 only move of b").await?;
+    relocate(&src, a, "79", "26740", "2 second move of a").await?;
+    // a's first and b's move fail 3 times each and are dead-lettered; a's second waits behind a's first.
+    let path = "/subscriptions/bhyt-residence/dead-letters";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let (_, l) = admin(admin_port, reqwest::Method::GET, path, None).await?;
+        if l.as_array().is_some_and(|l| l.len() == 3) || std::time::Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let letters = letters.as_array().cloned().unwrap_or_default();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert_eq!(letters[0]["body"]["citizen_id"], json!(a));
+    assert_eq!(letters[0]["attempts"], 3);
+    assert!(letters[0]["reason"].as_str().unwrap_or_default().contains("500"), "{letters:?}");
+    assert_eq!(letters[2]["body"]["current"]["address"], "2 second move of a");
+    assert!(letters[2]["reason"].as_str().unwrap_or_default().contains("held behind"), "{letters:?}");
+    assert!(receiver.refused.load(std::sync::atomic::Ordering::SeqCst) >= 6);
+
+    // The receiver recovers: new records flow at once; the dead letters wait for the operator.
+    receiver.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    relocate(&src, c, "79", "26743", "1 only move of c").await?;
+    let first = receiver.wait_for(1, Duration::from_secs(30)).await?;
+    assert_eq!(first[0].body["citizen_id"], json!(c));
+
+    // Replay through the CLI, as an operator would.
+    let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-hub")?)
+        .args(["dead-letters", "--admin", &format!("http://127.0.0.1:{admin_port}"), "replay", "bhyt-residence"])
+        .env("DONGBO_ADMIN_TOKEN", dongbo_tests::fanout::ADMIN_TOKEN)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("\"delivered\": 3"), "{text}");
+    let all = receiver.wait_for(4, Duration::from_secs(10)).await?;
+    let order: Vec<String> =
+        all[1..].iter().map(|r| r.body["current"]["address"].as_str().unwrap_or_default().into()).collect();
+    assert_eq!(order, vec!["1 first move of a", "1 only move of b", "2 second move of a"]);
+    let (_, left) = admin(admin_port, reqwest::Method::GET, path, None).await?;
+    assert_eq!(left, json!([]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_outside_their_purpose_are_refused_at_run_time_and_in_the_config() -> anyhow::Result<()> {
+    let mut d = Deployment::new("fanoutrefuse", CITIZENS_DDL, &["public.citizens"]).await?;
+    let admin_port = pg::free_port();
+    d.fanout_toml = declarations(admin_port);
+    d.start_hub().await?;
+    let mut def = json!({
+        "id": "moet-residence", "subscriber": "moet", "purpose": "education",
+        "follow": ["residence.changed"], "fields": ["citizen_id", "current.address"],
+        "delivery": {"kind": "grpc"}
+    });
+    let (status, body) = admin(admin_port, reqwest::Method::POST, "/subscriptions", Some(def.clone())).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("field current.address is outside purpose education"), "{body}");
+    def["fields"] = json!(["citizen_id", "current.commune_code"]);
+    def["filter"] = json!("province_code = ");
+    let (status, body) = admin(admin_port, reqwest::Method::POST, "/subscriptions", Some(def.clone())).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("filter does not parse"), "{body}");
+    def["filter"] = json!("province_code = '79'");
+    let (status, body) = admin(admin_port, reqwest::Method::POST, "/subscriptions", Some(def.clone())).await?;
+    assert_eq!(status, 201, "{body}");
+    let (_, list) = admin(admin_port, reqwest::Method::GET, "/subscriptions", None).await?;
+    assert_eq!(list[0]["id"], "moet-residence", "{list}");
+    assert_eq!(list[0]["origin"], "api", "{list}");
+    // It survives a restart of the hub.
+    d.hub.as_mut().expect("hub").stop();
+    d.start_hub().await?;
+    let (_, list) = admin(admin_port, reqwest::Method::GET, "/subscriptions", None).await?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    // In hub.toml, the hub refuses to start and says why.
+    d.hub.as_mut().expect("hub").stop();
+    d.fanout_toml = declarations(admin_port)
+        + &grpc_subscription("bad", "moet", "education", &["residence.changed"], &["income"], None);
+    let err = d.start_hub().await.expect_err("a hub with a subscription outside its purpose must not start");
+    assert!(err.to_string().contains("unknown field income in residence.changed"), "{err}");
+    Ok(())
+}
