@@ -2,7 +2,9 @@
 # dongbo in one command: installs what is missing, builds, makes two throw-away PostgreSQL clusters (a
 # provincial population database and the NDC), starts the hub and an agent on the embedded default
 # (gRPC, no Kafka), loads 10 000 citizens with real 2025 commune codes, and shows a citizen's residence
-# change arriving in the NDC.
+# change arriving in the NDC and, as a `residence.changed` event, at two subscribers: social insurance
+# over gRPC and health insurance over a signed webhook, each with only its purpose's fields. Ends with
+# the audit log answering the citizen's question "who received my data".
 #
 #   ./deploy/quickstart.sh          run the demo, then stop everything
 #   ./deploy/quickstart.sh --keep   leave hub, agent and clusters running to explore (.dongbo/demo)
@@ -14,6 +16,8 @@ KEEP=${1:-}
 PROVINCE_PORT=${PROVINCE_PORT:-55432}
 NDC_PORT=${NDC_PORT:-55433}
 HUB_PORT=${HUB_PORT:-57443}
+ADMIN_PORT=${ADMIN_PORT:-57444}
+WEBHOOK_PORT=${WEBHOOK_PORT:-58088}
 PASSWORD=demo-secret
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -97,10 +101,65 @@ database = "ndc"
 user = "dongbo"
 password = "$PASSWORD"
 
+[fanout]
+data_dir = "$DEMO/hub-data"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+token = "demo-admin-token"
+
 [[agents]]
 id = "hcm-population"
 token = "demo-token"
 province = "79"
+
+# The national data dictionary: what subscribers may follow.
+[[dictionary]]
+table = "public.citizens"
+citizen_id = "citizen_id"
+fields = ["citizen_id", "full_name", "birth_date", "gender", "province_code", "commune_code", "address", "residence_kind"]
+
+[[events]]
+name = "residence.changed"
+table = "public.citizens"
+watch = ["commune_code", "address"]
+carry = ["residence_kind", "province_code"]
+
+[[purposes]]
+id = "social-insurance"
+description = "Social insurance contributions and benefits (Law on Social Insurance 41/2024/QH15)"
+[purposes.allows]
+"residence.changed" = ["citizen_id", "previous.commune_code", "current.commune_code", "residence_kind", "effective_at"]
+
+[[purposes]]
+id = "health-insurance"
+description = "Health insurance card registration place (Law on Health Insurance 51/2024/QH15)"
+[purposes.allows]
+"residence.changed" = ["citizen_id", "current.commune_code", "current.address", "effective_at"]
+
+[[subscribers]]
+id = "bhxh"
+token = "demo-bhxh-token"
+
+[[subscribers]]
+id = "bhyt"
+token = "demo-bhyt-token"
+
+[[subscriptions]]
+id = "bhxh-residence"
+subscriber = "bhxh"
+purpose = "social-insurance"
+follow = ["residence.changed"]
+fields = ["citizen_id", "previous.commune_code", "current.commune_code", "residence_kind", "effective_at"]
+delivery = { kind = "grpc" }
+
+[[subscriptions]]
+id = "bhyt-residence"
+subscriber = "bhyt"
+purpose = "health-insurance"
+follow = ["residence.changed"]
+fields = ["citizen_id", "current.commune_code", "current.address"]
+delivery = { kind = "webhook", url = "http://127.0.0.1:$WEBHOOK_PORT/dongbo", secret = "demo-webhook-secret" }
 TOML
 cat >"$DEMO/agent.toml" <<TOML
 source_id = "hcm-population"
@@ -139,6 +198,17 @@ done
 echo "NDC now holds $(ndc -qAtc 'SELECT count(*) FROM hcm_population.citizens') citizens of the province"
 
 ID=$(src -c "SELECT citizen_id FROM citizens ORDER BY citizen_id LIMIT 1")
+say "starting two subscribers: social insurance (gRPC) and health insurance (webhook)"
+"$BIN/social-insurance" --hub "http://127.0.0.1:$HUB_PORT" --token demo-bhxh-token --subscription bhxh-residence \
+  --count 1 >"$DEMO/social-insurance.out" 2>"$DEMO/social-insurance.log" &
+SI_PID=$!
+PIDS+=($SI_PID)
+"$BIN/health-webhook" --listen "127.0.0.1:$WEBHOOK_PORT" --secret demo-webhook-secret --count 1 \
+  >"$DEMO/health.out" 2>"$DEMO/health.log" &
+HW_PID=$!
+PIDS+=($HW_PID)
+sleep 0.5
+
 say "citizen $ID in the NDC before moving"
 ndc -c "SELECT citizen_id, full_name, province_code, commune_code, address FROM hcm_population.citizens WHERE citizen_id = '$ID'"
 
@@ -156,6 +226,14 @@ ndc -c "SELECT citizen_id, full_name, province_code, commune_code, address FROM 
 echo "the change reached the NDC in $(( (T1 - T0) / 1000000 )) ms (including psql start-up)"
 say "what the hub recorded"
 ndc -c "SELECT source_id, applied_seq, source_position, changes_applied, changes_quarantined FROM dongbo.applied_position"
+
+say "the subscribers received residence.changed, each with only what its purpose allows"
+for _ in $(seq 100); do [ -s "$DEMO/social-insurance.out" ] && [ -s "$DEMO/health.out" ] && break; sleep 0.1; done
+cat "$DEMO/social-insurance.out" "$DEMO/health.out"
+
+say "the citizen asks: which systems received my data, when, and for what purpose? (dongbo-hub audit citizen)"
+"$BIN/dongbo-hub" audit --config "$DEMO/hub.toml" citizen "$ID"
+"$BIN/dongbo-hub" audit --config "$DEMO/hub.toml" verify
 
 if [ "$KEEP" = "--keep" ]; then
   say "still running (logs and configs in $DEMO); stop with: kill ${PIDS[*]}"

@@ -121,6 +121,8 @@ pub struct Receiver {
     pub refused: Arc<AtomicUsize>,
     /// Answer 500 to everything.
     pub failing: Arc<AtomicBool>,
+    /// When each accepted record arrived, microseconds since the epoch.
+    pub arrivals: Arc<Mutex<Vec<i64>>>,
 }
 
 impl Receiver {
@@ -136,6 +138,9 @@ impl Receiver {
                     me.refused.fetch_add(1, Ordering::SeqCst);
                     return StatusCode::INTERNAL_SERVER_ERROR;
                 }
+                let now =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+                me.arrivals.lock().expect("receiver lock").push(now as i64);
                 me.accepted.lock().expect("receiver lock").push(r);
                 StatusCode::OK
             }

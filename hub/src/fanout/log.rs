@@ -364,3 +364,114 @@ pub fn cursor_bytes(c: Cursor) -> [u8; 12] {
 pub fn cursor_from(b: &[u8]) -> Option<Cursor> {
     Cursor::from_bytes(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc as StdArc;
+
+    use dongbo_connectors::model::{Column, Lsn, Operation, Position, TableId, TableSchema, Value};
+    use serde_json::Map;
+
+    use super::*;
+
+    fn batch(source: &str, seqs: std::ops::RangeInclusive<u64>) -> (ChangeBatch, Vec<u8>) {
+        let schema = StdArc::new(TableSchema::new(
+            TableId::new("public", "citizens"),
+            vec![Column { name: "citizen_id".into(), type_name: "text".into(), type_oid: 25 }],
+            vec![0],
+        ));
+        let changes = seqs
+            .map(|seq| ChangeEvent {
+                seq,
+                table: schema.clone(),
+                op: Operation::Insert,
+                key: vec![Value::Text(format!("{seq:012}"))],
+                before: None,
+                after: Some(vec![Value::Text(format!("{seq:012}"))]),
+                position: Position::Postgres(Lsn(seq)),
+                commit_time_us: 0,
+                txid: seq,
+                txn_order: 0,
+                txn_last: true,
+            })
+            .collect();
+        let b = ChangeBatch { source_id: source.into(), changes };
+        let raw = wire::encode_batch(b.clone());
+        (b, raw)
+    }
+
+    fn event(seq: u64) -> DomainEvent {
+        DomainEvent {
+            event_id: format!("s:{seq}:e"),
+            event: "e".into(),
+            source_id: "s".into(),
+            seq,
+            citizen_id: format!("{seq:012}"),
+            effective_at_us: 0,
+            payload: Map::new(),
+        }
+    }
+
+    fn seqs(items: &[(Cursor, Item)]) -> Vec<String> {
+        items
+            .iter()
+            .map(|(_, i)| match i {
+                Item::Change { change, .. } => format!("c{}", change.seq),
+                Item::Event(e) => format!("e{}", e.seq),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn appends_are_idempotent_reads_resume_anywhere_and_retention_spares_the_slowest() {
+        let dir = std::env::temp_dir().join(format!("dongbo-log-test-{}", rand_suffix()));
+        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap()).unwrap();
+        let b1 = [batch("s", 1..=3)];
+        let a = |batches, excluded: Vec<u64>, events: Vec<DomainEvent>| Append {
+            source_id: "s",
+            batches,
+            excluded,
+            events,
+        };
+        assert_eq!(log.append(a(&b1, vec![2], vec![event(3)])).await.unwrap(), 3);
+        // The same batches again (an agent resending after a lost ack) log nothing.
+        assert_eq!(log.append(a(&b1, vec![2], vec![event(3)])).await.unwrap(), 3);
+        // Overlapping batches log only what is new.
+        let b2 = [batch("s", 3..=5)];
+        assert_eq!(log.append(a(&b2, vec![], vec![event(3), event(5)])).await.unwrap(), 5);
+        assert_eq!(*log.end().borrow(), 3, "two chunks");
+
+        let (all, end) = log.read(Cursor { chunk: 1, item: 0 }, 100, true).unwrap();
+        assert_eq!(seqs(&all), vec!["c1", "c3", "e3", "c4", "c5", "e5"]);
+        assert_eq!(end, Cursor { chunk: 3, item: 0 });
+        // Resuming after any item continues right after it; without changes, only events.
+        let (rest, _) = log.read(all[1].0, 100, true).unwrap();
+        assert_eq!(seqs(&rest), vec!["e3", "c4", "c5", "e5"]);
+        let (events, _) = log.read(Cursor { chunk: 1, item: 0 }, 100, false).unwrap();
+        assert_eq!(seqs(&events), vec!["e3", "e5"]);
+        let (page, next) = log.read(Cursor { chunk: 1, item: 0 }, 2, true).unwrap();
+        assert_eq!(seqs(&page), vec!["c1", "c3"]);
+        assert_eq!(next, all[1].0);
+
+        // Retention drops old chunks, but not one a subscription still needs, nor the newest.
+        assert_eq!(log.prune(now_micros() + 1, 1).unwrap(), 0);
+        assert_eq!(log.prune(now_micros() + 1, u64::MAX).unwrap(), 1);
+        assert_eq!(log.first().unwrap(), 2);
+        assert_eq!(log.start_cursor(Start::Beginning).unwrap(), Cursor { chunk: 2, item: 0 });
+        assert_eq!(log.start_cursor(Start::Now).unwrap(), Cursor { chunk: 3, item: 0 });
+        assert_eq!(log.start_cursor(Start::At(0)).unwrap(), Cursor { chunk: 2, item: 0 });
+        let (after_prune, _) = log.read(Cursor { chunk: 1, item: 1 }, 100, true).unwrap();
+        assert_eq!(seqs(&after_prune), vec!["c4", "c5", "e5"], "a cursor behind retention starts at the oldest kept");
+        drop(log);
+        // Offsets keep counting after a reopen.
+        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap()).unwrap();
+        assert_eq!(*log.end().borrow(), 3);
+        assert_eq!(log.logged_seq("s").unwrap(), Some(5));
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn rand_suffix() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    }
+}

@@ -68,10 +68,11 @@ fn hub_config(dir: &std::path::Path, ndc_port: u16, hub_port: u16) -> anyhow::Re
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:{hub_port}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
+            "listen = \"127.0.0.1:{hub_port}\"\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
              [[agents]]\nid = \"e2e\"\ntoken = \"e2e-token\"\n[[agents]]\nid = \"snap\"\ntoken = \"snap-token\"\n",
             role = pg::ROLE,
             pw = pg::PASSWORD,
+            data = dir.join("hub-data").display(),
         ),
     )?;
     Ok(path)
