@@ -10,6 +10,7 @@
 //! NDC commit and before acknowledging the agent, so everything in the log is applied, and a hub
 //! that dies between the two logs the changes on the replay the missing acknowledgement causes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
@@ -80,8 +81,8 @@ pub struct ChunkHeader {
     pub excluded: Vec<u64>,
     /// Number of applied changes in the chunk.
     pub n_changes: u32,
-    /// Events raised by the chunk's changes, in seq order.
-    pub events: Vec<DomainEvent>,
+    /// Events raised by the chunk's changes, in seq order (shared with readers, never copied).
+    pub events: Vec<Arc<DomainEvent>>,
     /// When the chunk was logged, microseconds since the epoch.
     pub logged_at_us: i64,
 }
@@ -105,7 +106,7 @@ pub enum Item {
         logged_at_us: i64,
     },
     /// A domain event.
-    Event(DomainEvent),
+    Event(Arc<DomainEvent>),
 }
 
 /// What one append logs.
@@ -136,6 +137,58 @@ pub struct FanoutLog {
     tree: sled::Tree,
     next: Mutex<u64>,
     end: watch::Sender<u64>,
+    recent: std::sync::Mutex<RecentHeaders>,
+}
+
+/// Weight (events, plus one per chunk) the decoded-header cache holds at most.
+const RECENT_WEIGHT: usize = 50_000;
+
+/// Decoded headers of the chunks read last. Live subscribers all read the chunk just appended, and
+/// subscribers catching up often read the same old chunks; without this each would decode the same
+/// JSON header (and its events) again.
+#[derive(Default)]
+struct RecentHeaders {
+    by_offset: HashMap<u64, (Arc<ChunkHeader>, u64)>,
+    weight: usize,
+    tick: u64,
+}
+
+impl RecentHeaders {
+    fn weight(h: &ChunkHeader) -> usize {
+        1 + h.events.len()
+    }
+
+    fn get(&mut self, offset: u64) -> Option<Arc<ChunkHeader>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.by_offset.get_mut(&offset).map(|(h, used)| {
+            *used = tick;
+            h.clone()
+        })
+    }
+
+    fn insert(&mut self, offset: u64, h: Arc<ChunkHeader>) {
+        self.tick += 1;
+        self.weight += Self::weight(&h);
+        if let Some((old, _)) = self.by_offset.insert(offset, (h, self.tick)) {
+            self.weight -= Self::weight(&old);
+        }
+        // Least recently used out, never the one just added.
+        while self.weight > RECENT_WEIGHT && self.by_offset.len() > 1 {
+            let Some((&victim, _)) =
+                self.by_offset.iter().filter(|(&o, _)| o != offset).min_by_key(|(_, (_, used))| *used)
+            else {
+                break;
+            };
+            self.remove(victim);
+        }
+    }
+
+    fn remove(&mut self, offset: u64) {
+        if let Some((old, _)) = self.by_offset.remove(&offset) {
+            self.weight -= Self::weight(&old);
+        }
+    }
 }
 
 impl FanoutLog {
@@ -147,7 +200,7 @@ impl FanoutLog {
             None => 1,
         };
         let (end, _) = watch::channel(next);
-        Ok(Arc::new(Self { db, tree, next: Mutex::new(next), end }))
+        Ok(Arc::new(Self { db, tree, next: Mutex::new(next), end, recent: Default::default() }))
     }
 
     /// The last seq of `source_id` in the log, if the log has seen the source.
@@ -186,7 +239,7 @@ impl FanoutLog {
             .flat_map(|(b, _)| &b.changes)
             .filter(|c| c.seq >= first_seq && !a.excluded.contains(&c.seq))
             .count() as u32;
-        let events: Vec<DomainEvent> = a.events.into_iter().filter(|e| e.seq >= first_seq).collect();
+        let events: Vec<Arc<DomainEvent>> = a.events.into_iter().filter(|e| e.seq >= first_seq).map(Arc::new).collect();
         let header = ChunkHeader {
             source_id: a.source_id.into(),
             first_seq,
@@ -211,6 +264,7 @@ impl FanoutLog {
         batch.insert(k, &last_seq.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.db.flush_async().await?;
+        self.recent.lock().expect("cache lock").insert(*next, Arc::new(header));
         *next += 1;
         self.end.send_replace(*next);
         Ok(last_seq)
@@ -229,11 +283,15 @@ impl FanoutLog {
         })
     }
 
-    fn header(&self, offset: u64) -> Result<Option<ChunkHeader>, LogError> {
-        match self.tree.get(key(HEADER, offset))? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| LogError::Corrupt(offset, e.to_string())),
+    fn header(&self, offset: u64) -> Result<Option<Arc<ChunkHeader>>, LogError> {
+        if let Some(h) = self.recent.lock().expect("cache lock").get(offset) {
+            return Ok(Some(h));
         }
+        let Some(v) = self.tree.get(key(HEADER, offset))? else { return Ok(None) };
+        let h: Arc<ChunkHeader> =
+            Arc::new(serde_json::from_slice(&v).map_err(|e| LogError::Corrupt(offset, e.to_string()))?);
+        self.recent.lock().expect("cache lock").insert(offset, h.clone());
+        Ok(Some(h))
     }
 
     /// Where a new subscription starting at `start` begins.
@@ -344,6 +402,7 @@ impl FanoutLog {
             batch.remove(&key(HEADER, offset));
             batch.remove(&key(DATA, offset));
             self.tree.apply_batch(batch)?;
+            self.recent.lock().expect("cache lock").remove(offset);
             dropped += 1;
         }
         Ok(dropped)
@@ -373,6 +432,48 @@ mod tests {
     use serde_json::Map;
 
     use super::*;
+
+    fn header_with(events: usize) -> Arc<ChunkHeader> {
+        let e = DomainEvent {
+            event_id: "s:1:e".into(),
+            event: "e".into(),
+            source_id: "s".into(),
+            seq: 1,
+            citizen_id: "1".into(),
+            effective_at_us: 0,
+            payload: Map::new(),
+        };
+        Arc::new(ChunkHeader {
+            source_id: "s".into(),
+            first_seq: 1,
+            last_seq: 1,
+            excluded: vec![],
+            n_changes: 0,
+            events: vec![Arc::new(e); events],
+            logged_at_us: 0,
+        })
+    }
+
+    #[test]
+    fn the_header_cache_stays_within_its_weight_and_drops_the_least_recently_read() {
+        let mut r = RecentHeaders::default();
+        let big = RECENT_WEIGHT / 3 - 1;
+        for offset in 1..=3 {
+            r.insert(offset, header_with(big));
+        }
+        assert!(r.get(1).is_some(), "three fit");
+        // A fourth does not fit: 2 was read least recently (1 was just read), so 2 goes.
+        r.insert(4, header_with(big));
+        assert!(r.weight <= RECENT_WEIGHT);
+        assert!(r.get(2).is_none());
+        assert!(r.get(1).is_some() && r.get(3).is_some() && r.get(4).is_some());
+        // One header heavier than the whole budget is still kept: it is the one being read.
+        r.insert(5, header_with(RECENT_WEIGHT * 2));
+        assert_eq!(r.by_offset.len(), 1);
+        assert!(r.get(5).is_some());
+        r.remove(5);
+        assert_eq!((r.by_offset.len(), r.weight), (0, 0));
+    }
 
     fn batch(source: &str, seqs: std::ops::RangeInclusive<u64>) -> (ChangeBatch, Vec<u8>) {
         let schema = StdArc::new(TableSchema::new(

@@ -178,7 +178,7 @@ mod tests {
             effective_at_us: 0,
             payload: payload.as_object().unwrap().clone(),
         };
-        let out = sub.project(Cursor { chunk: 3, item: 1 }, &Item::Event(e.clone())).unwrap();
+        let out = sub.project(Cursor { chunk: 3, item: 1 }, &Item::Event(std::sync::Arc::new(e.clone()))).unwrap();
         assert_eq!(
             Json::Object(out.body),
             serde_json::json!({"event_id": "hcm:7:residence.changed", "event": "residence.changed",
@@ -186,8 +186,8 @@ mod tests {
         );
         assert_eq!(out.fields, vec!["citizen_id", "current.commune_code"]);
         e.payload.insert("province_code".into(), Json::String("01".into()));
-        assert_eq!(sub.project(Cursor::default(), &Item::Event(e.clone())), None, "filtered out");
+        assert_eq!(sub.project(Cursor::default(), &Item::Event(std::sync::Arc::new(e.clone()))), None, "filtered out");
         e.event = "citizen.died".into();
-        assert_eq!(sub.project(Cursor::default(), &Item::Event(e)), None, "not followed");
+        assert_eq!(sub.project(Cursor::default(), &Item::Event(std::sync::Arc::new(e))), None, "not followed");
     }
 }

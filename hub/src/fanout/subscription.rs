@@ -127,6 +127,10 @@ pub enum Delivery {
         /// Longest retry delay.
         #[serde(default = "default_max_backoff_ms")]
         max_backoff_ms: u64,
+        /// POSTs in flight at once, each for a different citizen (one citizen's records go one
+        /// after another, in order).
+        #[serde(default = "default_concurrency")]
+        concurrency: usize,
     },
     /// Records go to a Kafka topic keyed by citizen id (the Kafka transport arrives with issue 4).
     Kafka {
@@ -135,6 +139,9 @@ pub enum Delivery {
     },
 }
 
+fn default_concurrency() -> usize {
+    16
+}
 fn default_attempts() -> u32 {
     8
 }
@@ -386,7 +393,7 @@ impl Catalog {
         }
         match &def.delivery {
             Delivery::Grpc => {}
-            Delivery::Webhook { url, secret, secret_file, max_attempts, .. } => {
+            Delivery::Webhook { url, secret, secret_file, max_attempts, concurrency, .. } => {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     p.push(format!("subscription {id}: webhook url {url:?} must start with http:// or https://"));
                 }
@@ -395,6 +402,9 @@ impl Catalog {
                 }
                 if *max_attempts == 0 {
                     p.push(format!("subscription {id}: max_attempts must be at least 1"));
+                }
+                if !(1..=256).contains(concurrency) {
+                    p.push(format!("subscription {id}: concurrency must be between 1 and 256"));
                 }
             }
             Delivery::Kafka { topic } => {

@@ -8,11 +8,12 @@
 //! the record's fault: the worker waits and retries without dead-lettering. Operators list and
 //! replay the queue (admin API / CLI); a replay delivers in order and keeps what still fails.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::mpsc;
@@ -23,9 +24,10 @@ use super::record::now_micros;
 use super::state::DeadLetter;
 use super::subscription::Delivery;
 use super::{Command, Fanout};
+use crate::audit::Entry;
 
 /// Records read from the log per page.
-const PAGE: usize = 100;
+const PAGE: usize = 500;
 
 /// Why a POST failed.
 enum Failure {
@@ -73,7 +75,9 @@ impl Sender {
 
 /// Delivers one subscription until it is removed or replaced.
 pub async fn run(fanout: Arc<Fanout>, sub: Arc<Subscription>, mut commands: mpsc::Receiver<Command>) {
-    let Delivery::Webhook { url, max_attempts, initial_backoff_ms, max_backoff_ms, .. } = &sub.def.delivery else {
+    let Delivery::Webhook { url, max_attempts, initial_backoff_ms, max_backoff_ms, concurrency, .. } =
+        &sub.def.delivery
+    else {
         return;
     };
     let secret = match sub.def.delivery.webhook_secret() {
@@ -107,7 +111,8 @@ pub async fn run(fanout: Arc<Fanout>, sub: Arc<Subscription>, mut commands: mpsc
         while let Ok(cmd) = commands.try_recv() {
             handle(&fanout, &sub, &sender, cmd).await;
         }
-        let result = deliver_page(&fanout, &sub, &sender, *max_attempts, &policy).await;
+        let limits = Limits { max_attempts: *max_attempts, concurrency: *concurrency };
+        let result = deliver_page(&fanout, &sub, &sender, &limits, &policy).await;
         match result {
             Ok(true) => continue,
             Ok(false) => {
@@ -137,12 +142,17 @@ async fn handle(fanout: &Fanout, sub: &Subscription, sender: &Sender, cmd: Comma
 }
 
 /// Delivers one page from the cursor; `Ok(true)` when there may be more right away.
+///
+/// The page's audit entries are written in one go before any POST. Citizens are delivered
+/// concurrently (up to `concurrency` at once), each citizen's records one after another; the cursor
+/// moves past the page once every record in it was delivered or dead-lettered. A crash in between
+/// delivers the page again, which at-least-once with stable event ids allows.
 async fn deliver_page(
     fanout: &Fanout,
     sub: &Subscription,
     sender: &Sender,
-    max_attempts: u32,
-    policy: &impl Fn() -> backoff::ExponentialBackoff,
+    limits: &Limits,
+    policy: &(impl Fn() -> backoff::ExponentialBackoff + Sync),
 ) -> Result<bool, String> {
     let id = &sub.def.id;
     let from = fanout.state.cursor(id).map_err(|e| e.to_string())?.unwrap_or_default();
@@ -150,19 +160,67 @@ async fn deliver_page(
     if scanned == from {
         return Ok(false);
     }
-    let mut held: HashSet<String> =
+    let held: HashSet<String> =
         fanout.state.dead_letters(id).map_err(|e| e.to_string())?.into_iter().map(|d| d.citizen_id).collect();
-    for o in items.iter().filter_map(|(c, item)| sub.project(*c, item)) {
+    let outs: Vec<Outgoing> = items.iter().filter_map(|(c, item)| sub.project(*c, item)).collect();
+    // Per citizen, in log order; citizens already in the dead-letter queue wait behind it.
+    let mut lanes: Vec<Vec<usize>> = Vec::new();
+    let mut lane_of: HashMap<&str, usize> = HashMap::new();
+    let mut undelivered: Vec<(usize, String, u32)> = Vec::new();
+    for (i, o) in outs.iter().enumerate() {
         if held.contains(&o.citizen_id) {
-            dead_letter(fanout, sub, &o, "held behind an earlier undelivered record of this citizen", 0).await?;
-            fanout.state.ack(id, o.cursor).await.map_err(|e| e.to_string())?;
+            undelivered.push((i, HELD.into(), 0));
             continue;
         }
-        fanout
-            .audit
-            .record(&[sub.audit_entry(&o.citizen_id, &o.event_id, &o.fields)])
-            .await
-            .map_err(|e| format!("cannot write the audit log: {e}"))?;
+        let lane = *lane_of.entry(o.citizen_id.as_str()).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[lane].push(i);
+    }
+    let entries: Vec<Entry> = lanes
+        .iter()
+        .flatten()
+        .map(|&i| sub.audit_entry(&outs[i].citizen_id, &outs[i].event_id, &outs[i].fields))
+        .collect();
+    fanout.audit.record(&entries).await.map_err(|e| e.to_string())?;
+    let failed: Vec<Vec<(usize, String, u32)>> = futures::stream::iter(lanes)
+        .map(|lane| deliver_citizen(sender, &outs, lane, limits.max_attempts, policy))
+        .buffer_unordered(limits.concurrency)
+        .collect()
+        .await;
+    undelivered.extend(failed.into_iter().flatten());
+    // The queue replays in the order letters were added, so add them in log order.
+    undelivered.sort_by_key(|(i, _, _)| *i);
+    for (i, why, attempts) in undelivered {
+        dead_letter(fanout, sub, &outs[i], &why, attempts).await?;
+    }
+    fanout.state.ack(id, scanned).await.map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
+/// Why a record is dead-lettered without being tried.
+const HELD: &str = "held behind an earlier undelivered record of this citizen";
+
+/// How hard a webhook subscription pushes.
+struct Limits {
+    max_attempts: u32,
+    concurrency: usize,
+}
+
+/// POSTs one citizen's records (`lane`, indexes into `outs`) in order; returns the ones that could
+/// not be delivered (the first failure and everything after it) with the reason and attempts made.
+async fn deliver_citizen(
+    sender: &Sender,
+    outs: &[Outgoing],
+    lane: Vec<usize>,
+    max_attempts: u32,
+    policy: &impl Fn() -> backoff::ExponentialBackoff,
+) -> Vec<(usize, String, u32)> {
+    let sub = &sender.subscription;
+    let mut rest = lane.into_iter();
+    while let Some(i) = rest.next() {
+        let o = &outs[i];
         let body = serde_json::to_vec(&o.body).expect("records serialise");
         let mut wait = policy();
         let mut attempts = 0;
@@ -172,24 +230,23 @@ async fn deliver_page(
                 Ok(()) => break None,
                 Err(Failure::Unreachable(why)) => {
                     attempts -= 1;
-                    warn!(subscription = %id, reason = %why, "webhook receiver unreachable; waiting");
+                    warn!(subscription = %sub, reason = %why, "webhook receiver unreachable; waiting");
                 }
                 Err(Failure::Answered(why)) if attempts >= max_attempts => break Some(why),
                 Err(Failure::Answered(why)) => {
-                    warn!(subscription = %id, event_id = %o.event_id, attempt = attempts, reason = %why, "webhook delivery failed; retrying");
+                    warn!(subscription = %sub, event_id = %o.event_id, attempt = attempts, reason = %why, "webhook delivery failed; retrying");
                 }
             }
             tokio::time::sleep(wait.next_backoff().unwrap_or(Duration::from_secs(60))).await;
         };
         if let Some(why) = failure {
-            warn!(subscription = %id, event_id = %o.event_id, attempts, reason = %why, "webhook delivery dead-lettered");
-            dead_letter(fanout, sub, &o, &why, attempts).await?;
-            held.insert(o.citizen_id.clone());
+            warn!(subscription = %sub, event_id = %o.event_id, attempts, reason = %why, "webhook delivery dead-lettered");
+            let mut out = vec![(i, why, attempts)];
+            out.extend(rest.map(|i| (i, HELD.to_string(), 0)));
+            return out;
         }
-        fanout.state.ack(id, o.cursor).await.map_err(|e| e.to_string())?;
     }
-    fanout.state.ack(id, scanned).await.map_err(|e| e.to_string())?;
-    Ok(true)
+    Vec::new()
 }
 
 async fn dead_letter(
@@ -226,7 +283,7 @@ async fn replay(fanout: &Fanout, sub: &Subscription, sender: &Sender) -> Result<
             continue;
         }
         let e = sub.audit_entry(&d.citizen_id, &d.event_id, &d.fields);
-        fanout.audit.record(&[e]).await.map_err(|e| format!("cannot write the audit log: {e}"))?;
+        fanout.audit.record(&[e]).await.map_err(|e| e.to_string())?;
         let body = serde_json::to_vec(&d.body).expect("records serialise");
         match sender.post(&d.event_id, &body, d.attempts + 1).await {
             Ok(()) => {
