@@ -449,7 +449,7 @@ mod tests {
             last_seq: 1,
             excluded: vec![],
             n_changes: 0,
-            events: vec![Arc::new(e); events],
+            events: (0..events).map(|_| Arc::new(e.clone())).collect(),
             logged_at_us: 0,
         })
     }
