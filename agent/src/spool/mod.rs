@@ -1,6 +1,6 @@
 //! The durable local spool: captured batches wait here until the hub has made them durable.
 //!
-//! Payloads go to append-only segment files ([`segments`]); sled holds the index (seq range →
+//! Payloads go to append-only segment files ([`dongbo_connectors::segments`]); sled holds the index (seq range →
 //! segment, offset, length), the source's [`ResumePoint`] and the next seq, updated atomically.
 //!
 //! # Contract
@@ -13,8 +13,6 @@
 //!   change per microsecond since it started), so a wiped spool cannot collide with what the hub
 //!   already applied.
 
-pub mod segments;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +22,7 @@ use dongbo_connectors::model::Lsn;
 use dongbo_connectors::postgres::{OpenTxn, ResumePoint};
 use tokio::sync::watch;
 
-use self::segments::{Location, Segments};
+use dongbo_connectors::segments::{self, Location, Segments};
 
 const BATCH_PREFIX: u8 = b'b';
 /// sled's page cache defaults to 1 GiB; the spool is written once and read once in order, so a small

@@ -1,7 +1,10 @@
-//! The hub's retained, replayable log of applied changes and domain events (sled, on local disk).
+//! The hub's retained, replayable log of applied changes and domain events, on local disk.
 //!
 //! One *chunk* per NDC transaction: a header (source, seq range, seqs not applied, the events
-//! raised, when logged) and the agent's batches verbatim, so logging re-encodes no change. Chunk
+//! raised, when logged) and the agent's batches verbatim, so logging re-encodes no change. Chunks
+//! are written to append-only segment files ([`Segments`]) and fsynced; sled holds only a small
+//! index entry per chunk (where it is, when it was logged) and each source's logged seq, because
+//! sled keeps every value it ever wrote in memory and a week of retention must not live in RAM. Chunk
 //! offsets count up from 1; inside a chunk, items are its applied changes in seq order and then its
 //! events, so a position in the log is `(chunk, item)`, printed `chunk.item` as a resume token.
 //!
@@ -14,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
+use dongbo_connectors::segments::{Location, Segments, SEGMENT_BYTES};
 use dongbo_connectors::wire;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
@@ -27,6 +31,9 @@ pub enum LogError {
     /// sled failed.
     #[error("fan-out log storage failed: {0}")]
     Storage(#[from] sled::Error),
+    /// A segment file could not be written or read.
+    #[error("fan-out log segment I/O failed: {0}; check the disk holding fanout.data_dir")]
+    Segment(#[from] std::io::Error),
     /// A stored chunk does not decode.
     #[error("fan-out log chunk {0} is corrupt: {1}")]
     Corrupt(u64, String),
@@ -121,9 +128,58 @@ pub struct Append<'a> {
     pub events: Vec<DomainEvent>,
 }
 
-const HEADER: u8 = b'h';
-const DATA: u8 = b'd';
+/// Index entries, by chunk offset.
+const INDEX: u8 = b'i';
+/// Logged seq, by source.
 const SOURCE: u8 = b's';
+
+/// Where a chunk lives and when it was logged: what sled keeps per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexEntry {
+    at: Location,
+    header_len: u32,
+    logged_at_us: i64,
+}
+
+impl IndexEntry {
+    fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&self.at.segment.to_be_bytes());
+        b[8..16].copy_from_slice(&self.at.offset.to_be_bytes());
+        b[16..20].copy_from_slice(&self.at.len.to_be_bytes());
+        b[20..24].copy_from_slice(&self.header_len.to_be_bytes());
+        b[24..].copy_from_slice(&self.logged_at_us.to_be_bytes());
+        b
+    }
+
+    fn decode(offset: u64, b: &[u8]) -> Result<Self, LogError> {
+        let bad = || LogError::Corrupt(offset, "index entry is not 32 bytes".into());
+        let u64_at = |i: usize| b.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes);
+        let u32_at = |i: usize| b.get(i..i + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes);
+        if b.len() != 32 {
+            return Err(bad());
+        }
+        Ok(Self {
+            at: Location {
+                segment: u64_at(0).ok_or_else(bad)?,
+                offset: u64_at(8).ok_or_else(bad)?,
+                len: u32_at(16).ok_or_else(bad)?,
+            },
+            header_len: u32_at(20).ok_or_else(bad)?,
+            logged_at_us: u64_at(24).ok_or_else(bad)? as i64,
+        })
+    }
+
+    /// The header's bytes in the segment.
+    fn header(&self) -> Location {
+        Location { len: self.header_len, ..self.at }
+    }
+
+    /// The batches' bytes in the segment.
+    fn data(&self) -> Location {
+        Location { offset: self.at.offset + u64::from(self.header_len), len: self.at.len - self.header_len, ..self.at }
+    }
+}
 
 fn key(prefix: u8, offset: u64) -> [u8; 9] {
     let mut k = [prefix; 9];
@@ -138,6 +194,7 @@ pub struct FanoutLog {
     next: Mutex<u64>,
     end: watch::Sender<u64>,
     recent: std::sync::Mutex<RecentHeaders>,
+    segments: Arc<std::sync::Mutex<Segments>>,
 }
 
 /// Weight (events, plus one per chunk) the decoded-header cache holds at most.
@@ -192,15 +249,47 @@ impl RecentHeaders {
 }
 
 impl FanoutLog {
-    /// Opens (or creates) the log inside `db`.
-    pub fn open(db: sled::Db) -> Result<Arc<Self>, LogError> {
+    /// Opens (or creates) the log: its index inside `db`, its segment files in `segment_dir`.
+    pub fn open(db: sled::Db, segment_dir: &std::path::Path) -> Result<Arc<Self>, LogError> {
         let tree = db.open_tree("log")?;
-        let next = match tree.scan_prefix([HEADER]).next_back() {
+        let next = match tree.scan_prefix([INDEX]).next_back() {
             Some(kv) => u64::from_be_bytes(kv?.0[1..9].try_into().expect("9-byte keys")) + 1,
             None => 1,
         };
+        let segments = Segments::open(segment_dir, SEGMENT_BYTES)?;
         let (end, _) = watch::channel(next);
-        Ok(Arc::new(Self { db, tree, next: Mutex::new(next), end, recent: Default::default() }))
+        let log = Arc::new(Self {
+            db,
+            tree,
+            next: Mutex::new(next),
+            end,
+            recent: Default::default(),
+            segments: Arc::new(std::sync::Mutex::new(segments)),
+        });
+        // Segments a crash left behind after their chunks were pruned.
+        log.release_segments()?;
+        Ok(log)
+    }
+
+    fn entry(&self, offset: u64) -> Result<Option<IndexEntry>, LogError> {
+        self.tree.get(key(INDEX, offset))?.map(|v| IndexEntry::decode(offset, &v)).transpose()
+    }
+
+    fn read_at(&self, at: Location) -> Result<Vec<u8>, LogError> {
+        Ok(self.segments.lock().map_err(|_| std::io::Error::other("segment lock poisoned"))?.read(at)?)
+    }
+
+    fn release_segments(&self) -> Result<(), LogError> {
+        let oldest = match self.tree.scan_prefix([INDEX]).next() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                let offset = u64::from_be_bytes(k[1..9].try_into().expect("9-byte keys"));
+                Some(IndexEntry::decode(offset, &v)?.at.segment)
+            }
+            None => None,
+        };
+        self.segments.lock().map_err(|_| std::io::Error::other("segment lock poisoned"))?.release_before(oldest)?;
+        Ok(())
     }
 
     /// The last seq of `source_id` in the log, if the log has seen the source.
@@ -254,11 +343,21 @@ impl FanoutLog {
             data.extend_from_slice(&(raw.len() as u32).to_be_bytes());
             data.extend_from_slice(raw);
         }
-        let mut batch = sled::Batch::default();
-        batch.insert(&key(HEADER, *next), serde_json::to_vec(&header).expect("headers serialise"));
+        let mut payload = serde_json::to_vec(&header).expect("headers serialise");
+        let header_len = payload.len() as u32;
         if n_changes > 0 {
-            batch.insert(&key(DATA, *next), data);
+            payload.extend_from_slice(&data);
         }
+        let (segments, offset) = (self.segments.clone(), *next);
+        // Sequential write + fsync: blocking I/O, kept off the async workers.
+        let at = tokio::task::spawn_blocking(move || {
+            segments.lock().map_err(|_| std::io::Error::other("segment lock poisoned"))?.append(offset, &payload)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let entry = IndexEntry { at, header_len, logged_at_us: header.logged_at_us };
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(INDEX, *next), &entry.encode());
         let mut k = vec![SOURCE];
         k.extend_from_slice(a.source_id.as_bytes());
         batch.insert(k, &last_seq.to_be_bytes());
@@ -277,7 +376,7 @@ impl FanoutLog {
 
     /// The oldest retained chunk's offset (the end when the log is empty).
     pub fn first(&self) -> Result<u64, LogError> {
-        Ok(match self.tree.scan_prefix([HEADER]).next() {
+        Ok(match self.tree.scan_prefix([INDEX]).next() {
             Some(kv) => u64::from_be_bytes(kv?.0[1..9].try_into().expect("9-byte keys")),
             None => *self.end.borrow(),
         })
@@ -287,7 +386,8 @@ impl FanoutLog {
         if let Some(h) = self.recent.lock().expect("cache lock").get(offset) {
             return Ok(Some(h));
         }
-        let Some(v) = self.tree.get(key(HEADER, offset))? else { return Ok(None) };
+        let Some(entry) = self.entry(offset)? else { return Ok(None) };
+        let v = self.read_at(entry.header())?;
         let h: Arc<ChunkHeader> =
             Arc::new(serde_json::from_slice(&v).map_err(|e| LogError::Corrupt(offset, e.to_string()))?);
         self.recent.lock().expect("cache lock").insert(offset, h.clone());
@@ -301,12 +401,10 @@ impl FanoutLog {
             Start::Beginning => self.first()?,
             Start::At(t) => {
                 let mut found = *self.end.borrow();
-                for kv in self.tree.scan_prefix([HEADER]) {
+                for kv in self.tree.scan_prefix([INDEX]) {
                     let (k, v) = kv?;
                     let offset = u64::from_be_bytes(k[1..9].try_into().expect("9-byte keys"));
-                    let h: ChunkHeader =
-                        serde_json::from_slice(&v).map_err(|e| LogError::Corrupt(offset, e.to_string()))?;
-                    if h.logged_at_us >= t {
+                    if IndexEntry::decode(offset, &v)?.logged_at_us >= t {
                         found = offset;
                         break;
                     }
@@ -362,8 +460,8 @@ impl FanoutLog {
     }
 
     fn changes_of(&self, offset: u64, h: &ChunkHeader) -> Result<Vec<ChangeEvent>, LogError> {
-        let data =
-            self.tree.get(key(DATA, offset))?.ok_or_else(|| LogError::Corrupt(offset, "no change data".into()))?;
+        let entry = self.entry(offset)?.ok_or_else(|| LogError::Corrupt(offset, "no index entry".into()))?;
+        let data = self.read_at(entry.data())?;
         let mut out = Vec::with_capacity(h.n_changes as usize);
         let mut rest: &[u8] = &data;
         while rest.len() >= 4 {
@@ -388,22 +486,23 @@ impl FanoutLog {
     /// returns how many were dropped.
     pub fn prune(&self, before_us: i64, keep_from: u64) -> Result<u64, LogError> {
         let mut dropped = 0;
-        for kv in self.tree.scan_prefix([HEADER]) {
+        for kv in self.tree.scan_prefix([INDEX]) {
             let (k, v) = kv?;
             let offset = u64::from_be_bytes(k[1..9].try_into().expect("9-byte keys"));
             if offset >= keep_from || offset + 1 >= *self.end.borrow() {
                 break;
             }
-            let h: ChunkHeader = serde_json::from_slice(&v).map_err(|e| LogError::Corrupt(offset, e.to_string()))?;
-            if h.logged_at_us >= before_us {
+            if IndexEntry::decode(offset, &v)?.logged_at_us >= before_us {
                 break;
             }
-            let mut batch = sled::Batch::default();
-            batch.remove(&key(HEADER, offset));
-            batch.remove(&key(DATA, offset));
-            self.tree.apply_batch(batch)?;
+            self.tree.remove(key(INDEX, offset))?;
             self.recent.lock().expect("cache lock").remove(offset);
             dropped += 1;
+        }
+        if dropped > 0 {
+            // The index must forget a chunk before its segment goes.
+            self.db.flush()?;
+            self.release_segments()?;
         }
         Ok(dropped)
     }
@@ -526,7 +625,7 @@ mod tests {
     #[tokio::test]
     async fn appends_are_idempotent_reads_resume_anywhere_and_retention_spares_the_slowest() {
         let dir = std::env::temp_dir().join(format!("dongbo-log-test-{}", rand_suffix()));
-        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap()).unwrap();
+        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap(), &dir.join("segments")).unwrap();
         let b1 = [batch("s", 1..=3)];
         let a = |batches, excluded: Vec<u64>, events: Vec<DomainEvent>| Append {
             source_id: "s",
@@ -565,7 +664,7 @@ mod tests {
         assert_eq!(seqs(&after_prune), vec!["c4", "c5", "e5"], "a cursor behind retention starts at the oldest kept");
         drop(log);
         // Offsets keep counting after a reopen.
-        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap()).unwrap();
+        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap(), &dir.join("segments")).unwrap();
         assert_eq!(*log.end().borrow(), 3);
         assert_eq!(log.logged_seq("s").unwrap(), Some(5));
         drop(log);

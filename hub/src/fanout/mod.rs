@@ -111,7 +111,7 @@ impl Fanout {
     /// starts their workers and the retention task.
     pub async fn start(config: &HubConfig) -> Result<Arc<Self>, FanoutError> {
         let db = sled::Config::new().path(&config.fanout.data_dir).open().map_err(LogError::from)?;
-        let log = FanoutLog::open(db)?;
+        let log = FanoutLog::open(db, &config.fanout.data_dir.join("log-segments"))?;
         let state = State::open(log.db())?;
         let (catalog, problems) =
             Catalog::new(&config.dictionary, &config.events, &config.purposes, &config.subscribers);

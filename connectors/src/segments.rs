@@ -1,8 +1,8 @@
 //! Batch payloads in append-only segment files.
 //!
 //! sled keeps every value it has written resident in memory whatever its `cache_capacity` (a known
-//! limitation of sled 0.34), so a spool holding hours of backlog in sled values would grow the agent
-//! to the size of the backlog. Payloads therefore go to plain files, written sequentially and
+//! limitation of sled 0.34), so a spool (or a fan-out log) holding hours of data in sled values would
+//! grow the process to the size of that data. Payloads therefore go to plain files, written sequentially and
 //! fsynced before sled records where they are; sled keeps only that small index and the resume
 //! point. A payload torn by a crash is never referenced, because its index entry was never written.
 
@@ -18,7 +18,7 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Where a payload lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
-    /// Segment id (the seq of its first batch).
+    /// Segment id (the seq or offset of its first payload).
     pub segment: u64,
     /// Byte offset in the segment.
     pub offset: u64,
