@@ -5,7 +5,7 @@ use dongbo_connectors::postgres::check::{CheckItem, CheckReport};
 use crate::config::{AgentConfig, SourceConfig};
 use crate::ship;
 
-/// Checks the source database, the spool directory and the hub link; never changes anything.
+/// Checks the source database, the spool directory and the link (hub or Kafka); never changes anything.
 pub async fn run(config: &AgentConfig) -> CheckReport {
     let mut report = CheckReport::default();
     let SourceConfig::Postgres(pg) = &config.source;
@@ -33,13 +33,22 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
         what: format!("spool directory {}", spool_dir.display()),
         problem: (!writable).then(|| "cannot be created or written; fix spool.path or its permissions".to_string()),
     });
-    let token = config.hub.resolve_token().unwrap_or_default();
-    match ship::open_stream(&config.source_id, &config.hub, &token).await {
-        Ok((applied, _, _)) => report.push(CheckItem {
-            what: format!("hub {} accepts this agent (applied seq {applied})", config.hub.url),
-            problem: None,
-        }),
-        Err(e) => report.push(CheckItem { what: format!("hub {}", config.hub.url), problem: Some(e.to_string()) }),
+    if let Some(hub) = &config.hub {
+        let token = hub.resolve_token().unwrap_or_default();
+        match ship::open_stream(&config.source_id, hub, &token).await {
+            Ok((applied, _, _)) => report.push(CheckItem {
+                what: format!("hub {} accepts this agent (applied seq {applied})", hub.url),
+                problem: None,
+            }),
+            Err(e) => report.push(CheckItem { what: format!("hub {}", hub.url), problem: Some(e.to_string()) }),
+        }
+    }
+    if let Some(k) = &config.kafka {
+        let what = format!("Kafka brokers {}", k.brokers);
+        match crate::kafka::reachable(k).await {
+            Ok(n) => report.push(CheckItem { what: format!("{what} reachable ({n} brokers)"), problem: None }),
+            Err(e) => report.push(CheckItem { what, problem: Some(e.to_string()) }),
+        }
     }
     report
 }

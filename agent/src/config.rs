@@ -16,8 +16,12 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     /// The durable local spool.
     pub spool: SpoolConfig,
-    /// Where to ship changes.
-    pub hub: HubLinkConfig,
+    /// Ship changes to the hub over gRPC ...
+    #[serde(default)]
+    pub hub: Option<HubLinkConfig>,
+    /// ... or to a Kafka topic the hubs consume (exactly one of the two).
+    #[serde(default)]
+    pub kafka: Option<KafkaLinkConfig>,
 }
 
 /// The source database, one variant per connector kind.
@@ -115,6 +119,75 @@ impl HubLinkConfig {
     }
 }
 
+/// The link to a Kafka cluster.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaLinkConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Topic; by default `dongbo.cdc.<source_id>`.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Partitions when the agent creates the topic (an existing topic is left as it is).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replicas when the agent creates the topic.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// `lz4` (default), `zstd`, `gzip`, `snappy` or `none`.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Spooled batches produced but not yet acknowledged by the broker, at most.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight_batches: usize,
+    /// Longest wait between reconnection attempts, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Largest encoded change sent as one message; keep it at or below the topic's `max.message.bytes`.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Further librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*` …), passed as they are.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_partitions() -> i32 {
+    4
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_max_message_bytes() -> usize {
+    1_000_000
+}
+fn default_compression() -> String {
+    "lz4".into()
+}
+
+impl fmt::Debug for KafkaLinkConfig {
+    // Hand-written so SASL passwords and key material never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: Vec<&str> = self.properties.keys().map(String::as_str).collect();
+        f.debug_struct("KafkaLinkConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .field("compression", &self.compression)
+            .field("properties", &props)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaLinkConfig {
+    /// The topic this agent's changes go to.
+    pub fn topic_for(&self, source_id: &str) -> String {
+        self.topic.clone().unwrap_or_else(|| format!("{}{source_id}", TOPIC_PREFIX))
+    }
+}
+
+/// Default topic name prefix: `dongbo.cdc.<source_id>`; hubs subscribe to `^dongbo\.cdc\..*`.
+pub const TOPIC_PREFIX: &str = "dongbo.cdc.";
+
 pub use dongbo_connectors::config_file::ConfigError;
 use dongbo_connectors::config_file::Validate;
 
@@ -144,14 +217,42 @@ impl Validate for AgentConfig {
         if self.spool.max_bytes < 1 << 20 {
             p.push("spool.max_bytes must be at least 1 MiB".into());
         }
-        if !(self.hub.url.starts_with("http://") || self.hub.url.starts_with("https://")) {
-            p.push(format!("hub.url {:?} must start with http:// or https://", self.hub.url));
+        match (&self.hub, &self.kafka) {
+            (Some(_), Some(_)) => p.push("set [hub] (gRPC) or [kafka], not both".into()),
+            (None, None) => p.push("say where to ship changes: a [hub] section (gRPC) or a [kafka] section".into()),
+            _ => {}
         }
-        if self.hub.token.is_some() && self.hub.token_file.is_some() {
-            p.push("set hub.token or hub.token_file, not both".into());
+        if let Some(hub) = &self.hub {
+            if !(hub.url.starts_with("http://") || hub.url.starts_with("https://")) {
+                p.push(format!("hub.url {:?} must start with http:// or https://", hub.url));
+            }
+            if hub.token.is_some() && hub.token_file.is_some() {
+                p.push("set hub.token or hub.token_file, not both".into());
+            }
+            if hub.max_in_flight_batches == 0 {
+                p.push("hub.max_in_flight_batches must be at least 1".into());
+            }
         }
-        if self.hub.max_in_flight_batches == 0 {
-            p.push("hub.max_in_flight_batches must be at least 1".into());
+        if let Some(k) = &self.kafka {
+            if k.brokers.trim().is_empty() {
+                p.push("kafka.brokers is empty".into());
+            }
+            if !["lz4", "zstd", "gzip", "snappy", "none"].contains(&k.compression.as_str()) {
+                p.push(format!("kafka.compression {:?} must be lz4, zstd, gzip, snappy or none", k.compression));
+            }
+            if k.partitions < 1 || k.replication_factor < 1 {
+                p.push("kafka.partitions and kafka.replication_factor must be at least 1".into());
+            }
+            if k.max_in_flight_batches == 0 {
+                p.push("kafka.max_in_flight_batches must be at least 1".into());
+            }
+            let topic = k.topic_for(&self.source_id);
+            if topic.is_empty()
+                || topic.len() > 249
+                || !topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                p.push(format!("kafka topic {topic:?} must be 1-249 of a-z, A-Z, 0-9, '.', '_', '-'"));
+            }
         }
         p
     }
@@ -196,6 +297,21 @@ token = "tok"
         let c: AgentConfig = toml::from_str(&bad).unwrap();
         let problems = c.validate();
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn kafka_instead_of_the_hub_and_never_both() {
+        let kafka = "[kafka]\nbrokers = \"127.0.0.1:9092\"\nproperties = { \"sasl.password\" = \"pw\" }\n";
+        let only_kafka = GOOD.replace("[hub]\nurl = \"http://127.0.0.1:7443\"\ntoken = \"tok\"\n", kafka);
+        let c: AgentConfig = toml::from_str(&only_kafka).unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        assert_eq!(c.kafka.as_ref().unwrap().topic_for(&c.source_id), "dongbo.cdc.hcm-population");
+        assert!(!format!("{c:?}").contains("pw"));
+        let both: AgentConfig = toml::from_str(&format!("{GOOD}{kafka}")).unwrap();
+        assert_eq!(both.validate(), vec!["set [hub] (gRPC) or [kafka], not both".to_string()]);
+        let bad = only_kafka.replace("brokers = ", "compression = \"brotli\"\ntopic = \"bad topic\"\nbrokers = ");
+        let c: AgentConfig = toml::from_str(&bad).unwrap();
+        assert_eq!(c.validate().len(), 2, "{:?}", c.validate());
     }
 }
 

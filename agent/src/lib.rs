@@ -12,11 +12,13 @@
 //! - [`spool`] — the sled spool.
 //! - [`capture`] — source → spool.
 //! - [`ship`] — spool → hub (gRPC).
+//! - [`kafka`] — spool → Kafka topic (instead of gRPC).
 //! - [`check`] — plain-words diagnosis for provincial IT.
 
 pub mod capture;
 pub mod check;
 pub mod config;
+pub mod kafka;
 pub mod ship;
 pub mod spool;
 
@@ -41,14 +43,24 @@ pub enum AgentError {
     /// The spool could not be opened or written.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The config names neither a hub nor Kafka.
+    #[error("agent.toml has neither a [hub] nor a [kafka] section")]
+    NoLink,
 }
 
 /// Runs capture and shipping until `shutdown` turns true or capture meets a definite error.
 pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let spool = Arc::new(Spool::open(&config.spool.path, config.spool.max_bytes)?);
     info!(source_id = %config.source_id, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "agent starting");
-    let shipper =
-        tokio::spawn(ship::run(config.source_id.clone(), config.hub.clone(), spool.clone(), shutdown.clone()));
+    let shipper = match (&config.hub, &config.kafka) {
+        (Some(hub), _) => {
+            tokio::spawn(ship::run(config.source_id.clone(), hub.clone(), spool.clone(), shutdown.clone()))
+        }
+        (None, Some(k)) => {
+            tokio::spawn(kafka::run(config.source_id.clone(), k.clone(), spool.clone(), shutdown.clone()))
+        }
+        (None, None) => return Err(AgentError::NoLink),
+    };
     let SourceConfig::Postgres(pg) = &config.source;
     let capture = Capture::new(
         &config.source_id,

@@ -47,15 +47,69 @@ pub async fn run(
     source_id: String,
     link: HubLinkConfig,
     spool: Arc<Spool>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), SpoolError> {
     let token = link.resolve_token().unwrap_or_else(|e| {
         warn!(error = %e, "cannot read hub.token_file; connecting without a token");
         String::new()
     });
+    let progress = Progress::default();
+    keep_linked("hub", link.max_backoff_ms, &spool, shutdown, &progress, || {
+        session(&source_id, &link, &token, &spool, &progress)
+    })
+    .await
+}
+
+/// A link session's failure: the spool's own errors end the agent, the rest only the session.
+pub trait LinkFailure: std::fmt::Display {
+    /// The spool error inside, if this is one.
+    fn into_spool(self) -> Result<SpoolError, Self>
+    where
+        Self: Sized;
+}
+
+impl LinkFailure for ShipError {
+    fn into_spool(self) -> Result<SpoolError, Self> {
+        match self {
+            ShipError::Spool(e) => Ok(e),
+            other => Err(other),
+        }
+    }
+}
+
+/// Set by a session whenever the next hop made something durable; resets the reconnection backoff.
+#[derive(Default)]
+pub struct Progress(std::sync::atomic::AtomicBool);
+
+impl Progress {
+    /// Records that the link works.
+    pub fn made(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Runs link sessions one after another, with exponential backoff between failures, until
+/// `shutdown` turns true or the spool fails.
+pub async fn keep_linked<E, F, Fut>(
+    peer: &str,
+    max_backoff_ms: u64,
+    spool: &Spool,
+    mut shutdown: watch::Receiver<bool>,
+    progress: &Progress,
+    mut session: F,
+) -> Result<(), SpoolError>
+where
+    E: LinkFailure,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
     let mut backoff = ExponentialBackoffBuilder::new()
         .with_initial_interval(Duration::from_millis(200))
-        .with_max_interval(Duration::from_millis(link.max_backoff_ms))
+        .with_max_interval(Duration::from_millis(max_backoff_ms))
         .with_max_elapsed_time(None)
         .build();
     loop {
@@ -63,15 +117,20 @@ pub async fn run(
             return Ok(());
         }
         let result = tokio::select! {
-            r = session(&source_id, &link, &token, &spool, &mut backoff) => r,
+            r = session() => r,
             _ = shutdown.changed() => continue,
         };
-        match result {
+        // Only progress proves the link works: a peer that accepts and then refuses every batch
+        // must not be hammered at the initial backoff interval.
+        if progress.take() {
+            backoff.reset();
+        }
+        match result.map_err(E::into_spool) {
             Ok(()) => return Ok(()),
-            Err(ShipError::Spool(e)) => return Err(e),
-            Err(e) => {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_millis(link.max_backoff_ms));
-                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "link to hub down; changes stay in the spool");
+            Err(Ok(e)) => return Err(e),
+            Err(Err(e)) => {
+                let wait = backoff.next_backoff().unwrap_or(Duration::from_millis(max_backoff_ms));
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "link to {peer} down; changes stay in the spool");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => {}
@@ -130,7 +189,7 @@ async fn session(
     link: &HubLinkConfig,
     token: &str,
     spool: &Arc<Spool>,
-    backoff: &mut backoff::ExponentialBackoff,
+    progress: &Progress,
 ) -> Result<(), ShipError> {
     let (applied, tx, mut inbound) = open_stream(source_id, link, token).await?;
     spool.ack(applied)?;
@@ -166,9 +225,7 @@ async fn session(
         tokio::select! {
             msg = inbound.message() => match msg?.and_then(|m| m.kind) {
                 Some(hub_message::Kind::Ack(ack)) => {
-                    // Only progress proves the link works: a hub that accepts and then refuses every
-                    // batch must not be hammered at the initial backoff interval.
-                    backoff.reset();
+                    progress.made();
                     spool.ack(ack.durable_seq)?;
                     while in_flight.front().is_some_and(|&s| s <= ack.durable_seq) {
                         in_flight.pop_front();

@@ -157,6 +157,19 @@ fn parse_array_level(elem_oid: u32, chars: &mut std::iter::Peekable<std::str::Ch
     }
 }
 
+/// A key's identity as text; `\u{1}` separates parts and `\u{2}` marks NULL, neither of which Postgres
+/// prints in a value's text.
+pub fn key_text(key: &[Value]) -> String {
+    let mut s = String::new();
+    for v in key {
+        if write_value(v, &mut s).is_none() {
+            s.push('\u{2}');
+        }
+        s.push('\u{1}');
+    }
+    s
+}
+
 /// Writes a value in Postgres text format (not yet escaped for COPY). `None` for SQL NULL and for an
 /// unchanged TOAST value, which has no text.
 pub fn write_value(v: &Value, out: &mut String) -> Option<()> {

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dongbo_connectors::model::{ChangeEvent, Operation, TableId, TableSchema, Value};
-use dongbo_connectors::postgres::text::write_value;
 
 /// The final operation on one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,18 +51,7 @@ pub struct Plan<'a> {
     open: HashMap<TableId, usize>,
 }
 
-/// A key's identity as text; `\u{1}` separates parts and `\u{2}` marks NULL, neither of which Postgres
-/// prints in a value's text.
-pub fn key_text(key: &[Value]) -> String {
-    let mut s = String::new();
-    for v in key {
-        if write_value(v, &mut s).is_none() {
-            s.push('\u{2}');
-        }
-        s.push('\u{1}');
-    }
-    s
-}
+pub use dongbo_connectors::postgres::text::key_text;
 
 impl<'a> Plan<'a> {
     /// Adds the next change, in seq order. Rows are borrowed from the change, not copied.

@@ -1,0 +1,303 @@
+//! Shipping: spool → a Kafka topic, instead of the hub's gRPC stream.
+//!
+//! Each spooled batch becomes one Kafka message per change, keyed by `schema.table` and the row's
+//! primary key, so every change of one row lands in one partition in commit order. The value is an
+//! encoded `ChangeBatch` holding that one change (with its table schema), the same contract the gRPC
+//! path carries, so the hub decodes both alike.
+//!
+//! The producer is idempotent (`enable.idempotence`, gapless): the broker keeps each partition in the
+//! order produced, with no duplicates from retries and no gaps. Batches are produced in seq order with
+//! at most `max_in_flight_batches` unacknowledged, and the spool lets a batch go only when the broker
+//! acknowledged every message of it and of all earlier batches. After any failure the session starts
+//! again from the spool: messages the broker had but the spool did not know about are produced again
+//! and the hub skips them by seq.
+//!
+//! A change too large for a message is refused *before* any later change is produced, so a later
+//! change can never overtake it on its partition: shipping stops with a clear error and resumes, in
+//! order, once the limit is raised.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
+use dongbo_connectors::postgres::text::key_text;
+use dongbo_connectors::wire;
+use futures::stream::{FuturesOrdered, StreamExt};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::KafkaLinkConfig;
+use crate::ship::{keep_linked, LinkFailure, Progress};
+use crate::spool::{Spool, SpoolError};
+
+/// Why one Kafka session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaShipError {
+    /// The client could not be built, the topic not created, or the broker refused a message.
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// A change does not fit in one message; nothing after it was produced.
+    #[error(
+        "change seq {seq} of table {table} encodes to {bytes} bytes, above kafka.max_message_bytes \
+         ({limit}): raise it in agent.toml and the topic's max.message.bytes on the broker; \
+         shipping waits here, in order, until then"
+    )]
+    TooLarge {
+        /// The change.
+        seq: u64,
+        /// Its table.
+        table: String,
+        /// Its encoded size.
+        bytes: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A spooled batch could not be decoded: the spool is damaged.
+    #[error("spooled batch {0} cannot be decoded: {1}")]
+    Decode(u64, wire::WireError),
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// Ships the spool to Kafka until `shutdown` turns true.
+pub async fn run(
+    source_id: String,
+    link: KafkaLinkConfig,
+    spool: Arc<Spool>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), SpoolError> {
+    let progress = Progress::default();
+    keep_linked("Kafka", link.max_backoff_ms, &spool, shutdown, &progress, || {
+        session(&source_id, &link, &spool, &progress)
+    })
+    .await
+}
+
+impl LinkFailure for KafkaShipError {
+    fn into_spool(self) -> Result<SpoolError, Self> {
+        match self {
+            KafkaShipError::Spool(e) => Ok(e),
+            other => Err(other),
+        }
+    }
+}
+
+/// The librdkafka settings shared by the producer and the admin client.
+fn client_config(link: &KafkaLinkConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &link.brokers);
+    for (k, v) in &link.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The idempotent producer.
+pub fn producer(link: &KafkaLinkConfig) -> Result<FutureProducer, KafkaError> {
+    let mut c = client_config(link);
+    c.set("enable.idempotence", "true")
+        // An error that could leave a gap in a partition stops the producer instead: the hub's
+        // skip-by-seq relies on each partition holding the agent's changes in seq order.
+        .set("enable.gapless.guarantee", "true")
+        // Retried by librdkafka until the broker takes it: a dropped link only delays.
+        .set("message.timeout.ms", "0")
+        .set("compression.type", &link.compression)
+        .set("linger.ms", "5")
+        .set("message.max.bytes", (link.max_message_bytes + 4096).to_string())
+        // Bounds what the agent buffers for the broker; the spool holds the rest on disk.
+        .set("queue.buffering.max.kbytes", "32768");
+    c.create()
+}
+
+/// Creates the topic with the configured partitions unless it exists.
+pub async fn ensure_topic(link: &KafkaLinkConfig, topic: &str) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(link).create()?;
+    let new = NewTopic::new(topic, link.partitions, TopicReplication::Fixed(link.replication_factor));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics([&new], &options).await? {
+        match result {
+            Ok(_) => info!(topic, partitions = link.partitions, "topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| warn!(topic = %t, "cannot create topic"))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many brokers answer a metadata request, for `dongbo-agent check`.
+pub async fn reachable(link: &KafkaLinkConfig) -> Result<usize, KafkaError> {
+    let producer = producer(link)?;
+    tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(None, Duration::from_secs(5)).map(|m| m.brokers().len())
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?
+}
+
+/// The message key of a change: its table and primary key, so one row's changes share a partition.
+pub fn message_key(c: &ChangeEvent) -> String {
+    format!("{}\u{1}{}", c.table.table, key_text(&c.key))
+}
+
+/// A spooled batch, encoded as one message per change.
+struct Outgoing {
+    last_seq: u64,
+    messages: Vec<(String, Vec<u8>, u64)>,
+}
+
+fn encode(source_id: &str, first_seq: u64, bytes: &[u8], limit: usize) -> Result<Outgoing, KafkaShipError> {
+    let batch = wire::decode_batch(bytes).map_err(|e| KafkaShipError::Decode(first_seq, e))?;
+    let last_seq = batch.last_seq();
+    let mut messages = Vec::with_capacity(batch.changes.len());
+    for c in batch.changes {
+        let (key, seq, table) = (message_key(&c), c.seq, c.table.table.to_string());
+        let value = wire::encode_batch(ChangeBatch { source_id: source_id.to_string(), changes: vec![c] });
+        if value.len() > limit {
+            return Err(KafkaShipError::TooLarge { seq, table, bytes: value.len(), limit });
+        }
+        messages.push((key, value, seq));
+    }
+    Ok(Outgoing { last_seq, messages })
+}
+
+async fn session(
+    source_id: &str,
+    link: &KafkaLinkConfig,
+    spool: &Arc<Spool>,
+    progress: &Progress,
+) -> Result<(), KafkaShipError> {
+    let topic = link.topic_for(source_id);
+    ensure_topic(link, &topic).await?;
+    let producer = producer(link)?;
+    info!(brokers = %link.brokers, %topic, spool_batches = spool.batch_count(), "producing to Kafka");
+    let mut appended = spool.subscribe();
+    let mut sent_upto = 0u64;
+    let mut in_flight = FuturesOrdered::new();
+    // A refused change ends the session only after everything produced before it is acknowledged.
+    let mut refused: Option<KafkaShipError> = None;
+    loop {
+        if refused.is_none() && in_flight.len() < link.max_in_flight_batches {
+            let room = link.max_in_flight_batches - in_flight.len();
+            for b in spool.batches_after(sent_upto, room)? {
+                let out = match encode(source_id, b.first_seq, &b.bytes, link.max_message_bytes) {
+                    Ok(out) => out,
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                };
+                sent_upto = out.last_seq;
+                let mut deliveries = Vec::with_capacity(out.messages.len());
+                for (key, value, seq) in &out.messages {
+                    let seq_text = seq.to_string();
+                    let headers = OwnedHeaders::new()
+                        .insert(Header { key: "dongbo-source", value: Some(source_id) })
+                        .insert(Header { key: "dongbo-seq", value: Some(&seq_text) });
+                    let mut record = FutureRecord::to(&topic).key(key).payload(value).headers(headers);
+                    // Enqueued one after another, never concurrently: the order produced is the order
+                    // the partition keeps.
+                    loop {
+                        match producer.send_result(record) {
+                            Ok(delivery) => break deliveries.push(delivery),
+                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                                record = r;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err((e, _)) => return Err(e.into()),
+                        }
+                    }
+                }
+                let last_seq = out.last_seq;
+                in_flight.push_back(async move {
+                    for d in deliveries {
+                        match d.await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err((e, _))) => return Err(e),
+                            Err(_) => return Err(KafkaError::Canceled),
+                        }
+                    }
+                    Ok(last_seq)
+                });
+            }
+        }
+        if in_flight.is_empty() {
+            if let Some(e) = refused.take() {
+                return Err(e);
+            }
+        }
+        let window_full = in_flight.len() >= link.max_in_flight_batches || refused.is_some();
+        tokio::select! {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let last_seq = done?;
+                progress.made();
+                spool.ack(last_seq)?;
+            }
+            changed = appended.changed(), if !window_full => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use dongbo_connectors::model::{Column, Lsn, Operation, Position, TableId, TableSchema, Value};
+
+    use super::*;
+
+    fn change(seq: u64, id: &str, payload: &str) -> ChangeEvent {
+        let schema = TableSchema::new(
+            TableId::new("public", "citizen"),
+            vec![
+                Column { name: "id".into(), type_name: "text".into(), type_oid: 25 },
+                Column { name: "note".into(), type_name: "text".into(), type_oid: 25 },
+            ],
+            vec![0],
+        );
+        let row = vec![Value::Text(id.into()), Value::Text(payload.into())];
+        ChangeEvent {
+            seq,
+            table: Arc::new(schema),
+            op: Operation::Insert,
+            key: vec![Value::Text(id.into())],
+            before: None,
+            after: Some(row),
+            position: Position::Postgres(Lsn(seq)),
+            commit_time_us: 0,
+            txid: 1,
+            txn_order: 0,
+            txn_last: true,
+        }
+    }
+
+    #[test]
+    fn one_message_per_change_keyed_by_table_and_key_and_refuses_what_does_not_fit() {
+        let batch = ChangeBatch { source_id: "hcm".into(), changes: vec![change(7, "a", "x"), change(8, "b", "y")] };
+        let bytes = wire::encode_batch(batch);
+        let out = encode("hcm", 7, &bytes, 1 << 20).unwrap();
+        assert_eq!(out.last_seq, 8);
+        let keys: Vec<&str> = out.messages.iter().map(|(k, _, _)| k.as_str()).collect();
+        assert_eq!(keys, vec!["public.citizen\u{1}a\u{1}", "public.citizen\u{1}b\u{1}"]);
+        let one = wire::decode_batch(&out.messages[1].1).unwrap();
+        assert_eq!((one.source_id.as_str(), one.first_seq(), one.changes.len()), ("hcm", 8, 1));
+
+        let big = ChangeBatch { source_id: "hcm".into(), changes: vec![change(9, "c", &"z".repeat(5000))] };
+        match encode("hcm", 9, &wire::encode_batch(big), 4096) {
+            Err(KafkaShipError::TooLarge { seq: 9, limit: 4096, .. }) => {}
+            other => panic!("expected TooLarge, got {:?}", other.map(|o| o.last_seq)),
+        }
+    }
+}
