@@ -128,7 +128,10 @@ pub struct KafkaLinkConfig {
     /// Topic; by default `dongbo.cdc.<source_id>`.
     #[serde(default)]
     pub topic: Option<String>,
-    /// Partitions when the agent creates the topic (an existing topic is left as it is).
+    /// Partitions when the agent creates the topic (an existing topic is left as it is). One, for
+    /// now: a truncate (which also opens an initial snapshot) and a key change must stay ordered
+    /// against every row of the table, which separate partitions do not give without a barrier.
+    /// Hubs scale out across the agents' topics.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
     /// Replicas when the agent creates the topic.
@@ -152,7 +155,7 @@ pub struct KafkaLinkConfig {
 }
 
 fn default_partitions() -> i32 {
-    4
+    1
 }
 fn default_replication() -> i32 {
     1
@@ -240,8 +243,15 @@ impl Validate for AgentConfig {
             if !["lz4", "zstd", "gzip", "snappy", "none"].contains(&k.compression.as_str()) {
                 p.push(format!("kafka.compression {:?} must be lz4, zstd, gzip, snappy or none", k.compression));
             }
-            if k.partitions < 1 || k.replication_factor < 1 {
-                p.push("kafka.partitions and kafka.replication_factor must be at least 1".into());
+            if k.partitions != 1 {
+                p.push(
+                    "kafka.partitions must be 1 for now: truncates and key changes need every row of a table \
+                     in one partition; hubs scale out across agents' topics"
+                        .into(),
+                );
+            }
+            if k.replication_factor < 1 {
+                p.push("kafka.replication_factor must be at least 1".into());
             }
             if k.max_in_flight_batches == 0 {
                 p.push("kafka.max_in_flight_batches must be at least 1".into());
@@ -323,5 +333,12 @@ mod example_tests {
     fn the_shipped_example_config_is_valid() {
         let c: AgentConfig = toml::from_str(include_str!("../../deploy/examples/agent.toml")).unwrap();
         assert_eq!(c.validate(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_compose_agent_config_is_valid_and_ships_to_kafka() {
+        let c: AgentConfig = toml::from_str(include_str!("../../deploy/compose/agent.toml")).unwrap();
+        assert_eq!(c.validate(), Vec::<String>::new());
+        assert_eq!(c.kafka.as_ref().map(|k| k.topic_for(&c.source_id)).as_deref(), Some("dongbo.cdc.hcm-population"));
     }
 }

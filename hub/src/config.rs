@@ -43,6 +43,54 @@ pub struct HubConfig {
     /// Subscriptions declared here (more can be added at run time).
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionDef>,
+    /// Consume agents' Kafka topics as a member of a consumer group (beside the gRPC ingest).
+    #[serde(default)]
+    pub kafka: Option<KafkaConfig>,
+}
+
+/// The hub as a Kafka consumer: every hub of one NDC uses the same `group_id`, and the group shares
+/// the partitions of the agents' topics.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// The consumer group of this NDC's hubs.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// An agent's topic is this prefix and its id (the agents' default).
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Further librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*` …), passed as they are.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_group_id() -> String {
+    "dongbo-hub".into()
+}
+fn default_topic_prefix() -> String {
+    "dongbo.cdc.".into()
+}
+
+impl fmt::Debug for KafkaConfig {
+    // Hand-written so SASL passwords and key material never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: Vec<&str> = self.properties.keys().map(String::as_str).collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// The topic agent `id` produces to.
+    pub fn topic_of(&self, id: &str) -> String {
+        format!("{}{id}", self.topic_prefix)
+    }
 }
 
 /// Where and how long the hub keeps its fan-out log.
@@ -267,7 +315,8 @@ impl Validate for HubConfig {
                     p.push(format!("agents {other} and {} share a token: each agent needs its own", a.id));
                 }
             }
-            if a.token.is_none() && a.token_sha256.is_none() {
+            // Over Kafka, the broker's own authorisation decides who may write an agent's topic.
+            if a.token.is_none() && a.token_sha256.is_none() && self.kafka.is_none() {
                 p.push(format!("agent {} has neither token_sha256 nor token", a.id));
             }
             if a.token_sha256.as_ref().is_some_and(|h| h.len() != 64 || hex::decode(h).is_err()) {
@@ -319,6 +368,15 @@ mod tests {
         assert!(c.agents[0].accepts("test"), "the example hash is sha256(\"test\")");
         assert!(!c.agents[0].accepts("tset"));
         assert!(c.agents[0].allows("public.citizens") && !c.agents[0].allows("public.secrets"));
+    }
+
+    #[test]
+    fn the_compose_hub_config_is_valid_and_consumes_the_agents_topics() {
+        let c: HubConfig = toml::from_str(include_str!("../../deploy/compose/hub.toml")).unwrap();
+        assert_eq!(c.validate(), Vec::<String>::new());
+        let k = c.kafka.as_ref().expect("[kafka]");
+        assert_eq!(k.topic_of(&c.agents[0].id), "dongbo.cdc.hcm-population");
+        assert_eq!(k.group_id, "dongbo-hub");
     }
 
     #[test]

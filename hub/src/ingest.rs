@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::apply::{ApplyError, NdcApplier};
+use crate::apply::{ApplyError, NdcApplier, OffsetMark};
 use crate::config::{AgentAcl, HubConfig};
 use crate::fanout::log::{Append, FanoutLog};
 use crate::fanout::Fanout;
@@ -62,7 +62,7 @@ impl IngestService {
     }
 }
 
-fn apply_status(e: &ApplyError) -> Status {
+pub(crate) fn apply_status(e: &ApplyError) -> Status {
     if e.is_transient() {
         Status::unavailable(format!("NDC temporarily unavailable: {e}"))
     } else {
@@ -104,7 +104,7 @@ impl Ingest for IngestService {
             .map_err(|e| apply_status(&e))?;
         let applied = applier.applied_seq().await.map_err(|e| apply_status(&e))?;
         let log = self.fanout.log.clone();
-        let logged = log.adopt_source(&acl.id, applied).await.map_err(|e| Status::internal(e.to_string()))?;
+        let logged = adopt_stream(&applier, &log, &acl.id, &acl.id, applied, None).await?;
         // Durable at both hops: the agent resends whatever the NDC has but the log does not yet.
         let durable = applied.min(logged);
         info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, logged_seq = logged, "agent connected");
@@ -153,7 +153,7 @@ impl Ingest for IngestService {
                         Err(_) => break,
                     }
                 }
-                match apply_and_log(&mut applier, &log, &acl.id, &batches).await {
+                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &batches, None).await {
                     Ok(durable_seq) => {
                         let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq })) };
                         if out_tx.send(Ok(ack)).await.is_err() {
@@ -172,17 +172,41 @@ impl Ingest for IngestService {
     }
 }
 
-/// Applies a run of batches to the NDC, then logs them for fan-out; returns the seq durable at both.
-async fn apply_and_log(
+/// Starts the fan-out log's record of a stream it has never seen at the stream's applied seq, first
+/// logging the events the NDC outbox still holds for it (at least once: another hub's log, or a log
+/// since wiped, may have had them). Returns the stream's logged seq.
+pub(crate) async fn adopt_stream(
+    applier: &NdcApplier,
+    log: &FanoutLog,
+    source_id: &str,
+    stream: &str,
+    applied: u64,
+    next_offset: Option<i64>,
+) -> Result<u64, Status> {
+    if let Some(logged) = log.logged_seq(stream).map_err(|e| Status::internal(e.to_string()))? {
+        return Ok(logged);
+    }
+    let (events, excluded) = applier.recorded(0, applied).await.map_err(|e| apply_status(&e))?;
+    log.append(Append { source_id, stream, next_offset, batches: &[], excluded, events, upto: applied })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(applied)
+}
+
+/// Applies a run of batches of one stream to the NDC (with the Kafka `mark`, if any), then logs them
+/// for fan-out; returns the seq durable at both.
+pub(crate) async fn apply_and_log(
     applier: &mut NdcApplier,
     log: &FanoutLog,
     source_id: &str,
+    stream: &str,
     batches: &[(ChangeBatch, Vec<u8>)],
+    mark: Option<&OffsetMark>,
 ) -> Result<u64, Status> {
-    let logged = log.logged_seq(source_id).map_err(|e| Status::internal(e.to_string()))?.unwrap_or(0);
+    let logged = log.logged_seq(stream).map_err(|e| Status::internal(e.to_string()))?.unwrap_or(0);
     applier.set_logged_seq(logged);
     let decoded: Vec<&ChangeBatch> = batches.iter().map(|(b, _)| b).collect();
-    let outcome = applier.apply(&decoded).await.map_err(|e| apply_status(&e))?;
+    let outcome = applier.apply_marked(&decoded, mark).await.map_err(|e| apply_status(&e))?;
     let last_seq = decoded.iter().map(|b| b.last_seq()).max().unwrap_or(0);
     let mut events = outcome.events;
     let mut excluded = outcome.quarantined;
@@ -194,8 +218,9 @@ async fn apply_and_log(
         events.splice(0..0, old_events);
         excluded.extend(old_quarantined);
     }
+    let next_offset = mark.map(|m| m.next_offset);
     let logged = log
-        .append(Append { source_id, batches, excluded, events })
+        .append(Append { source_id, stream, next_offset, batches, excluded, events, upto: 0 })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
     Ok(logged.min(outcome.applied_seq))

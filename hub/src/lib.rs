@@ -12,13 +12,14 @@
 //! subscription is delivered at its own pace, projected to its purpose, with every delivery in the
 //! hash-chained [`audit`] log.
 //!
-//! # Where Kafka plugs in
-//! [`apply::NdcApplier::apply`] takes validated [`dongbo_connectors::model::ChangeBatch`]es of one source
-//! in seq order; it does not care whether they came from the gRPC [`ingest`] stream or, later, a Kafka
-//! partition (whose consumed offsets then belong in the same NDC transaction as the rows).
+//! # Kafka
+//! [`apply::NdcApplier`] applies one *stream* of a source: its gRPC [`ingest`] stream, or one
+//! partition of its Kafka topic ([`kafka`]), whose consumed offset is written in the same NDC
+//! transaction as the rows.
 //!
 //! - [`config`] — `hub.toml`.
 //! - [`ingest`] — the gRPC service agents stream to.
+//! - [`kafka`] — the hub as a Kafka consumer-group member, applying agents' topics.
 //! - [`apply`] — planning and applying changes in the NDC, quarantine.
 //! - [`fanout`] — subscriptions, events, the log and delivery.
 //! - [`audit`] — the delivery audit log.
@@ -30,6 +31,7 @@ pub mod audit;
 pub mod config;
 pub mod fanout;
 pub mod ingest;
+pub mod kafka;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +62,9 @@ pub enum HubError {
     /// The admin API could not listen.
     #[error("admin API: {0}")]
     Admin(#[from] std::io::Error),
+    /// The Kafka consumer could not start.
+    #[error("Kafka consumer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
 }
 
 /// gRPC messages up to this size: one change can carry a TOASTed value of hundreds of MiB.
@@ -71,8 +76,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HubError> {
-    let client = apply::connect(&config.ndc).await?;
-    apply::bootstrap(&client).await?;
+    let mut client = apply::connect(&config.ndc).await?;
+    apply::bootstrap(&mut client).await?;
     drop(client);
     let fanout = fanout::Fanout::start(&config).await?;
     let addr = listener.local_addr().ok();
@@ -92,8 +97,22 @@ pub async fn run(
             }
         });
     }
-    info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), "hub serving");
-    let service = IngestServer::new(IngestService::new(Arc::new(config), fanout.clone()))
+    let config = Arc::new(config);
+    if config.kafka.is_some() {
+        let (c, f, stop) = (config.clone(), fanout.clone(), stop_rx.clone());
+        let consumer = tokio::spawn(kafka::run(c, f, stop));
+        tokio::spawn(async move {
+            match consumer.await {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "Kafka consumer stopped: the hub no longer applies Kafka topics")
+                }
+                Err(e) => tracing::error!(error = %e, "Kafka consumer task failed"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+    info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), kafka = config.kafka.is_some(), "hub serving");
+    let service = IngestServer::new(IngestService::new(config, fanout.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -1,8 +1,10 @@
 //! The dongbo test harness: real Postgres clusters made with `initdb`, real `dongbo-hub` and
 //! `dongbo-agent` processes, and row-by-row comparison of source and NDC.
 
+pub mod backlog;
 pub mod citizens;
 pub mod fanout;
+pub mod kafka;
 pub mod pg;
 pub mod procs;
 pub mod workload;
@@ -37,6 +39,8 @@ pub struct Deployment {
     /// Fan-out declarations appended to hub.toml (dictionary, events, purposes, subscribers,
     /// subscriptions, admin).
     pub fanout_toml: String,
+    /// Kafka brokers: when set, the agent produces to Kafka and the hubs consume it.
+    pub kafka: Option<String>,
 }
 
 /// The agent's token in test deployments.
@@ -62,6 +66,7 @@ impl Deployment {
             agent: None,
             spool_extra: String::new(),
             fanout_toml: String::new(),
+            kafka: None,
         })
     }
 
@@ -82,34 +87,50 @@ impl Deployment {
 
     /// Writes hub.toml with `agents_toml` (or the default agent entry) and starts the hub.
     pub async fn start_hub_with(&mut self, agents_toml: &str) -> anyhow::Result<()> {
+        let hub = self.spawn_hub("hub", self.hub_port, agents_toml).await?;
+        self.hub = Some(hub);
+        Ok(())
+    }
+
+    /// Starts one more hub of the same NDC, named `name` (its config, log and fan-out data apart),
+    /// with the default agent entry: with Kafka, it joins the same consumer group.
+    pub async fn start_another_hub(&self, name: &str) -> anyhow::Result<DongboProcess> {
+        self.spawn_hub(name, pg::free_port(), &self.default_agents_toml()).await
+    }
+
+    async fn spawn_hub(&self, name: &str, port: u16, agents_toml: &str) -> anyhow::Result<DongboProcess> {
+        let kafka = match &self.kafka {
+            Some(brokers) => format!("\n[kafka]\nbrokers = \"{brokers}\"\n"),
+            None => String::new(),
+        };
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n[fanout]\ndata_dir = \"{data}\"\n\n{agents_toml}\n{fanout}",
-            port = self.hub_port,
+            "listen = \"127.0.0.1:{port}\"\n\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n[fanout]\ndata_dir = \"{data}\"\n\n{agents_toml}\n{fanout}{kafka}",
             pg = self.pg.port,
             role = pg::ROLE,
             pw = pg::PASSWORD,
-            data = self.dir.join("hub-data").display(),
+            data = self.dir.join(format!("{name}-data")).display(),
             fanout = self.fanout_toml,
         );
-        let path = self.dir.join("hub.toml");
+        let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, config)?;
-        let p = DongboProcess::spawn(
+        let mut p = DongboProcess::spawn(
             "dongbo-hub",
             &["serve", "--config", &path.to_string_lossy()],
-            &self.dir.join("hub.log"),
+            &self.dir.join(format!("{name}.log")),
         )?;
-        self.hub = Some(p);
         let deadline = Instant::now() + Duration::from_secs(30);
         // The log line, not just the port: a free port picked earlier may since serve something else.
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.hub_port)).await.is_err()
-            || !self.hub.as_ref().is_some_and(|h| h.log_text().contains("hub serving"))
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err()
+            || !p.log_text().contains("hub serving")
         {
-            if Instant::now() > deadline || !self.hub.as_mut().is_some_and(|h| h.is_running()) {
-                bail!("hub did not start:\n{}", self.hub.as_ref().map(|h| h.log_text()).unwrap_or_default());
+            if Instant::now() > deadline || !p.is_running() {
+                let log = p.log_text();
+                p.kill9();
+                bail!("hub {name} did not start:\n{log}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(())
+        Ok(p)
     }
 
     /// The default hub agents section: this deployment's agent, all tables allowed.
@@ -127,7 +148,7 @@ impl Deployment {
     pub fn agent_config(&self) -> String {
         let tables: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
         format!(
-            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n\n[spool]\npath = \"{spool}\"\n{extra}\n\n[hub]\nurl = \"http://127.0.0.1:{hub}\"\ntoken = \"{TOKEN}\"\nmax_backoff_ms = 1000\n",
+            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n\n[spool]\npath = \"{spool}\"\n{extra}\n\n{link}",
             id = self.source_id,
             pg = self.pg.port,
             role = pg::ROLE,
@@ -135,7 +156,13 @@ impl Deployment {
             tables = tables.join(", "),
             spool = self.dir.join("spool").display(),
             extra = self.spool_extra,
-            hub = self.hub_port,
+            link = match &self.kafka {
+                Some(brokers) => format!("[kafka]\nbrokers = \"{brokers}\"\nmax_backoff_ms = 1000\n"),
+                None => format!(
+                    "[hub]\nurl = \"http://127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\nmax_backoff_ms = 1000\n",
+                    self.hub_port
+                ),
+            },
         )
     }
 
@@ -211,11 +238,18 @@ impl Deployment {
         Ok(())
     }
 
-    /// The hub's bookkeeping for this source: (applied seq, changes applied, changes quarantined).
+    /// The hub's bookkeeping for this source, over its gRPC stream and its Kafka partitions:
+    /// (highest applied seq, changes applied, changes quarantined).
     pub async fn applied(&self) -> anyhow::Result<(i64, i64, i64)> {
         let ndc = self.ndc().await?;
+        let partitions = format!("dongbo.cdc.{}/%", self.source_id);
         let r = ndc
-            .query_one("SELECT applied_seq, changes_applied, changes_quarantined FROM dongbo.applied_position WHERE source_id = $1", &[&self.source_id])
+            .query_one(
+                "SELECT coalesce(max(applied_seq), 0)::int8, coalesce(sum(changes_applied), 0)::int8, \
+                 coalesce(sum(changes_quarantined), 0)::int8 FROM dongbo.applied_position \
+                 WHERE source_id = $1 OR source_id LIKE $2",
+                &[&self.source_id, &partitions],
+            )
             .await?;
         Ok((r.get(0), r.get(1), r.get(2)))
     }

@@ -66,11 +66,13 @@ pub struct ApplyOutcome {
     pub events: Vec<DomainEvent>,
 }
 
-/// Creates the hub's own tables in the NDC. Idempotent.
-pub async fn bootstrap(client: &Client) -> Result<(), ApplyError> {
-    client
-        .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS dongbo;
+/// Creates the hub's own tables in the NDC. Idempotent, and safe when several hubs start at once.
+pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
+    let txn = client.transaction().await?;
+    // CREATE … IF NOT EXISTS races with itself across sessions: one hub at a time.
+    txn.batch_execute("SELECT pg_advisory_xact_lock(7316092543)").await?;
+    txn.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS dongbo;
              CREATE TABLE IF NOT EXISTS dongbo.applied_position (
                  source_id text PRIMARY KEY,
                  applied_seq bigint NOT NULL DEFAULT 0,
@@ -86,12 +88,44 @@ pub async fn bootstrap(client: &Client) -> Result<(), ApplyError> {
                  reason text NOT NULL,
                  change bytea NOT NULL,
                  quarantined_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (source_id, seq));",
-        )
-        .await?;
-    client.batch_execute(events::OUTBOX_DDL).await?;
-    client.batch_execute(crate::audit::AUDIT_DDL).await?;
+                 PRIMARY KEY (source_id, seq));
+             ALTER TABLE dongbo.applied_position ADD COLUMN IF NOT EXISTS kafka_next_offset bigint;
+             CREATE TABLE IF NOT EXISTS dongbo.stream_quarantine (
+                 stream text NOT NULL,
+                 kafka_offset bigint NOT NULL,
+                 reason text NOT NULL,
+                 message_key bytea,
+                 payload bytea,
+                 quarantined_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (stream, kafka_offset));",
+    )
+    .await?;
+    txn.batch_execute(events::OUTBOX_DDL).await?;
+    txn.batch_execute(crate::audit::AUDIT_DDL).await?;
+    txn.commit().await?;
     Ok(())
+}
+
+/// A message of a Kafka partition that is not a valid change of the topic's agent.
+#[derive(Debug, Clone)]
+pub struct RejectedMessage {
+    /// Its offset.
+    pub offset: i64,
+    /// Why it was refused.
+    pub reason: String,
+    /// Its key, as received.
+    pub key: Option<Vec<u8>>,
+    /// Its value, as received.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Where a run of Kafka messages ends, recorded in the transaction that applies them.
+#[derive(Debug, Clone, Default)]
+pub struct OffsetMark {
+    /// The partition offset after the run's last message.
+    pub next_offset: i64,
+    /// Messages of the run that were refused, quarantined in the same transaction.
+    pub rejected: Vec<RejectedMessage>,
 }
 
 /// Connects to the NDC.
@@ -105,10 +139,13 @@ pub async fn connect(ndc: &NdcConfig) -> Result<Client, ApplyError> {
     Ok(client)
 }
 
-/// Applies one source's batches to the NDC.
+/// Applies one stream of a source's batches to the NDC: the agent's gRPC stream, or one Kafka
+/// partition of its topic.
 pub struct NdcApplier {
     client: Client,
     acl: AgentAcl,
+    /// The key of this stream's row in `dongbo.applied_position`.
+    stream: String,
     ndc_schema: String,
     targets: HashMap<(TableId, u64), Target>,
     broken: HashMap<(TableId, u64), String>,
@@ -119,18 +156,30 @@ pub struct NdcApplier {
 }
 
 impl NdcApplier {
-    /// An applier for the agent `acl` on its own NDC connection, raising events by `rules`.
+    /// An applier for the agent `acl`'s gRPC stream on its own NDC connection, raising events by `rules`.
     pub async fn connect(
         ndc: &NdcConfig,
         acl: AgentAcl,
         rules: std::sync::Arc<Vec<ActiveRule>>,
     ) -> Result<Self, ApplyError> {
+        let stream = acl.id.clone();
+        Self::connect_stream(ndc, acl, rules, stream).await
+    }
+
+    /// An applier whose position is kept under `stream` (one per Kafka partition).
+    pub async fn connect_stream(
+        ndc: &NdcConfig,
+        acl: AgentAcl,
+        rules: std::sync::Arc<Vec<ActiveRule>>,
+        stream: String,
+    ) -> Result<Self, ApplyError> {
         let client = connect(ndc).await?;
         client
-            .execute("INSERT INTO dongbo.applied_position (source_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&acl.id])
+            .execute("INSERT INTO dongbo.applied_position (source_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&stream])
             .await?;
         Ok(Self {
             client,
+            stream,
             ndc_schema: acl.schema(),
             acl,
             targets: HashMap::new(),
@@ -153,9 +202,9 @@ impl NdcApplier {
         let events = self
             .client
             .query(
-                "SELECT body::text FROM dongbo.event_outbox WHERE source_id = $1 AND seq > $2 AND seq <= $3 \
+                "SELECT body::text FROM dongbo.event_outbox WHERE stream = $1 AND seq > $2 AND seq <= $3 \
                  ORDER BY seq, event_id",
-                &[&self.acl.id, &a, &u],
+                &[&self.stream, &a, &u],
             )
             .await?
             .into_iter()
@@ -174,24 +223,43 @@ impl NdcApplier {
         Ok((events, quarantined))
     }
 
-    /// The last seq durable in the NDC for this source.
+    /// The last seq durable in the NDC for this stream.
     pub async fn applied_seq(&self) -> Result<u64, ApplyError> {
+        Ok(self.position().await?.0)
+    }
+
+    /// The last seq durable in the NDC for this stream and, for a Kafka partition, the offset to
+    /// consume next.
+    pub async fn position(&self) -> Result<(u64, Option<i64>), ApplyError> {
         let row = self
             .client
-            .query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1", &[&self.acl.id])
+            .query_one(
+                "SELECT applied_seq, kafka_next_offset FROM dongbo.applied_position WHERE source_id = $1",
+                &[&self.stream],
+            )
             .await?;
-        Ok(row.get::<_, i64>(0) as u64)
+        Ok((row.get::<_, i64>(0) as u64, row.get(1)))
     }
 
     /// Applies consecutive batches in one transaction.
     pub async fn apply(&mut self, batches: &[&ChangeBatch]) -> Result<ApplyOutcome, ApplyError> {
+        self.apply_marked(batches, None).await
+    }
+
+    /// Applies consecutive batches in one transaction that also records `mark`, the Kafka offset
+    /// they end at and the messages refused among them.
+    pub async fn apply_marked(
+        &mut self,
+        batches: &[&ChangeBatch],
+        mark: Option<&OffsetMark>,
+    ) -> Result<ApplyOutcome, ApplyError> {
         for c in batches.iter().flat_map(|b| &b.changes) {
             self.ensure_target(c).await?;
         }
-        match self.apply_txn(batches, false).await {
+        match self.apply_txn(batches, mark, false).await {
             Err(e) if !e.is_transient() => {
-                warn!(source_id = %self.acl.id, error = %e, "batch refused by the NDC; applying change by change to quarantine the bad ones");
-                self.apply_txn(batches, true).await
+                warn!(stream = %self.stream, error = %e, "batch refused by the NDC; applying change by change to quarantine the bad ones");
+                self.apply_txn(batches, mark, true).await
             }
             other => other,
         }
@@ -221,15 +289,25 @@ impl NdcApplier {
         Ok(())
     }
 
-    async fn apply_txn(&mut self, batches: &[&ChangeBatch], one_by_one: bool) -> Result<ApplyOutcome, ApplyError> {
+    async fn apply_txn(
+        &mut self,
+        batches: &[&ChangeBatch],
+        mark: Option<&OffsetMark>,
+        one_by_one: bool,
+    ) -> Result<ApplyOutcome, ApplyError> {
         let last_seq = batches.iter().map(|b| b.last_seq()).max().unwrap_or(0);
-        let Self { client, acl, targets, broken, rules, logged_seq, pruned_seq, .. } = self;
+        let Self { client, acl, stream, targets, broken, rules, logged_seq, pruned_seq, .. } = self;
         let mut txn = client.transaction().await?;
+        // The row lock orders this stream's transactions, even across two hubs that both believe
+        // they own a Kafka partition during a rebalance: the later one sees the earlier one's seq.
         let applied: i64 = txn
-            .query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1 FOR UPDATE", &[&acl.id])
+            .query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1 FOR UPDATE", &[&*stream])
             .await?
             .get(0);
         let applied = applied as u64;
+        if let Some(mark) = mark {
+            record_mark(&txn, stream, mark).await?;
+        }
         let fresh: Vec<&ChangeEvent> = batches.iter().flat_map(|b| &b.changes).filter(|c| c.seq > applied).collect();
         let Some(last) = fresh.last() else {
             txn.commit().await?;
@@ -290,11 +368,11 @@ impl NdcApplier {
             .await?;
             warn!(source_id = %acl.id, seq = c.seq, table = %c.table.table, %reason, "change quarantined");
         }
-        events::store(&txn, &acl.id, &raised).await?;
+        events::store(&txn, &acl.id, stream, &raised).await?;
         if *logged_seq > *pruned_seq {
             txn.execute(
-                "DELETE FROM dongbo.event_outbox WHERE source_id = $1 AND seq <= $2",
-                &[&acl.id, &(*logged_seq as i64)],
+                "DELETE FROM dongbo.event_outbox WHERE stream = $1 AND seq <= $2",
+                &[&*stream, &(*logged_seq as i64)],
             )
             .await?;
             *pruned_seq = *logged_seq;
@@ -304,7 +382,7 @@ impl NdcApplier {
             "UPDATE dongbo.applied_position SET applied_seq = $2, source_position = $3, \
              changes_applied = changes_applied + $4, changes_quarantined = changes_quarantined + $5, updated_at = now() \
              WHERE source_id = $1",
-            &[&acl.id, &(last_seq.max(applied) as i64), &position, &n_applied, &n_quarantined],
+            &[&*stream, &(last_seq.max(applied) as i64), &position, &n_applied, &n_quarantined],
         )
         .await?;
         txn.commit().await?;
@@ -316,6 +394,27 @@ impl NdcApplier {
             events: raised,
         })
     }
+}
+
+/// Records a Kafka run's end offset and quarantines its refused messages; both idempotent, so a run
+/// consumed twice (by a hub that lost its partition, say) records the same.
+async fn record_mark(txn: &Transaction<'_>, stream: &str, mark: &OffsetMark) -> Result<(), tokio_postgres::Error> {
+    txn.execute(
+        "UPDATE dongbo.applied_position SET kafka_next_offset = GREATEST(COALESCE(kafka_next_offset, 0), $2), \
+         updated_at = now() WHERE source_id = $1",
+        &[&stream, &mark.next_offset],
+    )
+    .await?;
+    for r in &mark.rejected {
+        txn.execute(
+            "INSERT INTO dongbo.stream_quarantine (stream, kafka_offset, reason, message_key, payload) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[&stream, &r.offset, &r.reason, &r.key, &r.payload],
+        )
+        .await?;
+        warn!(stream, offset = r.offset, reason = %r.reason, "Kafka message quarantined");
+    }
+    Ok(())
 }
 
 /// Why a change cannot be applied before trying, if it cannot.

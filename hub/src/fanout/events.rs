@@ -221,12 +221,16 @@ pub const OUTBOX_DDL: &str = "CREATE TABLE IF NOT EXISTS dongbo.event_outbox (
     seq bigint NOT NULL,
     event_id text NOT NULL,
     body jsonb NOT NULL,
-    PRIMARY KEY (source_id, seq, event_id));";
+    PRIMARY KEY (source_id, seq, event_id));
+ALTER TABLE dongbo.event_outbox ADD COLUMN IF NOT EXISTS stream text;
+UPDATE dongbo.event_outbox SET stream = source_id WHERE stream IS NULL;
+CREATE INDEX IF NOT EXISTS event_outbox_stream ON dongbo.event_outbox (stream, seq);";
 
-/// Writes `events` to the outbox in `txn`.
+/// Writes `events`, applied from `stream`, to the outbox in `txn`.
 pub async fn store(
     txn: &Transaction<'_>,
     source_id: &str,
+    stream: &str,
     events: &[DomainEvent],
 ) -> Result<(), tokio_postgres::Error> {
     if events.is_empty() {
@@ -236,10 +240,10 @@ pub async fn store(
     let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
     let bodies: Vec<String> = events.iter().map(|e| serde_json::to_string(e).expect("events serialise")).collect();
     txn.execute(
-        "INSERT INTO dongbo.event_outbox (source_id, seq, event_id, body) \
-         SELECT $1, s, i, b::jsonb FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(s, i, b) \
+        "INSERT INTO dongbo.event_outbox (source_id, seq, event_id, body, stream) \
+         SELECT $1, s, i, b::jsonb, $5 FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(s, i, b) \
          ON CONFLICT DO NOTHING",
-        &[&source_id, &seqs, &ids, &bodies],
+        &[&source_id, &seqs, &ids, &bodies, &stream],
     )
     .await?;
     Ok(())

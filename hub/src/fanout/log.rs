@@ -120,6 +120,14 @@ pub enum Item {
 pub struct Append<'a> {
     /// The source.
     pub source_id: &'a str,
+    /// The stream the batches came on (the source's gRPC stream or one Kafka partition): appends
+    /// are idempotent per stream by seq.
+    pub stream: &'a str,
+    /// For a Kafka partition, the offset after the last message of these batches.
+    pub next_offset: Option<i64>,
+    /// The stream's seq after this append is at least this, batches or not: what recovering events
+    /// from the NDC outbox alone logs up to.
+    pub upto: u64,
     /// The agent's batches of the transaction, decoded and as received.
     pub batches: &'a [(ChangeBatch, Vec<u8>)],
     /// Seqs of these batches that were not applied.
@@ -130,7 +138,7 @@ pub struct Append<'a> {
 
 /// Index entries, by chunk offset.
 const INDEX: u8 = b'i';
-/// Logged seq, by source.
+/// Logged seq (and Kafka offset), by stream.
 const SOURCE: u8 = b's';
 
 /// Where a chunk lives and when it was logged: what sled keeps per chunk.
@@ -179,6 +187,20 @@ impl IndexEntry {
     fn data(&self) -> Location {
         Location { offset: self.at.offset + u64::from(self.header_len), len: self.at.len - self.header_len, ..self.at }
     }
+}
+
+fn stream_key(stream: &str) -> Vec<u8> {
+    let mut k = vec![SOURCE];
+    k.extend_from_slice(stream.as_bytes());
+    k
+}
+
+fn stream_value(seq: u64, offset: Option<i64>) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    if let Some(o) = offset {
+        v.extend_from_slice(&o.to_be_bytes());
+    }
+    v
 }
 
 fn key(prefix: u8, offset: u64) -> [u8; 9] {
@@ -292,33 +314,29 @@ impl FanoutLog {
         Ok(())
     }
 
-    /// The last seq of `source_id` in the log, if the log has seen the source.
-    pub fn logged_seq(&self, source_id: &str) -> Result<Option<u64>, LogError> {
-        let mut k = vec![SOURCE];
-        k.extend_from_slice(source_id.as_bytes());
-        Ok(self.tree.get(k)?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    /// The last seq of `stream` in the log, if the log has seen the stream.
+    pub fn logged_seq(&self, stream: &str) -> Result<Option<u64>, LogError> {
+        Ok(self.logged_position(stream)?.map(|(seq, _)| seq))
     }
 
-    /// Starts tracking a source the log has never seen at `seq` (its applied seq), so the log does
-    /// not wait for history it will never get.
-    pub async fn adopt_source(&self, source_id: &str, seq: u64) -> Result<u64, LogError> {
-        let _guard = self.next.lock().await;
-        if let Some(s) = self.logged_seq(source_id)? {
-            return Ok(s);
-        }
-        let mut k = vec![SOURCE];
-        k.extend_from_slice(source_id.as_bytes());
-        self.tree.insert(k, &seq.to_be_bytes())?;
-        self.db.flush_async().await?;
-        Ok(seq)
+    /// The last seq of `stream` in the log and, for a Kafka partition, the offset after it.
+    pub fn logged_position(&self, stream: &str) -> Result<Option<(u64, Option<i64>)>, LogError> {
+        let Some(v) = self.tree.get(stream_key(stream))? else { return Ok(None) };
+        let seq = v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+        let offset = v.get(8..16).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes);
+        Ok(Some((seq, offset)))
     }
 
     /// Appends a chunk and makes it durable; returns the source's logged seq after it.
     pub async fn append(&self, a: Append<'_>) -> Result<u64, LogError> {
         let mut next = self.next.lock().await;
-        let logged = self.logged_seq(a.source_id)?.unwrap_or(0);
-        let last_seq = a.batches.iter().map(|(b, _)| b.last_seq()).max().unwrap_or(0);
+        let (logged, logged_offset) = self.logged_position(a.stream)?.unwrap_or((0, None));
+        let last_seq = a.batches.iter().map(|(b, _)| b.last_seq()).max().unwrap_or(0).max(a.upto);
         if last_seq <= logged {
+            if a.next_offset > logged_offset {
+                // Nothing new to log, but the offset moves on so a restart does not reread these.
+                self.tree.insert(stream_key(a.stream), stream_value(logged, a.next_offset))?;
+            }
             return Ok(logged);
         }
         let first_seq = logged + 1;
@@ -329,6 +347,12 @@ impl FanoutLog {
             .filter(|c| c.seq >= first_seq && !a.excluded.contains(&c.seq))
             .count() as u32;
         let events: Vec<Arc<DomainEvent>> = a.events.into_iter().filter(|e| e.seq >= first_seq).map(Arc::new).collect();
+        if n_changes == 0 && events.is_empty() {
+            // Nothing a reader would see: only the stream's position moves.
+            self.tree.insert(stream_key(a.stream), stream_value(last_seq, a.next_offset.or(logged_offset)))?;
+            self.db.flush_async().await?;
+            return Ok(last_seq);
+        }
         let header = ChunkHeader {
             source_id: a.source_id.into(),
             first_seq,
@@ -358,9 +382,7 @@ impl FanoutLog {
         let entry = IndexEntry { at, header_len, logged_at_us: header.logged_at_us };
         let mut batch = sled::Batch::default();
         batch.insert(&key(INDEX, *next), &entry.encode());
-        let mut k = vec![SOURCE];
-        k.extend_from_slice(a.source_id.as_bytes());
-        batch.insert(k, &last_seq.to_be_bytes());
+        batch.insert(stream_key(a.stream), stream_value(last_seq, a.next_offset));
         self.tree.apply_batch(batch)?;
         self.db.flush_async().await?;
         self.recent.lock().expect("cache lock").insert(*next, Arc::new(header));
@@ -629,9 +651,12 @@ mod tests {
         let b1 = [batch("s", 1..=3)];
         let a = |batches, excluded: Vec<u64>, events: Vec<DomainEvent>| Append {
             source_id: "s",
+            stream: "s",
+            next_offset: None,
             batches,
             excluded,
             events,
+            upto: 0,
         };
         assert_eq!(log.append(a(&b1, vec![2], vec![event(3)])).await.unwrap(), 3);
         // The same batches again (an agent resending after a lost ack) log nothing.
@@ -667,6 +692,26 @@ mod tests {
         let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap(), &dir.join("segments")).unwrap();
         assert_eq!(*log.end().borrow(), 3);
         assert_eq!(log.logged_seq("s").unwrap(), Some(5));
+
+        // A Kafka partition's stream: its offset is kept beside its seq, events recovered from the
+        // outbox alone log up to `upto`, and a run with nothing new still moves the offset on.
+        let p = |batches: &'static [(ChangeBatch, Vec<u8>)], events: Vec<DomainEvent>, next_offset, upto| Append {
+            source_id: "s",
+            stream: "s@t/0",
+            next_offset: Some(next_offset),
+            batches,
+            excluded: vec![],
+            events,
+            upto,
+        };
+        assert_eq!(log.append(p(&[], vec![event(7)], 10, 8)).await.unwrap(), 8);
+        assert_eq!(log.logged_position("s@t/0").unwrap(), Some((8, Some(10))));
+        let (recovered, _) = log.read(Cursor { chunk: 3, item: 0 }, 100, true).unwrap();
+        assert_eq!(seqs(&recovered), vec!["e7"]);
+        let again: &'static [(ChangeBatch, Vec<u8>)] = Box::leak(Box::new([batch("s", 6..=8)]));
+        assert_eq!(log.append(p(again, vec![], 14, 0)).await.unwrap(), 8);
+        assert_eq!(log.logged_position("s@t/0").unwrap(), Some((8, Some(14))));
+        assert_eq!(log.logged_seq("s").unwrap(), Some(5), "streams are apart");
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -14,15 +14,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use dongbo_tests::backlog::{load, wait_for, TABLE};
 use dongbo_tests::pg::{self, PgCluster};
 use dongbo_tests::procs::{binary, peak_rss_kib, DongboProcess};
 use tokio_postgres::Client;
-
-const TABLE: &str = "CREATE TABLE citizens (
-    citizen_id char(12) PRIMARY KEY, full_name text NOT NULL, birth_date date, gender smallint,
-    province_code varchar(2), commune_code varchar(5), address text, residence_kind text,
-    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), version int NOT NULL DEFAULT 1);
-    ALTER TABLE citizens SET (autovacuum_enabled = false);";
 
 struct Args {
     rows: u64,
@@ -82,21 +77,6 @@ async fn lsn(client: &Client, sql: &str) -> anyhow::Result<i64> {
     Ok(client.query_one(sql, &[]).await?.get::<_, Option<i64>>(0).unwrap_or(0))
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut done: F) -> anyhow::Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let start = Instant::now();
-    while !done().await? {
-        if start.elapsed() > timeout {
-            bail!("{what} did not finish within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(start.elapsed())
-}
-
 async fn wait_hub(port: u16) -> anyhow::Result<()> {
     wait_for("hub start", Duration::from_secs(30), || async move {
         Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok())
@@ -111,36 +91,6 @@ async fn applied(ndc: &Client, id: &str) -> anyhow::Result<i64> {
         .await?
         .map(|r| r.get(0))
         .unwrap_or(0))
-}
-
-/// N inserts in 10 transactions, then N updates in 10 transactions, on ids `first..first + rows`.
-async fn load(src: &Client, first: u64, rows: u64) -> anyhow::Result<()> {
-    let step = rows.div_ceil(10);
-    for i in 0..10 {
-        let (a, b) = (first + i * step, first + ((i + 1) * step).min(rows) - 1);
-        src.execute(
-            &format!(
-                "INSERT INTO citizens (citizen_id, full_name, birth_date, gender, province_code, commune_code, address, residence_kind)
-                 SELECT lpad(g::text, 12, '0'), 'Nguyễn Văn ' || g, DATE '1960-01-01' + g % 20000, g % 2, '79',
-                        lpad((25000 + g % 1500)::text, 5, '0'), 'Số ' || g % 300 || ' đường Nguyễn Huệ, Thành phố Hồ Chí Minh', 'thường trú'
-                 FROM generate_series({a}, {b}) g"
-            ),
-            &[],
-        )
-        .await?;
-    }
-    for i in 0..10 {
-        let (a, b) = (first + i * step, first + ((i + 1) * step).min(rows) - 1);
-        src.execute(
-            &format!(
-                "UPDATE citizens SET commune_code = '26734', address = address || ' (mới)', version = version + 1, updated_at = clock_timestamp()
-                 WHERE citizen_id BETWEEN '{a:012}' AND '{b:012}'"
-            ),
-            &[],
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 /// Staged upsert of the same rows into the NDC: the apply floor. Also returns the time of the first

@@ -4,6 +4,7 @@ mod agent_check;
 mod bad_input;
 mod crash_recovery;
 mod fanout;
+mod kafka;
 mod mixed_workload;
 mod schema_drift;
 mod snapshot_and_stream;

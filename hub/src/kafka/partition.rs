@@ -1,0 +1,191 @@
+//! One Kafka partition of an agent's topic, applied as one stream.
+//!
+//! A worker reads its stream's row in the NDC (applied seq, next offset), brings the fan-out log up to
+//! it, seeks the consumer there, then applies runs of messages: each run in one NDC transaction that
+//! also records the offset after it and quarantines the messages that are not valid changes of the
+//! topic's agent, so a bad message never stops the partition. Changes at or below the stream's seq
+//! (an agent producing again what the broker already had) are skipped.
+//!
+//! On any failure the worker reconnects with backoff, re-reads the row and seeks back to it: the
+//! messages of an unfinished run are read again, never lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoffBuilder;
+use dongbo_connectors::model::ChangeBatch;
+use dongbo_connectors::wire;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::{info, warn};
+
+use super::{Shared, TopicPartition};
+use crate::apply::{NdcApplier, OffsetMark, RejectedMessage};
+use crate::ingest::{adopt_stream, apply_and_log, apply_status};
+
+/// Messages waiting for a partition's worker.
+const QUEUE: usize = 4096;
+
+/// The stream name of a partition: its row in `dongbo.applied_position`.
+pub fn stream_name(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// Starts the worker of `tp`; it runs until the returned sender is dropped.
+pub fn spawn(shared: Arc<Shared>, tp: TopicPartition) -> mpsc::Sender<OwnedMessage> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(worker(shared, tp, rx));
+    tx
+}
+
+async fn worker(shared: Arc<Shared>, (topic, partition): TopicPartition, mut rx: mpsc::Receiver<OwnedMessage>) {
+    let mut backoff = ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(200))
+        .with_max_interval(Duration::from_secs(10))
+        .with_max_elapsed_time(None)
+        .build();
+    loop {
+        match session(&shared, &topic, partition, &mut rx, &mut backoff).await {
+            Ok(()) => return,
+            Err(e) => {
+                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
+                warn!(topic, partition, error = %e.message(), retry_in_ms = wait.as_millis() as u64, "partition worker failed; it will seek back to the NDC's offset");
+                tokio::time::sleep(wait).await;
+                // Whatever the channel holds will be read again after the seek.
+                while rx.try_recv().is_ok() {}
+                if rx.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn session(
+    shared: &Shared,
+    topic: &str,
+    partition: i32,
+    rx: &mut mpsc::Receiver<OwnedMessage>,
+    backoff: &mut backoff::ExponentialBackoff,
+) -> Result<(), Status> {
+    let Some(acl) = shared.agents.get(topic) else {
+        return Err(Status::internal(format!("no agent owns topic {topic}")));
+    };
+    let stream = stream_name(topic, partition);
+    let mut applier =
+        NdcApplier::connect_stream(&shared.config.ndc, acl.clone(), shared.fanout.rules.clone(), stream.clone())
+            .await
+            .map_err(|e| apply_status(&e))?;
+    let (applied, ndc_offset) = applier.position().await.map_err(|e| apply_status(&e))?;
+    let log = &shared.fanout.log;
+    let logged = adopt_stream(&applier, log, &acl.id, &stream, applied, ndc_offset).await?;
+    if logged < applied {
+        // The hub stopped between an NDC commit and its log append: the outbox still has the
+        // events of those changes.
+        let (events, excluded) = applier.recorded(logged, applied).await.map_err(|e| apply_status(&e))?;
+        let append = crate::fanout::log::Append {
+            source_id: &acl.id,
+            stream: &stream,
+            next_offset: ndc_offset,
+            batches: &[],
+            excluded,
+            events,
+            upto: applied,
+        };
+        log.append(append).await.map_err(|e| Status::internal(e.to_string()))?;
+    }
+    let start = ndc_offset.map_or(Offset::Beginning, Offset::Offset);
+    seek(shared, topic, partition, start).await?;
+    info!(topic, partition, applied_seq = applied, next_offset = ?ndc_offset, "partition resumed from the NDC's offset");
+    let max_changes = shared.config.apply.max_changes_per_txn;
+    // Messages below this offset were applied already (or are being re-read from before the seek).
+    let mut expect = ndc_offset.unwrap_or(0);
+    // The highest seq taken in this session: a re-produced message repeats seqs.
+    let mut high = applied;
+    loop {
+        let Some(first) = rx.recv().await else { return Ok(()) };
+        let mut run = vec![first];
+        while run.len() < max_changes {
+            match rx.try_recv() {
+                Ok(m) => run.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut batches: Vec<(ChangeBatch, Vec<u8>)> = Vec::new();
+        let mut mark = OffsetMark::default();
+        let mut last_offset = None;
+        for m in run.into_iter().filter(|m| m.offset() >= expect) {
+            last_offset = Some(m.offset());
+            match decode(&acl.id, &m) {
+                Ok(mut batch) => {
+                    let whole = batch.changes.len();
+                    batch.changes.retain(|c| c.seq > high);
+                    if let Some(last) = batch.changes.last() {
+                        high = last.seq;
+                        let raw = match m.payload() {
+                            Some(p) if batch.changes.len() == whole => p.to_vec(),
+                            _ => wire::encode_batch(batch.clone()),
+                        };
+                        batches.push((batch, raw));
+                    }
+                }
+                Err(reason) => mark.rejected.push(RejectedMessage {
+                    offset: m.offset(),
+                    reason,
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                }),
+            }
+        }
+        let Some(last_offset) = last_offset else { continue };
+        mark.next_offset = last_offset + 1;
+        apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark)).await?;
+        backoff.reset();
+        expect = mark.next_offset;
+        let mut tpl = TopicPartitionList::new();
+        if tpl.add_partition_offset(topic, partition, Offset::Offset(expect)).is_ok() {
+            // For lag tools only; the NDC holds the offset that counts.
+            if let Err(e) = shared.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(topic, partition, error = %e, "offset commit to Kafka failed");
+            }
+        }
+    }
+}
+
+/// Moves the consumer's fetch position of the partition, retrying while the assignment settles.
+async fn seek(shared: &Shared, topic: &str, partition: i32, offset: Offset) -> Result<(), Status> {
+    let mut last = None;
+    for _ in 0..50 {
+        let consumer = shared.consumer.clone();
+        let t = topic.to_string();
+        let r = tokio::task::spawn_blocking(move || consumer.seek(&t, partition, offset, Duration::from_secs(5)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Status::unavailable(format!("cannot seek {topic}/{partition} to {offset:?}: {last:?}")))
+}
+
+/// The change batch a message holds, or why it is not a valid one of agent `source_id`.
+pub fn decode(source_id: &str, m: &OwnedMessage) -> Result<ChangeBatch, String> {
+    let payload = m.payload().ok_or("the message has no value")?;
+    let batch = wire::decode_batch(payload).map_err(|e| format!("not a dongbo change batch: {e}"))?;
+    if batch.source_id != source_id {
+        return Err(format!("the message claims source {:?} on the topic of agent {source_id}", batch.source_id));
+    }
+    if batch.changes.is_empty() {
+        return Err("the message holds no change".into());
+    }
+    if batch.changes.windows(2).any(|w| w[0].seq >= w[1].seq) {
+        return Err("the message's changes are not in increasing seq order".into());
+    }
+    Ok(batch)
+}

@@ -1,0 +1,59 @@
+//! A citizen-table backlog for the benchmarks: the table, N inserts then N updates, and polling.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tokio_postgres::Client;
+
+/// The benchmarks' citizen table (no autovacuum, so runs compare).
+pub const TABLE: &str = "CREATE TABLE citizens (
+    citizen_id char(12) PRIMARY KEY, full_name text NOT NULL, birth_date date, gender smallint,
+    province_code varchar(2), commune_code varchar(5), address text, residence_kind text,
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), version int NOT NULL DEFAULT 1);
+    ALTER TABLE citizens SET (autovacuum_enabled = false);";
+
+/// Polls `done` every 20 ms until it is true; returns how long that took.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut done: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    while !done().await? {
+        if start.elapsed() > timeout {
+            bail!("{what} did not finish within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// N inserts in 10 transactions, then N updates in 10 transactions, on ids `first..first + rows`.
+pub async fn load(src: &Client, first: u64, rows: u64) -> anyhow::Result<()> {
+    let step = rows.div_ceil(10);
+    for i in 0..10 {
+        let (a, b) = (first + i * step, first + ((i + 1) * step).min(rows) - 1);
+        src.execute(
+            &format!(
+                "INSERT INTO citizens (citizen_id, full_name, birth_date, gender, province_code, commune_code, address, residence_kind)
+                 SELECT lpad(g::text, 12, '0'), 'Nguyễn Văn ' || g, DATE '1960-01-01' + g % 20000, g % 2, '79',
+                        lpad((25000 + g % 1500)::text, 5, '0'), 'Số ' || g % 300 || ' đường Nguyễn Huệ, Thành phố Hồ Chí Minh', 'thường trú'
+                 FROM generate_series({a}, {b}) g"
+            ),
+            &[],
+        )
+        .await?;
+    }
+    for i in 0..10 {
+        let (a, b) = (first + i * step, first + ((i + 1) * step).min(rows) - 1);
+        src.execute(
+            &format!(
+                "UPDATE citizens SET commune_code = '26734', address = address || ' (mới)', version = version + 1, updated_at = clock_timestamp()
+                 WHERE citizen_id BETWEEN '{a:012}' AND '{b:012}'"
+            ),
+            &[],
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Kafka transport on a real broker (`tansu`): the agent produces to its topic, hubs consume it as a
+//! consumer group and keep the consumed offset in the NDC, in the same transaction as the rows.
+
+use std::time::Duration;
+
+use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
+use dongbo_tests::kafka::Broker;
+use dongbo_tests::workload::mixed_small_txns;
+use dongbo_tests::Deployment;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// A deployment whose agent produces to `broker` and whose hub consumes it.
+async fn kafka_deployment(name: &str) -> anyhow::Result<(Deployment, Broker)> {
+    let mut d = Deployment::new(name, CITIZENS_DDL, &["public.citizens"]).await?;
+    let broker = Broker::start(&d.dir).await?;
+    d.kafka = Some(broker.brokers());
+    Ok((d, broker))
+}
+
+fn topic(d: &Deployment) -> String {
+    format!("dongbo.cdc.{}", d.source_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_kafka_the_ndc_equals_the_source_and_bad_messages_are_quarantined() -> anyhow::Result<()> {
+    let (mut d, broker) = kafka_deployment("kafkae2e").await?;
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(41);
+    let mut ids = insert_citizens(&src, &mut gen, 1_000).await?;
+    let mut changes = 1 + ids.len() as u64; // the snapshot's opening truncate and its rows
+    d.start_hub().await?;
+    d.start_agent()?;
+    // Counting changes below needs the snapshot done first: rows it reads are not streamed.
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
+    changes += mixed_small_txns(&src, &mut gen, &mut ids, 20).await?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
+
+    // Messages on the agent's topic that are not change events: quarantined, the partition flows on.
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker.brokers()).create()?;
+    let t = topic(&d);
+    producer
+        .send(FutureRecord::to(&t).key("junk").payload(&b"\x00\x01 not a change batch"[..]), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)?;
+    producer
+        .send(FutureRecord::<str, [u8]>::to(&t).key("tombstone"), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)?;
+    changes += mixed_small_txns(&src, &mut gen, &mut ids, 10).await?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    d.wait_applied(changes as i64, Duration::from_secs(30)).await?;
+
+    let ndc = d.ndc().await?;
+    let rows = ndc
+        .query("SELECT stream, reason, message_key FROM dongbo.stream_quarantine ORDER BY kafka_offset", &[])
+        .await?;
+    let got: Vec<(String, String, Option<Vec<u8>>)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, format!("{t}/0"));
+    assert!(got[0].1.starts_with("not a dongbo change batch"), "{}", got[0].1);
+    assert_eq!(got[0].2.as_deref(), Some(&b"junk"[..]));
+    assert_eq!(got[1].1, "the message has no value");
+    // The NDC's offset is past every message of the partition.
+    let next: i64 = ndc
+        .query_one("SELECT kafka_next_offset FROM dongbo.applied_position WHERE source_id = $1", &[&format!("{t}/0")])
+        .await?
+        .get(0);
+    assert!(next as u64 >= changes + 2, "next offset {next} for {changes} changes and 2 bad messages");
+    Ok(())
+}
+
+/// Whether a hub's log says it holds a partition now: its last membership line is an assignment
+/// of at least one partition.
+fn holds_a_partition(log: &str) -> bool {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("Kafka partitions assigned") || l.contains("Kafka partitions revoked"))
+        .is_some_and(|l| l.contains("Kafka partitions assigned") && l.contains("[("))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_one_killed_mid_stream_the_other_takes_over_with_nothing_lost_or_applied_twice() -> anyhow::Result<()>
+{
+    let (mut d, _broker) = kafka_deployment("kafkatwohubs").await?;
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(42);
+    let mut ids = insert_citizens(&src, &mut gen, 500).await?;
+    let mut changes = 1 + ids.len() as u64;
+    d.start_hub().await?;
+    let mut second = d.start_another_hub("hub2").await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
+    changes += mixed_small_txns(&src, &mut gen, &mut ids, 10).await?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
+
+    // Kill the hub that holds the partition while changes keep coming.
+    let writer = d.source().await?;
+    let mut writer_gen = CitizenGen::new(43);
+    let mut writer_ids = ids.clone();
+    let load = tokio::spawn(async move { mixed_small_txns(&writer, &mut writer_gen, &mut writer_ids, 60).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let first_owns = loop {
+        let (first, other) = (d.hub.as_ref().expect("hub").log_text(), second.log_text());
+        match (holds_a_partition(&first), holds_a_partition(&other)) {
+            (true, false) => break true,
+            (false, true) => break false,
+            _ if std::time::Instant::now() > deadline => {
+                let membership =
+                    |log: &str| log.lines().filter(|l| l.contains("Kafka partitions")).collect::<Vec<_>>().join("\n");
+                anyhow::bail!("no single hub holds the partition:\n{}\n--\n{}", membership(&first), membership(&other))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    if first_owns {
+        d.hub.as_mut().expect("hub").kill9();
+        d.hub = None;
+    } else {
+        second.kill9();
+    }
+    changes += load.await??;
+    let survivor_log = d.dir.join(if first_owns { "hub2.log" } else { "hub.log" });
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(120)).await.map_err(|e| {
+        let log = std::fs::read_to_string(&survivor_log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("NOTICE")).collect();
+        anyhow::anyhow!("{e}\nsurvivor log:\n{}", dongbo_tests::tail(&lines.join("\n"), 30))
+    })?;
+    d.wait_applied(changes as i64, Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_and_restarted_mid_stream_keeps_every_one_of_20_000_changes() -> anyhow::Result<()> {
+    let (mut d, mut broker) = kafka_deployment("kafkabroker").await?;
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(44);
+    let mut ids = insert_citizens(&src, &mut gen, 2_000).await?;
+    let mut changes = 1 + ids.len() as u64;
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
+    // ~18 500 more changes; the broker dies (kill -9) in the middle and comes back on the same file.
+    let writer = d.source().await?;
+    let mut writer_gen = CitizenGen::new(45);
+    let mut writer_ids = ids.clone();
+    let load = tokio::spawn(async move { mixed_small_txns(&writer, &mut writer_gen, &mut writer_ids, 440).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.restart().await?;
+    changes += load.await??;
+    changes += mixed_small_txns(&src, &mut gen, &mut ids, 5).await?;
+    assert!(changes >= 20_000, "only {changes} changes");
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(240)).await?;
+    d.wait_applied(changes as i64, Duration::from_secs(60)).await?;
+    Ok(())
+}
