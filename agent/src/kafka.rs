@@ -23,14 +23,11 @@ use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
 use dongbo_connectors::postgres::text::key_text;
 use dongbo_connectors::wire;
 use futures::stream::{FuturesOrdered, StreamExt};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::KafkaLinkConfig;
 use crate::ship::{keep_linked, LinkFailure, Progress};
@@ -118,19 +115,7 @@ pub fn producer(link: &KafkaLinkConfig) -> Result<FutureProducer, KafkaError> {
 
 /// Creates the topic with the configured partitions unless it exists.
 pub async fn ensure_topic(link: &KafkaLinkConfig, topic: &str) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(link).create()?;
-    let new = NewTopic::new(topic, link.partitions, TopicReplication::Fixed(link.replication_factor));
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) => info!(topic, partitions = link.partitions, "topic created"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| warn!(topic = %t, "cannot create topic"))
-            }
-        }
-    }
-    Ok(())
+    dongbo_connectors::kafka::ensure_topic(&client_config(link), topic, link.partitions, link.replication_factor).await
 }
 
 /// How many brokers answer a metadata request, for `dongbo-agent check`.
@@ -151,7 +136,7 @@ pub fn message_key(c: &ChangeEvent) -> String {
 /// A spooled batch, encoded as one message per change.
 struct Outgoing {
     last_seq: u64,
-    messages: Vec<(String, Vec<u8>, u64)>,
+    messages: Vec<(String, Vec<u8>)>,
 }
 
 fn encode(source_id: &str, first_seq: u64, bytes: &[u8], limit: usize) -> Result<Outgoing, KafkaShipError> {
@@ -164,7 +149,7 @@ fn encode(source_id: &str, first_seq: u64, bytes: &[u8], limit: usize) -> Result
         if value.len() > limit {
             return Err(KafkaShipError::TooLarge { seq, table, bytes: value.len(), limit });
         }
-        messages.push((key, value, seq));
+        messages.push((key, value));
     }
     Ok(Outgoing { last_seq, messages })
 }
@@ -197,12 +182,10 @@ async fn session(
                 };
                 sent_upto = out.last_seq;
                 let mut deliveries = Vec::with_capacity(out.messages.len());
-                for (key, value, seq) in &out.messages {
-                    let seq_text = seq.to_string();
-                    let headers = OwnedHeaders::new()
-                        .insert(Header { key: "dongbo-source", value: Some(source_id) })
-                        .insert(Header { key: "dongbo-seq", value: Some(&seq_text) });
-                    let mut record = FutureRecord::to(&topic).key(key).payload(value).headers(headers);
+                for (key, value) in &out.messages {
+                    // No headers: the value already names the source and seq, and some brokers keep
+                    // headers unindexed (tansu 0.6 scans them all for every record it serves).
+                    let mut record = FutureRecord::to(&topic).key(key).payload(value);
                     // Enqueued one after another, never concurrently: the order produced is the order
                     // the partition keeps.
                     loop {
@@ -289,7 +272,7 @@ mod tests {
         let bytes = wire::encode_batch(batch);
         let out = encode("hcm", 7, &bytes, 1 << 20).unwrap();
         assert_eq!(out.last_seq, 8);
-        let keys: Vec<&str> = out.messages.iter().map(|(k, _, _)| k.as_str()).collect();
+        let keys: Vec<&str> = out.messages.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, vec!["public.citizen\u{1}a\u{1}", "public.citizen\u{1}b\u{1}"]);
         let one = wire::decode_batch(&out.messages[1].1).unwrap();
         assert_eq!((one.source_id.as_str(), one.first_seq(), one.changes.len()), ("hcm", 8, 1));

@@ -10,11 +10,13 @@
 //! - [`model`] — the domain types (`Value`, `Row`, `TableSchema`, `ChangeEvent`, `Lsn`).
 //! - [`wire`] — conversion between the domain types and the `dongbo.v1` protobuf contract.
 //! - [`postgres`] — the Postgres source (pgoutput logical replication and a consistent snapshot).
+//! - [`kafka`] — Kafka helpers shared by the agent and the hub.
 //! - [`segments`] — append-only payload files, the durable storage under the agent's spool and the
 //!   hub's fan-out log.
 
 pub mod config_file;
 pub mod error;
+pub mod kafka;
 pub mod model;
 pub mod postgres;
 pub mod segments;

@@ -98,13 +98,16 @@ pub fn client_config(k: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig
 
 /// How often a hub holding no partition looks for partitions nobody consumes.
 const STALL_CHECK: Duration = Duration::from_secs(10);
+/// A hub rejoins the group at most this often.
+const REJOIN_EVERY: Duration = Duration::from_secs(60);
 /// A partition with messages waiting and no NDC progress for this long has no live consumer.
 const STALLED_AFTER_SECS: f64 = 30.0;
 
 /// Partitions of the agents' topics with messages beyond the NDC's offset and no apply for
 /// [`STALLED_AFTER_SECS`]. A healthy group never has one; a coordinator that lost track of a dead
 /// member (tansu 0.6 keeps assigning its partitions to it) does, and rejoining fixes that.
-async fn stalled_partitions(shared: &Arc<Shared>) -> anyhow::Result<Vec<TopicPartition>> {
+/// `up_secs` is how long this hub has run: a partition no hub ever started counts as idle that long.
+async fn stalled_partitions(shared: &Arc<Shared>, up_secs: f64) -> anyhow::Result<Vec<TopicPartition>> {
     let consumer = shared.consumer.clone();
     let topics: Vec<String> = shared.agents.keys().cloned().collect();
     let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
@@ -132,7 +135,7 @@ async fn stalled_partitions(shared: &Arc<Shared>) -> anyhow::Result<Vec<TopicPar
                 &[&stream],
             )
             .await?;
-        let (next, idle): (Option<i64>, f64) = row.map_or((None, f64::MAX), |r| (r.get(0), r.get(1)));
+        let (next, idle): (Option<i64>, f64) = row.map_or((None, up_secs), |r| (r.get(0), r.get(1)));
         if high > next.unwrap_or(0) && idle > STALLED_AFTER_SECS {
             stalled.push((topic, partition));
         }
@@ -162,6 +165,8 @@ pub async fn run(
         // Agent topics have one partition each: the range assignor would give every topic's
         // partition 0 to the same hub, round robin spreads them over the group.
         ("partition.assignment.strategy", "roundrobin"),
+        // Fewer, larger fetches when a partition has a deep backlog.
+        ("max.partition.fetch.bytes", "16777216"),
     ];
     let consumer: GroupConsumer =
         client_config(&k, &defaults).create_with_context(GroupContext { membership: membership_tx })?;
@@ -171,17 +176,22 @@ pub async fn run(
     info!(brokers = %k.brokers, group = %k.group_id, topics = ?topics, "consuming agents' Kafka topics");
     let shared = Arc::new(Shared { config: config.clone(), fanout, consumer: Arc::new(consumer), agents });
     let mut workers: HashMap<TopicPartition, mpsc::Sender<OwnedMessage>> = HashMap::new();
-    let mut watchdog = tokio::time::interval(STALL_CHECK);
+    // The first look only after a rebalance had time to settle.
+    let mut watchdog = tokio::time::interval_at(tokio::time::Instant::now() + STALL_CHECK, STALL_CHECK);
+    let started = std::time::Instant::now();
+    let mut rejoined: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.changed() => return Ok(()),
-            _ = watchdog.tick(), if workers.is_empty() => {
-                match stalled_partitions(&shared).await {
+            // A join in progress is left to finish: rejoining again would restart it.
+            _ = watchdog.tick(), if workers.is_empty() && rejoined.is_none_or(|t| t.elapsed() > REJOIN_EVERY) => {
+                match stalled_partitions(&shared, started.elapsed().as_secs_f64()).await {
                     Ok(stalled) if !stalled.is_empty() => {
                         warn!(partitions = ?stalled, "partitions with messages waiting and no progress, and this hub holds none: rejoining the group");
                         shared.consumer.unsubscribe();
                         let topics: Vec<&str> = shared.agents.keys().map(String::as_str).collect();
                         shared.consumer.subscribe(&topics)?;
+                        rejoined = Some(std::time::Instant::now());
                     }
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "stall check failed"),
