@@ -27,6 +27,7 @@
 pub mod events;
 pub mod filter;
 pub mod grpc;
+pub mod kafka;
 pub mod log;
 pub mod projection;
 pub mod record;
@@ -104,6 +105,8 @@ pub struct Fanout {
     /// Bumped by each new gRPC stream of a subscription, so the newest stream wins.
     pub(crate) generations: std::sync::Mutex<HashMap<String, u64>>,
     retention: Duration,
+    /// The hub's Kafka cluster, for Kafka delivery.
+    kafka: Option<crate::config::KafkaConfig>,
 }
 
 impl Fanout {
@@ -135,6 +138,7 @@ impl Fanout {
             workers: RwLock::new(HashMap::new()),
             generations: std::sync::Mutex::new(HashMap::new()),
             retention: Duration::from_secs(config.fanout.retention_hours * 3600),
+            kafka: config.kafka.clone(),
         });
         let declared: Vec<&str> = config.subscriptions.iter().map(|d| d.id.as_str()).collect();
         for stored in fanout.state.defs()? {
@@ -168,6 +172,12 @@ impl Fanout {
     /// Checks, stores and starts serving a subscription (replacing one of the same id).
     pub async fn install(self: &Arc<Self>, def: SubscriptionDef, origin: Origin) -> Result<(), FanoutError> {
         let sub = Arc::new(Subscription::new(def.clone(), &self.catalog).map_err(FanoutError::Refused)?);
+        if matches!(def.delivery, Delivery::Kafka { .. }) && self.kafka.is_none() {
+            return Err(FanoutError::Refused(vec![format!(
+                "subscription {}: Kafka delivery needs a [kafka] section (the brokers) in hub.toml",
+                def.id
+            )]));
+        }
         let start = Start::parse(&def.start).map_err(|e| FanoutError::Refused(vec![e]))?;
         self.state.put_def(&state::StoredDef { def: def.clone(), origin }).await?;
         let cursor = self.state.init_cursor(&def.id, self.log.start_cursor(start)?).await?;
@@ -178,6 +188,11 @@ impl Fanout {
             self.workers.write().await.insert(def.id.clone(), tx);
             let me = self.clone();
             tokio::spawn(async move { webhook::run(me, sub, rx).await });
+        } else if let (Delivery::Kafka { .. }, Some(k)) = (&def.delivery, &self.kafka) {
+            let (tx, rx) = mpsc::channel(4);
+            self.workers.write().await.insert(def.id.clone(), tx);
+            let (me, k) = (self.clone(), k.clone());
+            tokio::spawn(async move { kafka::run(me, sub, k, rx).await });
         }
         info!(subscription = %def.id, subscriber = %def.subscriber, purpose = %def.purpose, delivery = def.delivery.channel(), from = %cursor.token(), "subscription served");
         Ok(())

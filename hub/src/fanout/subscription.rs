@@ -132,7 +132,7 @@ pub enum Delivery {
         #[serde(default = "default_concurrency")]
         concurrency: usize,
     },
-    /// Records go to a Kafka topic keyed by citizen id (the Kafka transport arrives with issue 4).
+    /// Records go as JSON to a Kafka topic (on the hub's `[kafka]` brokers) keyed by citizen id.
     Kafka {
         /// Topic name.
         topic: String,
@@ -408,12 +408,14 @@ impl Catalog {
                 }
             }
             Delivery::Kafka { topic } => {
-                if topic.is_empty() {
-                    p.push(format!("subscription {id}: kafka topic is empty"));
+                if topic.is_empty()
+                    || topic.len() > 249
+                    || !topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                {
+                    p.push(format!(
+                        "subscription {id}: kafka topic {topic:?} must be 1-249 of a-z, A-Z, 0-9, '.', '_', '-'"
+                    ));
                 }
-                p.push(format!(
-                    "subscription {id}: Kafka delivery needs the Kafka transport, which this hub does not have yet"
-                ));
             }
         }
         p

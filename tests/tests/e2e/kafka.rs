@@ -157,3 +157,83 @@ async fn broker_killed_and_restarted_mid_stream_keeps_every_one_of_20_000_change
     d.wait_applied(changes as i64, Duration::from_secs(60)).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_its_fields_and_audited(
+) -> anyhow::Result<()> {
+    use dongbo_tests::fanout::{admin, declarations};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+
+    let (mut d, broker) = kafka_deployment("kafkasub").await?;
+    let admin_port = dongbo_tests::pg::free_port();
+    let sub_topic = "dongbo.sub.moet-enrolment";
+    d.fanout_toml = format!(
+        "{}\n[[subscriptions]]\nid = \"moet-enrolment\"\nsubscriber = \"moet\"\npurpose = \"education\"\n\
+         follow = [\"residence.changed\"]\nfields = [\"citizen_id\", \"current.commune_code\"]\n\
+         delivery = {{ kind = \"kafka\", topic = \"{sub_topic}\" }}\n",
+        declarations(admin_port)
+    );
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(46);
+    let ids = insert_citizens(&src, &mut gen, 50).await?;
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
+    let (moved, renamed) = (ids[3].clone(), ids[4].clone());
+    src.execute("UPDATE citizens SET full_name = 'Lê Văn Tên Mới' WHERE citizen_id = $1", &[&renamed]).await?;
+    src.execute(
+        "UPDATE citizens SET commune_code = '26734', address = '12 Lê Lợi, phường Sài Gòn' WHERE citizen_id = $1",
+        &[&moved],
+    )
+    .await?;
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "test-moet")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .create()?;
+    consumer.subscribe(&[sub_topic])?;
+    let got = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let m = consumer.recv().await?;
+            let key = m.key().map(|k| String::from_utf8_lossy(k).to_string());
+            let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            if key.as_deref() == Some(moved.as_str()) {
+                return anyhow::Ok((key, body));
+            }
+            anyhow::ensure!(key.as_deref() != Some(renamed.as_str()), "a change of unwatched columns raised an event");
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no record for the moved citizen on {sub_topic} within 60 s"))??;
+    let (_, body) = got;
+    let mut keys: Vec<String> = Vec::new();
+    for (k, v) in body.as_object().expect("records are objects") {
+        match v.as_object() {
+            Some(inner) => keys.extend(inner.keys().map(|i| format!("{k}.{i}"))),
+            None => keys.push(k.clone()),
+        }
+    }
+    keys.sort();
+    assert_eq!(keys, vec!["citizen_id", "current.commune_code", "event", "event_id"], "{body}");
+    assert_eq!(body["current"]["commune_code"], "26734");
+
+    // The example subscriber a newcomer runs prints the same record.
+    let example = tokio::process::Command::new(dongbo_tests::procs::binary("education-kafka")?)
+        .args(["--brokers", &broker.brokers(), "--topic", sub_topic, "--group", "example", "--count", "1"])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), example).await??;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains(&format!("[education] citizen {moved}")) && printed.contains("26734"), "{printed}");
+
+    let (status, report) = admin(admin_port, reqwest::Method::GET, &format!("/audit/citizens/{moved}"), None).await?;
+    assert_eq!(status, 200, "{report}");
+    let lines = report.as_array().expect("a list");
+    assert!(
+        lines.iter().any(|l| l["subscriber"] == "moet" && l["purpose"] == "education" && l["channel"] == "kafka"),
+        "{report}"
+    );
+    Ok(())
+}
