@@ -2,7 +2,7 @@
 # Installs what dongbo's demo, tests and benchmarks need on a Debian/Ubuntu machine, and nothing that
 # is already there: PostgreSQL server binaries (the harness makes throw-away clusters with initdb), the
 # `postgres` OS user (initdb refuses to run as root), pg_recvlogical (the capture benchmark's floor).
-# tansu, the Kafka-API broker of the Kafka tests.
+# tansu, the Kafka-API broker of the Kafka tests (with --kafka-broker).
 # Rust itself must already be installed (https://rustup.rs).
 set -euo pipefail
 
@@ -22,9 +22,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# The Kafka tests need a real Kafka-API broker: tansu, from crates.io (10-16 minutes to build here,
-# so an installed one is reused). Its libsql feature gives the sqlite:// storage the tests use.
-if ! command -v tansu >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
+# With --kafka-broker (the test command passes it; the quick start, which runs without Kafka, does not):
+# the Kafka tests' real Kafka-API broker, tansu, from crates.io (10-16 minutes to build here, so an
+# installed one is reused). Its libsql feature gives the sqlite:// storage the tests use.
+if [ "${1:-}" = "--kafka-broker" ] && ! command -v tansu >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
   echo "== installing tansu (a Kafka-API broker; builds from source, 10-16 minutes)"
   cargo install tansu --locked --features libsql
 fi

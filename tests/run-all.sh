@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./deploy/install-deps.sh
+./deploy/install-deps.sh --kafka-broker
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The scenarios start the real binaries, so build them first.
