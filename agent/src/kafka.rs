@@ -19,12 +19,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dongbo_connectors::kafka::{acknowledged, enqueue};
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
 use dongbo_connectors::postgres::text::key_text;
 use dongbo_connectors::wire;
 use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::watch;
 use tracing::info;
@@ -185,31 +186,13 @@ async fn session(
                 for (key, value) in &out.messages {
                     // No headers: the value already names the source and seq, and some brokers keep
                     // headers unindexed (tansu 0.6 scans them all for every record it serves).
-                    let mut record = FutureRecord::to(&topic).key(key).payload(value);
+                    let record = FutureRecord::to(&topic).key(key).payload(value);
                     // Enqueued one after another, never concurrently: the order produced is the order
                     // the partition keeps.
-                    loop {
-                        match producer.send_result(record) {
-                            Ok(delivery) => break deliveries.push(delivery),
-                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                                record = r;
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
-                            Err((e, _)) => return Err(e.into()),
-                        }
-                    }
+                    deliveries.push(enqueue(&producer, record).await?);
                 }
                 let last_seq = out.last_seq;
-                in_flight.push_back(async move {
-                    for d in deliveries {
-                        match d.await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err((e, _))) => return Err(e),
-                            Err(_) => return Err(KafkaError::Canceled),
-                        }
-                    }
-                    Ok(last_seq)
-                });
+                in_flight.push_back(async move { acknowledged(deliveries).await.map(|()| last_seq) });
             }
         }
         if in_flight.is_empty() {

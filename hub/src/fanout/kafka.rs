@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dongbo_connectors::kafka::ensure_topic;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use dongbo_connectors::kafka::{acknowledged, enqueue, ensure_topic};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::projection::{Outgoing, Subscription};
+use super::projection::Subscription;
 use super::subscription::Delivery;
 use super::{Command, Fanout};
 use crate::config::KafkaConfig;
@@ -86,37 +86,17 @@ async fn deliver_page(
     topic: &str,
 ) -> Result<bool, String> {
     let id = &sub.def.id;
-    let from = fanout.state.cursor(id).map_err(|e| e.to_string())?.unwrap_or_default();
-    let (items, scanned) = fanout.log.read(from, PAGE, sub.follows_tables).map_err(|e| e.to_string())?;
-    if scanned == from {
-        return Ok(false);
-    }
-    let outs: Vec<Outgoing> = items.iter().filter_map(|(c, item)| sub.project(*c, item)).collect();
+    let Some((outs, scanned)) = fanout.next_page(sub, PAGE)? else { return Ok(false) };
     let entries: Vec<_> = outs.iter().map(|o| sub.audit_entry(&o.citizen_id, &o.event_id, &o.fields)).collect();
     fanout.audit.record(&entries).await.map_err(|e| e.to_string())?;
     let mut deliveries = Vec::with_capacity(outs.len());
     for o in &outs {
         let body = serde_json::to_vec(&o.body).expect("records serialise");
-        let mut record = FutureRecord::to(topic).key(o.citizen_id.as_str()).payload(&body);
         // One after another, so each partition holds a citizen's records in log order.
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => break deliveries.push(d),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(e.to_string()),
-            }
-        }
+        let record = FutureRecord::to(topic).key(o.citizen_id.as_str()).payload(&body);
+        deliveries.push(enqueue(producer, record).await.map_err(|e| e.to_string())?);
     }
-    for d in deliveries {
-        match d.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e.to_string()),
-            Err(_) => return Err("the producer went away".into()),
-        }
-    }
+    acknowledged(deliveries).await.map_err(|e| e.to_string())?;
     fanout.state.ack(id, scanned).await.map_err(|e| e.to_string())?;
     Ok(true)
 }

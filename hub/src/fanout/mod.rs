@@ -44,7 +44,7 @@ use tracing::{info, warn};
 
 use self::events::ActiveRule;
 use self::log::{Cursor, FanoutLog, LogError};
-use self::projection::Subscription;
+use self::projection::{Outgoing, Subscription};
 use self::state::{Origin, State};
 use self::subscription::{Catalog, Delivery, Start, Subscriber, SubscriptionDef};
 use crate::audit::AuditLog;
@@ -252,6 +252,17 @@ impl Fanout {
     }
 
     /// Whether `sub` is still the served version of its subscription (it was not removed or
+    /// The next page of up to `max` log items from the subscription's cursor, projected to its
+    /// purpose, with the cursor after the page; `None` when it is at the end of the log.
+    pub fn next_page(&self, sub: &Subscription, max: usize) -> Result<Option<(Vec<Outgoing>, Cursor)>, String> {
+        let from = self.state.cursor(&sub.def.id).map_err(|e| e.to_string())?.unwrap_or_default();
+        let (items, scanned) = self.log.read(from, max, sub.follows_tables).map_err(|e| e.to_string())?;
+        if scanned == from {
+            return Ok(None);
+        }
+        Ok(Some((items.iter().filter_map(|(c, item)| sub.project(*c, item)).collect(), scanned)))
+    }
+
     /// replaced since the worker started).
     pub async fn is_current(&self, sub: &Arc<Subscription>) -> bool {
         self.subs.read().await.get(&sub.def.id).is_some_and(|s| Arc::ptr_eq(s, sub))

@@ -155,14 +155,9 @@ async fn deliver_page(
     policy: &(impl Fn() -> backoff::ExponentialBackoff + Sync),
 ) -> Result<bool, String> {
     let id = &sub.def.id;
-    let from = fanout.state.cursor(id).map_err(|e| e.to_string())?.unwrap_or_default();
-    let (items, scanned) = fanout.log.read(from, PAGE, sub.follows_tables).map_err(|e| e.to_string())?;
-    if scanned == from {
-        return Ok(false);
-    }
+    let Some((outs, scanned)) = fanout.next_page(sub, PAGE)? else { return Ok(false) };
     let held: HashSet<String> =
         fanout.state.dead_letters(id).map_err(|e| e.to_string())?.into_iter().map(|d| d.citizen_id).collect();
-    let outs: Vec<Outgoing> = items.iter().filter_map(|(c, item)| sub.project(*c, item)).collect();
     // Per citizen, in log order; citizens already in the dead-letter queue wait behind it.
     let mut lanes: Vec<Vec<usize>> = Vec::new();
     let mut lane_of: HashMap<&str, usize> = HashMap::new();
