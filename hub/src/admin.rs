@@ -35,6 +35,7 @@ struct AppState {
     fanout: Arc<Fanout>,
     admin: AdminConfig,
     ndc: NdcConfig,
+    anchor: audit::Anchor,
 }
 
 /// A JSON error answer.
@@ -121,12 +122,17 @@ async fn citizen(State(s): State<AppState>, headers: HeaderMap, Path(citizen_id)
         return *r;
     }
     let result = async {
-        let client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
-        audit::citizen_deliveries(&client, &citizen_id).await.map_err(|e| e.to_string())
+        let checkpoints = s.anchor.checkpoints().map_err(|e| e.to_string())?;
+        let mut client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
+        audit::citizen_deliveries(&mut client, &citizen_id, &checkpoints).await.map_err(|e| e.to_string())
     }
     .await;
     match result {
-        Ok(rows) => Json(citizen_report(&s.fanout, &rows)).into_response(),
+        Ok((v, rows)) => Json(json!({
+            "deliveries": citizen_report(&s.fanout, &rows),
+            "verification": verification_json(&v),
+        }))
+        .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, vec![e]),
     }
 }
@@ -156,19 +162,25 @@ async fn verify(State(s): State<AppState>, headers: HeaderMap) -> Response {
         return *r;
     }
     let result = async {
-        let client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
-        audit::verify(&client).await.map_err(|e| e.to_string())
+        let checkpoints = s.anchor.checkpoints().map_err(|e| e.to_string())?;
+        let mut client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
+        audit::verify(&mut client, &checkpoints).await.map_err(|e| e.to_string())
     }
     .await;
     match result {
-        Ok(v) => Json(json!({
-            "entries_checked": v.entries,
-            "intact": v.first_broken.is_none(),
-            "first_broken": v.first_broken.map(|(id, why)| json!({ "entry": id, "problem": why })),
-        }))
-        .into_response(),
+        Ok(v) => Json(verification_json(&v)).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, vec![e]),
     }
+}
+
+fn verification_json(v: &audit::Verification) -> serde_json::Value {
+    json!({
+        "entries_checked": v.entries,
+        "intact": v.first_broken.is_none(),
+        "first_broken": v.first_broken.as_ref().map(|(id, why)| json!({ "entry": id, "problem": why })),
+        "checkpoints": v.checkpoints,
+        "anchored_upto": v.anchored_upto,
+    })
 }
 
 /// Serves the admin API on `listener` until `shutdown` completes.
@@ -176,6 +188,7 @@ pub async fn serve(
     fanout: Arc<Fanout>,
     admin: AdminConfig,
     ndc: NdcConfig,
+    anchor: audit::Anchor,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -187,6 +200,6 @@ pub async fn serve(
         .route("/subscriptions/{id}/dead-letters/replay", post(replay))
         .route("/audit/citizens/{citizen_id}", get(citizen))
         .route("/audit/verify", get(verify))
-        .with_state(AppState { fanout, admin, ndc });
+        .with_state(AppState { fanout, admin, ndc, anchor });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

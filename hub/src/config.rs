@@ -46,6 +46,49 @@ pub struct HubConfig {
     /// Consume agents' Kafka topics as a member of a consumer group (beside the gRPC ingest).
     #[serde(default)]
     pub kafka: Option<KafkaConfig>,
+    /// Anchoring the audit chain outside the NDC.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// Signed checkpoints of the audit chain, kept outside the NDC (see `audit::checkpoint`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Directory of the append-only checkpoint file; default `<fanout.data_dir>/audit-checkpoints`.
+    /// Put it where the NDC's administrators cannot write.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// The Ed25519 secret key (64 hex digits), created with mode 0600 if missing; default
+    /// `<fanout.data_dir>/audit-signing.key`. Never store it in the NDC.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// Seconds between checkpoints: entries newer than the last one are not yet anchored.
+    #[serde(default)]
+    pub checkpoint_interval_s: Option<u64>,
+    /// Also POST each checkpoint (JSON) to this URL, run by another party (redirects not followed).
+    #[serde(default)]
+    pub witness_url: Option<String>,
+}
+
+/// A minute of deliveries at most is unanchored, and a checkpoint a minute is ~200 bytes.
+const DEFAULT_CHECKPOINT_INTERVAL_S: u64 = 60;
+
+impl HubConfig {
+    /// The audit checkpoint directory.
+    pub fn audit_checkpoint_dir(&self) -> PathBuf {
+        self.audit.checkpoint_dir.clone().unwrap_or_else(|| self.fanout.data_dir.join("audit-checkpoints"))
+    }
+
+    /// The audit signing key file.
+    pub fn audit_signing_key_file(&self) -> PathBuf {
+        self.audit.signing_key_file.clone().unwrap_or_else(|| self.fanout.data_dir.join("audit-signing.key"))
+    }
+
+    /// Time between audit checkpoints.
+    pub fn audit_checkpoint_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.audit.checkpoint_interval_s.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_S))
+    }
 }
 
 /// The hub as a Kafka consumer: every hub of one NDC uses the same `group_id`, and the group shares
@@ -305,6 +348,7 @@ impl Validate for HubConfig {
             p.push(format!("listen {:?} is not host:port", self.listen));
         }
         let mut seen = std::collections::HashSet::new();
+        let mut schemas = std::collections::HashMap::new();
         let mut tokens = std::collections::HashMap::new();
         for a in &self.agents {
             if !seen.insert(&a.id) {
@@ -325,13 +369,22 @@ impl Validate for HubConfig {
             let schema = a.schema();
             if !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                 || schema.is_empty()
-                || schema == "dongbo"
+                || schema.len() > crate::apply::types::MAX_IDENT_BYTES
+                || ["dongbo", "public", "information_schema", "national"].contains(&schema.as_str())
+                || schema.starts_with("pg_")
             {
                 p.push(format!(
-                    "agent {}: target schema {schema:?} must be lowercase letters, digits and _ (and not dongbo)",
+                    "agent {}: target schema {schema:?} must be up to 63 lowercase letters, digits and _, \
+                     and not dongbo, public, national, information_schema or pg_*",
                     a.id
                 ));
             }
+            if let Some(other) = schemas.insert(schema.clone(), &a.id) {
+                p.push(format!("agents {other} and {} share the NDC schema {schema}: each agent needs its own", a.id));
+            }
+        }
+        if self.audit.checkpoint_interval_s == Some(0) {
+            p.push("audit.checkpoint_interval_s must be at least 1".into());
         }
         if self.apply.max_changes_per_txn == 0 {
             p.push("apply.max_changes_per_txn must be at least 1".into());

@@ -65,6 +65,9 @@ pub enum HubError {
     /// The Kafka consumer could not start.
     #[error("Kafka consumer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The audit chain's signing key or checkpoints could not be used.
+    #[error(transparent)]
+    Checkpoint(#[from] audit::checkpoint::CheckpointError),
 }
 
 /// gRPC messages up to this size: one change can carry a TOASTed value of hundreds of MiB.
@@ -82,6 +85,16 @@ pub async fn run(
     let fanout = fanout::Fanout::start(&config).await?;
     let addr = listener.local_addr().ok();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (anchor, signing_key) = audit::Anchor::load_or_create(&config)?;
+    anchor.checkpoints()?;
+    tokio::spawn(audit::run_checkpoints(
+        config.ndc.clone(),
+        signing_key,
+        anchor.store.clone(),
+        config.audit_checkpoint_interval(),
+        config.audit.witness_url.clone(),
+        stop_rx.clone(),
+    ));
     if let Some(admin) = config.admin.clone() {
         let admin_listener = TcpListener::bind(&admin.listen).await?;
         info!(listen = %admin.listen, "admin API serving");
@@ -92,7 +105,7 @@ pub async fn run(
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = admin::serve(f, admin, ndc, admin_listener, stopped).await {
+            if let Err(e) = admin::serve(f, admin, ndc, anchor, admin_listener, stopped).await {
                 tracing::warn!(error = %e, "admin API stopped");
             }
         });

@@ -157,13 +157,23 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Audit { config, action } => {
             let config = dongbo_hub::config::HubConfig::load(&config)?;
-            let client = dongbo_hub::apply::connect(&config.ndc).await.context("cannot reach the NDC")?;
+            let mut client = dongbo_hub::apply::connect(&config.ndc).await.context("cannot reach the NDC")?;
+            let checkpoints = match dongbo_hub::audit::Anchor::open(&config)? {
+                Some(anchor) => anchor.checkpoints()?,
+                None => Vec::new(),
+            };
             match action {
                 AuditAction::Verify => {
-                    let v = dongbo_hub::audit::verify(&client).await?;
+                    let v = dongbo_hub::audit::verify(&mut client, &checkpoints).await?;
                     match v.first_broken {
                         None => {
-                            println!("audit log intact: {} entries, every link holds", v.entries);
+                            println!(
+                                "audit log intact: {} entries, every link holds; {} signed checkpoints hold, anchored up to entry {}",
+                                v.entries, v.checkpoints, v.anchored_upto
+                            );
+                            if v.checkpoints == 0 {
+                                println!("warning: no signed checkpoint yet, so a consistent rewrite by an NDC administrator would not be detected");
+                            }
                             Ok(())
                         }
                         Some((id, why)) => {
@@ -173,7 +183,14 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 AuditAction::Citizen { citizen_id } => {
-                    let rows = dongbo_hub::audit::citizen_deliveries(&client, &citizen_id).await?;
+                    let (v, rows) =
+                        dongbo_hub::audit::citizen_deliveries(&mut client, &citizen_id, &checkpoints).await?;
+                    if let Some((id, why)) = &v.first_broken {
+                        println!(
+                            "warning: the audit log is broken at entry {id} ({why}); only the {} entries before it are reported",
+                            v.entries
+                        );
+                    }
                     if rows.is_empty() {
                         println!("no system has received data of citizen {citizen_id}");
                     }

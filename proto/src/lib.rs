@@ -1,7 +1,11 @@
 //! The dongbo wire contract: protobuf messages and the gRPC `Ingest` service, package `dongbo.v1`.
 //!
-//! Only generated code lives here. Conversion to the domain model (`dongbo_connectors::model`) is done
+//! Besides generated code, [`webhook`] holds the webhook channel's signature scheme, which hub and
+//! receivers must agree on as they agree on the protobuf messages. Otherwise only generated code
+//! lives here. Conversion to the domain model (`dongbo_connectors::model`) is done
 //! with `TryFrom` at the edges, because every proto field is optional on the wire.
+
+pub mod webhook;
 
 /// Version 1 of the contract.
 pub mod v1 {

@@ -4,6 +4,7 @@
 pub mod backlog;
 pub mod citizens;
 pub mod fanout;
+pub mod hostile;
 pub mod kafka;
 pub mod pg;
 pub mod procs;

@@ -12,12 +12,13 @@
 
 pub mod plan;
 pub mod target;
+pub mod types;
 
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use dongbo_connectors::error::sqlstate_is_transient;
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Position, TableId, Value};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Position, TableId, TableSchema, Value};
 use dongbo_connectors::postgres::text::{push_copy_escaped, write_value};
 use dongbo_connectors::wire;
 use futures::SinkExt;
@@ -97,7 +98,14 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
                  message_key bytea,
                  payload bytea,
                  quarantined_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (stream, kafka_offset));",
+                 PRIMARY KEY (stream, kafka_offset));
+             CREATE TABLE IF NOT EXISTS dongbo.source_columns (
+                 ndc_schema text NOT NULL,
+                 ndc_table text NOT NULL,
+                 column_name text NOT NULL,
+                 source_type text NOT NULL,
+                 ndc_type text NOT NULL,
+                 PRIMARY KEY (ndc_schema, ndc_table, column_name));",
     )
     .await?;
     txn.batch_execute(events::OUTBOX_DDL).await?;
@@ -273,8 +281,16 @@ impl NdcApplier {
         {
             return Ok(());
         }
-        let target = Target::new(&self.ndc_schema, &c.table, self.targets.len());
-        match self.client.batch_execute(&target.ddl(&self.ndc_schema, &c.table)).await {
+        let target = match Target::new(&self.ndc_schema, &c.table, self.targets.len()) {
+            Ok(t) => t,
+            Err(reason) => {
+                let reason = format!("no NDC table for {}: {reason}", c.table.table);
+                warn!(source_id = %self.acl.id, %reason, "changes of this table will be quarantined");
+                self.broken.insert(id, reason);
+                return Ok(());
+            }
+        };
+        match create_target(&mut self.client, &target, &c.table).await {
             Ok(()) => {
                 info!(source_id = %self.acl.id, table = %target.qualified, version = c.table.version, "target table ready");
                 self.targets.insert(id, target);
@@ -396,6 +412,29 @@ impl NdcApplier {
     }
 }
 
+/// Creates or widens `target` for `schema` in one transaction, one statement at a time on the
+/// extended protocol, and records each column's source type as data.
+async fn create_target(
+    client: &mut Client,
+    target: &Target,
+    schema: &TableSchema,
+) -> Result<(), tokio_postgres::Error> {
+    let txn = client.transaction().await?;
+    for statement in target.ddl() {
+        txn.execute(statement.as_str(), &[]).await?;
+    }
+    for (c, t) in schema.columns.iter().zip(&target.types) {
+        txn.execute(
+            "INSERT INTO dongbo.source_columns (ndc_schema, ndc_table, column_name, source_type, ndc_type) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ndc_schema, ndc_table, column_name) \
+             DO UPDATE SET source_type = EXCLUDED.source_type, ndc_type = EXCLUDED.ndc_type",
+            &[&target.schema_name, &target.table_name, &c.name, &c.type_name, &t.to_string()],
+        )
+        .await?;
+    }
+    txn.commit().await
+}
+
 /// Records a Kafka run's end offset and quarantines its refused messages; both idempotent, so a run
 /// consumed twice (by a hub that lost its partition, say) records the same.
 async fn record_mark(txn: &Transaction<'_>, stream: &str, mark: &OffsetMark) -> Result<(), tokio_postgres::Error> {
@@ -442,7 +481,7 @@ async fn execute(
     for table in &plan.tables {
         let Some(target) = targets.get(&(table.schema.table.clone(), table.schema.version)) else { continue };
         if table.truncate {
-            txn.batch_execute(&format!("TRUNCATE {}", target.qualified)).await?;
+            txn.execute(target.truncate_sql().as_str(), &[]).await?;
         }
         if direct_snapshot_copy && table.snapshot_only {
             // Should a key exist after all, the unique violation rolls the transaction back and the
@@ -477,18 +516,18 @@ async fn execute(
         }
         if !deletes.is_empty() {
             if !used_stages.insert(target.delete_stage.clone()) {
-                txn.batch_execute(&format!("DELETE FROM {}", target.delete_stage)).await?;
+                txn.execute(format!("DELETE FROM {}", target.delete_stage).as_str(), &[]).await?;
             }
             let all: Vec<usize> = (0..target.key_columns.len()).collect();
             copy_rows(txn, &target.copy_delete_sql(), deletes.into_iter(), &all).await?;
-            txn.batch_execute(&target.delete_sql()).await?;
+            txn.execute(target.delete_sql().as_str(), &[]).await?;
         }
         for (present, rows) in upserts {
             if !used_stages.insert(target.stage.clone()) {
-                txn.batch_execute(&format!("DELETE FROM {}", target.stage)).await?;
+                txn.execute(format!("DELETE FROM {}", target.stage).as_str(), &[]).await?;
             }
             copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
-            txn.batch_execute(&target.upsert_sql(&present)).await?;
+            txn.execute(target.upsert_sql(&present).as_str(), &[]).await?;
         }
     }
     Ok(())

@@ -1,18 +1,37 @@
-//! Target tables in the NDC: created from the source schema (one NDC schema per agent, tables keep
-//! their names), widened when the source adds columns, and the staging tables used to load them.
+//! Target tables in the NDC: created from the source schema, widened when the source adds columns,
+//! and the staging tables used to load them.
+//!
+//! # Naming
+//! Each agent has its own NDC schema (`target_schema` in `hub.toml`, by default its id with `-` as
+//! `_`). A source table `public.x` becomes `<agent schema>.x`; a table of any other source schema,
+//! `s.x`, becomes `<agent schema>."s.x"`, so `a.x` and `b.x` of one agent never share an NDC table.
+//! A `public` table whose own name holds a `.` is named `"public.<name>"` too. The rule is
+//! one-to-one: a name without a `.` comes only from `public`, and a name with one splits at its
+//! first `.` into the source schema and table, because a source schema whose name holds a `.` is
+//! refused.
+//!
+//! Every name is quoted, and a name Postgres would truncate (over 63 bytes) or cannot hold (NUL) is
+//! refused with a reason, so the changes of that table are quarantined instead.
+//!
+//! # Statements
+//! The DDL is a list of single statements, each run on the extended protocol (which refuses more
+//! than one statement), and column types come only from [`super::types`].
 
-use dongbo_connectors::model::{Column, TableSchema};
-use dongbo_connectors::postgres::snapshot::quote_ident;
+use dongbo_connectors::model::TableSchema;
 
-/// Oids from here up are user-defined types (enums, domains, composites) that need not exist in the
-/// NDC; their values travel as text and land in text columns.
-const FIRST_USER_OID: u32 = 16384;
+use super::types::{column_type, ndc_ident, NdcType};
 
 /// A target table and the SQL to load it.
 #[derive(Debug, Clone)]
 pub struct Target {
     /// `"schema"."table"`.
     pub qualified: String,
+    /// `"schema"`.
+    pub schema_sql: String,
+    /// The NDC schema's name, unquoted.
+    pub schema_name: String,
+    /// The NDC table's name, unquoted, as `dongbo.source_columns` records it.
+    pub table_name: String,
     /// Temp table for upserts.
     pub stage: String,
     /// Temp table for deleted keys.
@@ -22,64 +41,90 @@ pub struct Target {
     /// Quoted key column names.
     pub key_columns: Vec<String>,
     /// Column types in the NDC, in schema order.
-    pub types: Vec<String>,
+    pub types: Vec<NdcType>,
     /// Indexes of the key columns.
     pub key_index: Vec<usize>,
 }
 
-fn column_type(c: &Column) -> &str {
-    if c.type_oid >= FIRST_USER_OID {
-        "text"
+/// The NDC table name of source table `schema.name` (see the module doc), or why there is none.
+pub fn ndc_table_name(schema: &str, name: &str) -> Result<String, String> {
+    if schema.contains('.') {
+        return Err(format!("source schema {schema:?} contains a '.', which the NDC naming rule cannot keep apart"));
+    }
+    if schema == "public" && !name.contains('.') {
+        Ok(name.to_string())
     } else {
-        &c.type_name
+        Ok(format!("{schema}.{name}"))
     }
 }
 
 impl Target {
-    /// The target of `schema` inside NDC schema `ndc_schema`; `n` names its staging tables.
-    pub fn new(ndc_schema: &str, schema: &TableSchema, n: usize) -> Self {
-        let columns: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        Self {
-            qualified: format!("{}.{}", quote_ident(ndc_schema), quote_ident(&schema.table.name)),
+    /// The target of `schema` inside NDC schema `ndc_schema`; `n` names its staging tables. `Err`
+    /// says why the source table cannot have an NDC table.
+    pub fn new(ndc_schema: &str, schema: &TableSchema, n: usize) -> Result<Self, String> {
+        let table_name = ndc_table_name(&schema.table.schema, &schema.table.name)?;
+        let schema_sql = ndc_ident(ndc_schema, "NDC schema")?;
+        let qualified = format!("{schema_sql}.{}", ndc_ident(&table_name, "NDC table")?);
+        let columns: Vec<String> =
+            schema.columns.iter().map(|c| ndc_ident(&c.name, "column")).collect::<Result<_, _>>()?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = schema.columns.iter().find(|c| !seen.insert(c.name.as_str())) {
+            return Err(format!("column {:?} appears twice in the schema of {}", dup.name, schema.table));
+        }
+        let mut keys = std::collections::HashSet::new();
+        if schema.key_columns.iter().any(|&k| k >= columns.len() || !keys.insert(k)) {
+            return Err(format!("the key of {} names a column twice or past its columns", schema.table));
+        }
+        Ok(Self {
+            qualified,
+            schema_sql,
+            schema_name: ndc_schema.to_string(),
+            table_name,
             stage: format!("dongbo_stage_{n}"),
             delete_stage: format!("dongbo_stage_del_{n}"),
             key_columns: schema.key_columns.iter().map(|&k| columns[k].clone()).collect(),
-            types: schema.columns.iter().map(|c| column_type(c).to_string()).collect(),
+            types: schema.columns.iter().map(column_type).collect(),
             key_index: schema.key_columns.clone(),
             columns,
-        }
+        })
     }
 
-    /// DDL creating (or widening) the target and (re)creating its staging tables. Idempotent.
-    pub fn ddl(&self, ndc_schema: &str, schema: &TableSchema) -> String {
-        let cols: Vec<String> =
-            schema.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), column_type(c))).collect();
-        let mut sql = format!(
-            "CREATE SCHEMA IF NOT EXISTS {};\nCREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}));\n",
-            quote_ident(ndc_schema),
-            self.qualified,
-            cols.join(", "),
-            self.key_columns.join(", ")
-        );
-        for c in &schema.columns {
-            sql.push_str(&format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {};\n",
+    /// Statements creating (or widening) the target and (re)creating its staging tables, one
+    /// statement each. Idempotent.
+    pub fn ddl(&self) -> Vec<String> {
+        let cols: Vec<String> = self.columns.iter().zip(&self.types).map(|(c, t)| format!("{c} {t}")).collect();
+        let mut sql = vec![
+            format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema_sql),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))",
                 self.qualified,
-                quote_ident(&c.name),
-                column_type(c)
-            ));
+                cols.join(", "),
+                self.key_columns.join(", ")
+            ),
+        ];
+        for col in &cols {
+            sql.push(format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {col}", self.qualified));
         }
-        sql.push_str(&format!(
-            "DROP TABLE IF EXISTS pg_temp.{s}; DROP TABLE IF EXISTS pg_temp.{d};\n\
-             CREATE TEMP TABLE {s} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {t} WITH NO DATA;\n\
-             CREATE TEMP TABLE {d} ON COMMIT DELETE ROWS AS SELECT {keys} FROM {t} WITH NO DATA;\n",
-            s = self.stage,
-            d = self.delete_stage,
-            cols = self.columns.join(", "),
-            keys = self.key_columns.join(", "),
-            t = self.qualified,
+        sql.push(format!("DROP TABLE IF EXISTS pg_temp.{}", self.stage));
+        sql.push(format!("DROP TABLE IF EXISTS pg_temp.{}", self.delete_stage));
+        sql.push(format!(
+            "CREATE TEMP TABLE {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA",
+            self.stage,
+            self.columns.join(", "),
+            self.qualified
+        ));
+        sql.push(format!(
+            "CREATE TEMP TABLE {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA",
+            self.delete_stage,
+            self.key_columns.join(", "),
+            self.qualified
         ));
         sql
+    }
+
+    /// `TRUNCATE` of the target.
+    pub fn truncate_sql(&self) -> String {
+        format!("TRUNCATE {}", self.qualified)
     }
 
     /// Upsert from the stage for the columns in `present` (indexes into `columns`).
@@ -168,19 +213,24 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dongbo_connectors::model::TableId;
+    use dongbo_connectors::model::{Column, TableId};
+
+    fn col(n: &str, t: &str, o: u32) -> Column {
+        Column { name: n.into(), type_name: t.into(), type_oid: o }
+    }
 
     #[test]
     fn sql_quotes_names_and_updates_only_non_key_columns() {
-        let col = |n: &str, t: &str, o| Column { name: n.into(), type_name: t.into(), type_oid: o };
         let s = TableSchema::new(
             TableId::new("public", "Công dân"),
             vec![col("id", "character(12)", 1042), col("gender", "gender_t", 16500), col("addr", "text", 25)],
             vec![0],
         );
-        let t = Target::new("hcm_population", &s, 3);
+        let t = Target::new("hcm_population", &s, 3).unwrap();
         assert_eq!(t.qualified, "\"hcm_population\".\"Công dân\"");
-        assert!(t.ddl("hcm_population", &s).contains("\"gender\" text"), "user-defined types land as text");
+        let ddl = t.ddl();
+        assert!(ddl[1].contains("\"gender\" text"), "user-defined types land as text: {ddl:?}");
+        assert!(ddl.iter().all(|stmt| !stmt.contains(';')), "one statement each: {ddl:?}");
         assert_eq!(
             t.upsert_sql(&[0, 2]),
             "INSERT INTO \"hcm_population\".\"Công dân\" (\"id\", \"addr\") SELECT \"id\", \"addr\" FROM dongbo_stage_3 ON CONFLICT (\"id\") DO UPDATE SET \"addr\" = EXCLUDED.\"addr\""
@@ -193,5 +243,35 @@ mod tests {
              FROM (SELECT 1) AS one LEFT JOIN \"hcm_population\".\"Công dân\" old ON old.\"id\" = $3::text::character(12) \
              ON CONFLICT (\"id\") DO UPDATE SET \"gender\" = EXCLUDED.\"gender\", \"addr\" = EXCLUDED.\"addr\""
         );
+    }
+
+    #[test]
+    fn source_schemas_stay_apart_in_ndc_names() {
+        let t = |schema: &str, name: &str| {
+            let s = TableSchema::new(TableId::new(schema, name), vec![col("id", "integer", 23)], vec![0]);
+            Target::new("hcm", &s, 0).map(|t| t.qualified)
+        };
+        assert_eq!(t("public", "x").unwrap(), "\"hcm\".\"x\"");
+        assert_eq!(t("a", "x").unwrap(), "\"hcm\".\"a.x\"");
+        assert_eq!(t("b", "x").unwrap(), "\"hcm\".\"b.x\"");
+        assert_eq!(t("public", "a.x").unwrap(), "\"hcm\".\"public.a.x\"", "not the same as a.x");
+        assert!(t("a.b", "x").unwrap_err().contains("contains a '.'"));
+        assert!(t("public", &"n".repeat(64)).unwrap_err().contains("truncate"));
+    }
+
+    #[test]
+    fn hostile_schemas_are_refused_or_quoted() {
+        let hostile = TableSchema::new(
+            TableId::new("public", "x\"; DROP SCHEMA dongbo CASCADE; --"),
+            vec![col("id", "integer); DELETE FROM dongbo.applied_position; --", 23), col("v\"", "text", 25)],
+            vec![0],
+        );
+        let t = Target::new("hcm", &hostile, 0).unwrap();
+        assert_eq!(t.types[0], NdcType::TEXT, "a type outside the grammar lands as text");
+        assert_eq!(t.qualified, "\"hcm\".\"x\"\"; DROP SCHEMA dongbo CASCADE; --\"");
+        assert_eq!(t.columns[1], "\"v\"\"\"");
+        let dup =
+            TableSchema::new(TableId::new("public", "d"), vec![col("a", "text", 25), col("a", "text", 25)], vec![0]);
+        assert!(Target::new("hcm", &dup, 0).unwrap_err().contains("twice"));
     }
 }

@@ -152,8 +152,6 @@ fn event(
         )
     };
     let mut payload = Map::new();
-    payload.insert("event_id".into(), Json::String(event_id.clone()));
-    payload.insert("event".into(), Json::String(rule.rule.name.clone()));
     payload.insert("citizen_id".into(), Json::String(citizen_id.clone()));
     payload.insert("source_id".into(), Json::String(source_id.into()));
     payload.insert("effective_at".into(), Json::String(rfc3339_micros(c.commit_time_us)));

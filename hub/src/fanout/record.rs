@@ -1,5 +1,11 @@
-//! The records subscribers receive: domain events and applied row changes, as JSON objects whose
-//! top-level keys are the fields a purpose grants (`previous` / `current` nest for events).
+//! The records subscribers receive: domain events and applied row changes, as JSON objects.
+//!
+//! A record is an envelope and data. The envelope (`event_id`, and `event` for an event or `table`
+//! and `op` for a row change) is written by the hub from the log item's own fields, never from row
+//! values; the data are the row's columns or the event's payload, of which projection keeps only
+//! what the purpose grants (`previous` / `current` nest for events). Both sit at the top level of
+//! the delivered object, so their names are kept apart: the catalog refuses a dictionary field or
+//! event column named like an envelope field, and projection writes the envelope last.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -59,31 +65,30 @@ pub fn value_json(v: &Value) -> Json {
     }
 }
 
-/// The JSON record of an applied row change: envelope plus every column of the row (the new row,
-/// or for a delete the key), before projection.
-pub fn change_record(source_id: &str, c: &ChangeEvent) -> Map<String, Json> {
-    let mut m = Map::new();
-    m.insert("event_id".into(), Json::String(format!("{source_id}:{}", c.seq)));
-    m.insert("table".into(), Json::String(c.table.table.to_string()));
-    let op = match c.op {
+/// The JSON name of a change's operation.
+pub fn op_name(op: Operation) -> &'static str {
+    match op {
         Operation::Insert => "insert",
         Operation::Update => "update",
         Operation::Delete => "delete",
         Operation::Truncate => "truncate",
         Operation::SnapshotRead => "snapshot",
-    };
-    m.insert("op".into(), Json::String(op.into()));
-    m.insert("source_id".into(), Json::String(source_id.into()));
-    m.insert("effective_at".into(), Json::String(rfc3339_micros(c.commit_time_us)));
-    match (&c.after, c.op) {
-        (Some(row), _) => {
+    }
+}
+
+/// The data of an applied row change, before projection: every column of the new row, or for a
+/// delete the key. Column names are data here; the envelope is not part of it.
+pub fn change_data(c: &ChangeEvent) -> Map<String, Json> {
+    let mut m = Map::new();
+    match &c.after {
+        Some(row) => {
             for (col, v) in c.table.columns.iter().zip(row) {
                 if *v != Value::UnchangedToast {
                     m.insert(col.name.clone(), value_json(v));
                 }
             }
         }
-        (None, _) => {
+        None => {
             for (&i, v) in c.table.key_columns.iter().zip(&c.key) {
                 m.insert(c.table.columns[i].name.clone(), value_json(v));
             }

@@ -275,6 +275,14 @@ impl Catalog {
                     t.table, t.citizen_id
                 ));
             }
+            for f in t.fields.iter().filter(|f| ENVELOPE_FIELDS.contains(&f.as_str())) {
+                p.push(format!(
+                    "dictionary table {}: field {f} has the name of an envelope field ({}); expose the column \
+                     under another name (a view) or leave it out",
+                    t.table,
+                    ENVELOPE_FIELDS.join(", ")
+                ));
+            }
             if c.items.insert(t.table.clone(), t.fields.iter().cloned().collect()).is_some() {
                 p.push(format!("dictionary table {} is declared twice", t.table));
             }
@@ -290,6 +298,12 @@ impl Catalog {
                         }
                     }
                 }
+            }
+            let reserved = ["citizen_id", "source_id", "effective_at", "previous", "current"];
+            for col in
+                r.carry.iter().filter(|c| reserved.contains(&c.as_str()) || ENVELOPE_FIELDS.contains(&c.as_str()))
+            {
+                p.push(format!("event {}: carried column {col} would overwrite a field the hub writes", r.name));
             }
             if r.watch.is_empty() {
                 p.push(format!("event {}: watch lists no column", r.name));
@@ -442,6 +456,12 @@ id = "social-insurance"
 description = "social insurance records (Law 41/2024/QH15)"
 [purposes.allows]
 "residence.changed" = ["citizen_id", "current.commune_code", "effective_at", "province_code"]
+[[purposes]]
+id = "registry"
+description = "mixed: table and event"
+[purposes.allows]
+"public.citizens" = ["citizen_id", "commune_code"]
+"residence.changed" = ["citizen_id", "current.commune_code", "province_code"]
 [[subscribers]]
 id = "bhxh"
 token = "t"

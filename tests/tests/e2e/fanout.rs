@@ -143,7 +143,8 @@ async fn residence_change_reaches_each_subscriber_with_only_its_fields_and_is_au
     // The audit log answers "who received my data": a's data went to all three, for their purposes.
     let (status, report) = admin(admin_port, reqwest::Method::GET, &format!("/audit/citizens/{a}"), None).await?;
     assert_eq!(status, 200, "{report}");
-    let mut seen: Vec<(String, String, String)> = report
+    assert_eq!(report["verification"]["intact"], true, "{report}");
+    let mut seen: Vec<(String, String, String)> = report["deliveries"]
         .as_array()
         .expect("a list")
         .iter()
@@ -159,7 +160,7 @@ async fn residence_change_reaches_each_subscriber_with_only_its_fields_and_is_au
             ("\"moet\"".into(), "\"education\"".into(), "\"grpc\"".into()),
         ]
     );
-    let line = &report[0];
+    let line = &report["deliveries"][0];
     assert!(line["purpose_description"].as_str().is_some_and(|s| !s.is_empty()));
 
     // Editing one entry in storage is detected, and the first broken link is named.

@@ -230,7 +230,7 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
 
     let (status, report) = admin(admin_port, reqwest::Method::GET, &format!("/audit/citizens/{moved}"), None).await?;
     assert_eq!(status, 200, "{report}");
-    let lines = report.as_array().expect("a list");
+    let lines = report["deliveries"].as_array().expect("a list");
     assert!(
         lines.iter().any(|l| l["subscriber"] == "moet" && l["purpose"] == "education" && l["channel"] == "kafka"),
         "{report}"

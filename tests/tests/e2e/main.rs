@@ -4,6 +4,7 @@ mod agent_check;
 mod bad_input;
 mod crash_recovery;
 mod fanout;
+mod hostile_agent;
 mod kafka;
 mod mixed_workload;
 mod schema_drift;
