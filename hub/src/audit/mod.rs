@@ -279,15 +279,25 @@ pub struct Verification {
 /// Rows per page while walking: memory stays flat on chains of millions of entries.
 const VERIFY_PAGE: i64 = 10_000;
 
-/// Walks entries `from..=upto`, expecting the first to link to `prev`; returns the first broken
-/// link, if any. `anchors` are signed (id, hash) pairs the walk must meet.
+/// Where a walk of the chain ended.
+struct Walked {
+    /// The first broken link, if any.
+    broken: Option<(i64, String)>,
+    /// The highest signed anchor the walk met with its hash intact (0 when none).
+    anchor_ok: i64,
+}
+
+/// Walks entries `from..=upto`, expecting the first to link to `prev`, and reports the first broken
+/// link. `anchors` are signed (id, hash) pairs the walk must meet.
 async fn walk(
     txn: &Transaction<'_>,
     from: i64,
     mut prev: Vec<u8>,
     upto: i64,
     anchors: &std::collections::HashMap<i64, Vec<u8>>,
-) -> Result<Option<(i64, String)>, tokio_postgres::Error> {
+) -> Result<Walked, tokio_postgres::Error> {
+    let mut anchor_ok = 0;
+    let broken = |id: i64, what: String, anchor_ok: i64| Ok(Walked { broken: Some((id, what)), anchor_ok });
     let mut expected = from;
     while expected <= upto {
         let rows = txn
@@ -303,34 +313,36 @@ async fn walk(
         for r in rows {
             let id: i64 = r.get(0);
             if id != expected {
-                return Ok(Some((
-                    expected,
-                    format!("entry {expected} is missing (deleted); the chain resumes at {id}"),
-                )));
+                let what = format!("entry {expected} is missing (deleted); the chain resumes at {id}");
+                return broken(expected, what, anchor_ok);
             }
             let e = stored_entry(&r, 2);
             let (stored_prev, stored): (Vec<u8>, Vec<u8>) = (r.get(9), r.get(10));
             if stored_prev != prev {
                 let what = format!("entry {id} does not link to entry {}: an entry was inserted or replaced", id - 1);
-                return Ok(Some((id, what)));
+                return broken(id, what, anchor_ok);
             }
             if chain_hash(&prev, id, r.get(1), &e) != stored {
-                return Ok(Some((id, format!("entry {id} was edited: its content does not match its hash"))));
+                return broken(id, format!("entry {id} was edited: its content does not match its hash"), anchor_ok);
             }
-            if anchors.get(&id).is_some_and(|h| *h != stored) {
-                let what = format!(
-                    "entry {id} differs from the signed checkpoint of entry {id}: the chain was rewritten after it was anchored"
-                );
-                return Ok(Some((id, what)));
+            match anchors.get(&id) {
+                Some(h) if *h != stored => {
+                    let what = format!(
+                        "entry {id} differs from the signed checkpoint of entry {id}: the chain was rewritten after it was anchored"
+                    );
+                    return broken(id, what, anchor_ok);
+                }
+                Some(_) => anchor_ok = id,
+                None => {}
             }
             prev = stored;
             expected += 1;
         }
     }
     if expected <= upto {
-        return Ok(Some((expected, format!("entry {expected} is missing (deleted) up to the head's {upto}"))));
+        return broken(expected, format!("entry {expected} is missing (deleted) up to the head's {upto}"), anchor_ok);
     }
-    Ok(None)
+    Ok(Walked { broken: None, anchor_ok })
 }
 
 fn stored_entry(r: &tokio_postgres::Row, from: usize) -> Entry {
@@ -365,8 +377,11 @@ async fn verify_in(txn: &Transaction<'_>, checkpoints: &[Checkpoint]) -> Result<
         .await?
         .get::<_, Option<i64>>(0);
     let walked = walk(txn, 1, Vec::new(), last_id, &anchors).await?;
-    if let Some((id, what)) = walked {
-        return Ok(done(id - 1, Some((id, what))));
+    if let Some((id, what)) = walked.broken {
+        // Past a signed checkpoint that no longer holds, even linked entries are not trusted: only
+        // what an intact checkpoint still anchors is.
+        let trusted = if anchors.contains_key(&id) { walked.anchor_ok } else { id - 1 };
+        return Ok(done(trusted, Some((id, what))));
     }
     if let Some(id) = stray {
         let what = format!("entry {id} lies outside the chain 1..={last_id}: it was inserted by hand");
@@ -381,9 +396,9 @@ async fn verify_in(txn: &Transaction<'_>, checkpoints: &[Checkpoint]) -> Result<
     }
     if anchored_upto > last_id {
         let what = format!(
-            "the chain ends at entry {last_id} but a signed checkpoint saw entry {anchored_upto}: entries were deleted at the end"
+            "the chain ends at entry {last_id} but a signed checkpoint saw entry {anchored_upto}: entries were deleted or the chain was rewritten"
         );
-        return Ok(done(last_id, Some((last_id + 1, what))));
+        return Ok(done(walked.anchor_ok, Some((last_id + 1, what))));
     }
     Ok(done(last_id, None))
 }
@@ -500,7 +515,8 @@ async fn checkpoint_once(
             (cp.last_id + 1, hex::decode(&cp.hash).map_err(|e| e.to_string())?)
         }
     };
-    if let Some((id, what)) = walk(&txn, from, prev, head_id, &Default::default()).await.map_err(|e| e.to_string())? {
+    let walked = walk(&txn, from, prev, head_id, &Default::default()).await.map_err(|e| e.to_string())?;
+    if let Some((id, what)) = walked.broken {
         return Err(format!("the audit chain is broken at entry {id} ({what}); run `dongbo-hub audit verify`"));
     }
     txn.commit().await.map_err(|e| e.to_string())?;

@@ -95,6 +95,15 @@ impl Subscribe for SubscribeService {
                 Status::invalid_argument(format!("resume token {:?} is not valid", open.resume_token))
             })?;
             let first = self.fanout.log.first().map_err(|e| Status::internal(e.to_string()))?;
+            let start = self.fanout.state.start(&sub.def.id).map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(start) = start.filter(|s| c < *s) {
+                return Err(Status::out_of_range(format!(
+                    "resume token {} is before subscription {}'s start ({}): its grant does not reach back there",
+                    open.resume_token,
+                    sub.def.id,
+                    start.token()
+                )));
+            }
             if c.chunk < first {
                 return Err(Status::out_of_range(format!(
                     "resume token {} is older than the log's retention (oldest chunk {first}); resume without a token to continue from the last acknowledgement",

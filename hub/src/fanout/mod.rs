@@ -76,7 +76,7 @@ pub enum Command {
 /// A subscription as listed to operators.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Listed {
-    /// The definition.
+    /// The definition, its webhook secret left out.
     #[serde(flatten)]
     pub def: SubscriptionDef,
     /// Where it came from.
@@ -235,7 +235,7 @@ impl Fanout {
             out.push(Listed {
                 acked: self.state.cursor(&d.def.id)?.map(|c| c.token()),
                 dead_letters: self.state.dead_letters(&d.def.id)?.len(),
-                def: d.def,
+                def: d.def.redacted(),
                 origin: d.origin,
             });
         }

@@ -54,6 +54,8 @@ pub struct DeadLetter {
 pub struct State {
     defs: sled::Tree,
     cursors: sled::Tree,
+    /// Each subscription's start: the earliest cursor its grant reaches back to.
+    starts: sled::Tree,
     dead: sled::Tree,
     db: sled::Db,
 }
@@ -77,6 +79,7 @@ impl State {
         Ok(Self {
             defs: db.open_tree("subscriptions")?,
             cursors: db.open_tree("cursors")?,
+            starts: db.open_tree("starts")?,
             dead: db.open_tree("dead_letters")?,
             db: db.clone(),
         })
@@ -105,6 +108,7 @@ impl State {
     pub async fn remove(&self, id: &str) -> Result<bool, LogError> {
         let existed = self.defs.remove(id.as_bytes())?.is_some();
         self.cursors.remove(id.as_bytes())?;
+        self.starts.remove(id.as_bytes())?;
         for k in self.dead.scan_prefix(dead_prefix(id)).keys() {
             self.dead.remove(k?)?;
         }
@@ -143,14 +147,25 @@ impl State {
         Ok(())
     }
 
-    /// Sets a cursor only when the subscription has none (its start).
+    /// Sets a cursor only when the subscription has none (its start), and records that start.
     pub async fn init_cursor(&self, id: &str, c: Cursor) -> Result<Cursor, LogError> {
         if let Some(old) = self.cursor(id)? {
+            if self.starts.get(id.as_bytes())?.is_none() {
+                // Created before starts were kept: its grant reaches back to where it stands now.
+                self.starts.insert(id.as_bytes(), &cursor_bytes(old))?;
+                self.db.flush_async().await?;
+            }
             return Ok(old);
         }
+        self.starts.insert(id.as_bytes(), &cursor_bytes(c))?;
         self.cursors.insert(id.as_bytes(), &cursor_bytes(c))?;
         self.db.flush_async().await?;
         Ok(c)
+    }
+
+    /// The earliest cursor a subscription may read from: where it started.
+    pub fn start(&self, id: &str) -> Result<Option<Cursor>, LogError> {
+        Ok(self.starts.get(id.as_bytes())?.and_then(|v| cursor_from(&v)))
     }
 
     /// Adds a dead letter (its `id` is assigned here) durably.

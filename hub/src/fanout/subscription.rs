@@ -240,6 +240,21 @@ fn default_start() -> String {
     "now".into()
 }
 
+/// What the admin API shows instead of a webhook secret.
+pub const REDACTED: &str = "<redacted>";
+
+impl SubscriptionDef {
+    /// The definition as operators may see it: a webhook secret given in clear is replaced by
+    /// [`REDACTED`] (a `secret_file` path stays: it names the file, not the key).
+    pub fn redacted(&self) -> Self {
+        let mut d = self.clone();
+        if let Delivery::Webhook { secret: Some(s), .. } = &mut d.delivery {
+            *s = REDACTED.into();
+        }
+        d
+    }
+}
+
 /// What can be followed: dictionary tables and event rules, with their fields.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {

@@ -1,9 +1,13 @@
 //! Example subscriber: the social insurance system (BHXH) following `residence.changed` over the
 //! hub's gRPC stream. Prints each record, drops redeliveries by event id, and acknowledges after
-//! handling, so a restart continues where it left off.
+//! handling, so a restart continues where it left off. When the hub goes away (a restart, a dropped
+//! link) it reconnects with exponential backoff and resumes after the last record it handled.
 
 use std::collections::HashSet;
 
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
 use clap::Parser;
 use dongbo_subscribers::grpc::Subscription;
 
@@ -27,23 +31,55 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut sub = Subscription::open(&args.hub, &args.token, &args.subscription, None, 256).await?;
-    eprintln!("social-insurance: following {} at {}", args.subscription, args.hub);
     let mut seen = HashSet::new();
     let mut handled = 0;
+    let mut resume: Option<String> = None;
+    let mut retry = backoff::ExponentialBackoff {
+        initial_interval: Duration::from_millis(200),
+        max_interval: Duration::from_secs(30),
+        max_elapsed_time: None,
+        ..Default::default()
+    };
+    loop {
+        let ended = follow(&args, &mut seen, &mut handled, &mut resume, &mut retry).await;
+        if args.count > 0 && handled >= args.count {
+            return Ok(());
+        }
+        let wait = retry.next_backoff().unwrap_or(Duration::from_secs(30));
+        match ended {
+            Ok(()) => eprintln!("social-insurance: the hub ended the stream; reconnecting in {wait:?}"),
+            Err(e) => eprintln!("social-insurance: {e:#}; reconnecting in {wait:?}"),
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One connection, resuming after `resume`: handles records until the stream ends or `count` is
+/// reached.
+async fn follow(
+    args: &Args,
+    seen: &mut HashSet<String>,
+    handled: &mut usize,
+    resume: &mut Option<String>,
+    retry: &mut backoff::ExponentialBackoff,
+) -> anyhow::Result<()> {
+    let mut sub = Subscription::open(&args.hub, &args.token, &args.subscription, resume.as_deref(), 256).await?;
+    eprintln!("social-insurance: following {} at {}", args.subscription, args.hub);
     while let Some(records) = sub.next().await? {
+        retry.reset();
         for r in &records {
             if !seen.insert(r.event_id.clone()) {
                 continue;
             }
             println!("[social-insurance] {} {}", r.name, r.body);
-            handled += 1;
+            *handled += 1;
         }
         if let Some(last) = records.last() {
             sub.ack(&last.resume_token).await?;
+            *resume = Some(last.resume_token.clone());
         }
-        if args.count > 0 && handled >= args.count {
-            break;
+        if args.count > 0 && *handled >= args.count {
+            return Ok(());
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! End-to-end and fault scenarios against real Postgres clusters and real dongbo processes.
 
 mod agent_check;
+mod audit_tamper;
 mod bad_input;
 mod crash_recovery;
 mod fanout;
@@ -10,3 +11,4 @@ mod mixed_workload;
 mod schema_drift;
 mod snapshot_and_stream;
 mod spool_limits;
+mod subscription_grants;
