@@ -175,7 +175,9 @@ async fn subscriptions_hold_to_their_start_secret_and_host_and_the_example_survi
     assert_eq!(thief.accepted.lock().map(|a| a.len()).unwrap_or(1), 0, "a redirect was followed");
 
     // The hub restarts; the example reconnects by itself and gets the next move.
-    d.hub.as_mut().map(|h| h.kill9());
+    if let Some(h) = d.hub.as_mut() {
+        h.kill9();
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     d.start_hub().await?;
     move_citizen(&src, &mut gen, &ids[2]).await?;
