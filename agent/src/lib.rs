@@ -46,6 +46,9 @@ pub enum AgentError {
     /// The config names neither a hub nor Kafka.
     #[error("agent.toml has neither a [hub] nor a [kafka] section")]
     NoLink,
+    /// The shipper ended while capture was running: nothing would leave the spool any more.
+    #[error("the shipper stopped ({0}); the agent stops too so that systemd restarts it")]
+    ShipperStopped(String),
 }
 
 /// Runs capture and shipping until `shutdown` turns true or capture meets a definite error.
@@ -73,27 +76,54 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
         .with_max_interval(Duration::from_secs(30))
         .with_max_elapsed_time(None)
         .build();
-    let result = loop {
-        let started = tokio::time::Instant::now();
-        match capture.run(pg, &mut shutdown).await {
-            Ok(()) => break Ok(()),
-            Err(e) if e.is_transient() => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff.reset();
+    let stopping = shutdown.clone();
+    let capturing = async {
+        loop {
+            let started = tokio::time::Instant::now();
+            match capture.run(pg, &mut shutdown).await {
+                Ok(()) => break Ok(()),
+                Err(e) if e.is_transient() => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff.reset();
+                    }
+                    let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "capture interrupted; resuming from the spool's position");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
                 }
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
-                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "capture interrupted; resuming from the spool's position");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
+                Err(e) => {
+                    error!(error = %e, "capture stopped");
+                    break Err(AgentError::Capture(e));
                 }
-            }
-            Err(e) => {
-                error!(error = %e, "capture stopped");
-                break Err(AgentError::Capture(e));
             }
         }
     };
+    tokio::pin!(capturing);
+    // The shipper is watched while capture runs: a shipper that died would let capture fill the
+    // spool for hours before anyone noticed, so its end stops the agent at once, loudly.
+    let mut shipper = Some(shipper);
+    let result = tokio::select! {
+        r = &mut capturing => r,
+        ended = shipper.as_mut().expect("the shipper is running") => {
+            shipper = None;
+            let why = match ended {
+                Ok(Ok(())) if *stopping.borrow() => None,
+                Ok(Ok(())) => Some("it returned without being asked to".to_string()),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("it failed: {e}")),
+            };
+            match why {
+                None => capturing.await,
+                Some(why) => {
+                    error!(reason = %why, "the shipper stopped while capture was running; stopping the agent");
+                    return Err(AgentError::ShipperStopped(why));
+                }
+            }
+        }
+    };
+    let Some(shipper) = shipper else { return result };
     if result.is_ok() {
         match shipper.await {
             Ok(Err(e)) => return Err(e.into()),

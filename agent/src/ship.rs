@@ -227,6 +227,9 @@ async fn session(
                 Some(hub_message::Kind::Ack(ack)) => {
                     progress.made();
                     spool.ack(ack.durable_seq)?;
+                    if dongbo_connectors::fault::armed_at("shipper-dies") {
+                        panic!("fault injection: the shipper dies after an acknowledgement");
+                    }
                     while in_flight.front().is_some_and(|&s| s <= ack.durable_seq) {
                         in_flight.pop_front();
                     }

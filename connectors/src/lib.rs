@@ -11,11 +11,13 @@
 //! - [`wire`] — conversion between the domain types and the `dongbo.v1` protobuf contract.
 //! - [`postgres`] — the Postgres source (pgoutput logical replication and a consistent snapshot).
 //! - [`kafka`] — Kafka helpers shared by the agent and the hub.
+//! - [`fault`] — fault injection points for the fault tests (`DONGBO_FAULT`).
 //! - [`segments`] — append-only payload files, the durable storage under the agent's spool and the
 //!   hub's fan-out log.
 
 pub mod config_file;
 pub mod error;
+pub mod fault;
 pub mod kafka;
 pub mod model;
 pub mod postgres;

@@ -68,18 +68,28 @@ impl Segments {
         Ok(buf)
     }
 
-    /// Deletes every segment older than `oldest_needed` (all of them if `None`), except the one
-    /// being appended to.
-    pub fn release_before(&self, oldest_needed: Option<u64>) -> std::io::Result<()> {
+    /// The segments [`Self::release_before`] would delete.
+    pub fn releasable(&self, oldest_needed: Option<u64>) -> std::io::Result<Vec<PathBuf>> {
         let current = self.current.as_ref().map(|(id, _, _)| *id);
+        let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
             let Some(id) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok()) else {
                 continue;
             };
             if Some(id) != current && oldest_needed.is_none_or(|needed| id < needed) {
-                fs::remove_file(&path)?;
+                out.push(path);
             }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every segment older than `oldest_needed` (all of them if `None`), except the one
+    /// being appended to. The caller must have made the removal of their index entries durable
+    /// first: an index entry left pointing at a deleted segment is a batch that cannot be read.
+    pub fn release_before(&self, oldest_needed: Option<u64>) -> std::io::Result<()> {
+        for path in self.releasable(oldest_needed)? {
+            fs::remove_file(&path)?;
         }
         Ok(())
     }

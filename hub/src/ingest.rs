@@ -186,7 +186,10 @@ pub(crate) async fn adopt_stream(
     if let Some(logged) = log.logged_seq(stream).map_err(|e| Status::internal(e.to_string()))? {
         return Ok(logged);
     }
-    let (events, excluded) = applier.recorded(0, applied).await.map_err(|e| apply_status(&e))?;
+    let (events, excluded) = applier.recorded(0, applied).await.map_err(|e| {
+        warn!(stream, error = %e, "cannot start the fan-out log of this stream");
+        apply_status(&e)
+    })?;
     log.append(Append { source_id, stream, next_offset, batches: &[], excluded, events, upto: applied })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -213,8 +216,10 @@ pub(crate) async fn apply_and_log(
     let replayed_upto = outcome.applied_before.min(last_seq);
     if replayed_upto > logged {
         // Applied before the hub last stopped but not logged: recover what that apply recorded.
-        let (old_events, old_quarantined) =
-            applier.recorded(logged, replayed_upto).await.map_err(|e| apply_status(&e))?;
+        let (old_events, old_quarantined) = applier.recorded(logged, replayed_upto).await.map_err(|e| {
+            warn!(stream, error = %e, "cannot recover the events of changes applied before a restart");
+            apply_status(&e)
+        })?;
         events.splice(0..0, old_events);
         excluded.extend(old_quarantined);
     }

@@ -169,12 +169,18 @@ impl Deployment {
 
     /// Writes agent.toml and starts the agent.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        self.start_agent_with_env(&[])
+    }
+
+    /// Writes agent.toml and starts the agent with extra environment variables.
+    pub fn start_agent_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let path = self.dir.join("agent.toml");
         std::fs::write(&path, self.agent_config())?;
-        self.agent = Some(DongboProcess::spawn(
+        self.agent = Some(DongboProcess::spawn_with_env(
             "dongbo-agent",
             &["run", "--config", &path.to_string_lossy()],
             &self.dir.join("agent.log"),
+            env,
         )?);
         Ok(())
     }

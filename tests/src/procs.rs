@@ -34,9 +34,15 @@ pub struct DongboProcess {
 impl DongboProcess {
     /// Starts `binary args...`, logging to `log`.
     pub fn spawn(binary_name: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with_env(binary_name, args, log, &[])
+    }
+
+    /// Starts `binary args...` with extra environment variables (a `DONGBO_FAULT`, say).
+    pub fn spawn_with_env(binary_name: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new(binary(binary_name)?)
             .args(args)
+            .envs(env.iter().copied())
             .env("DONGBO_LOG", std::env::var("DONGBO_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -59,6 +65,23 @@ impl DongboProcess {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
             let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit status, or `None` if it
+    /// is still running (or was not started).
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 

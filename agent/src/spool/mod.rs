@@ -7,7 +7,8 @@
 //! - [`Spool::append`] syncs the payload to its segment, then writes its index entry and the resume
 //!   point in one atomic sled batch and flushes: only then may the source release its WAL.
 //! - [`Spool::ack`] removes batches the hub acknowledged as durable. A removal lost in a crash only
-//!   means the batch is shipped again, and the hub drops it by seq.
+//!   means the batch is shipped again, and the hub drops it by seq. A segment file is deleted only
+//!   after the removal of every index entry into it is flushed, so no entry outlives its file.
 //! - Seqs are never reused: a new spool starts its seqs at the current Unix time in microseconds,
 //!   which is above every seq an earlier spool could have handed out (that would take more than one
 //!   change per microsecond since it started), so a wiped spool cannot collide with what the hub
@@ -231,7 +232,14 @@ impl Spool {
             self.db.apply_batch(b)?;
             self.bytes.fetch_sub(freed, Ordering::Relaxed);
             self.batches.fetch_sub(removed, Ordering::Relaxed);
-            segments.release_before(oldest_kept)?;
+            // The index removals must be on disk before the files go: a crash in between would
+            // otherwise leave entries pointing at segments that no longer exist. Most acks free no
+            // segment (64 MiB each), and those need no flush: a lost removal only ships a batch again.
+            if !segments.releasable(oldest_kept)?.is_empty() {
+                self.db.flush()?;
+                segments.release_before(oldest_kept)?;
+                dongbo_connectors::fault::crash_at("spool-ack-released");
+            }
         }
         Ok(())
     }

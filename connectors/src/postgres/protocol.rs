@@ -164,8 +164,7 @@ impl ReplicationConnection {
             let m = self.recv().await?;
             match m.tag {
                 b'R' => {
-                    let mut body = m.body.clone();
-                    let code = body.get_i32();
+                    let (code, body) = auth_request(m.body.clone())?;
                     let mut buf = BytesMut::new();
                     match code {
                         0 => return Ok(()),
@@ -333,6 +332,16 @@ impl ReplicationConnection {
     }
 }
 
+/// The method code of an AuthenticationRequest and the rest of its body; a body too short to hold
+/// the code is a protocol error, not a panic (a broken or hostile server may send one).
+fn auth_request(mut body: Bytes) -> Result<(i32, Bytes), SourceError> {
+    if body.len() < 4 {
+        return Err(SourceError::Protocol(format!("authentication request of {} bytes, too short", body.len())));
+    }
+    let code = body.get_i32();
+    Ok((code, body))
+}
+
 fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, SourceError> {
     let short = || SourceError::Protocol("short DataRow".into());
     if body.len() < 2 {
@@ -403,6 +412,16 @@ mod tests {
         buf.extend_from_slice(b"b");
         let m = codec.decode(&mut buf).unwrap().unwrap();
         assert_eq!((m.tag, &m.body[..]), (b'd', &b"ab"[..]));
+    }
+
+    #[test]
+    fn short_authentication_requests_are_errors_not_panics() {
+        for len in 0..4 {
+            let err = auth_request(Bytes::from(vec![0; len])).unwrap_err();
+            assert!(err.to_string().contains("too short"), "{err}");
+        }
+        let (code, rest) = auth_request(Bytes::from_static(&[0, 0, 0, 5, 1, 2, 3, 4])).unwrap();
+        assert_eq!((code, rest.as_ref()), (5, &[1u8, 2, 3, 4][..]));
     }
 
     #[test]

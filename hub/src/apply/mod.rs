@@ -40,6 +40,9 @@ pub enum ApplyError {
     /// The NDC config could not be used.
     #[error("cannot read the NDC password file: {0}")]
     Config(#[from] std::io::Error),
+    /// A row the hub wrote itself no longer decodes: someone edited the NDC's `dongbo` schema.
+    #[error("{0}: the hub's own bookkeeping in the NDC was altered; restore it or delete the row")]
+    Corrupt(String),
 }
 
 impl ApplyError {
@@ -47,7 +50,7 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Ndc(e) => e.code().is_none_or(|c| sqlstate_is_transient(c.code())),
-            ApplyError::Config(_) => false,
+            ApplyError::Config(_) | ApplyError::Corrupt(_) => false,
         }
     }
 }
@@ -210,14 +213,22 @@ impl NdcApplier {
         let events = self
             .client
             .query(
-                "SELECT body::text FROM dongbo.event_outbox WHERE stream = $1 AND seq > $2 AND seq <= $3 \
+                "SELECT body::text, seq FROM dongbo.event_outbox WHERE stream = $1 AND seq > $2 AND seq <= $3 \
                  ORDER BY seq, event_id",
                 &[&self.stream, &a, &u],
             )
             .await?
             .into_iter()
-            .filter_map(|r| serde_json::from_str::<DomainEvent>(r.get::<_, &str>(0)).ok())
-            .collect();
+            .map(|r| {
+                let seq: i64 = r.get(1);
+                serde_json::from_str::<DomainEvent>(r.get::<_, &str>(0)).map_err(|e| {
+                    ApplyError::Corrupt(format!(
+                        "dongbo.event_outbox row of stream {} seq {seq} does not decode ({e})",
+                        self.stream
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let quarantined = self
             .client
             .query(

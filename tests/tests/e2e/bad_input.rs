@@ -118,3 +118,37 @@ async fn changes_to_a_table_the_agent_may_not_send_are_quarantined_not_applied()
     assert_eq!(applied, 1 + 100 + 50, "citizens flowed on beside the quarantine");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_row_that_does_not_decode_is_reported_not_silently_dropped() -> anyhow::Result<()> {
+    let mut d = Deployment::new("badoutbox", CITIZENS_DDL, &["public.citizens"]).await?;
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(5);
+    insert_citizens(&src, &mut gen, 20).await?;
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    if let Some(h) = d.hub.as_mut() {
+        h.kill9();
+    }
+    // Someone edits the hub's bookkeeping; a hub with a fresh fan-out log must read the outbox.
+    let ndc = d.ndc().await?;
+    ndc.execute(
+        "INSERT INTO dongbo.event_outbox (source_id, seq, event_id, body, stream) VALUES ($1, 1, 'x', '{\"x\": 1}', $1)",
+        &[&d.source_id],
+    )
+    .await?;
+    std::fs::remove_dir_all(d.dir.join("hub-data"))?;
+    d.start_hub().await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let wanted = "dongbo.event_outbox row of stream hcm-population seq 1 does not decode";
+    while !d.hub.as_ref().map(|h| h.log_text()).unwrap_or_default().contains(wanted) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the corrupt outbox row was not reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Once the row is dealt with, the agent's next reconnection flows on, nothing lost.
+    ndc.execute("DELETE FROM dongbo.event_outbox WHERE event_id = 'x'", &[]).await?;
+    insert_citizens(&src, &mut gen, 10).await?;
+    assert_eq!(d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?, 30);
+    Ok(())
+}

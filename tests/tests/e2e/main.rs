@@ -1,6 +1,7 @@
 //! End-to-end and fault scenarios against real Postgres clusters and real dongbo processes.
 
 mod agent_check;
+mod agent_faults;
 mod audit_tamper;
 mod bad_input;
 mod crash_recovery;
