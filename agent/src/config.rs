@@ -83,6 +83,15 @@ pub struct HubLinkConfig {
     /// Longest wait between reconnection attempts, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// Largest message the hub accepts (its `limits.max_message_bytes`): larger spooled batches
+    /// are split to fit; a single change larger than this cannot be shipped.
+    #[serde(default = "default_hub_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+/// The hub's default `limits.max_message_bytes`.
+fn default_hub_message_bytes() -> usize {
+    64 << 20
 }
 
 fn default_in_flight() -> usize {
@@ -234,6 +243,9 @@ impl Validate for AgentConfig {
             }
             if hub.max_in_flight_batches == 0 {
                 p.push("hub.max_in_flight_batches must be at least 1".into());
+            }
+            if hub.max_message_bytes < 1024 {
+                p.push("hub.max_message_bytes must be at least 1024".into());
             }
         }
         if let Some(k) = &self.kafka {

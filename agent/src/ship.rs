@@ -4,6 +4,10 @@
 //! and removes a batch from the spool only when the hub acknowledges it as durable in the NDC. On any
 //! failure it reconnects with exponential backoff and starts again from the hub's `Welcome`, which says
 //! how far the NDC already is: nothing is skipped and nothing re-sent is applied twice.
+//!
+//! A spooled batch larger than the hub's message limit (`hub.max_message_bytes`) is split into
+//! pieces that fit ([`fit`]); a single change larger than the limit stops shipping with a message
+//! saying which limits to raise, before anything after it is sent.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,6 +15,8 @@ use std::time::Duration;
 
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoffBuilder;
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
+use dongbo_connectors::wire;
 use dongbo_proto::v1::{agent_message, hub_message, ingest_client::IngestClient, AgentMessage, Hello};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,7 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::config::HubLinkConfig;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Spool, SpoolError, SpooledBatch};
 
 /// Why one shipping session ended.
 #[derive(Debug, thiserror::Error)]
@@ -37,10 +43,56 @@ pub enum ShipError {
     /// The spool failed.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// One change is larger than the hub accepts in a message: shipping stops before it, so
+    /// nothing after it reaches the hub out of order.
+    #[error(
+        "change {seq} encodes to {bytes} bytes, over the hub's message limit of {max}: raise limits.max_message_bytes \
+         at the hub and hub.max_message_bytes here"
+    )]
+    TooLarge {
+        /// Its seq.
+        seq: u64,
+        /// Its encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A spooled batch did not decode when it had to be split.
+    #[error("spooled batch {0} does not decode: {1}")]
+    Undecodable(u64, String),
 }
 
-/// gRPC messages up to this size: one change can carry a TOASTed value of hundreds of MiB.
-pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+/// Hub messages (Welcome, Ack) are tiny; this bounds what a hostile hub can make the agent reserve.
+const MAX_HUB_MESSAGE_BYTES: usize = 1 << 20;
+
+/// A spooled batch as it goes on the wire: split into pieces of at most `max` bytes if it is
+/// larger. Each piece is a batch of its own seq range; the hub acknowledges by seq, so the spooled
+/// batch is released once its last piece is durable.
+pub fn fit(source_id: &str, b: SpooledBatch, max: usize) -> Result<Vec<SpooledBatch>, ShipError> {
+    if b.bytes.len() <= max {
+        return Ok(vec![b]);
+    }
+    let batch = wire::decode_batch(&b.bytes).map_err(|e| ShipError::Undecodable(b.first_seq, e.to_string()))?;
+    let mut out = Vec::new();
+    split(source_id, batch.changes, max, &mut out)?;
+    Ok(out)
+}
+
+fn split(source_id: &str, changes: Vec<ChangeEvent>, max: usize, out: &mut Vec<SpooledBatch>) -> Result<(), ShipError> {
+    let (first_seq, last_seq) = (changes[0].seq, changes[changes.len() - 1].seq);
+    let bytes = wire::encode_batch(ChangeBatch { source_id: source_id.to_string(), changes: changes.clone() });
+    if bytes.len() <= max {
+        out.push(SpooledBatch { first_seq, last_seq, bytes });
+        return Ok(());
+    }
+    if changes.len() == 1 {
+        return Err(ShipError::TooLarge { seq: first_seq, bytes: bytes.len(), max });
+    }
+    let mut first = changes;
+    let second = first.split_off(first.len() / 2);
+    split(source_id, first, max, out)?;
+    split(source_id, second, max, out)
+}
 
 /// Ships the spool to the hub until `shutdown` turns true.
 pub async fn run(
@@ -159,8 +211,8 @@ pub async fn open_stream(
 ) -> Result<(u64, mpsc::Sender<AgentMessage>, tonic::Streaming<dongbo_proto::v1::HubMessage>), ShipError> {
     let channel = connect(&link.url).await?;
     let mut client = IngestClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_HUB_MESSAGE_BYTES)
+        .max_encoding_message_size(link.max_message_bytes);
     if link.compress {
         client = client.send_compressed(CompressionEncoding::Zstd);
     }
@@ -201,23 +253,25 @@ async fn session(
         // Fill the window from the spool.
         if in_flight.len() < link.max_in_flight_batches {
             let room = link.max_in_flight_batches - in_flight.len();
-            for b in spool.batches_after(sent_upto, room)? {
-                sent_upto = b.last_seq;
-                in_flight.push_back(b.last_seq);
-                let msg = AgentMessage {
-                    kind: Some(agent_message::Kind::Batch(dongbo_proto::v1::SpooledBatch {
-                        first_seq: b.first_seq,
-                        last_seq: b.last_seq,
-                        change_batch: b.bytes,
-                    })),
-                };
-                debug!(first_seq = b.first_seq, last_seq = b.last_seq, "batch sent");
-                if tx.send(msg).await.is_err() {
-                    // The hub ended the stream; its status says why (a refused batch, say).
-                    return Err(match inbound.message().await {
-                        Err(status) => status.into(),
-                        Ok(_) => ShipError::Protocol("hub closed the stream".into()),
-                    });
+            for spooled in spool.batches_after(sent_upto, room)? {
+                sent_upto = spooled.last_seq;
+                for b in fit(source_id, spooled, link.max_message_bytes)? {
+                    in_flight.push_back(b.last_seq);
+                    let msg = AgentMessage {
+                        kind: Some(agent_message::Kind::Batch(dongbo_proto::v1::SpooledBatch {
+                            first_seq: b.first_seq,
+                            last_seq: b.last_seq,
+                            change_batch: b.bytes,
+                        })),
+                    };
+                    debug!(first_seq = b.first_seq, last_seq = b.last_seq, "batch sent");
+                    if tx.send(msg).await.is_err() {
+                        // The hub ended the stream; its status says why (a refused batch, say).
+                        return Err(match inbound.message().await {
+                            Err(status) => status.into(),
+                            Ok(_) => ShipError::Protocol("hub closed the stream".into()),
+                        });
+                    }
                 }
             }
         }
@@ -243,5 +297,67 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dongbo_connectors::model::{Column, Lsn, Operation, Position, TableId, TableSchema, Value};
+
+    fn changes(n: u64, text_bytes: usize) -> Vec<ChangeEvent> {
+        let schema = Arc::new(TableSchema::new(
+            TableId::new("public", "t"),
+            vec![
+                Column { name: "id".into(), type_name: "int8".into(), type_oid: 20 },
+                Column { name: "v".into(), type_name: "text".into(), type_oid: 25 },
+            ],
+            vec![0],
+        ));
+        (1..=n)
+            .map(|seq| ChangeEvent {
+                seq,
+                table: schema.clone(),
+                op: Operation::Insert,
+                key: vec![Value::Int(seq as i64)],
+                before: None,
+                after: Some(vec![Value::Int(seq as i64), Value::Text("x".repeat(text_bytes))]),
+                position: Position::Postgres(Lsn(seq)),
+                commit_time_us: 0,
+                txid: 1,
+                txn_order: seq as u32,
+                txn_last: seq == n,
+            })
+            .collect()
+    }
+
+    fn spooled(changes: Vec<ChangeEvent>) -> SpooledBatch {
+        let (first_seq, last_seq) = (changes[0].seq, changes[changes.len() - 1].seq);
+        SpooledBatch { first_seq, last_seq, bytes: wire::encode_batch(ChangeBatch { source_id: "s".into(), changes }) }
+    }
+
+    #[test]
+    fn an_oversized_batch_is_split_into_contiguous_pieces_that_fit() {
+        let whole = spooled(changes(100, 1000));
+        assert!(whole.bytes.len() > 100_000);
+        let pieces = fit("s", whole.clone(), 10_000).unwrap();
+        assert!(pieces.len() >= 10, "{}", pieces.len());
+        assert!(pieces.iter().all(|p| p.bytes.len() <= 10_000));
+        let mut next = 1;
+        for p in &pieces {
+            assert_eq!(p.first_seq, next);
+            let b = wire::decode_batch(&p.bytes).unwrap();
+            assert_eq!((b.first_seq(), b.last_seq()), (p.first_seq, p.last_seq));
+            next = p.last_seq + 1;
+        }
+        assert_eq!(next, 101, "every change is in exactly one piece");
+        assert_eq!(fit("s", whole.clone(), usize::MAX).unwrap().len(), 1, "a batch that fits goes as it is");
+    }
+
+    #[test]
+    fn a_single_change_over_the_limit_stops_with_the_limits_to_raise() {
+        let err = fit("s", spooled(changes(3, 20_000)), 10_000).unwrap_err();
+        assert!(matches!(err, ShipError::TooLarge { seq: 1, max: 10_000, .. }), "{err}");
+        assert!(err.to_string().contains("limits.max_message_bytes"), "{err}");
     }
 }

@@ -37,6 +37,40 @@ pub fn decode_batch(bytes: &[u8]) -> Result<ChangeBatch, WireError> {
     ChangeBatch::try_from(pb::ChangeBatch::decode(bytes)?)
 }
 
+/// The `ChangeBatch.changes` field number.
+const CHANGES_FIELD: u32 = 5;
+
+/// Counts the changes in encoded batch bytes without decoding them, so a receiver can refuse a
+/// batch of too many changes before allocating them: ten million tiny deletes fit in 268 MB on the
+/// wire but take gigabytes once decoded.
+pub fn count_changes(mut bytes: &[u8]) -> Result<usize, WireError> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut n = 0;
+    while !bytes.is_empty() {
+        let (tag, wire_type) = decode_key(&mut bytes)?;
+        let skip = match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut bytes)?;
+                0
+            }
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => {
+                if tag == CHANGES_FIELD {
+                    n += 1;
+                }
+                usize::try_from(decode_varint(&mut bytes)?).map_err(|_| malformed("field length overflows"))?
+            }
+            WireType::StartGroup | WireType::EndGroup => return Err(malformed("groups are not part of the contract")),
+        };
+        if skip > bytes.len() {
+            return Err(malformed("a field runs past the end of the batch"));
+        }
+        bytes = &bytes[skip..];
+    }
+    Ok(n)
+}
+
 /// Converts a domain batch to its protobuf form, listing each referenced schema once.
 pub fn batch_into_proto(batch: ChangeBatch) -> pb::ChangeBatch {
     let (first_seq, last_seq) = (batch.first_seq(), batch.last_seq());
@@ -299,6 +333,34 @@ mod tests {
             txn_order: 0,
             txn_last: true,
         }
+    }
+
+    #[test]
+    fn changes_are_counted_without_decoding() {
+        let schema = Arc::new(TableSchema::new(
+            TableId::new("public", "t"),
+            vec![Column { name: "id".into(), type_name: "int8".into(), type_oid: 20 }],
+            vec![0],
+        ));
+        let changes: Vec<ChangeEvent> = (1..=37)
+            .map(|seq| ChangeEvent {
+                seq,
+                table: schema.clone(),
+                op: Operation::Delete,
+                key: vec![Value::Int(seq as i64)],
+                before: None,
+                after: None,
+                position: Position::Postgres(Lsn(seq)),
+                commit_time_us: 0,
+                txid: 1,
+                txn_order: seq as u32,
+                txn_last: seq == 37,
+            })
+            .collect();
+        let bytes = encode_batch(ChangeBatch { source_id: "s".into(), changes });
+        assert_eq!(count_changes(&bytes).unwrap(), 37);
+        assert!(count_changes(&bytes[..bytes.len() - 1]).is_err(), "a truncated batch");
+        assert!(count_changes(&[0x0b]).is_err(), "a group");
     }
 
     #[test]

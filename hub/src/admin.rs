@@ -22,7 +22,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::audit;
 use crate::config::{AdminConfig, NdcConfig};
@@ -189,7 +188,7 @@ pub async fn serve(
     admin: AdminConfig,
     ndc: NdcConfig,
     anchor: audit::Anchor,
-    listener: TcpListener,
+    listener: crate::listener::GuardedListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()

@@ -49,6 +49,87 @@ pub struct HubConfig {
     /// Anchoring the audit chain outside the NDC.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// What a peer can make the hub spend.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Every resource a peer (agent, subscriber, operator or a stranger) can make the hub spend, bounded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest gRPC message, decompressed. Agents split their batches to fit (their
+    /// `hub.max_message_bytes` must not exceed it); a single change larger than this cannot be sent.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Most changes in one batch an agent may send.
+    #[serde(default = "default_max_changes_per_batch")]
+    pub max_changes_per_batch: usize,
+    /// Encoded batches one stream may hold in the hub between decoding and the NDC commit.
+    #[serde(default = "default_stream_buffer_bytes")]
+    pub stream_buffer_bytes: usize,
+    /// NDC connections the hub's appliers (agent streams, Kafka partitions) hold at most together.
+    #[serde(default = "default_max_ndc_connections")]
+    pub max_ndc_connections: usize,
+    /// Open connections on each listener (gRPC, admin) at most; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A new connection must send its first bytes this soon (slow or silent peers are dropped).
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// A connection that sends nothing for this long is closed; the hub pings live HTTP/2 peers
+    /// every third of it, so only dead or silent ones reach it.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// How long a new stream of an agent waits for its older stream to end before giving up.
+    #[serde(default = "default_replace_wait_ms")]
+    pub replace_wait_ms: u64,
+}
+
+/// 64 MiB holds a batch of thousands of wide rows or one large TOASTed value, and keeps what a
+/// peer can make tonic reserve per stream well below the hub's memory.
+fn default_max_message_bytes() -> usize {
+    64 << 20
+}
+/// Five times the agent's default batch (20 000 changes).
+fn default_max_changes_per_batch() -> usize {
+    100_000
+}
+/// Two full messages in flight between the reader and the NDC transaction keep the NDC busy.
+fn default_stream_buffer_bytes() -> usize {
+    128 << 20
+}
+/// Postgres defaults to 100 connections; leave room for operators and other clients.
+fn default_max_ndc_connections() -> usize {
+    64
+}
+/// Far below the units' `LimitNOFILE` (65 536), far above one hub's agents and subscribers.
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
+fn default_replace_wait_ms() -> u64 {
+    10_000
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: default_max_message_bytes(),
+            max_changes_per_batch: default_max_changes_per_batch(),
+            stream_buffer_bytes: default_stream_buffer_bytes(),
+            max_ndc_connections: default_max_ndc_connections(),
+            max_connections: default_max_connections(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            replace_wait_ms: default_replace_wait_ms(),
+        }
+    }
 }
 
 /// Signed checkpoints of the audit chain, kept outside the NDC (see `audit::checkpoint`).
@@ -382,6 +463,27 @@ impl Validate for HubConfig {
             if let Some(other) = schemas.insert(schema.clone(), &a.id) {
                 p.push(format!("agents {other} and {} share the NDC schema {schema}: each agent needs its own", a.id));
             }
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_message_bytes", l.max_message_bytes),
+            ("max_changes_per_batch", l.max_changes_per_batch),
+            ("stream_buffer_bytes", l.stream_buffer_bytes),
+            ("max_ndc_connections", l.max_ndc_connections),
+            ("max_connections", l.max_connections),
+        ] {
+            if v == 0 {
+                p.push(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if l.max_message_bytes > u32::MAX as usize {
+            p.push("limits.max_message_bytes must fit gRPC's 4-byte length (under 4 GiB)".into());
+        }
+        if l.stream_buffer_bytes < l.max_message_bytes {
+            p.push("limits.stream_buffer_bytes must hold at least one message (limits.max_message_bytes)".into());
+        }
+        if l.handshake_timeout_ms == 0 || l.idle_timeout_ms < 3_000 {
+            p.push("limits.handshake_timeout_ms must be positive and limits.idle_timeout_ms at least 3000".into());
         }
         if self.audit.checkpoint_interval_s == Some(0) {
             p.push("audit.checkpoint_interval_s must be at least 1".into());

@@ -6,18 +6,36 @@
 //! transaction and a slow NDC pushes back on the agent through HTTP/2 flow control instead of
 //! growing memory. The applier gathers consecutive batches into one transaction.
 //!
+//! # Limits (what one agent, or one stolen token, can make the hub spend)
+//! - A message is at most `limits.max_message_bytes` (tonic refuses a longer declared length before
+//!   reserving it) and a batch at most `limits.max_changes_per_batch` changes: the stream ends with
+//!   `InvalidArgument` naming the limit, and nothing of that batch is applied.
+//! - A stream holds at most `limits.stream_buffer_bytes` of encoded batches between decoding and the
+//!   NDC commit; past that the reader stops reading and HTTP/2 flow control holds the agent back.
+//! - One live stream per agent: a new stream of the same agent *replaces* the old one (a reconnect
+//!   after a dropped link must not wait for the dead connection to time out). The old stream is told
+//!   plainly that it was replaced, finishes or abandons its NDC transaction, and gives back its NDC
+//!   connection before the new one opens its own, so an agent opening 100 streams still holds one.
+//! - NDC connections are shared by all appliers up to `limits.max_ndc_connections`.
+//!
+//! # Stopping
+//! When the hub stops, every stream stops reading, the applier finishes the transaction in progress
+//! (or the NDC abandons it when the connection drops), acknowledges what is durable, and the stream
+//! ends, so the server's graceful shutdown completes within seconds.
+//!
 //! This is the ingest boundary: anything that yields validated [`ChangeBatch`]es of one source in seq
-//! order (a Kafka consumer, later) can drive [`NdcApplier`] the same way.
+//! order (the Kafka consumer) can drive [`NdcApplier`] the same way.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dongbo_connectors::model::ChangeBatch;
 use dongbo_connectors::wire;
 use dongbo_proto::v1::{agent_message, hub_message, ingest_server::Ingest, Ack, AgentMessage, HubMessage, Welcome};
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -32,16 +50,37 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Decoded batches waiting for the applier; a few keep the NDC busy without buffering much.
 const APPLY_QUEUE: usize = 8;
 
+/// The live stream of one agent.
+struct Live {
+    generation: u64,
+    /// Tells the stream a newer one replaces it.
+    replace: watch::Sender<bool>,
+    /// Turns true once the stream's applier (and its NDC connection) is gone.
+    ended: watch::Receiver<bool>,
+}
+
+/// Marks a stream ended when its applier task drops it.
+struct EndGuard(watch::Sender<bool>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
 /// The ingest service.
 pub struct IngestService {
     config: Arc<HubConfig>,
     fanout: Arc<Fanout>,
+    live: Arc<Mutex<HashMap<String, Live>>>,
+    stop: watch::Receiver<bool>,
 }
 
 impl IngestService {
-    /// A service for the agents in `config`, logging what it applies to `fanout`.
-    pub fn new(config: Arc<HubConfig>, fanout: Arc<Fanout>) -> Self {
-        Self { config, fanout }
+    /// A service for the agents in `config`, logging what it applies to `fanout`; its streams end
+    /// when `stop` turns true.
+    pub fn new(config: Arc<HubConfig>, fanout: Arc<Fanout>, stop: watch::Receiver<bool>) -> Self {
+        Self { config, fanout, live: Arc::default(), stop }
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAcl, Status> {
@@ -60,6 +99,31 @@ impl IngestService {
             )
         })
     }
+
+    /// Registers a new stream of `source_id`, replacing (and waiting out) the live one; returns its
+    /// generation, its replace signal and the guard that marks it ended.
+    async fn take_over(&self, source_id: &str) -> Result<(u64, watch::Receiver<bool>, EndGuard), Status> {
+        let (replace_tx, replace_rx) = watch::channel(false);
+        let (ended_tx, ended_rx) = watch::channel(false);
+        let old = {
+            let mut live = self.live.lock().expect("live streams lock");
+            let generation = live.get(source_id).map_or(1, |l| l.generation + 1);
+            let old = live.insert(source_id.to_string(), Live { generation, replace: replace_tx, ended: ended_rx });
+            (generation, old)
+        };
+        let (generation, old) = old;
+        if let Some(mut old) = old {
+            let _ = old.replace.send(true);
+            let wait = Duration::from_millis(self.config.limits.replace_wait_ms);
+            if tokio::time::timeout(wait, old.ended.wait_for(|e| *e)).await.is_err() {
+                return Err(Status::unavailable(format!(
+                    "agent {source_id}'s previous stream did not end within {wait:?}; retry later"
+                )));
+            }
+            info!(source_id, "a newer stream of this agent replaced the previous one");
+        }
+        Ok((generation, replace_rx, EndGuard(ended_tx)))
+    }
 }
 
 pub(crate) fn apply_status(e: &ApplyError) -> Status {
@@ -71,6 +135,9 @@ pub(crate) fn apply_status(e: &ApplyError) -> Status {
 }
 
 type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
+
+/// A decoded batch on its way to the applier, holding its share of the stream's buffer.
+type Queued = (ChangeBatch, Vec<u8>, OwnedSemaphorePermit);
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
@@ -99,26 +166,40 @@ impl Ingest for IngestService {
                 dongbo_proto::PROTOCOL_VERSION
             )));
         }
-        let mut applier = NdcApplier::connect(&self.config.ndc, acl.clone(), self.fanout.rules.clone())
-            .await
-            .map_err(|e| apply_status(&e))?;
+        let (generation, mut replaced, ended) = self.take_over(&acl.id).await?;
+        let mut applier =
+            NdcApplier::connect(&self.config.ndc, &self.fanout.ndc_slots, acl.clone(), self.fanout.rules.clone())
+                .await
+                .map_err(|e| apply_status(&e))?;
         let applied = applier.applied_seq().await.map_err(|e| apply_status(&e))?;
         let log = self.fanout.log.clone();
         let logged = adopt_stream(&applier, &log, &acl.id, &acl.id, applied, None).await?;
         // Durable at both hops: the agent resends whatever the NDC has but the log does not yet.
         let durable = applied.min(logged);
-        info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, logged_seq = logged, "agent connected");
+        info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, logged_seq = logged, generation, "agent connected");
 
         let (out_tx, out_rx) = mpsc::channel::<Result<HubMessage, Status>>(16);
         let welcome = HubMessage { kind: Some(hub_message::Kind::Welcome(Welcome { applied_seq: durable })) };
         out_tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("agent went away"))?;
 
-        let (batch_tx, mut batch_rx) = mpsc::channel::<(ChangeBatch, Vec<u8>)>(APPLY_QUEUE);
+        let limits = self.config.limits.clone();
+        let buffer = Arc::new(Semaphore::new(limits.stream_buffer_bytes));
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Queued>(APPLY_QUEUE);
         let reader_out = out_tx.clone();
         let source_id = acl.id.clone();
+        let mut stop = self.stop.clone();
+        let mut reader_replaced = replaced.clone();
         tokio::spawn(async move {
             loop {
-                let msg = match inbound.message().await {
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stop.wait_for(|s| *s) => {
+                        info!(source_id = %source_id, "hub stopping: no more batches read from this agent");
+                        break;
+                    }
+                    _ = reader_replaced.wait_for(|r| *r) => break,
+                };
+                let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -126,7 +207,10 @@ impl Ingest for IngestService {
                         break;
                     }
                 };
-                let batch = match decode(&source_id, msg) {
+                let size = encoded_len(&msg).min(limits.stream_buffer_bytes);
+                // Waits while the stream's buffer is full: the agent is then held back by flow control.
+                let Ok(permit) = buffer.clone().acquire_many_owned(size as u32).await else { break };
+                let batch = match decode(&source_id, msg, limits.max_changes_per_batch) {
                     Ok(b) => b,
                     Err(status) => {
                         warn!(source_id = %source_id, error = %status.message(), "malformed message refused; nothing of it applied");
@@ -134,14 +218,21 @@ impl Ingest for IngestService {
                         break;
                     }
                 };
-                if batch_tx.send(batch).await.is_err() {
+                if batch_tx.send((batch.0, batch.1, permit)).await.is_err() {
                     break;
                 }
             }
         });
         let max_changes = self.config.apply.max_changes_per_txn;
+        let live = self.live.clone();
         tokio::spawn(async move {
-            while let Some(first) = batch_rx.recv().await {
+            let _ended = ended;
+            loop {
+                let first = tokio::select! {
+                    b = batch_rx.recv() => b,
+                    _ = replaced.wait_for(|r| *r) => None,
+                };
+                let Some(first) = first else { break };
                 let mut batches = vec![first];
                 let mut n = batches[0].0.changes.len();
                 while n < max_changes {
@@ -153,7 +244,9 @@ impl Ingest for IngestService {
                         Err(_) => break,
                     }
                 }
-                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &batches, None).await {
+                let run: Vec<(ChangeBatch, Vec<u8>)> =
+                    batches.into_iter().map(|(b, bytes, _permit)| (b, bytes)).collect();
+                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None).await {
                     Ok(durable_seq) => {
                         let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq })) };
                         if out_tx.send(Ok(ack)).await.is_err() {
@@ -167,8 +260,30 @@ impl Ingest for IngestService {
                     }
                 }
             }
+            if *replaced.borrow() {
+                let _ = out_tx
+                    .send(Err(Status::aborted(format!(
+                        "a newer stream of agent {} replaced this one (one live stream per agent)",
+                        acl.id
+                    ))))
+                    .await;
+            }
+            let mut live = live.lock().expect("live streams lock");
+            if live.get(&acl.id).is_some_and(|l| l.generation == generation) {
+                live.remove(&acl.id);
+            }
+            // `applier` (its NDC connection and slot) and `_ended` go here, in that order.
+            drop(applier);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+/// The protobuf size of a message: what the stream's buffer is charged for it.
+fn encoded_len(msg: &AgentMessage) -> usize {
+    match &msg.kind {
+        Some(agent_message::Kind::Batch(b)) => b.change_batch.len().max(1),
+        _ => 1,
     }
 }
 
@@ -231,12 +346,19 @@ pub(crate) async fn apply_and_log(
     Ok(logged.min(outcome.applied_seq))
 }
 
-fn decode(source_id: &str, msg: AgentMessage) -> Result<(ChangeBatch, Vec<u8>), Status> {
+fn decode(source_id: &str, msg: AgentMessage, max_changes: usize) -> Result<(ChangeBatch, Vec<u8>), Status> {
     let spooled = match msg.kind {
         Some(agent_message::Kind::Batch(b)) => b,
         Some(agent_message::Kind::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice on one stream")),
         None => return Err(Status::invalid_argument("message with no content")),
     };
+    let count = wire::count_changes(&spooled.change_batch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if count > max_changes {
+        return Err(Status::invalid_argument(format!(
+            "a batch of {count} changes is over the hub's limit of {max_changes} (limits.max_changes_per_batch): \
+             lower spool.batch_max_changes in the agent"
+        )));
+    }
     let batch = wire::decode_batch(&spooled.change_batch).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if batch.source_id != source_id {
         return Err(Status::permission_denied(format!(

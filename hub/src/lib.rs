@@ -32,6 +32,7 @@ pub mod config;
 pub mod fanout;
 pub mod ingest;
 pub mod kafka;
+pub mod listener;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,7 +40,6 @@ use std::sync::Arc;
 use dongbo_proto::v1::ingest_server::IngestServer;
 use dongbo_proto::v1::subscribe_server::SubscribeServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tracing::info;
 
@@ -70,10 +70,12 @@ pub enum HubError {
     Checkpoint(#[from] audit::checkpoint::CheckpointError),
 }
 
-/// gRPC messages up to this size: one change can carry a TOASTed value of hundreds of MiB.
-pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+/// A subscriber sends only Open and Ack messages, each well under a kilobyte.
+const MAX_SUBSCRIBER_MESSAGE_BYTES: usize = 64 << 10;
 
-/// Prepares the NDC and serves agents on `listener` until `shutdown` completes.
+/// Prepares the NDC and serves agents on `listener` until `shutdown` completes; then stops every
+/// stream (each finishes or abandons its NDC transaction and acknowledges what is durable) and
+/// returns once they have ended.
 pub async fn run(
     config: HubConfig,
     listener: TcpListener,
@@ -96,7 +98,8 @@ pub async fn run(
         stop_rx.clone(),
     ));
     if let Some(admin) = config.admin.clone() {
-        let admin_listener = TcpListener::bind(&admin.listen).await?;
+        let admin_listener =
+            listener::GuardedListener::new(TcpListener::bind(&admin.listen).await?, &config.limits, "admin");
         info!(listen = %admin.listen, "admin API serving");
         let mut stop = stop_rx.clone();
         let f = fanout.clone();
@@ -125,22 +128,33 @@ pub async fn run(
         });
     }
     info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), kafka = config.kafka.is_some(), "hub serving");
-    let service = IngestServer::new(IngestService::new(config, fanout.clone()))
+    let limits = config.limits.clone();
+    let service = IngestServer::new(IngestService::new(config, fanout.clone(), stop_rx.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let subscribe = SubscribeServer::new(SubscribeService::new(fanout))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let subscribe = SubscribeServer::new(SubscribeService::new(fanout, stop_rx.clone()))
         .send_compressed(CompressionEncoding::Zstd)
-        .accept_compressed(CompressionEncoding::Zstd);
-    // Acks are small messages: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to each one.
+        .accept_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(MAX_SUBSCRIBER_MESSAGE_BYTES);
+    let incoming = listener::GuardedListener::new(listener, &limits, "grpc").into_stream();
+    // The streams end when told to stop, which lets the graceful shutdown below complete.
+    let stopping = async move {
+        shutdown.await;
+        info!("shutdown requested: stopping streams");
+        let _ = stop_tx.send(true);
+    };
+    // Acks are small messages: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to each one
+    // (the guarded listener sets it on every connection).
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(listener::keepalive(&limits)))
+        .http2_keepalive_timeout(Some(listener::keepalive(&limits)))
         .add_service(service)
         .add_service(subscribe)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, stopping)
         .await;
-    let _ = stop_tx.send(true);
     drop(stop_rx);
     result?;
+    info!("hub stopped");
     Ok(())
 }

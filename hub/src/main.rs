@@ -101,6 +101,10 @@ enum AuditAction {
     },
 }
 
+/// After SIGTERM the hub waits this long for its streams to end, then exits: inside systemd's
+/// default stop timeout and the 10 s an operator expects.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -116,7 +120,23 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            dongbo_hub::run(config, listener, shutdown_signal()).await.context("dongbo-hub stopped")?;
+            let (asked, mut stopping) = tokio::sync::watch::channel(false);
+            let signal = async move {
+                shutdown_signal().await;
+                let _ = asked.send(true);
+            };
+            let deadline = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(STOP_GRACE).await;
+            };
+            tokio::select! {
+                r = dongbo_hub::run(config, listener, signal) => r.context("dongbo-hub stopped")?,
+                () = deadline => {
+                    // Nothing is lost: an NDC transaction cut off here is rolled back, and what was
+                    // not acknowledged is sent again by the agents.
+                    tracing::warn!(grace_s = STOP_GRACE.as_secs(), "streams did not all end in time after the stop signal; exiting anyway");
+                }
+            }
             Ok(())
         }
         Command::HashToken { token } => {

@@ -40,6 +40,9 @@ pub enum ApplyError {
     /// The NDC config could not be used.
     #[error("cannot read the NDC password file: {0}")]
     Config(#[from] std::io::Error),
+    /// The hub already holds as many NDC connections as `limits.max_ndc_connections` allows.
+    #[error("the hub holds as many NDC connections as limits.max_ndc_connections allows; retry later")]
+    Saturated,
     /// A row the hub wrote itself no longer decodes: someone edited the NDC's `dongbo` schema.
     #[error("{0}: the hub's own bookkeeping in the NDC was altered; restore it or delete the row")]
     Corrupt(String),
@@ -51,6 +54,7 @@ impl ApplyError {
         match self {
             ApplyError::Ndc(e) => e.code().is_none_or(|c| sqlstate_is_transient(c.code())),
             ApplyError::Config(_) | ApplyError::Corrupt(_) => false,
+            ApplyError::Saturated => true,
         }
     }
 }
@@ -164,26 +168,38 @@ pub struct NdcApplier {
     /// Outbox events at or below this seq are in the fan-out log and may be deleted.
     logged_seq: u64,
     pruned_seq: u64,
+    /// Its place among the hub's NDC connections, given back when the applier is dropped.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// How long a new applier waits for a free NDC connection before saying the hub is saturated.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl NdcApplier {
-    /// An applier for the agent `acl`'s gRPC stream on its own NDC connection, raising events by `rules`.
+    /// An applier for the agent `acl`'s gRPC stream on its own NDC connection (one of `slots`),
+    /// raising events by `rules`.
     pub async fn connect(
         ndc: &NdcConfig,
+        slots: &std::sync::Arc<tokio::sync::Semaphore>,
         acl: AgentAcl,
         rules: std::sync::Arc<Vec<ActiveRule>>,
     ) -> Result<Self, ApplyError> {
         let stream = acl.id.clone();
-        Self::connect_stream(ndc, acl, rules, stream).await
+        Self::connect_stream(ndc, slots, acl, rules, stream).await
     }
 
     /// An applier whose position is kept under `stream` (one per Kafka partition).
     pub async fn connect_stream(
         ndc: &NdcConfig,
+        slots: &std::sync::Arc<tokio::sync::Semaphore>,
         acl: AgentAcl,
         rules: std::sync::Arc<Vec<ActiveRule>>,
         stream: String,
     ) -> Result<Self, ApplyError> {
+        let slot = match tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => return Err(ApplyError::Saturated),
+        };
         let client = connect(ndc).await?;
         client
             .execute("INSERT INTO dongbo.applied_position (source_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&stream])
@@ -198,6 +214,7 @@ impl NdcApplier {
             rules,
             logged_seq: 0,
             pruned_seq: 0,
+            _slot: slot,
         })
     }
 

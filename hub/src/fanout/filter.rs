@@ -203,10 +203,21 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Token)>, FilterError> {
     Ok(out)
 }
 
+/// Longest filter text: a subscription's filter is a few conditions, and the text arrives from the
+/// admin API, whose caller may be wrong or hostile.
+pub const MAX_FILTER_BYTES: usize = 4096;
+/// Deepest nesting of parentheses and NOT: the parser and the evaluator recurse once per level, so
+/// this bounds their stack (10 000 nested parentheses overflowed a worker's stack before it).
+pub const MAX_FILTER_DEPTH: usize = 32;
+/// Most comparisons in one filter: AND/OR chains nest one level per term when evaluated.
+pub const MAX_FILTER_TERMS: usize = 256;
+
 struct Parser {
     tokens: Vec<(usize, Token)>,
     pos: usize,
     end: usize,
+    depth: usize,
+    terms: usize,
 }
 
 impl Parser {
@@ -247,9 +258,20 @@ impl Parser {
         Ok(left)
     }
 
+    fn enter(&mut self) -> Result<(), FilterError> {
+        self.depth += 1;
+        if self.depth > MAX_FILTER_DEPTH {
+            return self.fail(format!("parentheses and NOT nest deeper than {MAX_FILTER_DEPTH}"));
+        }
+        Ok(())
+    }
+
     fn not(&mut self) -> Result<Filter, FilterError> {
         if self.keyword("not") {
-            return Ok(Filter::Not(Box::new(self.not()?)));
+            self.enter()?;
+            let inner = self.not()?;
+            self.depth -= 1;
+            return Ok(Filter::Not(Box::new(inner)));
         }
         self.primary()
     }
@@ -257,12 +279,18 @@ impl Parser {
     fn primary(&mut self) -> Result<Filter, FilterError> {
         if self.peek() == Some(&Token::LParen) {
             self.pos += 1;
+            self.enter()?;
             let inner = self.expr()?;
+            self.depth -= 1;
             if self.peek() != Some(&Token::RParen) {
                 return self.fail("expected )");
             }
             self.pos += 1;
             return Ok(inner);
+        }
+        self.terms += 1;
+        if self.terms > MAX_FILTER_TERMS {
+            return self.fail(format!("more than {MAX_FILTER_TERMS} conditions"));
         }
         let field = match self.peek() {
             Some(Token::Ident(name))
@@ -333,8 +361,11 @@ impl Parser {
 impl Filter {
     /// Parses a filter.
     pub fn parse(text: &str) -> Result<Self, FilterError> {
+        if text.len() > MAX_FILTER_BYTES {
+            return Err(FilterError { at: 0, message: format!("the filter is longer than {MAX_FILTER_BYTES} bytes") });
+        }
         let tokens = tokenize(text)?;
-        let mut p = Parser { tokens, pos: 0, end: text.chars().count() };
+        let mut p = Parser { tokens, pos: 0, end: text.chars().count(), depth: 0, terms: 0 };
         if p.peek().is_none() {
             return p.fail("the filter is empty");
         }
@@ -432,6 +463,20 @@ mod tests {
 
     fn record<'a>(pairs: &'a [(&'a str, FieldValue<'a>)]) -> impl Fn(&str) -> FieldValue<'a> + 'a {
         move |f| pairs.iter().find(|(k, _)| *k == f).map_or(FieldValue::Null, |(_, v)| *v)
+    }
+
+    #[test]
+    fn deep_long_and_wide_filters_are_refused_before_they_cost_a_stack() {
+        let deep = format!("{}a = 1{}", "(".repeat(10_000), ")".repeat(10_000));
+        assert!(Filter::parse(&deep).unwrap_err().to_string().contains("longer than"));
+        let nested = format!("{}a = 1{}", "(".repeat(40), ")".repeat(40));
+        assert!(Filter::parse(&nested).unwrap_err().to_string().contains("nest deeper"));
+        let nots = format!("{}a = 1", "NOT ".repeat(40));
+        assert!(Filter::parse(&nots).unwrap_err().to_string().contains("nest deeper"));
+        let wide = vec!["a = 1"; 300].join(" OR ");
+        assert!(Filter::parse(&wide).unwrap_err().to_string().contains("more than 256 conditions"));
+        let fine = format!("{}a = 1{} AND b = 'x'", "(".repeat(30), ")".repeat(30));
+        assert!(Filter::parse(&fine).is_ok());
     }
 
     #[test]

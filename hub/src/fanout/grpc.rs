@@ -32,12 +32,13 @@ const DEFAULT_WINDOW: u32 = 256;
 /// The service.
 pub struct SubscribeService {
     fanout: Arc<Fanout>,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SubscribeService {
-    /// A service over `fanout`.
-    pub fn new(fanout: Arc<Fanout>) -> Self {
-        Self { fanout }
+    /// A service over `fanout`; its streams end when `stop` turns true.
+    pub fn new(fanout: Arc<Fanout>, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { fanout, stop }
     }
 }
 
@@ -122,8 +123,14 @@ impl Subscribe for SubscribeService {
         info!(subscription = %sub.def.id, subscriber, from = %from.token(), "subscriber connected");
         let (tx, rx) = mpsc::channel(4);
         let fanout = self.fanout.clone();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            if let Err(status) = serve(&fanout, &sub, from, window, generation, inbound, &tx).await {
+            let served = tokio::select! {
+                r = serve(&fanout, &sub, from, window, generation, inbound, &tx) => r,
+                // What was sent and not acknowledged is sent again on the next stream.
+                _ = stop.wait_for(|s| *s) => Err(Status::unavailable("the hub is stopping; reconnect and resume")),
+            };
+            if let Err(status) = served {
                 warn!(subscription = %sub.def.id, error = %status.message(), "subscriber stream ended");
                 let _ = tx.send(Err(status)).await;
             }

@@ -99,6 +99,9 @@ pub struct Fanout {
     pub rules: Arc<Vec<ActiveRule>>,
     /// Where deliveries are recorded.
     pub audit: Arc<AuditLog>,
+    /// NDC connections the hub's appliers may hold together (`limits.max_ndc_connections`); shared
+    /// here because the gRPC ingest and the Kafka consumer both open appliers.
+    pub ndc_slots: Arc<tokio::sync::Semaphore>,
     subscribers: Vec<Subscriber>,
     subs: RwLock<HashMap<String, Arc<Subscription>>>,
     workers: RwLock<HashMap<String, mpsc::Sender<Command>>>,
@@ -128,6 +131,7 @@ impl Fanout {
             .collect();
         let audit = AuditLog::connect(&config.ndc).await?;
         let fanout = Arc::new(Self {
+            ndc_slots: Arc::new(tokio::sync::Semaphore::new(config.limits.max_ndc_connections)),
             log,
             state,
             catalog: Arc::new(catalog),

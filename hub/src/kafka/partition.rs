@@ -76,10 +76,15 @@ async fn session(
         return Err(Status::internal(format!("no agent owns topic {topic}")));
     };
     let stream = stream_name(topic, partition);
-    let mut applier =
-        NdcApplier::connect_stream(&shared.config.ndc, acl.clone(), shared.fanout.rules.clone(), stream.clone())
-            .await
-            .map_err(|e| apply_status(&e))?;
+    let mut applier = NdcApplier::connect_stream(
+        &shared.config.ndc,
+        &shared.fanout.ndc_slots,
+        acl.clone(),
+        shared.fanout.rules.clone(),
+        stream.clone(),
+    )
+    .await
+    .map_err(|e| apply_status(&e))?;
     let (applied, ndc_offset) = applier.position().await.map_err(|e| apply_status(&e))?;
     let log = &shared.fanout.log;
     let logged = adopt_stream(&applier, log, &acl.id, &stream, applied, ndc_offset).await?;
