@@ -203,7 +203,13 @@ impl Ingest for IngestService {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
-                        info!(source_id = %source_id, error = %e, "agent stream ended");
+                        // A message over the size limit, say: the agent is told why, plainly.
+                        if e.code() == tonic::Code::OutOfRange {
+                            warn!(source_id = %source_id, error = %e.message(), "message refused (limits.max_message_bytes); nothing of it applied");
+                        } else {
+                            info!(source_id = %source_id, error = %e, "agent stream ended");
+                        }
+                        let _ = reader_out.send(Err(e)).await;
                         break;
                     }
                 };

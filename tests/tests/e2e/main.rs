@@ -7,6 +7,7 @@ mod bad_input;
 mod crash_recovery;
 mod fanout;
 mod hostile_agent;
+mod hub_limits;
 mod kafka;
 mod mixed_workload;
 mod schema_drift;
