@@ -46,23 +46,53 @@ impl Decoder for PgCodec {
     type Item = BackendMessage;
     type Error = std::io::Error;
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BackendMessage>, std::io::Error> {
-        if src.len() < 5 {
-            return Ok(None);
+        Ok(decode_frame(src)?.map(|(tag, body)| BackendMessage { tag, body }))
+    }
+}
+
+/// Splits one backend message (tag, body) off the front of `src`, or `None` until it is whole. A
+/// length outside 4..=1 GiB is an error: a broken or hostile server cannot make us reserve more.
+pub fn decode_frame(src: &mut BytesMut) -> Result<Option<(u8, Bytes)>, std::io::Error> {
+    if src.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize;
+    if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("backend message length {len} out of range"),
+        ));
+    }
+    if src.len() < len + 1 {
+        src.reserve(len + 1 - src.len());
+        return Ok(None);
+    }
+    let tag = src[0];
+    src.advance(5);
+    Ok(Some((tag, src.split_to(len - 4).freeze())))
+}
+
+/// Parses the body of a CopyData message received while streaming: XLogData or a keepalive.
+pub fn replication_message(mut body: Bytes) -> Result<ReplicationMessage, SourceError> {
+    if body.is_empty() {
+        return Err(SourceError::Protocol("empty CopyData".into()));
+    }
+    match body.get_u8() {
+        b'w' if body.len() >= 24 => {
+            let _start = body.get_u64();
+            let wal_end = Lsn(body.get_u64());
+            let _send_time = body.get_i64();
+            Ok(ReplicationMessage::XLogData { wal_end, data: body })
         }
-        let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize;
-        if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("backend message length {len} out of range"),
-            ));
+        b'k' if body.len() >= 17 => {
+            let wal_end = Lsn(body.get_u64());
+            let _send_time = body.get_i64();
+            let reply = body.get_u8() == 1;
+            Ok(ReplicationMessage::Keepalive { wal_end, reply })
         }
-        if src.len() < len + 1 {
-            src.reserve(len + 1 - src.len());
-            return Ok(None);
+        other => {
+            Err(SourceError::Protocol(format!("replication message {:?} of {} bytes", other as char, body.len() + 1)))
         }
-        let tag = src[0];
-        src.advance(5);
-        Ok(Some(BackendMessage { tag, body: src.split_to(len - 4).freeze() }))
     }
 }
 
@@ -280,27 +310,7 @@ impl ReplicationConnection {
         loop {
             let m = self.recv().await?;
             match m.tag {
-                b'd' => {
-                    let mut body = m.body;
-                    if body.is_empty() {
-                        return Err(SourceError::Protocol("empty CopyData".into()));
-                    }
-                    match body.get_u8() {
-                        b'w' if body.len() >= 24 => {
-                            let _start = body.get_u64();
-                            let wal_end = Lsn(body.get_u64());
-                            let _send_time = body.get_i64();
-                            return Ok(ReplicationMessage::XLogData { wal_end, data: body });
-                        }
-                        b'k' if body.len() >= 17 => {
-                            let wal_end = Lsn(body.get_u64());
-                            let _send_time = body.get_i64();
-                            let reply = body.get_u8() == 1;
-                            return Ok(ReplicationMessage::Keepalive { wal_end, reply });
-                        }
-                        other => return Err(SourceError::Protocol(format!("replication message {:?}", other as char))),
-                    }
-                }
+                b'd' => return replication_message(m.body),
                 b'E' => return Err(server_error(&m.body)),
                 b'c' => {
                     return Err(SourceError::Io(std::io::Error::new(
@@ -334,7 +344,7 @@ impl ReplicationConnection {
 
 /// The method code of an AuthenticationRequest and the rest of its body; a body too short to hold
 /// the code is a protocol error, not a panic (a broken or hostile server may send one).
-fn auth_request(mut body: Bytes) -> Result<(i32, Bytes), SourceError> {
+pub fn auth_request(mut body: Bytes) -> Result<(i32, Bytes), SourceError> {
     if body.len() < 4 {
         return Err(SourceError::Protocol(format!("authentication request of {} bytes, too short", body.len())));
     }
@@ -342,7 +352,8 @@ fn auth_request(mut body: Bytes) -> Result<(i32, Bytes), SourceError> {
     Ok((code, body))
 }
 
-fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, SourceError> {
+/// Parses a DataRow of a simple query's result as text columns.
+pub fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, SourceError> {
     let short = || SourceError::Protocol("short DataRow".into());
     if body.len() < 2 {
         return Err(short());
@@ -412,6 +423,21 @@ mod tests {
         buf.extend_from_slice(b"b");
         let m = codec.decode(&mut buf).unwrap().unwrap();
         assert_eq!((m.tag, &m.body[..]), (b'd', &b"ab"[..]));
+    }
+
+    #[test]
+    fn short_replication_messages_are_errors_not_panics() {
+        for body in [&b""[..], b"w", b"k", &[b'w'; 24], &[b'k'; 17], b"x123"] {
+            assert!(replication_message(Bytes::copy_from_slice(body)).is_err(), "{body:?}");
+        }
+        let mut keepalive = vec![b'k'];
+        keepalive.extend_from_slice(&7u64.to_be_bytes());
+        keepalive.extend_from_slice(&0i64.to_be_bytes());
+        keepalive.push(1);
+        assert!(matches!(
+            replication_message(Bytes::from(keepalive)).unwrap(),
+            ReplicationMessage::Keepalive { wal_end: Lsn(7), reply: true }
+        ));
     }
 
     #[test]

@@ -168,13 +168,23 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     let (mut d, broker) = kafka_deployment("kafkasub").await?;
     let admin_port = dongbo_tests::pg::free_port();
     let sub_topic = "dongbo.sub.moet-enrolment";
+    let mixed_topic = "dongbo.sub.moet-mixed";
     d.fanout_toml = format!(
         "{}\n[[subscriptions]]\nid = \"moet-enrolment\"\nsubscriber = \"moet\"\npurpose = \"education\"\n\
          follow = [\"residence.changed\"]\nfields = [\"citizen_id\", \"current.commune_code\"]\n\
-         delivery = {{ kind = \"kafka\", topic = \"{sub_topic}\" }}\n",
+         delivery = {{ kind = \"kafka\", topic = \"{sub_topic}\" }}\n\
+         \n[[subscriptions]]\nid = \"moet-mixed\"\nsubscriber = \"moet\"\npurpose = \"education\"\n\
+         follow = [\"public.citizens\", \"residence.changed\"]\n\
+         fields = [\"citizen_id\", \"commune_code\", \"current.commune_code\", \"op\", \"event\"]\n\
+         delivery = {{ kind = \"kafka\", topic = \"{mixed_topic}\" }}\n",
         declarations(admin_port)
     );
     let src = d.source().await?;
+    // Source columns named like the envelope: their values must never reach a record.
+    src.batch_execute(
+        "ALTER TABLE citizens ADD COLUMN op text DEFAULT 'forged-op', ADD COLUMN event text DEFAULT 'forged.event'",
+    )
+    .await?;
     let mut gen = CitizenGen::new(46);
     let ids = insert_citizens(&src, &mut gen, 50).await?;
     d.start_hub().await?;
@@ -219,6 +229,41 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     keys.sort();
     assert_eq!(keys, vec!["citizen_id", "current.commune_code", "event", "event_id"], "{body}");
     assert_eq!(body["current"]["commune_code"], "26734");
+
+    // The mixed subscription: per record, only what the purpose grants for its item.
+    let mixed: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "test-moet-mixed")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .create()?;
+    mixed.subscribe(&[mixed_topic])?;
+    let (event, row) = tokio::time::timeout(Duration::from_secs(60), async {
+        let (mut event, mut row) = (None, None);
+        while event.is_none() || row.is_none() {
+            let m = mixed.recv().await?;
+            let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            anyhow::ensure!(!body.to_string().contains("forged"), "a source column reached a record: {body}");
+            if body["citizen_id"] != serde_json::json!(moved) {
+                continue;
+            }
+            if body.get("event").is_some() {
+                event = Some(body);
+            } else if body["op"] == "update" {
+                row = Some(body);
+            }
+        }
+        anyhow::Ok((event.unwrap_or_default(), row.unwrap_or_default()))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no event and row change of the moved citizen on {mixed_topic} within 60 s"))??;
+    let top = |v: &serde_json::Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+    let (mut ek, mut rk) = (top(&event), top(&row));
+    ek.sort();
+    rk.sort();
+    assert_eq!(ek, vec!["citizen_id", "current", "event", "event_id"], "{event}");
+    assert_eq!(rk, vec!["citizen_id", "commune_code", "event_id", "op", "table"], "{row}");
+    assert_eq!(row["table"], "public.citizens");
 
     // The example subscriber a newcomer runs prints the same record.
     let example = tokio::process::Command::new(dongbo_tests::procs::binary("education-kafka")?)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Smoke-runs every fuzz target for a short while (FUZZ_SECONDS, default 20 s each) with nightly
+# Rust and cargo-fuzz (installed if missing). Not part of ./tests/run-all.sh: building the targets
+# with sanitizers takes several minutes on two cores. A crash leaves its input in
+# fuzz/artifacts/<target>/ and makes this script fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${FUZZ_SECONDS:-20}"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+targets=(replication_framing pgoutput text_values wire_to_plan filter type_names config webhook_signature)
+# One target/ for the whole repository.
+export CARGO_TARGET_DIR="$PWD/target/fuzz"
+cargo +nightly fuzz build
+for t in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$t"
+  log="target/fuzz/$t.log"
+  if cargo +nightly fuzz run "$t" "fuzz/corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=2048 \
+      -max_len=65536 >"$log" 2>&1; then
+    echo "== $t: $(grep -E '^#[0-9]+' "$log" | tail -n 1)"
+  else
+    echo "== $t FAILED; its input is in fuzz/artifacts/$t/:" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+done
+echo "all ${#targets[@]} fuzz targets ran ${seconds} s each without a crash"
