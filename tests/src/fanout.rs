@@ -186,6 +186,25 @@ pub async fn collect(
     Ok(got)
 }
 
+/// Polls a subscription's dead letters until there are `n` (or `timeout` passes); returns them.
+pub async fn wait_dead_letters(
+    admin_port: u16,
+    subscription: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let path = format!("/subscriptions/{subscription}/dead-letters");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, l) = admin(admin_port, reqwest::Method::GET, &path, None).await?;
+        let letters = l.as_array().cloned().unwrap_or_default();
+        if letters.len() == n || Instant::now() > deadline {
+            return Ok(letters);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Calls the hub's admin API; returns (status, JSON body).
 pub async fn admin(
     port: u16,

@@ -104,6 +104,18 @@ impl DongboProcess {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until the log holds `needle`; fails with the log's tail after `timeout`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.log_text().contains(needle) {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("no {needle:?} in the log within {timeout:?}:\n{}", crate::tail(&self.log_text(), 20));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for DongboProcess {

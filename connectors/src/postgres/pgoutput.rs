@@ -149,7 +149,11 @@ pub fn decode(mut buf: Bytes) -> Result<PgOutput, SourceError> {
             let final_lsn = Lsn(buf.get_u64());
             let ts = buf.get_i64();
             let xid = buf.get_u32();
-            PgOutput::Begin { final_lsn, commit_time_us: ts + PG_EPOCH_OFFSET_US, xid }
+            // Postgres timestamps end in 294276 AD; anything that overflows here is not one.
+            let commit_time_us = ts
+                .checked_add(PG_EPOCH_OFFSET_US)
+                .ok_or_else(|| SourceError::Protocol(format!("Begin commit time {ts} is out of range")))?;
+            PgOutput::Begin { final_lsn, commit_time_us, xid }
         }
         b'C' => {
             need(&buf, 25, "Commit")?;
@@ -242,6 +246,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_commit_time_that_overflows_is_a_protocol_error() {
+        // Found by the pgoutput fuzz target: a Begin whose timestamp overflowed the epoch shift.
+        let mut m = vec![b'B'];
+        m.extend_from_slice(&1u64.to_be_bytes());
+        m.extend_from_slice(&i64::MAX.to_be_bytes());
+        m.extend_from_slice(&7u32.to_be_bytes());
+        let err = decode(Bytes::from(m)).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
     }
 
     #[test]

@@ -304,15 +304,8 @@ async fn failing_webhook_retries_then_dead_letters_then_replay_delivers_in_citiz
     relocate(&src, a, "79", "26740", "2 second move of a").await?;
     // a's first and b's move fail 3 times each and are dead-lettered; a's second waits behind a's first.
     let path = "/subscriptions/bhyt-residence/dead-letters";
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let letters = loop {
-        let (_, l) = admin(admin_port, reqwest::Method::GET, path, None).await?;
-        if l.as_array().is_some_and(|l| l.len() == 3) || std::time::Instant::now() > deadline {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let letters = letters.as_array().cloned().unwrap_or_default();
+    let letters =
+        dongbo_tests::fanout::wait_dead_letters(admin_port, "bhyt-residence", 3, Duration::from_secs(30)).await?;
     assert_eq!(letters.len(), 3, "{letters:?}");
     assert_eq!(letters[0]["body"]["citizen_id"], json!(a));
     assert_eq!(letters[0]["attempts"], 3);

@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use dongbo_subscribers::grpc::Subscription;
 use dongbo_tests::citizens::{insert_citizens, move_citizen, CitizenGen, CITIZENS_DDL};
 use dongbo_tests::fanout::{
-    admin, collect, declarations, grpc_subscription, Receiver, BHXH_TOKEN, MOET_TOKEN, WEBHOOK_SECRET,
+    admin, collect, declarations, grpc_subscription, wait_dead_letters, Receiver, BHXH_TOKEN, MOET_TOKEN,
+    WEBHOOK_SECRET,
 };
 use dongbo_tests::{pg, Deployment};
 use serde_json::Value;
@@ -162,16 +163,11 @@ async fn subscriptions_hold_to_their_start_secret_and_host_and_the_example_survi
     assert!(!listed.to_string().contains(WEBHOOK_SECRET), "the admin API returned the webhook secret: {listed}");
 
     // Redirects are not followed: the deliveries are dead-lettered and the other host saw none.
-    let path = "/subscriptions/bhyt-redirected/dead-letters";
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let letters = loop {
-        let (_, l) = admin(admin_port, reqwest::Method::GET, path, None).await?;
-        if l.as_array().is_some_and(|l| l.len() == 2) || std::time::Instant::now() > deadline {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(letters.to_string().contains("does not follow redirects"), "{letters}");
+    let letters = wait_dead_letters(admin_port, "bhyt-redirected", 2, Duration::from_secs(30)).await?;
+    assert!(
+        letters.len() == 2 && letters.iter().all(|l| l.to_string().contains("does not follow redirects")),
+        "{letters:?}"
+    );
     assert_eq!(thief.accepted.lock().map(|a| a.len()).unwrap_or(1), 0, "a redirect was followed");
 
     // The hub restarts; the example reconnects by itself and gets the next move.
