@@ -1,6 +1,8 @@
 //! The admin HTTP API for operators and `dongbo-hub` CLI commands: subscriptions at run time, dead
-//! letters, and the audit log's verification and citizen query. Every call needs the operators'
-//! bearer token.
+//! letters, and the audit log's verification and citizen query. Every call but `/healthz` needs an
+//! operator's bearer token ([`crate::auth`]): role `read` for the GETs, role `admin` to add or remove
+//! a subscription and to replay dead letters. A refused call answers 401 (no or unknown token) or
+//! 403 (a token of the wrong kind or role) and is logged without the token.
 //!
 //! | method | path | does |
 //! | --- | --- | --- |
@@ -24,7 +26,8 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::audit;
-use crate::config::{AdminConfig, NdcConfig};
+use crate::auth::{AuthError, Authenticator, Role};
+use crate::config::NdcConfig;
 use crate::fanout::record::rfc3339_micros;
 use crate::fanout::subscription::SubscriptionDef;
 use crate::fanout::{Fanout, FanoutError};
@@ -32,7 +35,7 @@ use crate::fanout::{Fanout, FanoutError};
 #[derive(Clone)]
 struct AppState {
     fanout: Arc<Fanout>,
-    admin: AdminConfig,
+    auth: Arc<Authenticator>,
     ndc: NdcConfig,
     anchor: audit::Anchor,
 }
@@ -50,16 +53,27 @@ fn fanout_error(e: FanoutError) -> Response {
     }
 }
 
-fn authorised(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let token = headers.get("authorization").and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
-    match token {
-        Some(t) if state.admin.accepts(t) => Ok(()),
-        _ => Err(Box::new(error(StatusCode::UNAUTHORIZED, vec!["send `authorization: Bearer <admin token>`".into()]))),
+/// The operator behind a request, if its role reaches `needed`; else the answer to send.
+fn authorised(state: &AppState, headers: &HeaderMap, needed: Role) -> Result<String, Box<Response>> {
+    let header = headers.get("authorization").and_then(|h| h.to_str().ok());
+    match state.auth.operator(header, needed) {
+        Ok((id, _)) => Ok(id),
+        Err(e @ AuthError::WrongKind(_)) => {
+            tracing::warn!(reason = %e, "admin API request refused");
+            Err(Box::new(error(StatusCode::FORBIDDEN, vec![e.to_string()])))
+        }
+        Err(e) => {
+            tracing::warn!(reason = %e, "admin API request refused");
+            Err(Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                vec![format!("{e}: send `authorization: Bearer <operator token>`")],
+            )))
+        }
     }
 }
 
 async fn list(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
+    if let Err(r) = authorised(&s, &headers, Role::Read) {
         return *r;
     }
     match s.fanout.list().await {
@@ -69,7 +83,7 @@ async fn list(State(s): State<AppState>, headers: HeaderMap) -> Response {
 }
 
 async fn add(State(s): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
+    if let Err(r) = authorised(&s, &headers, Role::Admin) {
         return *r;
     }
     let def: SubscriptionDef = match serde_json::from_slice(&body) {
@@ -84,7 +98,7 @@ async fn add(State(s): State<AppState>, headers: HeaderMap, body: axum::body::By
 }
 
 async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
+    if let Err(r) = authorised(&s, &headers, Role::Admin) {
         return *r;
     }
     match s.fanout.remove(&id).await {
@@ -94,7 +108,7 @@ async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
 }
 
 async fn dead_letters(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
+    if let Err(r) = authorised(&s, &headers, Role::Read) {
         return *r;
     }
     if s.fanout.get(&id).await.is_none() {
@@ -107,7 +121,7 @@ async fn dead_letters(State(s): State<AppState>, headers: HeaderMap, Path(id): P
 }
 
 async fn replay(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
+    if let Err(r) = authorised(&s, &headers, Role::Admin) {
         return *r;
     }
     match s.fanout.replay(&id).await {
@@ -117,7 +131,7 @@ async fn replay(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
 }
 
 async fn citizen(State(s): State<AppState>, headers: HeaderMap, Path(citizen_id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
+    if let Err(r) = authorised(&s, &headers, Role::Read) {
         return *r;
     }
     let result = async {
@@ -157,7 +171,7 @@ pub fn citizen_report(fanout: &Fanout, rows: &[audit::Stored]) -> serde_json::Va
 }
 
 async fn verify(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorised(&s, &headers) {
+    if let Err(r) = authorised(&s, &headers, Role::Read) {
         return *r;
     }
     let result = async {
@@ -185,7 +199,7 @@ fn verification_json(v: &audit::Verification) -> serde_json::Value {
 /// Serves the admin API on `listener` until `shutdown` completes.
 pub async fn serve(
     fanout: Arc<Fanout>,
-    admin: AdminConfig,
+    auth: Arc<Authenticator>,
     ndc: NdcConfig,
     anchor: audit::Anchor,
     listener: crate::listener::GuardedListener,
@@ -199,6 +213,6 @@ pub async fn serve(
         .route("/subscriptions/{id}/dead-letters/replay", post(replay))
         .route("/audit/citizens/{citizen_id}", get(citizen))
         .route("/audit/verify", get(verify))
-        .with_state(AppState { fanout, admin, ndc, anchor });
+        .with_state(AppState { fanout, auth, ndc, anchor });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -4,7 +4,6 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::fanout::subscription::{Catalog, DictionaryTable, EventRule, Purpose, Subscriber, SubscriptionDef};
 
@@ -249,30 +248,38 @@ impl Default for FanoutConfig {
 pub struct AdminConfig {
     /// Listen address, e.g. `127.0.0.1:7444`.
     pub listen: String,
-    /// SHA-256 (hex) of the operators' bearer token.
+    /// SHA-256 (hex) of the operators' bearer token (role `admin`).
     #[serde(default)]
     pub token_sha256: Option<String>,
     /// The token in clear, for demos only.
     #[serde(default)]
     pub token: Option<String>,
+    /// Further operators, each with its own token and role (`read` or `admin`).
+    #[serde(default)]
+    pub operators: Vec<OperatorConfig>,
 }
 
 impl fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdminConfig").field("listen", &self.listen).finish_non_exhaustive()
+        let ids: Vec<&str> = self.operators.iter().map(|o| o.id.as_str()).collect();
+        f.debug_struct("AdminConfig").field("listen", &self.listen).field("operators", &ids).finish_non_exhaustive()
     }
 }
 
-impl AdminConfig {
-    /// Whether `token` is the operators' token.
-    pub fn accepts(&self, token: &str) -> bool {
-        let expected = match (&self.token_sha256, &self.token) {
-            (Some(h), _) => h.to_ascii_lowercase(),
-            (None, Some(t)) => hex::encode(Sha256::digest(t.as_bytes())),
-            (None, None) => return false,
-        };
-        hex::encode(Sha256::digest(token.as_bytes())) == expected
-    }
+/// One operator of the admin API.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Who, as the logs name them.
+    pub id: String,
+    /// SHA-256 (hex) of its bearer token.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// The token in clear, for demos only.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// `read` (status, lists, audit queries) or `admin` (also subscriptions and replays).
+    pub role: crate::auth::Role,
 }
 
 /// Connection to the NDC Postgres.
@@ -365,21 +372,6 @@ impl fmt::Debug for AgentAcl {
 }
 
 impl AgentAcl {
-    /// SHA-256 (hex) of this agent's token, however the config gives it.
-    fn token_digest(&self) -> Option<String> {
-        match (&self.token_sha256, &self.token) {
-            (Some(h), _) => Some(h.to_ascii_lowercase()),
-            (None, Some(t)) => Some(hex::encode(Sha256::digest(t.as_bytes()))),
-            (None, None) => None,
-        }
-    }
-
-    /// Whether `token` is this agent's.
-    pub fn accepts(&self, token: &str) -> bool {
-        // Comparing digests, not tokens: timing reveals nothing about the token.
-        self.token_digest().is_some_and(|expected| hex::encode(Sha256::digest(token.as_bytes())) == expected)
-    }
-
     /// The NDC schema for this agent.
     pub fn schema(&self) -> String {
         self.target_schema.clone().unwrap_or_else(|| self.id.replace('-', "_"))
@@ -421,6 +413,40 @@ impl HubConfig {
     }
 }
 
+impl HubConfig {
+    /// Every pair of peers (agents, subscribers, operators) that share a token, and every
+    /// `token_sha256` that is not one: a token must identify exactly one peer.
+    fn shared_tokens(&self) -> Vec<String> {
+        use crate::auth::secret_digest;
+        let mut p = Vec::new();
+        let mut all: Vec<(String, Option<&str>, Option<&str>)> = Vec::new();
+        for a in &self.agents {
+            all.push((format!("agent {}", a.id), a.token_sha256.as_deref(), a.token.as_deref()));
+        }
+        for s in &self.subscribers {
+            all.push((format!("subscriber {}", s.id), s.token_sha256.as_deref(), s.token.as_deref()));
+        }
+        if let Some(admin) = &self.admin {
+            all.push(("the admin token".into(), admin.token_sha256.as_deref(), admin.token.as_deref()));
+            for o in &admin.operators {
+                all.push((format!("operator {}", o.id), o.token_sha256.as_deref(), o.token.as_deref()));
+            }
+        }
+        let mut owners: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+        for (who, sha, clear) in &all {
+            if sha.is_some_and(|h| h.len() != 64 || hex::decode(h).is_err()) {
+                p.push(format!("{who}: token_sha256 must be 64 hex digits"));
+            }
+            if let Some(d) = secret_digest(*sha, *clear) {
+                if let Some(other) = owners.insert(d, who) {
+                    p.push(format!("{other} and {who} share a token: each peer needs its own"));
+                }
+            }
+        }
+        p
+    }
+}
+
 impl Validate for HubConfig {
     /// Every problem at once, without I/O.
     fn validate(&self) -> Vec<String> {
@@ -430,22 +456,14 @@ impl Validate for HubConfig {
         }
         let mut seen = std::collections::HashSet::new();
         let mut schemas = std::collections::HashMap::new();
-        let mut tokens = std::collections::HashMap::new();
+        p.extend(self.shared_tokens());
         for a in &self.agents {
             if !seen.insert(&a.id) {
                 p.push(format!("agent {} is listed twice", a.id));
             }
-            if let Some(digest) = a.token_digest() {
-                if let Some(other) = tokens.insert(digest, &a.id) {
-                    p.push(format!("agents {other} and {} share a token: each agent needs its own", a.id));
-                }
-            }
             // Over Kafka, the broker's own authorisation decides who may write an agent's topic.
             if a.token.is_none() && a.token_sha256.is_none() && self.kafka.is_none() {
                 p.push(format!("agent {} has neither token_sha256 nor token", a.id));
-            }
-            if a.token_sha256.as_ref().is_some_and(|h| h.len() != 64 || hex::decode(h).is_err()) {
-                p.push(format!("agent {}: token_sha256 must be 64 hex digits", a.id));
             }
             let schema = a.schema();
             if !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
@@ -495,8 +513,13 @@ impl Validate for HubConfig {
             if admin.listen.parse::<std::net::SocketAddr>().is_err() {
                 p.push(format!("admin.listen {:?} is not host:port", admin.listen));
             }
-            if admin.token.is_none() && admin.token_sha256.is_none() {
-                p.push("admin needs token_sha256 (or token) so that only operators use it".into());
+            if admin.token.is_none() && admin.token_sha256.is_none() && admin.operators.is_empty() {
+                p.push("admin needs token_sha256 (or token) or operators so that only operators use it".into());
+            }
+            for o in &admin.operators {
+                if o.token.is_none() && o.token_sha256.is_none() {
+                    p.push(format!("operator {} has neither token_sha256 nor token", o.id));
+                }
             }
         }
         let (catalog, problems) = Catalog::new(&self.dictionary, &self.events, &self.purposes, &self.subscribers);
@@ -520,8 +543,9 @@ mod tests {
     fn the_shipped_example_config_is_valid() {
         let c: HubConfig = toml::from_str(include_str!("../../deploy/examples/hub.toml")).unwrap();
         assert_eq!(c.validate(), Vec::<String>::new());
-        assert!(c.agents[0].accepts("test"), "the example hash is sha256(\"test\")");
-        assert!(!c.agents[0].accepts("tset"));
+        let auth = crate::auth::Authenticator::new(&c);
+        assert_eq!(auth.agent(Some("Bearer test")).unwrap(), c.agents[0].id, "the example hash is sha256(\"test\")");
+        assert!(auth.agent(Some("Bearer tset")).is_err());
         assert!(c.agents[0].allows("public.citizens") && !c.agents[0].allows("public.secrets"));
     }
 

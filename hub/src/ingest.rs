@@ -1,7 +1,7 @@
 //! The gRPC `Ingest` service: agents stream spooled batches, the hub applies them and acknowledges
 //! each position once it is durable in the NDC.
 //!
-//! Per stream, a reader task authenticates (bearer token → [`AgentAcl`]), decodes and validates each
+//! Per stream, a reader task identifies the agent ([`crate::auth`] → [`AgentAcl`]), decodes and validates each
 //! batch, and hands it to an applier task over a small bounded channel, so decoding overlaps the NDC
 //! transaction and a slow NDC pushes back on the agent through HTTP/2 flow control instead of
 //! growing memory. The applier gathers consecutive batches into one transaction.
@@ -41,6 +41,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::apply::{ApplyError, NdcApplier, OffsetMark};
+use crate::auth::{AuthError, Authenticator};
 use crate::config::{AgentAcl, HubConfig};
 use crate::fanout::log::{Append, FanoutLog};
 use crate::fanout::Fanout;
@@ -71,6 +72,7 @@ impl Drop for EndGuard {
 /// The ingest service.
 pub struct IngestService {
     config: Arc<HubConfig>,
+    auth: Arc<Authenticator>,
     fanout: Arc<Fanout>,
     live: Arc<Mutex<HashMap<String, Live>>>,
     stop: watch::Receiver<bool>,
@@ -79,25 +81,37 @@ pub struct IngestService {
 impl IngestService {
     /// A service for the agents in `config`, logging what it applies to `fanout`; its streams end
     /// when `stop` turns true.
-    pub fn new(config: Arc<HubConfig>, fanout: Arc<Fanout>, stop: watch::Receiver<bool>) -> Self {
-        Self { config, fanout, live: Arc::default(), stop }
+    pub fn new(
+        config: Arc<HubConfig>,
+        auth: Arc<Authenticator>,
+        fanout: Arc<Fanout>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        Self { config, auth, fanout, live: Arc::default(), stop }
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAcl, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("no authorization metadata: set hub.token in the agent config"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        self.config.agents.iter().find(|a| a.accepts(token)).cloned().ok_or_else(|| {
-            Status::unauthenticated(
-                "unknown agent token: check hub.token in the agent config and the hub's agents list",
-            )
-        })
+        let header = request.metadata().get("authorization").and_then(|h| h.to_str().ok());
+        let refused = |e: AuthError| {
+            warn!(peer = ?request.remote_addr(), reason = %e, "agent credential refused");
+            match e {
+                AuthError::Missing => {
+                    Status::unauthenticated("no authorization metadata: set hub.token in the agent config")
+                }
+                AuthError::Malformed => Status::unauthenticated("authorization must be `Bearer <token>`"),
+                AuthError::Unknown => Status::unauthenticated(
+                    "unknown agent token: check hub.token in the agent config and the hub's agents list",
+                ),
+                AuthError::WrongKind(_) => Status::permission_denied(e.to_string()),
+            }
+        };
+        let id = self.auth.agent(header).map_err(refused)?;
+        self.config
+            .agents
+            .iter()
+            .find(|a| a.id == id)
+            .cloned()
+            .ok_or_else(|| Status::internal(format!("agent {id} has a token but no entry")))
     }
 
     /// Registers a new stream of `source_id`, replacing (and waiting out) the live one; returns its

@@ -24,10 +24,13 @@
 //! - [`fanout`] — subscriptions, events, the log and delivery.
 //! - [`audit`] — the delivery audit log.
 //! - [`admin`] — the operators' HTTP API.
+//! - [`auth`] — who a peer is: one identity per connection, for ingest, Subscribe and admin alike.
+//! - [`listener`] — accepting connections within limits.
 
 pub mod admin;
 pub mod apply;
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod fanout;
 pub mod ingest;
@@ -87,6 +90,7 @@ pub async fn run(
     let fanout = fanout::Fanout::start(&config).await?;
     let addr = listener.local_addr().ok();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let auth = Arc::new(auth::Authenticator::new(&config));
     let (anchor, signing_key) = audit::Anchor::load_or_create(&config)?;
     anchor.checkpoints()?;
     tokio::spawn(audit::run_checkpoints(
@@ -102,13 +106,13 @@ pub async fn run(
             listener::GuardedListener::new(TcpListener::bind(&admin.listen).await?, &config.limits, "admin");
         info!(listen = %admin.listen, "admin API serving");
         let mut stop = stop_rx.clone();
-        let f = fanout.clone();
+        let (f, a) = (fanout.clone(), auth.clone());
         let ndc = config.ndc.clone();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = admin::serve(f, admin, ndc, anchor, admin_listener, stopped).await {
+            if let Err(e) = admin::serve(f, a, ndc, anchor, admin_listener, stopped).await {
                 tracing::warn!(error = %e, "admin API stopped");
             }
         });
@@ -129,11 +133,11 @@ pub async fn run(
     }
     info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), kafka = config.kafka.is_some(), "hub serving");
     let limits = config.limits.clone();
-    let service = IngestServer::new(IngestService::new(config, fanout.clone(), stop_rx.clone()))
+    let service = IngestServer::new(IngestService::new(config, auth.clone(), fanout.clone(), stop_rx.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
-    let subscribe = SubscribeServer::new(SubscribeService::new(fanout, stop_rx.clone()))
+    let subscribe = SubscribeServer::new(SubscribeService::new(fanout, auth, stop_rx.clone()))
         .send_compressed(CompressionEncoding::Zstd)
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_SUBSCRIBER_MESSAGE_BYTES);

@@ -22,10 +22,9 @@ enum Command {
         config: PathBuf,
     },
     /// Print the SHA-256 of a token, for `token_sha256` in hub.toml.
-    HashToken {
-        /// The agent's token.
-        token: String,
-    },
+    /// Reads the token from standard input (its first line), so that it never appears in a process
+    /// list or a shell history: `dongbo-hub hash-token < token-file`.
+    HashToken,
     /// Manage subscriptions of a running hub (admin API).
     Subscriptions {
         #[command(flatten)]
@@ -139,9 +138,12 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::HashToken { token } => {
-            use sha2::Digest;
-            println!("{}", hex::encode(sha2::Sha256::digest(token.as_bytes())));
+        Command::HashToken => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("cannot read the token from standard input")?;
+            let token = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!token.is_empty(), "no token on standard input: dongbo-hub hash-token < token-file");
+            println!("{}", dongbo_hub::auth::digest(token));
             Ok(())
         }
         Command::Subscriptions { admin, action } => {

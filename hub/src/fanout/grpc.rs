@@ -25,6 +25,7 @@ use super::projection::Subscription;
 use super::subscription::Delivery;
 use super::Fanout;
 use crate::audit::Entry;
+use crate::auth::{AuthError, Authenticator};
 
 /// Records in flight when the subscriber does not say.
 const DEFAULT_WINDOW: u32 = 256;
@@ -32,13 +33,14 @@ const DEFAULT_WINDOW: u32 = 256;
 /// The service.
 pub struct SubscribeService {
     fanout: Arc<Fanout>,
+    auth: Arc<Authenticator>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SubscribeService {
-    /// A service over `fanout`; its streams end when `stop` turns true.
-    pub fn new(fanout: Arc<Fanout>, stop: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { fanout, stop }
+    /// A service over `fanout` for the subscribers `auth` knows; its streams end when `stop` turns true.
+    pub fn new(fanout: Arc<Fanout>, auth: Arc<Authenticator>, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { fanout, auth, stop }
     }
 }
 
@@ -49,19 +51,15 @@ impl Subscribe for SubscribeService {
     type StreamStream = Out;
 
     async fn stream(&self, request: Request<Streaming<SubscriberMessage>>) -> Result<Response<Out>, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("send `authorization: Bearer <subscriber token>`"))?
-            .to_string();
-        let subscriber = self
-            .fanout
-            .subscriber_for_token(&token)
-            .ok_or_else(|| Status::unauthenticated("unknown subscriber token"))?
-            .id
-            .clone();
+        let header = request.metadata().get("authorization").and_then(|h| h.to_str().ok());
+        let subscriber = self.auth.subscriber(header).map_err(|e| {
+            warn!(peer = ?request.remote_addr(), reason = %e, "subscriber credential refused");
+            match e {
+                AuthError::Unknown => Status::unauthenticated("unknown subscriber token"),
+                AuthError::WrongKind(_) => Status::permission_denied(e.to_string()),
+                _ => Status::unauthenticated("send `authorization: Bearer <subscriber token>`"),
+            }
+        })?;
         let mut inbound = request.into_inner();
         let open = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Err(_) => return Err(Status::invalid_argument("no Open within 10 s")),

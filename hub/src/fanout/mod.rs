@@ -46,7 +46,7 @@ use self::events::ActiveRule;
 use self::log::{Cursor, FanoutLog, LogError};
 use self::projection::{Outgoing, Subscription};
 use self::state::{Origin, State};
-use self::subscription::{Catalog, Delivery, Start, Subscriber, SubscriptionDef};
+use self::subscription::{Catalog, Delivery, Start, SubscriptionDef};
 use crate::audit::AuditLog;
 use crate::config::HubConfig;
 
@@ -102,7 +102,6 @@ pub struct Fanout {
     /// NDC connections the hub's appliers may hold together (`limits.max_ndc_connections`); shared
     /// here because the gRPC ingest and the Kafka consumer both open appliers.
     pub ndc_slots: Arc<tokio::sync::Semaphore>,
-    subscribers: Vec<Subscriber>,
     subs: RwLock<HashMap<String, Arc<Subscription>>>,
     workers: RwLock<HashMap<String, mpsc::Sender<Command>>>,
     /// Bumped by each new gRPC stream of a subscription, so the newest stream wins.
@@ -137,7 +136,6 @@ impl Fanout {
             catalog: Arc::new(catalog),
             rules: Arc::new(rules),
             audit: Arc::new(audit),
-            subscribers: config.subscribers.clone(),
             subs: RwLock::new(HashMap::new()),
             workers: RwLock::new(HashMap::new()),
             generations: std::sync::Mutex::new(HashMap::new()),
@@ -161,11 +159,6 @@ impl Fanout {
         let retention = fanout.clone();
         tokio::spawn(async move { retention.retention_loop().await });
         Ok(fanout)
-    }
-
-    /// The subscriber owning `token`.
-    pub fn subscriber_for_token(&self, token: &str) -> Option<&Subscriber> {
-        self.subscribers.iter().find(|s| s.accepts(token))
     }
 
     /// A served subscription.

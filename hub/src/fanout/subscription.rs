@@ -11,7 +11,6 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::filter::Filter;
 
@@ -87,18 +86,6 @@ pub struct Subscriber {
 impl fmt::Debug for Subscriber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscriber").field("id", &self.id).finish_non_exhaustive()
-    }
-}
-
-impl Subscriber {
-    /// Whether `token` is this subscriber's.
-    pub fn accepts(&self, token: &str) -> bool {
-        let expected = match (&self.token_sha256, &self.token) {
-            (Some(h), _) => h.to_ascii_lowercase(),
-            (None, Some(t)) => hex::encode(Sha256::digest(t.as_bytes())),
-            (None, None) => return false,
-        };
-        hex::encode(Sha256::digest(token.as_bytes())) == expected
     }
 }
 

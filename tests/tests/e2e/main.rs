@@ -8,6 +8,7 @@ mod crash_recovery;
 mod fanout;
 mod hostile_agent;
 mod hub_limits;
+mod identities;
 mod kafka;
 mod mixed_workload;
 mod schema_drift;
