@@ -93,6 +93,8 @@ SQL
 
 cat >"$DEMO/hub.toml" <<TOML
 listen = "127.0.0.1:$HUB_PORT"
+# Everything runs on this machine's loopback for the demo.
+insecure_plaintext_demo = true
 
 [ndc]
 host = "127.0.0.1"
@@ -107,6 +109,9 @@ data_dir = "$DEMO/hub-data"
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
 token = "demo-admin-token"
+
+[audit]
+checkpoint_interval_s = 1
 
 [[agents]]
 id = "hcm-population"
@@ -233,6 +238,7 @@ cat "$DEMO/social-insurance.out" "$DEMO/health.out"
 
 say "the citizen asks: which systems received my data, when, and for what purpose? (dongbo-hub audit citizen)"
 "$BIN/dongbo-hub" audit --config "$DEMO/hub.toml" citizen "$ID"
+sleep 2 # one signed checkpoint of the audit chain (every second in this demo)
 "$BIN/dongbo-hub" audit --config "$DEMO/hub.toml" verify
 
 if [ "$KEEP" = "--keep" ]; then

@@ -87,6 +87,16 @@ pub struct HubLinkConfig {
     /// are split to fit; a single change larger than this cannot be shipped.
     #[serde(default = "default_hub_message_bytes")]
     pub max_message_bytes: usize,
+    /// The CA that signed the hub's certificate (PEM); required with an `https://` url.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// This agent's certificate (PEM), for mutual TLS: it names the agent
+    /// (`spiffe://<trust domain>/agent/<source_id>`).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// This agent's private key (PEM).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// The hub's default `limits.max_message_bytes`.
@@ -246,6 +256,16 @@ impl Validate for AgentConfig {
             }
             if hub.max_message_bytes < 1024 {
                 p.push("hub.max_message_bytes must be at least 1024".into());
+            }
+            let tls = hub.url.starts_with("https://");
+            if tls && hub.ca_file.is_none() {
+                p.push("hub.url is https:// but hub.ca_file (the CA of the hub's certificate) is not set".into());
+            }
+            if !tls && (hub.ca_file.is_some() || hub.cert_file.is_some()) {
+                p.push("hub.ca_file / cert_file are set but hub.url is not https://".into());
+            }
+            if hub.cert_file.is_some() != hub.key_file.is_some() {
+                p.push("hub.cert_file and hub.key_file go together".into());
             }
         }
         if let Some(k) = &self.kafka {

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
 
 use crate::config::HubLinkConfig;
@@ -192,15 +192,34 @@ where
     }
 }
 
-/// Opens a channel to the hub.
-pub async fn connect(url: &str) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(url.to_string())?
+/// The TLS settings of the link: the hub's CA and, for mutual TLS, this agent's certificate.
+fn client_tls(link: &HubLinkConfig) -> Result<Option<ClientTlsConfig>, ShipError> {
+    let Some(ca) = &link.ca_file else { return Ok(None) };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ShipError::Protocol(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&link.cert_file, &link.key_file) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Opens a channel to the hub (TLS when `link` has a CA).
+pub async fn connect_link(link: &HubLinkConfig) -> Result<Channel, ShipError> {
+    let mut endpoint = Endpoint::from_shared(link.url.clone())?;
+    if let Some(tls) = client_tls(link)? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(configure(endpoint).connect().await?)
+}
+
+fn configure(endpoint: Endpoint) -> Endpoint {
+    endpoint
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .tcp_nodelay(true)
-        .connect()
-        .await
 }
 
 /// Opens the ingest stream, says Hello and returns the hub's applied seq with the live stream.
@@ -209,7 +228,7 @@ pub async fn open_stream(
     link: &HubLinkConfig,
     token: &str,
 ) -> Result<(u64, mpsc::Sender<AgentMessage>, tonic::Streaming<dongbo_proto::v1::HubMessage>), ShipError> {
-    let channel = connect(&link.url).await?;
+    let channel = connect_link(link).await?;
     let mut client = IngestClient::new(channel)
         .max_decoding_message_size(MAX_HUB_MESSAGE_BYTES)
         .max_encoding_message_size(link.max_message_bytes);

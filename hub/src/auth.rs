@@ -2,10 +2,14 @@
 //! credentials and passed down as a value, for the gRPC ingest, the `Subscribe` stream and the admin
 //! API alike. Handlers ask the [`Identity`]; they do not parse headers.
 //!
-//! Today the credential is a bearer token (`authorization: Bearer <token>`); the hub stores only
-//! SHA-256 digests of tokens (`token_sha256`, or `token` in clear for demos, digested on load), and
-//! compares digests, so timing says nothing about a token. Certificates (mutual TLS) come next and
-//! will yield the same [`Identity`].
+//! Credentials are a client certificate (mutual TLS on the gRPC listener), a bearer token
+//! (`authorization: Bearer <token>`), or both, as `tls.mode` says:
+//! - a certificate names its peer by a URI SAN `spiffe://<trust domain>/<agent|subscriber>/<id>`,
+//!   and rustls has already checked it chains to `tls.client_ca_file` and is in its validity period;
+//! - the hub stores only SHA-256 digests of tokens (`token_sha256`, or `token` in clear for demos,
+//!   digested on load), and compares digests, so timing says nothing about a token;
+//! - with `mtls+token` both must be present and name the same peer, so a stolen token alone or a
+//!   stolen key alone is not enough.
 //!
 //! A refused credential is reported with the reason and never with the secret.
 
@@ -54,6 +58,64 @@ pub enum AuthError {
     /// A known peer, but not of the kind this endpoint serves.
     #[error("this token identifies {0}, which may not use this endpoint")]
     WrongKind(String),
+    /// No client certificate, where one is required.
+    #[error("no client certificate: this hub requires mutual TLS (set hub.cert_file and hub.key_file in the agent)")]
+    NoCertificate,
+    /// The certificate does not name a peer the hub knows.
+    #[error("client certificate refused: {0}")]
+    Certificate(String),
+    /// Certificate and token name different peers.
+    #[error("the client certificate names {cert} but the token names {token}")]
+    Mismatch {
+        /// Who the certificate names.
+        cert: String,
+        /// Who the token names.
+        token: String,
+    },
+}
+
+/// What a peer presented on one connection or request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// Its client certificate (DER), if the connection is TLS and it sent one.
+    pub certificate: Option<&'a [u8]>,
+    /// Its `authorization` header value.
+    pub authorization: Option<&'a str>,
+}
+
+/// The peer a client certificate names, by its URI SAN `spiffe://<trust_domain>/<kind>/<id>`.
+pub fn certificate_identity(der: &[u8], trust_domain: &str) -> Result<Identity, AuthError> {
+    let bad = |why: String| AuthError::Certificate(why);
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| bad(format!("not an X.509 certificate ({e})")))?;
+    let prefix = format!("spiffe://{trust_domain}/");
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| bad(format!("its subject alternative names do not parse ({e})")))?
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    let mut found = None;
+    for name in sans {
+        if let x509_parser::extensions::GeneralName::URI(uri) = name {
+            if let Some(rest) = uri.strip_prefix(&prefix) {
+                if found.is_some() {
+                    return Err(bad("it names more than one peer".into()));
+                }
+                found = Some(rest.to_string());
+            }
+        }
+    }
+    let rest = found.ok_or_else(|| bad(format!("it has no URI SAN {prefix}<agent|subscriber>/<id>")))?;
+    match rest.split_once('/') {
+        Some(("agent", id)) if valid_id(id) => Ok(Identity::Agent(id.into())),
+        Some(("subscriber", id)) if valid_id(id) => Ok(Identity::Subscriber(id.into())),
+        Some(("operator", id)) if valid_id(id) => Ok(Identity::Operator { id: id.into(), role: Role::Read }),
+        _ => Err(bad(format!("{prefix}{rest} is not {prefix}<agent|subscriber|operator>/<id>"))),
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The SHA-256 (hex) of a secret as the config gives it: its digest, or the secret in clear.
@@ -76,10 +138,14 @@ pub fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
     value.strip_prefix("Bearer ").filter(|t| !t.is_empty()).ok_or(AuthError::Malformed)
 }
 
-/// Every credential the hub accepts, by digest.
+/// Every credential the hub accepts.
 #[derive(Debug, Clone, Default)]
 pub struct Authenticator {
     by_digest: HashMap<String, Identity>,
+    /// Agents and subscribers the config lists: a certificate naming anyone else is refused.
+    known: std::collections::HashSet<(bool, String)>,
+    /// `None`: clear-text demo, tokens only.
+    tls: Option<(crate::config::AuthMode, String)>,
 }
 
 impl Authenticator {
@@ -87,6 +153,9 @@ impl Authenticator {
     /// are refused by the config's validation, so each digest names one identity.
     pub fn new(config: &crate::config::HubConfig) -> Self {
         let mut by_digest = HashMap::new();
+        let mut known = std::collections::HashSet::new();
+        known.extend(config.agents.iter().map(|a| (true, a.id.clone())));
+        known.extend(config.subscribers.iter().map(|s| (false, s.id.clone())));
         for a in &config.agents {
             if let Some(d) = secret_digest(a.token_sha256.as_deref(), a.token.as_deref()) {
                 by_digest.insert(d, Identity::Agent(a.id.clone()));
@@ -107,7 +176,8 @@ impl Authenticator {
                 }
             }
         }
-        Self { by_digest }
+        let tls = config.tls.as_ref().map(|t| (t.mode, t.trust_domain.clone()));
+        Self { by_digest, known, tls }
     }
 
     /// The identity an `authorization` header value proves.
@@ -116,17 +186,48 @@ impl Authenticator {
         self.by_digest.get(&digest(token)).cloned().ok_or(AuthError::Unknown)
     }
 
-    /// The agent an `authorization` header value proves.
-    pub fn agent(&self, header: Option<&str>) -> Result<String, AuthError> {
-        match self.identify(header)? {
+    /// The identity a gRPC peer's credentials prove, as `tls.mode` requires.
+    pub fn establish(&self, c: Credentials<'_>) -> Result<Identity, AuthError> {
+        use crate::config::AuthMode;
+        let Some((mode, domain)) = &self.tls else { return self.identify(c.authorization) };
+        let from_cert = || -> Result<Identity, AuthError> {
+            let der = c.certificate.ok_or(AuthError::NoCertificate)?;
+            let id = certificate_identity(der, domain)?;
+            let listed = match &id {
+                Identity::Agent(a) => self.known.contains(&(true, a.clone())),
+                Identity::Subscriber(s) => self.known.contains(&(false, s.clone())),
+                Identity::Operator { .. } => true,
+            };
+            if !listed {
+                return Err(AuthError::Certificate(format!("{} is not in this hub's configuration", id.describe())));
+            }
+            Ok(id)
+        };
+        match mode {
+            AuthMode::Token => self.identify(c.authorization),
+            AuthMode::Mtls => from_cert(),
+            AuthMode::MtlsAndToken => {
+                let cert = from_cert()?;
+                let token = self.identify(c.authorization)?;
+                if cert != token {
+                    return Err(AuthError::Mismatch { cert: cert.describe(), token: token.describe() });
+                }
+                Ok(cert)
+            }
+        }
+    }
+
+    /// The agent a gRPC peer's credentials prove.
+    pub fn agent(&self, c: Credentials<'_>) -> Result<String, AuthError> {
+        match self.establish(c)? {
             Identity::Agent(id) => Ok(id),
             other => Err(AuthError::WrongKind(other.describe())),
         }
     }
 
-    /// The subscriber an `authorization` header value proves.
-    pub fn subscriber(&self, header: Option<&str>) -> Result<String, AuthError> {
-        match self.identify(header)? {
+    /// The subscriber a gRPC peer's credentials prove.
+    pub fn subscriber(&self, c: Credentials<'_>) -> Result<String, AuthError> {
+        match self.establish(c)? {
             Identity::Subscriber(id) => Ok(id),
             other => Err(AuthError::WrongKind(other.describe())),
         }
@@ -163,6 +264,7 @@ mod tests {
         toml::from_str(
             r#"
 listen = "127.0.0.1:1"
+insecure_plaintext_demo = true
 [ndc]
 host = "h"
 database = "d"
@@ -188,17 +290,18 @@ token_sha256 = "3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d
     #[test]
     fn one_token_one_identity_of_one_kind() {
         let auth = Authenticator::new(&config());
-        assert_eq!(auth.agent(Some("Bearer a")).unwrap(), "hcm");
-        assert_eq!(auth.subscriber(Some("Bearer b")).unwrap(), "bhxh", "sha256(\"b\") from the config");
+        let t = |h: &'static str| Credentials { certificate: None, authorization: Some(h) };
+        assert_eq!(auth.agent(t("Bearer a")).unwrap(), "hcm");
+        assert_eq!(auth.subscriber(t("Bearer b")).unwrap(), "bhxh", "sha256(\"b\") from the config");
         assert_eq!(auth.operator(Some("Bearer root"), Role::Admin).unwrap(), ("admin".into(), Role::Admin));
         assert_eq!(auth.operator(Some("Bearer look"), Role::Read).unwrap(), ("dashboard".into(), Role::Read));
         assert!(matches!(auth.operator(Some("Bearer look"), Role::Admin), Err(AuthError::WrongKind(_))));
-        assert_eq!(auth.agent(Some("Bearer b")), Err(AuthError::WrongKind("subscriber bhxh".into())));
-        assert_eq!(auth.agent(Some("Bearer nope")), Err(AuthError::Unknown));
-        assert_eq!(auth.agent(Some("Basic a")), Err(AuthError::Malformed));
-        assert_eq!(auth.agent(Some("Bearer ")), Err(AuthError::Malformed));
-        assert_eq!(auth.agent(None), Err(AuthError::Missing));
-        let shown = format!("{:?} {}", auth.agent(Some("Bearer secret-x")), AuthError::Unknown);
+        assert_eq!(auth.agent(t("Bearer b")), Err(AuthError::WrongKind("subscriber bhxh".into())));
+        assert_eq!(auth.agent(t("Bearer nope")), Err(AuthError::Unknown));
+        assert_eq!(auth.agent(t("Basic a")), Err(AuthError::Malformed));
+        assert_eq!(auth.agent(t("Bearer ")), Err(AuthError::Malformed));
+        assert_eq!(auth.agent(Credentials::default()), Err(AuthError::Missing));
+        let shown = format!("{:?} {}", auth.agent(t("Bearer secret-x")), AuthError::Unknown);
         assert!(!shown.contains("secret-x"), "{shown}");
     }
 }

@@ -51,6 +51,51 @@ pub struct HubConfig {
     /// What a peer can make the hub spend.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// TLS on the gRPC listener, with client certificates (mutual TLS).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve gRPC in clear text with bearer tokens only: for a demo or a test on one machine,
+    /// never in production. Without `[tls]` the hub refuses to start unless this is true.
+    #[serde(default)]
+    pub insecure_plaintext_demo: bool,
+}
+
+/// How peers prove who they are on the gRPC listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// A client certificate signed by `client_ca_file`; its URI SAN names the peer.
+    Mtls,
+    /// A bearer token only (the channel is still TLS).
+    Token,
+    /// Both, and they must name the same peer.
+    #[serde(rename = "mtls+token")]
+    MtlsAndToken,
+}
+
+/// TLS on the hub's gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The hub's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The hub's private key (PEM).
+    pub key_file: PathBuf,
+    /// The CA(s) that sign agents' and subscribers' certificates (PEM).
+    pub client_ca_file: PathBuf,
+    /// Certificates name peers by a URI SAN `spiffe://<trust_domain>/<agent|subscriber>/<id>`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// What a peer must present.
+    #[serde(default = "default_auth_mode")]
+    pub mode: AuthMode,
+}
+
+fn default_trust_domain() -> String {
+    "ndc.gov.vn".into()
+}
+fn default_auth_mode() -> AuthMode {
+    AuthMode::MtlsAndToken
 }
 
 /// Every resource a peer (agent, subscriber, operator or a stranger) can make the hub spend, bounded.
@@ -503,6 +548,20 @@ impl Validate for HubConfig {
         if l.handshake_timeout_ms == 0 || l.idle_timeout_ms < 3_000 {
             p.push("limits.handshake_timeout_ms must be positive and limits.idle_timeout_ms at least 3000".into());
         }
+        match (&self.tls, self.insecure_plaintext_demo) {
+            (None, false) => p.push(
+                "no [tls]: the hub would serve citizens' data and tokens in clear text; configure [tls] \
+                 (cert_file, key_file, client_ca_file), or set insecure_plaintext_demo = true for a demo on one machine"
+                    .into(),
+            ),
+            (Some(_), true) => p.push("insecure_plaintext_demo = true contradicts [tls]: remove one".into()),
+            (Some(t), false) => {
+                if t.trust_domain.is_empty() || t.trust_domain.contains('/') {
+                    p.push(format!("tls.trust_domain {:?} must be a domain name", t.trust_domain));
+                }
+            }
+            (None, true) => {}
+        }
         if self.audit.checkpoint_interval_s == Some(0) {
             p.push("audit.checkpoint_interval_s must be at least 1".into());
         }
@@ -544,8 +603,14 @@ mod tests {
         let c: HubConfig = toml::from_str(include_str!("../../deploy/examples/hub.toml")).unwrap();
         assert_eq!(c.validate(), Vec::<String>::new());
         let auth = crate::auth::Authenticator::new(&c);
-        assert_eq!(auth.agent(Some("Bearer test")).unwrap(), c.agents[0].id, "the example hash is sha256(\"test\")");
-        assert!(auth.agent(Some("Bearer tset")).is_err());
+        let agent = crate::auth::Identity::Agent(c.agents[0].id.clone());
+        assert_eq!(auth.identify(Some("Bearer test")).unwrap(), agent, "the example hash is sha256(\"test\")");
+        assert!(auth.identify(Some("Bearer tset")).is_err());
+        assert_eq!(
+            auth.agent(crate::auth::Credentials { certificate: None, authorization: Some("Bearer test") }),
+            Err(crate::auth::AuthError::NoCertificate),
+            "the example requires mutual TLS as well as the token"
+        );
         assert!(c.agents[0].allows("public.citizens") && !c.agents[0].allows("public.secrets"));
     }
 
@@ -579,7 +644,8 @@ token = "t0ps3cret"
 "#;
         let c: HubConfig = toml::from_str(text).unwrap();
         let problems = c.validate();
-        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("clear text")), "no [tls] and no demo flag: {problems:?}");
         assert!(problems.iter().any(|p| p.contains("share a token")), "{problems:?}");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2") && !dbg.contains("t0ps3cret"), "{dbg}");

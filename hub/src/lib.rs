@@ -31,6 +31,7 @@ pub mod admin;
 pub mod apply;
 pub mod audit;
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub mod fanout;
 pub mod ingest;
@@ -71,6 +72,26 @@ pub enum HubError {
     /// The audit chain's signing key or checkpoints could not be used.
     #[error(transparent)]
     Checkpoint(#[from] audit::checkpoint::CheckpointError),
+    /// The TLS certificate, key or client CA could not be read.
+    #[error("TLS: cannot read {path}: {source}")]
+    Tls {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The gRPC server's TLS settings from `[tls]`: the hub's identity and the CA its clients' certificates
+/// must chain to (required unless `mode = "token"`).
+fn server_tls(t: &config::TlsConfig) -> Result<tonic::transport::ServerTlsConfig, HubError> {
+    let read =
+        |path: &std::path::Path| std::fs::read(path).map_err(|source| HubError::Tls { path: path.into(), source });
+    let identity = tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?);
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(&t.client_ca_file)?))
+        .client_auth_optional(t.mode == config::AuthMode::Token))
 }
 
 /// A subscriber sends only Open and Ack messages, each well under a kilobyte.
@@ -133,6 +154,10 @@ pub async fn run(
     }
     info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), kafka = config.kafka.is_some(), "hub serving");
     let limits = config.limits.clone();
+    let tls = config.tls.clone();
+    if tls.is_none() {
+        tracing::warn!("serving gRPC in clear text (insecure_plaintext_demo): tokens and citizens' data cross the network readable");
+    }
     let service = IngestServer::new(IngestService::new(config, auth.clone(), fanout.clone(), stop_rx.clone()))
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(limits.max_message_bytes)
@@ -150,7 +175,11 @@ pub async fn run(
     };
     // Acks are small messages: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to each one
     // (the guarded listener sets it on every connection).
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        server = server.tls_config(server_tls(t)?)?;
+    }
+    let result = server
         .http2_keepalive_interval(Some(listener::keepalive(&limits)))
         .http2_keepalive_timeout(Some(listener::keepalive(&limits)))
         .add_service(service)

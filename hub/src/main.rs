@@ -47,6 +47,54 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// Make a CA and certificates for a demo, a test or a small deployment (mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Make a CA: `ca.pem` and `ca.key` (mode 0600) in DIR.
+    Ca {
+        /// Where to write the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Its name.
+        #[arg(long, default_value = "dongbo demo CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issue a certificate signed by the CA in CA_DIR: OUT.pem and OUT.key (mode 0600).
+    Issue {
+        /// The CA's directory (from `certs ca`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// What it is for.
+        #[arg(long, value_enum)]
+        kind: dongbo_hub::certs::Kind,
+        /// The peer's id (`source_id` of an agent, id of a subscriber or operator; the hub's name).
+        #[arg(long)]
+        id: String,
+        /// Path prefix of the files to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The trust domain of the `spiffe://` name (the hub's `tls.trust_domain`).
+        #[arg(long, default_value = "ndc.gov.vn")]
+        trust_domain: String,
+        /// For the hub: its DNS names and IP addresses.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Issue it already expired (for testing that it is refused).
+        #[arg(long)]
+        expired: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -134,6 +182,20 @@ async fn main() -> anyhow::Result<()> {
                     // Nothing is lost: an NDC transaction cut off here is rolled back, and what was
                     // not acknowledged is sent again by the agents.
                     tracing::warn!(grace_s = STOP_GRACE.as_secs(), "streams did not all end in time after the stop signal; exiting anyway");
+                }
+            }
+            Ok(())
+        }
+        Command::Certs { action } => {
+            match action {
+                CertsAction::Ca { dir, name, days } => {
+                    dongbo_hub::certs::make_ca(&dir, &name, days)?;
+                    println!("CA written to {}/ca.pem (key {}/ca.key)", dir.display(), dir.display());
+                }
+                CertsAction::Issue { ca_dir, kind, id, out, trust_domain, hosts, days, expired } => {
+                    let r = dongbo_hub::certs::Request { kind, id, trust_domain, hosts, days, expired };
+                    dongbo_hub::certs::issue(&ca_dir, &out, &r)?;
+                    println!("certificate written to {0}.pem (key {0}.key)", out.display());
                 }
             }
             Ok(())

@@ -8,6 +8,7 @@ pub mod hostile;
 pub mod kafka;
 pub mod pg;
 pub mod procs;
+pub mod tls;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ pub struct Deployment {
     pub fanout_toml: String,
     /// Kafka brokers: when set, the agent produces to Kafka and the hubs consume it.
     pub kafka: Option<String>,
+    /// Mutual TLS between agent and hub, with certificates the harness made; `None` is clear text.
+    pub tls: Option<tls::TestPki>,
 }
 
 /// The agent's token in test deployments.
@@ -68,6 +71,7 @@ impl Deployment {
             spool_extra: String::new(),
             fanout_toml: String::new(),
             kafka: None,
+            tls: None,
         })
     }
 
@@ -105,12 +109,16 @@ impl Deployment {
             None => String::new(),
         };
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n[fanout]\ndata_dir = \"{data}\"\n\n{agents_toml}\n{fanout}{kafka}",
+            "listen = \"127.0.0.1:{port}\"\n{tls}\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n[fanout]\ndata_dir = \"{data}\"\n\n{agents_toml}\n{fanout}{kafka}",
             pg = self.pg.port,
             role = pg::ROLE,
             pw = pg::PASSWORD,
             data = self.dir.join(format!("{name}-data")).display(),
             fanout = self.fanout_toml,
+            tls = match &self.tls {
+                Some(t) => t.hub_toml(),
+                None => "insecure_plaintext_demo = true\n".into(),
+            },
         );
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, config)?;
@@ -159,10 +167,17 @@ impl Deployment {
             extra = self.spool_extra,
             link = match &self.kafka {
                 Some(brokers) => format!("[kafka]\nbrokers = \"{brokers}\"\nmax_backoff_ms = 1000\n"),
-                None => format!(
-                    "[hub]\nurl = \"http://127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\nmax_backoff_ms = 1000\n",
-                    self.hub_port
-                ),
+                None => match &self.tls {
+                    None => format!(
+                        "[hub]\nurl = \"http://127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\nmax_backoff_ms = 1000\n",
+                        self.hub_port
+                    ),
+                    Some(t) => format!(
+                        "[hub]\nurl = \"https://localhost:{}\"\ntoken = \"{TOKEN}\"\nmax_backoff_ms = 1000\n{}",
+                        self.hub_port,
+                        t.agent_toml(&self.source_id)
+                    ),
+                },
             },
         )
     }

@@ -1,5 +1,6 @@
 //! `kill -9` of the agent or the hub mid-stream: after a restart the NDC equals the source and every
-//! change was applied exactly once (counted by the hub in the same transaction as the rows).
+//! change was applied exactly once (counted by the hub in the same transaction as the rows). These
+//! run over mutual TLS (certificates from `dongbo-hub certs`), as production does.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ async fn deployment_after_snapshot(
     rows: usize,
 ) -> anyhow::Result<(Deployment, CitizenGen, Vec<String>, u64)> {
     let mut d = Deployment::new(name, CITIZENS_DDL, &["public.citizens"]).await?;
+    d.tls = Some(dongbo_tests::tls::TestPki::new(&d.dir.join("pki"))?);
     let src = d.source().await?;
     let mut gen = CitizenGen::new(3);
     let ids = insert_citizens(&src, &mut gen, rows).await?;

@@ -11,6 +11,7 @@ mod hub_limits;
 mod identities;
 mod kafka;
 mod mixed_workload;
+mod mutual_tls;
 mod schema_drift;
 mod snapshot_and_stream;
 mod spool_limits;

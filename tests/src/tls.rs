@@ -1,0 +1,95 @@
+//! Certificates for the mutual-TLS scenarios, made by the real `dongbo-hub certs` commands: a CA,
+//! the hub's certificate for `localhost`, and agent certificates on demand (also from another CA,
+//! expired, or naming another agent).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+/// A test CA and the hub's certificate, in a directory of the deployment.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    /// Where everything is written.
+    pub dir: PathBuf,
+}
+
+fn certs(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(crate::procs::binary("dongbo-hub")?).arg("certs").args(args).output()?;
+    if !out.status.success() {
+        bail!("dongbo-hub certs {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl TestPki {
+    /// Makes the CA (`ca/`) and the hub's certificate (`hub.pem`) in `dir`.
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        let pki = Self { dir: dir.to_path_buf() };
+        certs(&["ca", "--dir", &pki.path("ca")])?;
+        certs(&[
+            "issue",
+            "--ca-dir",
+            &pki.path("ca"),
+            "--kind",
+            "hub",
+            "--id",
+            "hub",
+            "--out",
+            &pki.path("hub"),
+            "--host",
+            "localhost",
+            "--host",
+            "127.0.0.1",
+        ])
+        .context("hub certificate")?;
+        Ok(pki)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// Issues an agent certificate for `id` (signed by the CA in `ca`, default this PKI's) as
+    /// `<name>.pem` / `<name>.key`; returns the path prefix.
+    pub fn agent(&self, name: &str, id: &str, ca: Option<&str>, expired: bool) -> anyhow::Result<String> {
+        let ca = ca.map_or_else(|| self.path("ca"), |c| self.path(c));
+        let out = self.path(name);
+        let mut args = vec!["issue", "--ca-dir", &ca, "--kind", "agent", "--id", id, "--out", &out];
+        if expired {
+            args.push("--expired");
+        }
+        certs(&args)?;
+        Ok(out)
+    }
+
+    /// Makes another CA, `name/`, that the hub does not trust.
+    pub fn other_ca(&self, name: &str) -> anyhow::Result<()> {
+        certs(&["ca", "--dir", &self.path(name), "--name", "someone else's CA"])
+    }
+
+    /// The hub's `[tls]` section.
+    pub fn hub_toml(&self) -> String {
+        format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            self.path("hub.pem"),
+            self.path("hub.key"),
+            self.path("ca/ca.pem")
+        )
+    }
+
+    /// The agent's `[hub]` TLS fields for a certificate made for `source_id` (made if missing).
+    pub fn agent_toml(&self, source_id: &str) -> String {
+        let prefix = self.path(&format!("agent-{source_id}"));
+        if !Path::new(&format!("{prefix}.pem")).exists() {
+            if let Err(e) = self.agent(&format!("agent-{source_id}"), source_id, None, false) {
+                return format!("# cannot issue the agent's certificate: {e}\n");
+            }
+        }
+        self.link_toml(&prefix)
+    }
+
+    /// `[hub]` TLS fields naming the certificate at `prefix`.
+    pub fn link_toml(&self, prefix: &str) -> String {
+        format!("ca_file = \"{}\"\ncert_file = \"{prefix}.pem\"\nkey_file = \"{prefix}.key\"\n", self.path("ca/ca.pem"))
+    }
+}

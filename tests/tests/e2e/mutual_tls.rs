@@ -1,0 +1,108 @@
+//! Mutual TLS between agent and hub, with certificates made by `dongbo-hub certs`: the whole path
+//! works over it; an agent without a certificate, with one from another CA, with an expired one, or
+//! with agent A's certificate claiming to be B is refused with the reason and applies nothing; a
+//! clear-text client against the TLS listener gets nowhere.
+
+use std::time::Duration;
+
+use dongbo_proto::v1::ingest_client::IngestClient;
+use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
+use dongbo_tests::tls::TestPki;
+use dongbo_tests::{Deployment, TOKEN};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// Opens an ingest stream over TLS with `identity` (or none) and says Hello as `source_id`;
+/// returns the status the hub answers with.
+async fn try_agent(d: &Deployment, pki: &TestPki, identity: Option<&str>, source_id: &str) -> String {
+    let ca = std::fs::read(pki.dir.join("ca/ca.pem")).expect("CA");
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some(prefix) = identity {
+        let cert = std::fs::read(format!("{prefix}.pem")).expect("cert");
+        let key = std::fs::read(format!("{prefix}.key")).expect("key");
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let endpoint =
+        Endpoint::from_shared(format!("https://localhost:{}", d.hub_port)).expect("url").tls_config(tls).expect("tls");
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return format!("connect: {e:?}"),
+    };
+    let mut client = IngestClient::new(channel);
+    let hello = dongbo_proto::v1::AgentMessage {
+        kind: Some(dongbo_proto::v1::agent_message::Kind::Hello(dongbo_proto::v1::Hello {
+            source_id: source_id.into(),
+            agent_version: "test".into(),
+            protocol_version: dongbo_proto::PROTOCOL_VERSION,
+        })),
+    };
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![hello]));
+    request.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().expect("ascii"));
+    match client.stream(request).await {
+        Ok(mut s) => match s.get_mut().message().await {
+            Ok(Some(m)) => format!("accepted: {m:?}"),
+            Ok(None) => "ended".into(),
+            Err(e) => format!("{:?}: {}", e.code(), e.message()),
+        },
+        Err(e) => format!("{:?}: {} {:?}", e.code(), e.message(), std::error::Error::source(&e)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> anyhow::Result<()> {
+    let mut d = Deployment::new("mtls", CITIZENS_DDL, &["public.citizens"]).await?;
+    let pki = TestPki::new(&d.dir.join("pki"))?;
+    d.tls = Some(pki.clone());
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(61);
+    insert_citizens(&src, &mut gen, 200).await?;
+    let agents = format!("{}\n[[agents]]\nid = \"da-nang-health\"\ntoken = \"other-token\"\n", d.default_agents_toml());
+    d.start_hub_with(&agents).await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    insert_citizens(&src, &mut gen, 100).await?;
+    assert_eq!(d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?, 300);
+
+    // No certificate.
+    let none = try_agent(&d, &pki, None, &d.source_id).await;
+    eprintln!("no certificate: {none}");
+    assert!(!none.starts_with("accepted"), "{none}");
+    // A certificate from a CA the hub does not trust.
+    pki.other_ca("rogue-ca")?;
+    let rogue = pki.agent("rogue", &d.source_id, Some("rogue-ca"), false)?;
+    let refused = try_agent(&d, &pki, Some(&rogue), &d.source_id).await;
+    assert!(!refused.starts_with("accepted"), "{refused}");
+    // An expired one.
+    let expired = pki.agent("expired", &d.source_id, None, true)?;
+    let refused = try_agent(&d, &pki, Some(&expired), &d.source_id).await;
+    assert!(!refused.starts_with("accepted"), "{refused}");
+    // Agent A's certificate (with A's token) claiming to be agent B.
+    let a = pki.agent("a", "da-nang-health", None, false)?;
+    let claim = try_agent(&d, &pki, Some(&a), &d.source_id).await;
+    eprintln!("claim: {claim}");
+    assert!(claim.contains("PermissionDenied") && claim.contains("names agent da-nang-health"), "{claim}");
+    // The agent's own certificate with its own token is accepted.
+    let own =
+        try_agent(&d, &pki, Some(&pki.dir.join(format!("agent-{}", d.source_id)).to_string_lossy()), &d.source_id)
+            .await;
+    assert!(own.starts_with("accepted"), "the agent's own certificate and token: {own}");
+
+    // Clear text against the TLS listener gets nowhere.
+    let refused = match IngestClient::connect(format!("http://127.0.0.1:{}", d.hub_port)).await {
+        Err(e) => format!("connect: {e}"),
+        Ok(mut c) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            drop(tx);
+            match c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+                Ok(_) => "accepted".to_string(),
+                Err(e) => format!("{:?}", e.code()),
+            }
+        }
+    };
+    assert!(refused != "accepted", "{refused}");
+
+    // Nothing the refused peers did was applied; the agent's changes were, each once.
+    d.wait_applied(301, Duration::from_secs(30)).await?;
+    let log = d.hub.as_ref().expect("hub").log_text();
+    assert!(log.contains("agent credential refused"), "{log}");
+    Ok(())
+}
