@@ -9,6 +9,31 @@ use tonic::Streaming;
 
 use crate::Received;
 
+/// TLS to the hub: the CA of its certificate and, for mutual TLS, this subscriber's certificate and
+/// key (it names the subscriber: `spiffe://<trust domain>/subscriber/<id>`). PEM files.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// The hub's CA.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// This subscriber's certificate.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    fn client_config(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let Some(ca) = &self.ca_file else { return Ok(None) };
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(c), Some(k)) = (&self.cert_file, &self.key_file) {
+            tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
+        }
+        Ok(Some(tls))
+    }
+}
+
 /// An open subscription stream.
 pub struct Subscription {
     acks: mpsc::Sender<SubscriberMessage>,
@@ -25,7 +50,23 @@ impl Subscription {
         resume_token: Option<&str>,
         window: u32,
     ) -> anyhow::Result<Self> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_string())?.tcp_nodelay(true).connect().await?;
+        Self::open_with(url, token, &TlsFiles::default(), subscription, resume_token, window).await
+    }
+
+    /// [`Self::open`] over TLS (`https://` url) with `tls`.
+    pub async fn open_with(
+        url: &str,
+        token: &str,
+        tls: &TlsFiles,
+        subscription: &str,
+        resume_token: Option<&str>,
+        window: u32,
+    ) -> anyhow::Result<Self> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?.tcp_nodelay(true);
+        if let Some(config) = tls.client_config()? {
+            endpoint = endpoint.tls_config(config)?;
+        }
+        let channel = endpoint.connect().await?;
         let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
         let mut client = SubscribeClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
             req.metadata_mut().insert("authorization", auth.clone());

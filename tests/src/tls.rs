@@ -52,9 +52,27 @@ impl TestPki {
     /// Issues an agent certificate for `id` (signed by the CA in `ca`, default this PKI's) as
     /// `<name>.pem` / `<name>.key`; returns the path prefix.
     pub fn agent(&self, name: &str, id: &str, ca: Option<&str>, expired: bool) -> anyhow::Result<String> {
+        self.issue("agent", name, id, ca, expired)
+    }
+
+    /// Issues a subscriber certificate for `id` as `<name>.pem` / `<name>.key`.
+    pub fn subscriber(&self, name: &str, id: &str) -> anyhow::Result<String> {
+        self.issue("subscriber", name, id, None, false)
+    }
+
+    /// The TLS files of a subscriber whose certificate is at `prefix`.
+    pub fn subscriber_files(&self, prefix: &str) -> dongbo_subscribers::grpc::TlsFiles {
+        dongbo_subscribers::grpc::TlsFiles {
+            ca_file: Some(self.dir.join("ca/ca.pem")),
+            cert_file: Some(format!("{prefix}.pem").into()),
+            key_file: Some(format!("{prefix}.key").into()),
+        }
+    }
+
+    fn issue(&self, kind: &str, name: &str, id: &str, ca: Option<&str>, expired: bool) -> anyhow::Result<String> {
         let ca = ca.map_or_else(|| self.path("ca"), |c| self.path(c));
         let out = self.path(name);
-        let mut args = vec!["issue", "--ca-dir", &ca, "--kind", "agent", "--id", id, "--out", &out];
+        let mut args = vec!["issue", "--ca-dir", &ca, "--kind", kind, "--id", id, "--out", &out];
         if expired {
             args.push("--expired");
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use backoff::backoff::Backoff;
 use clap::Parser;
-use dongbo_subscribers::grpc::Subscription;
+use dongbo_subscribers::grpc::{Subscription, TlsFiles};
 
 #[derive(Parser)]
 #[command(about = "Social insurance: receives residence changes from the dongbo hub over gRPC")]
@@ -26,6 +26,15 @@ struct Args {
     /// Exit after this many records (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     count: usize,
+    /// The CA of the hub's certificate (with an `https://` hub).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
+    /// This subscriber's certificate, for mutual TLS.
+    #[arg(long)]
+    cert_file: Option<std::path::PathBuf>,
+    /// Its private key.
+    #[arg(long)]
+    key_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -63,7 +72,8 @@ async fn follow(
     resume: &mut Option<String>,
     retry: &mut backoff::ExponentialBackoff,
 ) -> anyhow::Result<()> {
-    let mut sub = Subscription::open(&args.hub, &args.token, &args.subscription, resume.as_deref(), 256).await?;
+    let tls = TlsFiles { ca_file: args.ca_file.clone(), cert_file: args.cert_file.clone(), key_file: args.key_file.clone() };
+    let mut sub = Subscription::open_with(&args.hub, &args.token, &tls, &args.subscription, resume.as_deref(), 256).await?;
     eprintln!("social-insurance: following {} at {}", args.subscription, args.hub);
     while let Some(records) = sub.next().await? {
         retry.reset();

@@ -55,6 +55,8 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
     let src = d.source().await?;
     let mut gen = CitizenGen::new(61);
     insert_citizens(&src, &mut gen, 200).await?;
+    d.fanout_toml = dongbo_tests::fanout::declarations(dongbo_tests::pg::free_port())
+        + &dongbo_tests::fanout::grpc_subscription("bhxh-residence", "bhxh", "social-insurance", &["residence.changed"], &["citizen_id"], None);
     let agents = format!("{}\n[[agents]]\nid = \"da-nang-health\"\ntoken = \"other-token\"\n", d.default_agents_toml());
     d.start_hub_with(&agents).await?;
     d.start_agent()?;
@@ -99,6 +101,21 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
         }
     };
     assert!(refused != "accepted", "{refused}");
+
+    // Subscribers: bhxh's own certificate and token open its subscription; moet's certificate
+    // cannot open bhxh's subscription, nor pass with bhxh's token.
+    use dongbo_subscribers::grpc::Subscription;
+    use dongbo_tests::fanout::{BHXH_TOKEN, MOET_TOKEN};
+    let url = format!("https://localhost:{}", d.hub_port);
+    let bhxh = pki.subscriber_files(&pki.subscriber("bhxh", "bhxh")?);
+    let moet = pki.subscriber_files(&pki.subscriber("moet", "moet")?);
+    let mut ok = Subscription::open_with(&url, BHXH_TOKEN, &bhxh, "bhxh-residence", None, 8).await?;
+    let first = tokio::time::timeout(Duration::from_millis(500), ok.next()).await;
+    assert!(!matches!(first, Ok(Err(_))), "bhxh's own subscription: {first:?}");
+    let other = Subscription::open_with(&url, MOET_TOKEN, &moet, "bhxh-residence", None, 8).await.err();
+    assert!(format!("{other:#?}").contains("belongs to another subscriber"), "{other:#?}");
+    let mixed = Subscription::open_with(&url, BHXH_TOKEN, &moet, "bhxh-residence", None, 8).await.err();
+    assert!(format!("{mixed:#?}").contains("names subscriber moet but the token names subscriber bhxh"), "{mixed:#?}");
 
     // Nothing the refused peers did was applied; the agent's changes were, each once.
     d.wait_applied(301, Duration::from_secs(30)).await?;
