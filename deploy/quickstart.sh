@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dongbo in one command: installs what is missing, builds, makes two throw-away PostgreSQL clusters (a
 # provincial population database and the NDC), starts the hub and an agent on the embedded default
-# (gRPC, no Kafka), loads 10 000 citizens with real 2025 commune codes, and shows a citizen's residence
+# (gRPC over mutual TLS with certificates from a throw-away CA it makes, no Kafka), loads 10 000 citizens with real 2025 commune codes, and shows a citizen's residence
 # change arriving in the NDC and, as a `residence.changed` event, at two subscribers: social insurance
 # over gRPC and health insurance over a signed webhook, each with only its purpose's fields. Ends with
 # the audit log answering the citizen's question "who received my data".
@@ -91,10 +91,22 @@ FROM generate_series(1, 10000) g,
      LATERAL (SELECT (ARRAY[$COMMUNES])[1 + g % array_length(ARRAY[$COMMUNES], 1)] AS c) x;
 SQL
 
+say "making a throw-away CA and certificates for the hub, the agent and social insurance (dongbo-hub certs)"
+PKI="$DEMO/pki"
+"$BIN/dongbo-hub" certs ca --dir "$PKI/ca" --name "dongbo quick-start CA"
+"$BIN/dongbo-hub" certs issue --ca-dir "$PKI/ca" --kind hub --id hub --host localhost --host 127.0.0.1 --out "$PKI/hub"
+"$BIN/dongbo-hub" certs issue --ca-dir "$PKI/ca" --kind agent --id hcm-population --out "$PKI/hcm-population"
+"$BIN/dongbo-hub" certs issue --ca-dir "$PKI/ca" --kind subscriber --id bhxh --out "$PKI/bhxh"
+
 cat >"$DEMO/hub.toml" <<TOML
 listen = "127.0.0.1:$HUB_PORT"
-# Everything runs on this machine's loopback for the demo.
-insecure_plaintext_demo = true
+
+# Mutual TLS: the agent and the gRPC subscriber present certificates signed by the demo CA, and
+# their tokens, and both must name the same peer.
+[tls]
+cert_file = "$PKI/hub.pem"
+key_file = "$PKI/hub.key"
+client_ca_file = "$PKI/ca/ca.pem"
 
 [ndc]
 host = "127.0.0.1"
@@ -182,8 +194,11 @@ tables = ["public.citizens"]
 path = "$DEMO/spool"
 
 [hub]
-url = "http://127.0.0.1:$HUB_PORT"
+url = "https://localhost:$HUB_PORT"
 token = "demo-token"
+ca_file = "$PKI/ca/ca.pem"
+cert_file = "$PKI/hcm-population.pem"
+key_file = "$PKI/hcm-population.key"
 TOML
 
 say "checking the provincial server (dongbo-agent check)"
@@ -204,7 +219,8 @@ echo "NDC now holds $(ndc -qAtc 'SELECT count(*) FROM hcm_population.citizens') 
 
 ID=$(src -c "SELECT citizen_id FROM citizens ORDER BY citizen_id LIMIT 1")
 say "starting two subscribers: social insurance (gRPC) and health insurance (webhook)"
-"$BIN/social-insurance" --hub "http://127.0.0.1:$HUB_PORT" --token demo-bhxh-token --subscription bhxh-residence \
+"$BIN/social-insurance" --hub "https://localhost:$HUB_PORT" --token demo-bhxh-token --subscription bhxh-residence \
+  --ca-file "$PKI/ca/ca.pem" --cert-file "$PKI/bhxh.pem" --key-file "$PKI/bhxh.key" \
   --count 1 >"$DEMO/social-insurance.out" 2>"$DEMO/social-insurance.log" &
 SI_PID=$!
 PIDS+=($SI_PID)

@@ -18,15 +18,16 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::admin_listener::{AdminListener, Peer};
 use crate::audit;
-use crate::auth::{AuthError, Authenticator, Role};
+use crate::auth::{AuthError, Authenticator, Credentials, Role};
 use crate::config::NdcConfig;
 use crate::fanout::record::rfc3339_micros;
 use crate::fanout::subscription::SubscriptionDef;
@@ -54,16 +55,17 @@ fn fanout_error(e: FanoutError) -> Response {
 }
 
 /// The operator behind a request, if its role reaches `needed`; else the answer to send.
-fn authorised(state: &AppState, headers: &HeaderMap, needed: Role) -> Result<String, Box<Response>> {
+fn authorised(state: &AppState, peer: &Peer, headers: &HeaderMap, needed: Role) -> Result<String, Box<Response>> {
     let header = headers.get("authorization").and_then(|h| h.to_str().ok());
-    match state.auth.operator(header, needed) {
+    let credentials = Credentials { certificate: peer.certificate.as_deref(), authorization: header };
+    match state.auth.operator(credentials, needed) {
         Ok((id, _)) => Ok(id),
         Err(e @ AuthError::WrongKind(_)) => {
-            tracing::warn!(reason = %e, "admin API request refused");
+            tracing::warn!(peer = %peer.addr, reason = %e, "admin API request refused");
             Err(Box::new(error(StatusCode::FORBIDDEN, vec![e.to_string()])))
         }
         Err(e) => {
-            tracing::warn!(reason = %e, "admin API request refused");
+            tracing::warn!(peer = %peer.addr, reason = %e, "admin API request refused");
             Err(Box::new(error(
                 StatusCode::UNAUTHORIZED,
                 vec![format!("{e}: send `authorization: Bearer <operator token>`")],
@@ -72,8 +74,8 @@ fn authorised(state: &AppState, headers: &HeaderMap, needed: Role) -> Result<Str
     }
 }
 
-async fn list(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorised(&s, &headers, Role::Read) {
+async fn list(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
         return *r;
     }
     match s.fanout.list().await {
@@ -82,8 +84,13 @@ async fn list(State(s): State<AppState>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn add(State(s): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = authorised(&s, &headers, Role::Admin) {
+async fn add(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorised(&s, &peer, &headers, Role::Admin) {
         return *r;
     }
     let def: SubscriptionDef = match serde_json::from_slice(&body) {
@@ -97,8 +104,13 @@ async fn add(State(s): State<AppState>, headers: HeaderMap, body: axum::body::By
     }
 }
 
-async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers, Role::Admin) {
+async fn remove(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorised(&s, &peer, &headers, Role::Admin) {
         return *r;
     }
     match s.fanout.remove(&id).await {
@@ -107,8 +119,13 @@ async fn remove(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
     }
 }
 
-async fn dead_letters(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers, Role::Read) {
+async fn dead_letters(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
         return *r;
     }
     if s.fanout.get(&id).await.is_none() {
@@ -120,8 +137,13 @@ async fn dead_letters(State(s): State<AppState>, headers: HeaderMap, Path(id): P
     }
 }
 
-async fn replay(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers, Role::Admin) {
+async fn replay(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorised(&s, &peer, &headers, Role::Admin) {
         return *r;
     }
     match s.fanout.replay(&id).await {
@@ -130,8 +152,13 @@ async fn replay(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
     }
 }
 
-async fn citizen(State(s): State<AppState>, headers: HeaderMap, Path(citizen_id): Path<String>) -> Response {
-    if let Err(r) = authorised(&s, &headers, Role::Read) {
+async fn citizen(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(citizen_id): Path<String>,
+) -> Response {
+    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
         return *r;
     }
     let result = async {
@@ -170,8 +197,8 @@ pub fn citizen_report(fanout: &Fanout, rows: &[audit::Stored]) -> serde_json::Va
     json!(lines)
 }
 
-async fn verify(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorised(&s, &headers, Role::Read) {
+async fn verify(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
         return *r;
     }
     let result = async {
@@ -202,7 +229,7 @@ pub async fn serve(
     auth: Arc<Authenticator>,
     ndc: NdcConfig,
     anchor: audit::Anchor,
-    listener: crate::listener::GuardedListener,
+    listener: AdminListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -214,5 +241,5 @@ pub async fn serve(
         .route("/audit/citizens/{citizen_id}", get(citizen))
         .route("/audit/verify", get(verify))
         .with_state(AppState { fanout, auth, ndc, anchor });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
 }

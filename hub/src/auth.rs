@@ -146,6 +146,8 @@ pub struct Authenticator {
     known: std::collections::HashSet<(bool, String)>,
     /// `None`: clear-text demo, tokens only.
     tls: Option<(crate::config::AuthMode, String)>,
+    /// Operators by id, with their roles (for operators known by their certificate).
+    operator_roles: HashMap<String, Role>,
 }
 
 impl Authenticator {
@@ -177,7 +179,12 @@ impl Authenticator {
             }
         }
         let tls = config.tls.as_ref().map(|t| (t.mode, t.trust_domain.clone()));
-        Self { by_digest, known, tls }
+        let mut operator_roles = HashMap::new();
+        if let Some(admin) = &config.admin {
+            operator_roles.insert("admin".to_string(), Role::Admin);
+            operator_roles.extend(admin.operators.iter().map(|o| (o.id.clone(), o.role)));
+        }
+        Self { by_digest, known, tls, operator_roles }
     }
 
     /// The identity an `authorization` header value proves.
@@ -233,9 +240,31 @@ impl Authenticator {
         }
     }
 
-    /// The operator an `authorization` header value proves, if its role reaches `needed`.
-    pub fn operator(&self, header: Option<&str>, needed: Role) -> Result<(String, Role), AuthError> {
-        match self.identify(header)? {
+    /// The operator an admin request's credentials prove, if its role reaches `needed`. Over HTTPS
+    /// an operator may present a client certificate (`spiffe://…/operator/<id>`, its role from
+    /// `admin.operators`), a token, or both, which must then name the same operator.
+    pub fn operator(&self, c: Credentials<'_>, needed: Role) -> Result<(String, Role), AuthError> {
+        let from_cert = match (c.certificate, &self.tls) {
+            (Some(der), Some((_, domain))) => match certificate_identity(der, domain)? {
+                Identity::Operator { id, .. } => {
+                    let role = self.operator_roles.get(&id).copied().ok_or_else(|| {
+                        AuthError::Certificate(format!("operator {id} is not in this hub's configuration"))
+                    })?;
+                    Some(Identity::Operator { id, role })
+                }
+                other => return Err(AuthError::WrongKind(other.describe())),
+            },
+            _ => None,
+        };
+        let from_token = c.authorization.map(|h| self.identify(Some(h))).transpose()?;
+        let identity = match (from_cert, from_token) {
+            (Some(cert), Some(token)) if cert != token => {
+                return Err(AuthError::Mismatch { cert: cert.describe(), token: token.describe() })
+            }
+            (Some(id), _) | (None, Some(id)) => id,
+            (None, None) => return Err(AuthError::Missing),
+        };
+        match identity {
             Identity::Operator { id, role } if role >= needed => Ok((id, role)),
             Identity::Operator { id, role } => {
                 Err(AuthError::WrongKind(format!("operator {id} with role {role:?}, which may only read")))
@@ -293,9 +322,9 @@ token_sha256 = "3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d
         let t = |h: &'static str| Credentials { certificate: None, authorization: Some(h) };
         assert_eq!(auth.agent(t("Bearer a")).unwrap(), "hcm");
         assert_eq!(auth.subscriber(t("Bearer b")).unwrap(), "bhxh", "sha256(\"b\") from the config");
-        assert_eq!(auth.operator(Some("Bearer root"), Role::Admin).unwrap(), ("admin".into(), Role::Admin));
-        assert_eq!(auth.operator(Some("Bearer look"), Role::Read).unwrap(), ("dashboard".into(), Role::Read));
-        assert!(matches!(auth.operator(Some("Bearer look"), Role::Admin), Err(AuthError::WrongKind(_))));
+        assert_eq!(auth.operator(t("Bearer root"), Role::Admin).unwrap(), ("admin".into(), Role::Admin));
+        assert_eq!(auth.operator(t("Bearer look"), Role::Read).unwrap(), ("dashboard".into(), Role::Read));
+        assert!(matches!(auth.operator(t("Bearer look"), Role::Admin), Err(AuthError::WrongKind(_))));
         assert_eq!(auth.agent(t("Bearer b")), Err(AuthError::WrongKind("subscriber bhxh".into())));
         assert_eq!(auth.agent(t("Bearer nope")), Err(AuthError::Unknown));
         assert_eq!(auth.agent(t("Basic a")), Err(AuthError::Malformed));

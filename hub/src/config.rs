@@ -576,8 +576,12 @@ impl Validate for HubConfig {
                 p.push("admin needs token_sha256 (or token) or operators so that only operators use it".into());
             }
             for o in &admin.operators {
-                if o.token.is_none() && o.token_sha256.is_none() {
-                    p.push(format!("operator {} has neither token_sha256 nor token", o.id));
+                // Without a token an operator can only be known by its client certificate.
+                if o.token.is_none() && o.token_sha256.is_none() && self.tls.is_none() {
+                    p.push(format!(
+                        "operator {} has neither token_sha256 nor token (nor [tls] for a certificate)",
+                        o.id
+                    ));
                 }
             }
         }

@@ -28,6 +28,7 @@
 //! - [`listener`] — accepting connections within limits.
 
 pub mod admin;
+pub mod admin_listener;
 pub mod apply;
 pub mod audit;
 pub mod auth;
@@ -123,9 +124,15 @@ pub async fn run(
         stop_rx.clone(),
     ));
     if let Some(admin) = config.admin.clone() {
-        let admin_listener =
-            listener::GuardedListener::new(TcpListener::bind(&admin.listen).await?, &config.limits, "admin");
-        info!(listen = %admin.listen, "admin API serving");
+        let guarded = listener::GuardedListener::new(TcpListener::bind(&admin.listen).await?, &config.limits, "admin");
+        let tls = config.tls.as_ref().map(admin_listener::server_config).transpose().map_err(|e| HubError::Tls {
+            path: config.tls.as_ref().map(|t| t.cert_file.clone()).unwrap_or_default(),
+            source: std::io::Error::other(e),
+        })?;
+        let https = tls.is_some();
+        let handshake = std::time::Duration::from_millis(config.limits.handshake_timeout_ms);
+        let admin_listener = admin_listener::AdminListener::start(guarded, tls, handshake)?;
+        info!(listen = %admin.listen, https, "admin API serving");
         let mut stop = stop_rx.clone();
         let (f, a) = (fanout.clone(), auth.clone());
         let ndc = config.ndc.clone();

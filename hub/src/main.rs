@@ -105,6 +105,9 @@ struct AdminArgs {
     /// The operators' token.
     #[arg(long, env = "DONGBO_ADMIN_TOKEN", hide_env_values = true)]
     token: String,
+    /// The CA of the hub's certificate, for an `https://` admin API.
+    #[arg(long, env = "DONGBO_ADMIN_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -311,7 +314,12 @@ async fn admin_call(
     body: Option<Vec<u8>>,
 ) -> anyhow::Result<()> {
     let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
-    let mut req = reqwest::Client::new().request(method, &url).bearer_auth(&admin.token);
+    let mut client = reqwest::Client::builder();
+    if let Some(ca) = &admin.ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        client = client.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    let mut req = client.build()?.request(method, &url).bearer_auth(&admin.token);
     if let Some(b) = body {
         req = req.header("content-type", "application/json").body(b);
     }

@@ -25,7 +25,8 @@ impl TlsFiles {
     fn client_config(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
         use tonic::transport::{Certificate, ClientTlsConfig, Identity};
         let Some(ca) = &self.ca_file else { return Ok(None) };
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
         if let (Some(c), Some(k)) = (&self.cert_file, &self.key_file) {
             tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));

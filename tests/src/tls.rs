@@ -55,6 +55,23 @@ impl TestPki {
         self.issue("agent", name, id, ca, expired)
     }
 
+    /// Issues an operator certificate for `id` as `<name>.pem` / `<name>.key`.
+    pub fn operator(&self, name: &str, id: &str) -> anyhow::Result<String> {
+        self.issue("operator", name, id, None, false)
+    }
+
+    /// An HTTPS client trusting this PKI's CA, presenting the certificate at `prefix` if given.
+    pub fn https_client(&self, prefix: Option<&str>) -> anyhow::Result<reqwest::Client> {
+        let ca = std::fs::read(self.dir.join("ca/ca.pem"))?;
+        let mut b = reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(&ca)?);
+        if let Some(p) = prefix {
+            let mut pem = std::fs::read(format!("{p}.pem"))?;
+            pem.extend(std::fs::read(format!("{p}.key"))?);
+            b = b.identity(reqwest::Identity::from_pem(&pem)?);
+        }
+        Ok(b.build()?)
+    }
+
     /// Issues a subscriber certificate for `id` as `<name>.pem` / `<name>.key`.
     pub fn subscriber(&self, name: &str, id: &str) -> anyhow::Result<String> {
         self.issue("subscriber", name, id, None, false)

@@ -496,7 +496,14 @@ async fn checkpoint_once(
     let head = txn.query_one("SELECT last_id, hash FROM dongbo.audit_head", &[]).await.map_err(|e| e.to_string())?;
     let (head_id, head_hash): (i64, Vec<u8>) = (head.get(0), head.get(1));
     let (from, prev) = match last {
+        // A checkpoint of the empty chain anchors nothing to look up.
         None => (1, Vec::new()),
+        Some(cp) if cp.last_id == 0 => {
+            if head_id == 0 {
+                return Ok(None);
+            }
+            (1, Vec::new())
+        }
         Some(cp) => {
             if head_id == cp.last_id && hex::encode(&head_hash) == cp.hash {
                 return Ok(None);

@@ -72,8 +72,10 @@ async fn follow(
     resume: &mut Option<String>,
     retry: &mut backoff::ExponentialBackoff,
 ) -> anyhow::Result<()> {
-    let tls = TlsFiles { ca_file: args.ca_file.clone(), cert_file: args.cert_file.clone(), key_file: args.key_file.clone() };
-    let mut sub = Subscription::open_with(&args.hub, &args.token, &tls, &args.subscription, resume.as_deref(), 256).await?;
+    let tls =
+        TlsFiles { ca_file: args.ca_file.clone(), cert_file: args.cert_file.clone(), key_file: args.key_file.clone() };
+    let mut sub =
+        Subscription::open_with(&args.hub, &args.token, &tls, &args.subscription, resume.as_deref(), 256).await?;
     eprintln!("social-insurance: following {} at {}", args.subscription, args.hub);
     while let Some(records) = sub.next().await? {
         retry.reset();

@@ -33,6 +33,13 @@ async fn a_consistent_audit_rewrite_with_the_hubs_ndc_role_is_detected() -> anyh
     d.start_hub().await?;
     d.start_agent()?;
     d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    // The first checkpoint anchors the empty chain; the next ones must build on it.
+    let checkpoints = d.dir.join("hub-data/audit-checkpoints/checkpoints.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&checkpoints).unwrap_or_default().contains("\"last_id\":0") {
+        anyhow::ensure!(Instant::now() < deadline, "no checkpoint of the empty chain within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (a, b) = (&ids[0], &ids[1]);
     for id in [a, b, a, b, a] {
         move_citizen(&src, &mut gen, id).await?;
@@ -43,7 +50,6 @@ async fn a_consistent_audit_rewrite_with_the_hubs_ndc_role_is_detected() -> anyh
     let ndc = d.pg.connect_as_role("ndc").await?;
     let head: i64 = ndc.query_one("SELECT last_id FROM dongbo.audit_head", &[]).await?.get(0);
     assert_eq!(head, 5);
-    let checkpoints = d.dir.join("hub-data/audit-checkpoints/checkpoints.jsonl");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(&checkpoints).unwrap_or_default().contains("\"last_id\":5") {
         anyhow::ensure!(Instant::now() < deadline, "no signed checkpoint of entry 5 within 20 s");

@@ -55,8 +55,17 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
     let src = d.source().await?;
     let mut gen = CitizenGen::new(61);
     insert_citizens(&src, &mut gen, 200).await?;
-    d.fanout_toml = dongbo_tests::fanout::declarations(dongbo_tests::pg::free_port())
-        + &dongbo_tests::fanout::grpc_subscription("bhxh-residence", "bhxh", "social-insurance", &["residence.changed"], &["citizen_id"], None);
+    let admin_port = dongbo_tests::pg::free_port();
+    d.fanout_toml = dongbo_tests::fanout::declarations(admin_port)
+        + &dongbo_tests::fanout::grpc_subscription(
+            "bhxh-residence",
+            "bhxh",
+            "social-insurance",
+            &["residence.changed"],
+            &["citizen_id"],
+            None,
+        )
+        + "\n[[admin.operators]]\nid = \"dashboard\"\nrole = \"read\"\n";
     let agents = format!("{}\n[[agents]]\nid = \"da-nang-health\"\ntoken = \"other-token\"\n", d.default_agents_toml());
     d.start_hub_with(&agents).await?;
     d.start_agent()?;
@@ -116,6 +125,27 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
     assert!(format!("{other:#?}").contains("belongs to another subscriber"), "{other:#?}");
     let mixed = Subscription::open_with(&url, BHXH_TOKEN, &moet, "bhxh-residence", None, 8).await.err();
     assert!(format!("{mixed:#?}").contains("names subscriber moet but the token names subscriber bhxh"), "{mixed:#?}");
+
+    // The admin API is HTTPS: clear text gets nowhere; the admin token works; the read-only
+    // operator known by its certificate alone reads but cannot change.
+    let admin = format!("https://localhost:{admin_port}");
+    let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{admin_port}/subscriptions")).send().await;
+    assert!(plain.is_err() || plain.as_ref().is_ok_and(|r| !r.status().is_success()), "{plain:?}");
+    let with_token = pki
+        .https_client(None)?
+        .get(format!("{admin}/subscriptions"))
+        .bearer_auth(dongbo_tests::fanout::ADMIN_TOKEN)
+        .send()
+        .await?;
+    assert_eq!(with_token.status(), 200);
+    let dashboard = pki.https_client(Some(&pki.operator("dashboard", "dashboard")?))?;
+    assert_eq!(dashboard.get(format!("{admin}/audit/verify")).send().await?.status(), 200);
+    assert_eq!(
+        dashboard.post(format!("{admin}/subscriptions")).json(&serde_json::json!({})).send().await?.status(),
+        403
+    );
+    let nobody = pki.https_client(None)?.get(format!("{admin}/subscriptions")).send().await?;
+    assert_eq!(nobody.status(), 401);
 
     // Nothing the refused peers did was applied; the agent's changes were, each once.
     d.wait_applied(301, Duration::from_secs(30)).await?;
