@@ -34,6 +34,10 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
         problem: (!writable).then(|| "cannot be created or written; fix spool.path or its permissions".to_string()),
     });
     if let Some(hub) = &config.hub {
+        for (what, file) in [("agent certificate", &hub.cert_file), ("hub CA", &hub.ca_file)] {
+            let Some(path) = file else { continue };
+            certificate(&mut report, what, path);
+        }
         let token = hub.resolve_token().unwrap_or_default();
         match ship::open_stream(&config.source_id, hub, &token).await {
             Ok((applied, _, _)) => report.push(CheckItem {
@@ -51,4 +55,26 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
         }
     }
     report
+}
+
+/// An expired or unreadable certificate is a problem; one that expires within 30 days a warning.
+fn certificate(report: &mut CheckReport, what: &str, path: &std::path::Path) {
+    use dongbo_connectors::tls::{certificate_validity, EXPIRY_WARNING_DAYS};
+    let what = format!("{what} {}", path.display());
+    match certificate_validity(path) {
+        Err(e) => report.push(CheckItem { what, problem: Some(e) }),
+        Ok(v) if v.days_left < 0 => report.push(CheckItem {
+            what,
+            problem: Some(format!("expired on {}; ask the NDC for a new certificate", v.not_after)),
+        }),
+        Ok(v) => {
+            if v.days_left < EXPIRY_WARNING_DAYS {
+                report.warn(
+                    what.clone(),
+                    format!("expires in {} days ({}): ask the NDC for a new one now", v.days_left, v.not_after),
+                );
+            }
+            report.push(CheckItem { what: format!("{what} valid until {}", v.not_after), problem: None });
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! - [`postgres`] — the Postgres source (pgoutput logical replication and a consistent snapshot).
 //! - [`kafka`] — Kafka helpers shared by the agent and the hub.
 //! - [`fault`] — fault injection points for the fault tests (`DONGBO_FAULT`).
+//! - [`tls`] — certificate validity, for expiry warnings.
 //! - [`segments`] — append-only payload files, the durable storage under the agent's spool and the
 //!   hub's fan-out log.
 
@@ -22,4 +23,5 @@ pub mod kafka;
 pub mod model;
 pub mod postgres;
 pub mod segments;
+pub mod tls;
 pub mod wire;

@@ -162,6 +162,18 @@ pub async fn run(
     info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), kafka = config.kafka.is_some(), "hub serving");
     let limits = config.limits.clone();
     let tls = config.tls.clone();
+    if let Some(t) = &tls {
+        match dongbo_connectors::tls::certificate_validity(&t.cert_file) {
+            Ok(v) if v.days_left < 0 => {
+                tracing::error!(not_after = %v.not_after, "the hub's TLS certificate has expired: agents and subscribers will refuse it")
+            }
+            Ok(v) if v.days_left < dongbo_connectors::tls::EXPIRY_WARNING_DAYS => {
+                tracing::warn!(days_left = v.days_left, not_after = %v.not_after, "the hub's TLS certificate expires soon: renew it")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the hub's TLS certificate's validity"),
+        }
+    }
     if tls.is_none() {
         tracing::warn!("serving gRPC in clear text (insecure_plaintext_demo): tokens and citizens' data cross the network readable");
     }

@@ -55,6 +55,25 @@ impl TestPki {
         self.issue("agent", name, id, ca, expired)
     }
 
+    /// Issues an agent certificate for `id` valid for only `days` more days.
+    pub fn agent_for_days(&self, name: &str, id: &str, days: u32) -> anyhow::Result<String> {
+        let out = self.path(name);
+        certs(&[
+            "issue",
+            "--ca-dir",
+            &self.path("ca"),
+            "--kind",
+            "agent",
+            "--id",
+            id,
+            "--out",
+            &out,
+            "--days",
+            &days.to_string(),
+        ])?;
+        Ok(out)
+    }
+
     /// Issues an operator certificate for `id` as `<name>.pem` / `<name>.key`.
     pub fn operator(&self, name: &str, id: &str) -> anyhow::Result<String> {
         self.issue("operator", name, id, None, false)

@@ -23,6 +23,8 @@ pub struct CheckItem {
 pub struct CheckReport {
     /// Checks in the order they ran.
     pub items: Vec<CheckItem>,
+    /// What needs attention soon without being wrong yet: (what, why).
+    pub warnings: Vec<(String, String)>,
 }
 
 impl CheckReport {
@@ -43,6 +45,11 @@ impl CheckReport {
     pub fn first_problem(&self) -> Option<String> {
         self.items.iter().find_map(|i| i.problem.clone())
     }
+
+    /// Records something that works today but needs attention soon (not a problem: `check` passes).
+    pub fn warn(&mut self, what: impl Into<String>, why: impl Into<String>) {
+        self.warnings.push((what.into(), why.into()));
+    }
 }
 
 impl fmt::Display for CheckReport {
@@ -52,6 +59,9 @@ impl fmt::Display for CheckReport {
                 None => writeln!(f, "ok       {}", i.what)?,
                 Some(p) => writeln!(f, "PROBLEM  {}: {}", i.what, p)?,
             }
+        }
+        for (what, why) in &self.warnings {
+            writeln!(f, "WARNING  {what}: {why}")?;
         }
         Ok(())
     }

@@ -147,6 +147,27 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
     let nobody = pki.https_client(None)?.get(format!("{admin}/subscriptions")).send().await?;
     assert_eq!(nobody.status(), 401);
 
+    // `check` warns weeks before the agent's certificate expires, and fails once it has.
+    let check = |cert: &str| -> anyhow::Result<(Option<i32>, String)> {
+        let own = format!("agent-{}", d.source_id);
+        let path = d.dir.join(format!("check-{cert}.toml"));
+        std::fs::write(&path, d.agent_config().replace(&own, cert))?;
+        let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-agent")?)
+            .args(["check", "--config", &path.to_string_lossy()])
+            .output()?;
+        Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    pki.agent_for_days("soon", &d.source_id, 10)?;
+    let (code, out) = check("soon")?;
+    assert_eq!(code, Some(0), "a certificate that still works passes: {out}");
+    assert!(
+        out.contains("WARNING") && (out.contains("expires in 9 days") || out.contains("expires in 10 days")),
+        "{out}"
+    );
+    let (code, out) = check("expired")?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("PROBLEM") && out.contains("expired on"), "{out}");
+
     // Nothing the refused peers did was applied; the agent's changes were, each once.
     d.wait_applied(301, Duration::from_secs(30)).await?;
     let log = d.hub.as_ref().expect("hub").log_text();
