@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -54,45 +54,51 @@ fn fanout_error(e: FanoutError) -> Response {
     }
 }
 
-/// The operator behind a request, if its role reaches `needed`; else the answer to send.
-fn authorised(state: &AppState, peer: &Peer, headers: &HeaderMap, needed: Role) -> Result<String, Box<Response>> {
-    let header = headers.get("authorization").and_then(|h| h.to_str().ok());
-    let credentials = Credentials { certificate: peer.certificate.as_deref(), authorization: header };
-    match state.auth.operator(credentials, needed) {
-        Ok((id, _)) => Ok(id),
-        Err(e @ AuthError::WrongKind(_)) => {
-            tracing::warn!(peer = %peer.addr, reason = %e, "admin API request refused");
-            Err(Box::new(error(StatusCode::FORBIDDEN, vec![e.to_string()])))
-        }
-        Err(e) => {
-            tracing::warn!(peer = %peer.addr, reason = %e, "admin API request refused");
-            Err(Box::new(error(
-                StatusCode::UNAUTHORIZED,
-                vec![format!("{e}: send `authorization: Bearer <operator token>`")],
-            )))
+/// An operator whose role reaches `Admin` (`ADMIN = true`) or `Read`, established from the request's
+/// client certificate and token before the handler runs; a refusal answers 401 or 403 with the
+/// reason and is logged with the peer's address, never with the token.
+struct Operator<const ADMIN: bool>;
+
+/// Any operator (role `read` or `admin`).
+type Reader = Operator<false>;
+/// An operator with role `admin`.
+type Changer = Operator<true>;
+
+impl<const ADMIN: bool> axum::extract::FromRequestParts<AppState> for Operator<ADMIN> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, Response> {
+        let needed = if ADMIN { Role::Admin } else { Role::Read };
+        let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0.clone());
+        let header = parts.headers.get("authorization").and_then(|h| h.to_str().ok());
+        let credentials =
+            Credentials { certificate: peer.as_ref().and_then(|p| p.certificate.as_deref()), authorization: header };
+        let addr = peer.as_ref().map(|p| p.addr.to_string()).unwrap_or_default();
+        match state.auth.operator(credentials, needed) {
+            Ok(_) => Ok(Operator),
+            Err(e @ AuthError::WrongKind(_)) => {
+                tracing::warn!(peer = %addr, reason = %e, "admin API request refused");
+                Err(error(StatusCode::FORBIDDEN, vec![e.to_string()]))
+            }
+            Err(e) => {
+                tracing::warn!(peer = %addr, reason = %e, "admin API request refused");
+                Err(error(
+                    StatusCode::UNAUTHORIZED,
+                    vec![format!("{e}: send `authorization: Bearer <operator token>`")],
+                ))
+            }
         }
     }
 }
 
-async fn list(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
-        return *r;
-    }
+async fn list(State(s): State<AppState>, _: Reader) -> Response {
     match s.fanout.list().await {
         Ok(l) => Json(l).into_response(),
         Err(e) => fanout_error(e),
     }
 }
 
-async fn add(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Err(r) = authorised(&s, &peer, &headers, Role::Admin) {
-        return *r;
-    }
+async fn add(State(s): State<AppState>, _: Changer, body: axum::body::Bytes) -> Response {
     let def: SubscriptionDef = match serde_json::from_slice(&body) {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, vec![format!("the definition is not valid JSON: {e}")]),
@@ -104,30 +110,14 @@ async fn add(
     }
 }
 
-async fn remove(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorised(&s, &peer, &headers, Role::Admin) {
-        return *r;
-    }
+async fn remove(State(s): State<AppState>, _: Changer, Path(id): Path<String>) -> Response {
     match s.fanout.remove(&id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => fanout_error(e),
     }
 }
 
-async fn dead_letters(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
-        return *r;
-    }
+async fn dead_letters(State(s): State<AppState>, _: Reader, Path(id): Path<String>) -> Response {
     if s.fanout.get(&id).await.is_none() {
         return error(StatusCode::NOT_FOUND, vec![format!("no subscription {id}")]);
     }
@@ -137,30 +127,14 @@ async fn dead_letters(
     }
 }
 
-async fn replay(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorised(&s, &peer, &headers, Role::Admin) {
-        return *r;
-    }
+async fn replay(State(s): State<AppState>, _: Changer, Path(id): Path<String>) -> Response {
     match s.fanout.replay(&id).await {
         Ok((delivered, kept)) => Json(json!({ "delivered": delivered, "still_queued": kept })).into_response(),
         Err(e) => fanout_error(e),
     }
 }
 
-async fn citizen(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(citizen_id): Path<String>,
-) -> Response {
-    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
-        return *r;
-    }
+async fn citizen(State(s): State<AppState>, _: Reader, Path(citizen_id): Path<String>) -> Response {
     let result = async {
         let checkpoints = s.anchor.checkpoints().map_err(|e| e.to_string())?;
         let mut client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
@@ -197,10 +171,7 @@ pub fn citizen_report(fanout: &Fanout, rows: &[audit::Stored]) -> serde_json::Va
     json!(lines)
 }
 
-async fn verify(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorised(&s, &peer, &headers, Role::Read) {
-        return *r;
-    }
+async fn verify(State(s): State<AppState>, _: Reader) -> Response {
     let result = async {
         let checkpoints = s.anchor.checkpoints().map_err(|e| e.to_string())?;
         let mut client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
