@@ -368,18 +368,19 @@ impl fmt::Debug for NdcConfig {
 impl NdcConfig {
     /// A tokio-postgres config for the NDC.
     pub fn pg_config(&self) -> std::io::Result<tokio_postgres::Config> {
-        let mut c = tokio_postgres::Config::new();
-        c.host(&self.host).port(self.port).user(&self.user).dbname(&self.database).application_name("dongbo-hub");
-        c.options("-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601");
         let password = match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => std::fs::read_to_string(f)?.lines().next().map(str::to_string),
             (None, None) => None,
         };
-        if let Some(p) = password {
-            c.password(p);
-        }
-        Ok(c)
+        Ok(dongbo_connectors::postgres::session::query_config(&dongbo_connectors::postgres::session::Target {
+            host: &self.host,
+            port: self.port,
+            user: &self.user,
+            database: &self.database,
+            password: password.as_deref(),
+            application: "dongbo-hub",
+        }))
     }
 }
 

@@ -139,13 +139,13 @@ impl PostgresConfig {
 
     /// A tokio-postgres config for the regular (query) connection.
     pub fn query_config(&self, password: Option<&str>) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        c.host(&self.host).port(self.port).user(&self.user).dbname(&self.database);
-        c.application_name("dongbo-agent");
-        c.options("-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601");
-        if let Some(p) = password {
-            c.password(p);
-        }
-        c
+        super::session::query_config(&super::session::Target {
+            host: &self.host,
+            port: self.port,
+            user: &self.user,
+            database: &self.database,
+            password,
+            application: "dongbo-agent",
+        })
     }
 }

@@ -31,6 +31,7 @@ pub mod check;
 pub mod config;
 pub mod pgoutput;
 pub mod protocol;
+pub mod session;
 pub mod snapshot;
 pub mod text;
 

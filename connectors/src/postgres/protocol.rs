@@ -161,7 +161,7 @@ impl ReplicationConnection {
             ("replication", "database"),
             ("application_name", "dongbo-agent"),
             // The walsender prints values with these settings: keep temporal text unambiguous.
-            ("options", "-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601"),
+            ("options", super::session::SESSION_OPTIONS),
         ];
         frontend::startup_message(params.iter().copied(), &mut buf)?;
         conn.send(buf).await?;
