@@ -322,7 +322,7 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dongbo_connectors::model::{Column, Lsn, Operation, Position, TableId, TableSchema, Value};
+    use dongbo_connectors::model::{Column, Operation, TableId, TableSchema, Value};
 
     fn changes(n: u64, text_bytes: usize) -> Vec<ChangeEvent> {
         let schema = Arc::new(TableSchema::new(
@@ -334,18 +334,9 @@ mod tests {
             vec![0],
         ));
         (1..=n)
-            .map(|seq| ChangeEvent {
-                seq,
-                table: schema.clone(),
-                op: Operation::Insert,
-                key: vec![Value::Int(seq as i64)],
-                before: None,
-                after: Some(vec![Value::Int(seq as i64), Value::Text("x".repeat(text_bytes))]),
-                position: Position::Postgres(Lsn(seq)),
-                commit_time_us: 0,
-                txid: 1,
-                txn_order: seq as u32,
-                txn_last: seq == n,
+            .map(|seq| {
+                let after = vec![Value::Int(seq as i64), Value::Text("x".repeat(text_bytes))];
+                ChangeEvent::for_test(seq, &schema, Operation::Insert, vec![Value::Int(seq as i64)], Some(after))
             })
             .collect()
     }

@@ -204,6 +204,26 @@ pub struct ChangeEvent {
     pub txn_last: bool,
 }
 
+impl ChangeEvent {
+    /// A change for tests and tools that build changes by hand: read at LSN `seq`, committed at the
+    /// epoch, alone in transaction 1.
+    pub fn for_test(seq: u64, table: &Arc<TableSchema>, op: Operation, key: Row, after: Option<Row>) -> Self {
+        Self {
+            seq,
+            table: table.clone(),
+            op,
+            key,
+            before: None,
+            after,
+            position: Position::Postgres(Lsn(seq)),
+            commit_time_us: 0,
+            txid: 1,
+            txn_order: 0,
+            txn_last: true,
+        }
+    }
+}
+
 /// Changes of one source, contiguous in seq.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeBatch {

@@ -343,19 +343,7 @@ mod tests {
             vec![0],
         ));
         let changes: Vec<ChangeEvent> = (1..=37)
-            .map(|seq| ChangeEvent {
-                seq,
-                table: schema.clone(),
-                op: Operation::Delete,
-                key: vec![Value::Int(seq as i64)],
-                before: None,
-                after: None,
-                position: Position::Postgres(Lsn(seq)),
-                commit_time_us: 0,
-                txid: 1,
-                txn_order: seq as u32,
-                txn_last: seq == 37,
-            })
+            .map(|seq| ChangeEvent::for_test(seq, &schema, Operation::Delete, vec![Value::Int(seq as i64)], None))
             .collect();
         let bytes = encode_batch(ChangeBatch { source_id: "s".into(), changes });
         assert_eq!(count_changes(&bytes).unwrap(), 37);

@@ -71,7 +71,7 @@ impl AdminListener {
         tls: Option<Arc<rustls::ServerConfig>>,
         handshake: Duration,
     ) -> io::Result<Self> {
-        let local = axum::serve::Listener::local_addr(&guarded)?;
+        let local = guarded.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_QUEUE);
         tokio::spawn(async move {
             let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);

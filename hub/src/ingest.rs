@@ -41,7 +41,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::apply::{ApplyError, NdcApplier, OffsetMark};
-use crate::auth::{AuthError, Authenticator, Credentials};
+use crate::auth::Authenticator;
 use crate::config::{AgentAcl, HubConfig};
 use crate::fanout::log::{Append, FanoutLog};
 use crate::fanout::Fanout;
@@ -91,24 +91,7 @@ impl IngestService {
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentAcl, Status> {
-        let header = request.metadata().get("authorization").and_then(|h| h.to_str().ok());
-        let certs = request.peer_certs();
-        let certificate = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-        let refused = |e: AuthError| {
-            warn!(peer = ?request.remote_addr(), reason = %e, "agent credential refused");
-            match e {
-                AuthError::Missing => {
-                    Status::unauthenticated("no authorization metadata: set hub.token in the agent config")
-                }
-                AuthError::Malformed => Status::unauthenticated("authorization must be `Bearer <token>`"),
-                AuthError::Unknown => Status::unauthenticated(
-                    "unknown agent token: check hub.token in the agent config and the hub's agents list",
-                ),
-                AuthError::WrongKind(_) | AuthError::Mismatch { .. } => Status::permission_denied(e.to_string()),
-                AuthError::NoCertificate | AuthError::Certificate(_) => Status::unauthenticated(e.to_string()),
-            }
-        };
-        let id = self.auth.agent(Credentials { certificate, authorization: header }).map_err(refused)?;
+        let id = crate::grpc_peer::identify(&self.auth, request, crate::grpc_peer::Kind::Agent)?;
         self.config
             .agents
             .iter()

@@ -35,6 +35,7 @@ pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod fanout;
+pub(crate) mod grpc_peer;
 pub mod ingest;
 pub mod kafka;
 pub mod listener;

@@ -87,25 +87,17 @@ impl GuardedListener {
         }
     }
 
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
     /// The connections as a stream, for `tonic`'s `serve_with_incoming`.
     pub fn into_stream(self) -> impl futures::Stream<Item = io::Result<Guarded>> {
         futures::stream::unfold(self, |mut l| async move {
             let (conn, _) = l.accept_guarded().await;
             Some((Ok(conn), l))
         })
-    }
-}
-
-impl axum::serve::Listener for GuardedListener {
-    type Io = Guarded;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        self.accept_guarded().await
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr()
     }
 }
 

@@ -112,6 +112,12 @@ pub fn grpc_subscription(
     )
 }
 
+/// The social-insurance subscriber's `bhxh-residence` subscription (gRPC, `residence.changed`)
+/// receiving `fields`.
+pub fn bhxh_residence(fields: &[&str]) -> String {
+    grpc_subscription("bhxh-residence", "bhxh", "social-insurance", &["residence.changed"], fields, None)
+}
+
 /// An in-process webhook receiver.
 #[derive(Clone, Default)]
 pub struct Receiver {

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use dongbo_connectors::model::{
-    ChangeBatch, ChangeEvent, Column, Lsn, Operation, Position, TableId, TableSchema, Value,
-};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Column, Operation, TableId, TableSchema, Value};
 use dongbo_proto::v1::{agent_message, hub_message, ingest_client::IngestClient, AgentMessage, Hello, SpooledBatch};
 use tokio::sync::mpsc;
 
@@ -21,18 +19,11 @@ pub fn schema(schema: &str, table: &str, columns: &[(&str, &str)]) -> Arc<TableS
 /// An insert of `row` (text values) into `table` with `seq`.
 pub fn insert(seq: u64, table: &Arc<TableSchema>, row: &[&str]) -> ChangeEvent {
     let after: Vec<Value> = row.iter().map(|v| Value::Text(v.to_string())).collect();
+    let key = vec![after[0].clone()];
     ChangeEvent {
-        seq,
-        table: table.clone(),
-        op: Operation::Insert,
-        key: vec![after[0].clone()],
-        before: None,
-        after: Some(after),
-        position: Position::Postgres(Lsn(seq)),
         commit_time_us: 1_790_000_000_000_000,
         txid: seq,
-        txn_order: 0,
-        txn_last: true,
+        ..ChangeEvent::for_test(seq, table, Operation::Insert, key, Some(after))
     }
 }
 

@@ -25,7 +25,7 @@ use super::projection::Subscription;
 use super::subscription::Delivery;
 use super::Fanout;
 use crate::audit::Entry;
-use crate::auth::{AuthError, Authenticator, Credentials};
+use crate::auth::Authenticator;
 
 /// Records in flight when the subscriber does not say.
 const DEFAULT_WINDOW: u32 = 256;
@@ -51,18 +51,7 @@ impl Subscribe for SubscribeService {
     type StreamStream = Out;
 
     async fn stream(&self, request: Request<Streaming<SubscriberMessage>>) -> Result<Response<Out>, Status> {
-        let header = request.metadata().get("authorization").and_then(|h| h.to_str().ok());
-        let certs = request.peer_certs();
-        let certificate = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-        let subscriber = self.auth.subscriber(Credentials { certificate, authorization: header }).map_err(|e| {
-            warn!(peer = ?request.remote_addr(), reason = %e, "subscriber credential refused");
-            match e {
-                AuthError::Unknown => Status::unauthenticated("unknown subscriber token"),
-                AuthError::WrongKind(_) | AuthError::Mismatch { .. } => Status::permission_denied(e.to_string()),
-                AuthError::NoCertificate | AuthError::Certificate(_) => Status::unauthenticated(e.to_string()),
-                _ => Status::unauthenticated("send `authorization: Bearer <subscriber token>`"),
-            }
-        })?;
+        let subscriber = crate::grpc_peer::identify(&self.auth, &request, crate::grpc_peer::Kind::Subscriber)?;
         let mut inbound = request.into_inner();
         let open = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Err(_) => return Err(Status::invalid_argument("no Open within 10 s")),

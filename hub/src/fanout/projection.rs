@@ -239,7 +239,7 @@ mod tests {
 
     #[test]
     fn a_table_and_event_subscription_gets_per_item_fields_and_row_columns_cannot_forge_the_envelope() {
-        use dongbo_connectors::model::{ChangeEvent, Column, Lsn, Operation, Position, TableId, TableSchema, Value};
+        use dongbo_connectors::model::{ChangeEvent, Column, Operation, TableId, TableSchema, Value};
         let def = SubscriptionDef {
             id: "m".into(),
             subscriber: "bhxh".into(),
@@ -273,19 +273,7 @@ mod tests {
             text("forged-id"),
             text("forged.table"),
         ];
-        let change = ChangeEvent {
-            seq: 42,
-            table: schema,
-            op: Operation::Update,
-            key: vec![text("079090001234")],
-            before: None,
-            after: Some(row),
-            position: Position::Postgres(Lsn(1)),
-            commit_time_us: 0,
-            txid: 1,
-            txn_order: 0,
-            txn_last: true,
-        };
+        let change = ChangeEvent::for_test(42, &schema, Operation::Update, vec![text("079090001234")], Some(row));
         let item = Item::Change { source_id: "hcm".into(), change, logged_at_us: 0 };
         let out = sub.project(Cursor::default(), &item).expect("followed");
         assert_eq!(

@@ -245,14 +245,7 @@ async fn sigterm_with_an_agent_and_a_subscriber_connected_stops_within_10_s_and_
     let mut gen = CitizenGen::new(52);
     insert_citizens(&src, &mut gen, 100).await?;
     d.fanout_toml = dongbo_tests::fanout::declarations(dongbo_tests::pg::free_port())
-        + &dongbo_tests::fanout::grpc_subscription(
-            "bhxh-residence",
-            "bhxh",
-            "social-insurance",
-            &["residence.changed"],
-            &["citizen_id"],
-            None,
-        );
+        + &dongbo_tests::fanout::bhxh_residence(&["citizen_id"]);
     d.start_hub().await?;
     d.start_agent()?;
     d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dongbo_tests::citizens::CITIZENS_DDL;
-use dongbo_tests::fanout::{declarations, grpc_subscription, BHXH_TOKEN, MOET_TOKEN};
+use dongbo_tests::fanout::{bhxh_residence, declarations, BHXH_TOKEN, MOET_TOKEN};
 use dongbo_tests::hostile::send;
 use dongbo_tests::{pg, Deployment, TOKEN};
 
@@ -16,14 +16,7 @@ async fn tokens_identify_one_peer_of_one_kind_and_operator_roles_hold() -> anyho
     let mut d = Deployment::new("identities", CITIZENS_DDL, &["public.citizens"]).await?;
     let admin_port = pg::free_port();
     d.fanout_toml = declarations(admin_port)
-        + &grpc_subscription(
-            "bhxh-residence",
-            "bhxh",
-            "social-insurance",
-            &["residence.changed"],
-            &["citizen_id"],
-            None,
-        )
+        + &bhxh_residence(&["citizen_id"])
         + &format!("\n[[admin.operators]]\nid = \"dashboard\"\ntoken = \"{VIEWER_TOKEN}\"\nrole = \"read\"\n");
     d.start_hub().await?;
     let url = format!("http://127.0.0.1:{}", d.hub_port);

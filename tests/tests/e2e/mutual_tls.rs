@@ -57,14 +57,7 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
     insert_citizens(&src, &mut gen, 200).await?;
     let admin_port = dongbo_tests::pg::free_port();
     d.fanout_toml = dongbo_tests::fanout::declarations(admin_port)
-        + &dongbo_tests::fanout::grpc_subscription(
-            "bhxh-residence",
-            "bhxh",
-            "social-insurance",
-            &["residence.changed"],
-            &["citizen_id"],
-            None,
-        )
+        + &dongbo_tests::fanout::bhxh_residence(&["citizen_id"])
         + "\n[[admin.operators]]\nid = \"dashboard\"\nrole = \"read\"\n";
     let agents = format!("{}\n[[agents]]\nid = \"da-nang-health\"\ntoken = \"other-token\"\n", d.default_agents_toml());
     d.start_hub_with(&agents).await?;

@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use dongbo_subscribers::grpc::Subscription;
 use dongbo_tests::citizens::{insert_citizens, move_citizen, CitizenGen, CITIZENS_DDL};
 use dongbo_tests::fanout::{
-    admin, collect, declarations, grpc_subscription, wait_dead_letters, Receiver, BHXH_TOKEN, MOET_TOKEN,
-    WEBHOOK_SECRET,
+    admin, bhxh_residence, collect, declarations, grpc_subscription, wait_dead_letters, Receiver, BHXH_TOKEN,
+    MOET_TOKEN, WEBHOOK_SECRET,
 };
 use dongbo_tests::{pg, Deployment};
 use serde_json::Value;
@@ -115,7 +115,7 @@ async fn subscriptions_hold_to_their_start_secret_and_host_and_the_example_survi
     tokio::spawn(async move { axum::serve(redirector, app).await });
     let admin_port = pg::free_port();
     d.fanout_toml = declarations(admin_port)
-        + &grpc_subscription("bhxh-residence", "bhxh", "social-insurance", &["residence.changed"], &["citizen_id", "current.commune_code"], None)
+        + &bhxh_residence(&["citizen_id", "current.commune_code"])
         + &grpc_subscription("bhxh-example", "bhxh", "social-insurance", &["residence.changed"], &["citizen_id", "current.commune_code"], None)
         + &format!(
             "\n[[subscriptions]]\nid = \"bhyt-redirected\"\nsubscriber = \"bhyt\"\npurpose = \"health-insurance\"\n\
