@@ -250,8 +250,10 @@ impl Ingest for IngestService {
                         Err(_) => break,
                     }
                 }
-                let run: Vec<(ChangeBatch, Vec<u8>)> =
-                    batches.into_iter().map(|(b, bytes, _permit)| (b, bytes)).collect();
+                // The permits stay held until the run is applied and logged: that is what bounds
+                // the stream's memory, not only the queue.
+                let (run, _held): (Vec<(ChangeBatch, Vec<u8>)>, Vec<OwnedSemaphorePermit>) =
+                    batches.into_iter().map(|(b, bytes, permit)| ((b, bytes), permit)).unzip();
                 match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None).await {
                     Ok(durable_seq) => {
                         let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq })) };
