@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what dongbo's demo, tests and benchmarks need on a Debian/Ubuntu machine, and nothing that
 # is already there: PostgreSQL server binaries (the harness makes throw-away clusters with initdb), the
-# `postgres` OS user (initdb refuses to run as root), pg_recvlogical (the capture benchmark's floor).
+# `postgres` OS user (initdb refuses to run as root), pg_recvlogical (the capture benchmark's floor),
+# OpenSSL headers and pkg-config (the bundled librdkafka is built with TLS and SASL/SCRAM).
 # tansu, the Kafka-API broker of the Kafka tests (with --kafka-broker).
 # Rust itself must already be installed (https://rustup.rs).
 set -euo pipefail
@@ -16,6 +17,14 @@ if ! have_pg || ! id postgres >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql postgresql-client >/dev/null
 fi
 id postgres >/dev/null 2>&1 || { echo "no postgres user after installing postgresql" >&2; exit 1; }
+
+if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists openssl; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing OpenSSL headers and pkg-config, for librdkafka's TLS (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is not installed: install Rust from https://rustup.rs first" >&2

@@ -22,7 +22,11 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
         }
         Err(e) => report.push(CheckItem {
             what: format!("source {}:{}/{}", pg.host, pg.port, pg.database),
-            problem: Some(format!("cannot connect: {e}; check host, port, user, password and pg_hba.conf")),
+            problem: Some(match e {
+                // The TLS message already says what to change.
+                dongbo_connectors::error::SourceError::Tls(_) => format!("cannot connect: {e}"),
+                _ => format!("cannot connect: {e}; check host, port, user, password and pg_hba.conf"),
+            }),
         }),
     }
     let spool_dir = &config.spool.path;

@@ -168,9 +168,19 @@ pub struct KafkaLinkConfig {
     /// Largest encoded change sent as one message; keep it at or below the topic's `max.message.bytes`.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
-    /// Further librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*` …), passed as they are.
+    /// Further librdkafka properties (tuning such as `socket.keepalive.enable`), passed as they are;
+    /// security settings come from `tls` and `sasl`.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// `[kafka.tls]`: TLS to the brokers (required unless `insecure_plaintext_demo`).
+    #[serde(default)]
+    pub tls: Option<dongbo_connectors::kafka::security::KafkaTls>,
+    /// `[kafka.sasl]`: SASL credentials (SCRAM-SHA-256/512, or PLAIN over TLS).
+    #[serde(default)]
+    pub sasl: Option<dongbo_connectors::kafka::security::KafkaSasl>,
+    /// Talk to the brokers in clear text: a demo on one machine or one private network only.
+    #[serde(default)]
+    pub insecure_plaintext_demo: bool,
 }
 
 fn default_partitions() -> i32 {
@@ -196,11 +206,23 @@ impl fmt::Debug for KafkaLinkConfig {
             .field("partitions", &self.partitions)
             .field("compression", &self.compression)
             .field("properties", &props)
+            .field("tls", &self.tls)
+            .field("sasl", &self.sasl.as_ref().map(|s| (&s.mechanism, &s.username)))
             .finish_non_exhaustive()
     }
 }
 
 impl KafkaLinkConfig {
+    /// The security settings of this section.
+    pub fn security(&self) -> dongbo_connectors::kafka::security::KafkaSecurity<'_> {
+        dongbo_connectors::kafka::security::KafkaSecurity {
+            tls: self.tls.as_ref(),
+            sasl: self.sasl.as_ref(),
+            insecure_plaintext_demo: self.insecure_plaintext_demo,
+            properties: &self.properties,
+        }
+    }
+
     /// The topic this agent's changes go to.
     pub fn topic_for(&self, source_id: &str) -> String {
         self.topic.clone().unwrap_or_else(|| format!("{}{source_id}", TOPIC_PREFIX))
@@ -272,6 +294,7 @@ impl Validate for AgentConfig {
             if k.brokers.trim().is_empty() {
                 p.push("kafka.brokers is empty".into());
             }
+            p.extend(k.security().validate());
             if !["lz4", "zstd", "gzip", "snappy", "none"].contains(&k.compression.as_str()) {
                 p.push(format!("kafka.compression {:?} must be lz4, zstd, gzip, snappy or none", k.compression));
             }
@@ -343,17 +366,19 @@ token = "tok"
 
     #[test]
     fn kafka_instead_of_the_hub_and_never_both() {
-        let kafka = "[kafka]\nbrokers = \"127.0.0.1:9092\"\nproperties = { \"sasl.password\" = \"pw\" }\n";
+        let kafka = "[kafka]\nbrokers = \"127.0.0.1:9092\"\ninsecure_plaintext_demo = true\n";
         let only_kafka = GOOD.replace("[hub]\nurl = \"http://127.0.0.1:7443\"\ntoken = \"tok\"\n", kafka);
         let c: AgentConfig = toml::from_str(&only_kafka).unwrap();
         assert!(c.validate().is_empty(), "{:?}", c.validate());
         assert_eq!(c.kafka.as_ref().unwrap().topic_for(&c.source_id), "dongbo.cdc.hcm-population");
-        assert!(!format!("{c:?}").contains("pw"));
         let both: AgentConfig = toml::from_str(&format!("{GOOD}{kafka}")).unwrap();
         assert_eq!(both.validate(), vec!["set [hub] (gRPC) or [kafka], not both".to_string()]);
         let bad = only_kafka.replace("brokers = ", "compression = \"brotli\"\ntopic = \"bad topic\"\nbrokers = ");
         let c: AgentConfig = toml::from_str(&bad).unwrap();
         assert_eq!(c.validate().len(), 2, "{:?}", c.validate());
+        let clear = only_kafka.replace("insecure_plaintext_demo = true\n", "");
+        let c: AgentConfig = toml::from_str(&clear).unwrap();
+        assert!(c.validate().iter().any(|p| p.contains("clear text")), "{:?}", c.validate());
     }
 }
 

@@ -88,18 +88,19 @@ impl LinkFailure for KafkaShipError {
 }
 
 /// The librdkafka settings shared by the producer and the admin client.
-fn client_config(link: &KafkaLinkConfig) -> ClientConfig {
+fn client_config(link: &KafkaLinkConfig) -> Result<ClientConfig, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &link.brokers);
     for (k, v) in &link.properties {
         c.set(k, v);
     }
-    c
+    link.security().apply(&mut c).map_err(KafkaError::ClientCreation)?;
+    Ok(c)
 }
 
 /// The idempotent producer.
 pub fn producer(link: &KafkaLinkConfig) -> Result<FutureProducer, KafkaError> {
-    let mut c = client_config(link);
+    let mut c = client_config(link)?;
     c.set("enable.idempotence", "true")
         // An error that could leave a gap in a partition stops the producer instead: the hub's
         // skip-by-seq relies on each partition holding the agent's changes in seq order.
@@ -116,17 +117,31 @@ pub fn producer(link: &KafkaLinkConfig) -> Result<FutureProducer, KafkaError> {
 
 /// Creates the topic with the configured partitions unless it exists.
 pub async fn ensure_topic(link: &KafkaLinkConfig, topic: &str) -> Result<(), KafkaError> {
-    dongbo_connectors::kafka::ensure_topic(&client_config(link), topic, link.partitions, link.replication_factor).await
+    dongbo_connectors::kafka::ensure_topic(&client_config(link)?, topic, link.partitions, link.replication_factor).await
 }
 
-/// How many brokers answer a metadata request, for `dongbo-agent check`.
-pub async fn reachable(link: &KafkaLinkConfig) -> Result<usize, KafkaError> {
-    let producer = producer(link)?;
-    tokio::task::spawn_blocking(move || {
-        producer.client().fetch_metadata(None, Duration::from_secs(5)).map(|m| m.brokers().len())
+/// How many brokers answer a metadata request, for `dongbo-agent check`; an error carries what
+/// librdkafka reported about the link (SASL refusal, TLS failure).
+pub async fn reachable(link: &KafkaLinkConfig) -> Result<usize, String> {
+    let context = dongbo_connectors::kafka::ReasonContext::default();
+    let producer: rdkafka::producer::BaseProducer<_> =
+        client_config(link).and_then(|c| c.create_with_context(context.clone())).map_err(|e| e.to_string())?;
+    let found = tokio::task::spawn_blocking(move || {
+        let found = producer.client().fetch_metadata(None, Duration::from_secs(5)).map(|m| m.brokers().len());
+        if found.is_err() {
+            // Error callbacks are served by polling.
+            for _ in 0..5 {
+                producer.poll(Duration::from_millis(100));
+            }
+        }
+        found
     })
     .await
-    .map_err(|_| KafkaError::Canceled)?
+    .map_err(|e| e.to_string())?;
+    found.map_err(|e| match context.reasons() {
+        r if r.is_empty() => e.to_string(),
+        r => format!("{e}; the client reports: {}", r.join("; ")),
+    })
 }
 
 /// The message key of a change: its table and primary key, so one row's changes share a partition.

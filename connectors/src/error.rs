@@ -16,7 +16,7 @@ pub enum SourceError {
         message: String,
     },
     /// A client-library error from the regular (non-replication) connection.
-    #[error("source query failed: {0}")]
+    #[error("source query failed: {}", crate::postgres::session::error_text(.0))]
     Query(#[from] tokio_postgres::Error),
     /// The server sent something this client does not understand.
     #[error("unexpected replication protocol data: {0}; this is a bug or an unsupported server version")]
@@ -24,6 +24,9 @@ pub enum SourceError {
     /// The source is not set up as dongbo needs; the message says what to change.
     #[error("{0}")]
     Prerequisite(String),
+    /// The TLS settings cannot be used or the server's certificate was refused.
+    #[error("{0}")]
+    Tls(String),
     /// The credentials were refused.
     #[error("authentication to the source failed: {0}; check user and password in the agent config")]
     Auth(String),
@@ -40,7 +43,18 @@ impl SourceError {
                 // No SQLSTATE: the connection broke or the socket failed.
                 None => true,
             },
-            SourceError::Protocol(_) | SourceError::Prerequisite(_) | SourceError::Auth(_) => false,
+            SourceError::Protocol(_) | SourceError::Prerequisite(_) | SourceError::Auth(_) | SourceError::Tls(_) => {
+                false
+            }
+        }
+    }
+}
+
+impl From<crate::postgres::session::ConnectError> for SourceError {
+    fn from(e: crate::postgres::session::ConnectError) -> Self {
+        match e {
+            crate::postgres::session::ConnectError::Tls { .. } => SourceError::Tls(e.to_string()),
+            crate::postgres::session::ConnectError::Postgres(e) => SourceError::Query(e),
         }
     }
 }

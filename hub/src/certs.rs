@@ -25,6 +25,12 @@ pub enum Kind {
     Subscriber,
     /// An operator of the admin API (`spiffe://…/operator/<id>`).
     Operator,
+    /// Another TLS server of the deployment (a source or NDC Postgres, a Kafka listener): its
+    /// DNS names and addresses, like the hub's.
+    Server,
+    /// A client of such a server, named by its common name only (Postgres `cert` authentication
+    /// maps the common name to the role).
+    Client,
 }
 
 /// Making or reading certificates failed.
@@ -113,7 +119,7 @@ pub fn issue(ca_dir: &Path, out: &Path, r: &Request) -> Result<(), CertError> {
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     validity(&mut params, r.days, r.expired);
     match r.kind {
-        Kind::Hub => {
+        Kind::Hub | Kind::Server => {
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             for h in &r.hosts {
                 params.subject_alt_names.push(match h.parse::<std::net::IpAddr>() {
@@ -122,6 +128,7 @@ pub fn issue(ca_dir: &Path, out: &Path, r: &Request) -> Result<(), CertError> {
                 });
             }
         }
+        Kind::Client => params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
         kind => {
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             let path = match kind {

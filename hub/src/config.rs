@@ -229,9 +229,19 @@ pub struct KafkaConfig {
     /// An agent's topic is this prefix and its id (the agents' default).
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
-    /// Further librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*` …), passed as they are.
+    /// Further librdkafka properties (tuning such as `socket.keepalive.enable`), passed as they are;
+    /// security settings come from `tls` and `sasl`.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// `[kafka.tls]`: TLS to the brokers (required unless `insecure_plaintext_demo`).
+    #[serde(default)]
+    pub tls: Option<dongbo_connectors::kafka::security::KafkaTls>,
+    /// `[kafka.sasl]`: SASL credentials (SCRAM-SHA-256/512, or PLAIN over TLS).
+    #[serde(default)]
+    pub sasl: Option<dongbo_connectors::kafka::security::KafkaSasl>,
+    /// Talk to the brokers in clear text: a demo on one machine or one private network only.
+    #[serde(default)]
+    pub insecure_plaintext_demo: bool,
 }
 
 fn default_group_id() -> String {
@@ -250,11 +260,23 @@ impl fmt::Debug for KafkaConfig {
             .field("group_id", &self.group_id)
             .field("topic_prefix", &self.topic_prefix)
             .field("properties", &props)
+            .field("tls", &self.tls)
+            .field("sasl", &self.sasl.as_ref().map(|s| (&s.mechanism, &s.username)))
             .finish()
     }
 }
 
 impl KafkaConfig {
+    /// The security settings of this section.
+    pub fn security(&self) -> dongbo_connectors::kafka::security::KafkaSecurity<'_> {
+        dongbo_connectors::kafka::security::KafkaSecurity {
+            tls: self.tls.as_ref(),
+            sasl: self.sasl.as_ref(),
+            insecure_plaintext_demo: self.insecure_plaintext_demo,
+            properties: &self.properties,
+        }
+    }
+
     /// The topic agent `id` produces to.
     pub fn topic_of(&self, id: &str) -> String {
         format!("{}{id}", self.topic_prefix)
@@ -346,6 +368,10 @@ pub struct NdcConfig {
     /// File holding the password (first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// TLS to the NDC (`[ndc.tls]`): `mode` (`disable`, `require`, `verify-ca`, `verify-full`;
+    /// `verify-full` by default unless the NDC is on this machine), `ca_file`, `cert_file`, `key_file`.
+    #[serde(default)]
+    pub tls: dongbo_connectors::postgres::tls::PgTlsConfig,
 }
 
 fn default_port() -> u16 {
@@ -361,26 +387,32 @@ impl fmt::Debug for NdcConfig {
             .field("database", &self.database)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
 
 impl NdcConfig {
-    /// A tokio-postgres config for the NDC.
-    pub fn pg_config(&self) -> std::io::Result<tokio_postgres::Config> {
-        let password = match (&self.password, &self.password_file) {
+    /// The password from `password` or `password_file`.
+    pub fn resolve_password(&self) -> std::io::Result<Option<String>> {
+        Ok(match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => std::fs::read_to_string(f)?.lines().next().map(str::to_string),
             (None, None) => None,
-        };
-        Ok(dongbo_connectors::postgres::session::query_config(&dongbo_connectors::postgres::session::Target {
+        })
+    }
+
+    /// Where and as whom the hub connects, with `password`.
+    pub fn target<'a>(&'a self, password: Option<&'a str>) -> dongbo_connectors::postgres::session::Target<'a> {
+        dongbo_connectors::postgres::session::Target {
             host: &self.host,
             port: self.port,
             user: &self.user,
             database: &self.database,
-            password: password.as_deref(),
+            password,
             application: "dongbo-hub",
-        }))
+            tls: &self.tls,
+        }
     }
 }
 
@@ -503,6 +535,10 @@ impl Validate for HubConfig {
         let mut seen = std::collections::HashSet::new();
         let mut schemas = std::collections::HashMap::new();
         p.extend(self.shared_tokens());
+        p.extend(self.ndc.tls.validate(&self.ndc.host, "ndc.tls"));
+        if let Some(k) = &self.kafka {
+            p.extend(k.security().validate());
+        }
         for a in &self.agents {
             if !seen.insert(&a.id) {
                 p.push(format!("agent {} is listed twice", a.id));
@@ -649,8 +685,9 @@ token = "t0ps3cret"
 "#;
         let c: HubConfig = toml::from_str(text).unwrap();
         let problems = c.validate();
-        assert_eq!(problems.len(), 6, "{problems:?}");
+        assert_eq!(problems.len(), 7, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("clear text")), "no [tls] and no demo flag: {problems:?}");
+        assert!(problems.iter().any(|p| p.contains("ndc.tls.ca_file")), "a remote NDC without a CA: {problems:?}");
         assert!(problems.iter().any(|p| p.contains("share a token")), "{problems:?}");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2") && !dbg.contains("t0ps3cret"), "{dbg}");

@@ -76,7 +76,8 @@ enum CertsAction {
         /// What it is for.
         #[arg(long, value_enum)]
         kind: dongbo_hub::certs::Kind,
-        /// The peer's id (`source_id` of an agent, id of a subscriber or operator; the hub's name).
+        /// The peer's id (`source_id` of an agent, id of a subscriber or operator; a server's name; a
+        /// Postgres client's role).
         #[arg(long)]
         id: String,
         /// Path prefix of the files to write.
@@ -85,7 +86,7 @@ enum CertsAction {
         /// The trust domain of the `spiffe://` name (the hub's `tls.trust_domain`).
         #[arg(long, default_value = "ndc.gov.vn")]
         trust_domain: String,
-        /// For the hub: its DNS names and IP addresses.
+        /// For the hub or another server: its DNS names and IP addresses.
         #[arg(long = "host")]
         hosts: Vec<String>,
         /// Validity in days.

@@ -2,6 +2,11 @@
 //!
 //! It keeps messages in a SQLite file (the `libsql` feature we install it with; its `memory://`
 //! engine needs a feature that build lacks), so every acknowledged message survives a `kill -9`.
+//!
+//! A secure broker ([`Broker::start_secure`]) requires SASL/SCRAM-SHA-512, which tansu checks
+//! itself, and is reached only over TLS: tansu 0.6 parses `--cert`/`--key` but never wraps a
+//! connection in TLS, so the harness terminates TLS in front of it ([`crate::tls::terminate`]), as
+//! a load balancer in front of brokers does, and tansu advertises the TLS address.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +23,15 @@ pub struct Broker {
     pub port: u16,
     db: PathBuf,
     log: PathBuf,
+    /// The TLS port clients use and the broker advertises, for a secure broker.
+    tls_port: Option<u16>,
+    /// Whether clients must authenticate with SASL.
+    authentication: bool,
+    proxy: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// The SASL user of a secure broker's clients, and its password.
+pub const SASL_USER: (&str, &str) = ("dongbo", "kafka-test-secret");
 
 /// The `tansu` binary: on PATH or in `~/.cargo/bin`.
 pub fn tansu_binary() -> anyhow::Result<PathBuf> {
@@ -34,14 +47,59 @@ pub fn tansu_binary() -> anyhow::Result<PathBuf> {
 impl Broker {
     /// Starts a broker on a free port, keeping messages in `dir/tansu.db` and logging to `dir/tansu.log`.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        let mut b = Self { child: None, port: free_port(), db: dir.join("tansu.db"), log: dir.join("tansu.log") };
+        let mut b = Self {
+            child: None,
+            port: free_port(),
+            db: dir.join("tansu.db"),
+            log: dir.join("tansu.log"),
+            tls_port: None,
+            authentication: false,
+            proxy: None,
+        };
         b.spawn().await?;
+        Ok(b)
+    }
+
+    /// Starts a broker that takes only SASL/SCRAM-SHA-512 clients ([`SASL_USER`]) over TLS, with a
+    /// server certificate for `localhost` from `pki`.
+    pub async fn start_secure(dir: &Path, pki: &crate::tls::TestPki) -> anyhow::Result<Self> {
+        let mut b = Self::start(dir).await?;
+        // tansu refuses unauthenticated requests once --authentication is on, user creation too.
+        let out = Command::new(tansu_binary()?)
+            .args(["user", "create", "--broker", &format!("tcp://127.0.0.1:{}", b.port), "--mechanism", "scram512"])
+            .args([SASL_USER.0, SASL_USER.1])
+            .output()?;
+        if !out.status.success() {
+            bail!("tansu user create failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let cert = pki.server("kafka")?;
+        let tls_port = free_port();
+        b.proxy = Some(crate::tls::terminate(tls_port, &cert, b.port).await?);
+        b.tls_port = Some(tls_port);
+        b.authentication = true;
+        b.restart().await?;
         Ok(b)
     }
 
     /// `host:port` for clients.
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match self.tls_port {
+            Some(p) => format!("localhost:{p}"),
+            None => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The `[kafka.tls]` and `[kafka.sasl]` tables for a client of this secure broker; the SASL
+    /// password is written to `dir/kafka.password`.
+    pub fn client_security_toml(&self, pki: &crate::tls::TestPki, dir: &Path) -> anyhow::Result<String> {
+        let pw = dir.join("kafka.password");
+        std::fs::write(&pw, SASL_USER.1)?;
+        Ok(format!(
+            "\n[kafka.tls]\nca_file = \"{}\"\n\n[kafka.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"{}\"\npassword_file = \"{}\"\n",
+            pki.dir.join("ca/ca.pem").display(),
+            SASL_USER.0,
+            pw.display()
+        ))
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
@@ -50,9 +108,25 @@ impl Broker {
         let name = self.db.file_name().context("database path has no file name")?.to_string_lossy();
         let engine = format!("sqlite://{name}");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = match self.tls_port {
+            Some(p) => format!("tcp://localhost:{p}"),
+            None => url.clone(),
+        };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(tansu_binary()?)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &engine])
+        let mut command = Command::new(tansu_binary()?);
+        command.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &advertised,
+            "--storage-engine",
+            &engine,
+        ]);
+        if self.authentication {
+            command.arg("--authentication");
+        }
+        let child = command
             .env("RUST_LOG", "warn")
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -89,6 +163,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.abort();
+        }
         self.kill9();
     }
 }

@@ -43,8 +43,24 @@ pub struct Deployment {
     pub fanout_toml: String,
     /// Kafka brokers: when set, the agent produces to Kafka and the hubs consume it.
     pub kafka: Option<String>,
+    /// The end of the agent's and the hubs' `[kafka]` sections: the security settings
+    /// (`insecure_plaintext_demo = true` unless a test sets `[kafka.tls]` / `[kafka.sasl]`).
+    pub kafka_security: String,
     /// Mutual TLS between agent and hub, with certificates the harness made; `None` is clear text.
     pub tls: Option<tls::TestPki>,
+    /// Lines of the agent's `[source.tls]` table (empty: the default for 127.0.0.1, clear text).
+    pub source_tls_toml: String,
+    /// Lines of the hub's `[ndc.tls]` table.
+    pub ndc_tls_toml: String,
+}
+
+/// A TOML table `[name]` holding `lines`, or nothing when there are none.
+fn table(name: &str, lines: &str) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("\n[{name}]\n{lines}\n")
+    }
 }
 
 /// The agent's token in test deployments.
@@ -53,7 +69,11 @@ pub const TOKEN: &str = "test-agent-token";
 impl Deployment {
     /// A new cluster with empty `province` and `ndc` databases; `setup_sql` runs in `province`.
     pub async fn new(name: &str, setup_sql: &str, tables: &[&str]) -> anyhow::Result<Self> {
-        let pg = PgCluster::start(name)?;
+        Self::on(PgCluster::start(name)?, setup_sql, tables).await
+    }
+
+    /// The same on a cluster the caller started (a TLS one, say).
+    pub async fn on(pg: PgCluster, setup_sql: &str, tables: &[&str]) -> anyhow::Result<Self> {
         pg.create_database("province").await?;
         pg.create_database("ndc").await?;
         let src = pg.connect_as_role("province").await?;
@@ -71,7 +91,10 @@ impl Deployment {
             spool_extra: String::new(),
             fanout_toml: String::new(),
             kafka: None,
+            kafka_security: "insecure_plaintext_demo = true\n".into(),
             tls: None,
+            source_tls_toml: String::new(),
+            ndc_tls_toml: String::new(),
         })
     }
 
@@ -105,16 +128,17 @@ impl Deployment {
 
     async fn spawn_hub(&self, name: &str, port: u16, agents_toml: &str) -> anyhow::Result<DongboProcess> {
         let kafka = match &self.kafka {
-            Some(brokers) => format!("\n[kafka]\nbrokers = \"{brokers}\"\n"),
+            Some(brokers) => format!("\n[kafka]\nbrokers = \"{brokers}\"\n{}", self.kafka_security),
             None => String::new(),
         };
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n{tls}\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\n[fanout]\ndata_dir = \"{data}\"\n\n{agents_toml}\n{fanout}{kafka}",
+            "listen = \"127.0.0.1:{port}\"\n{tls}\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n{ndc_tls}\n[fanout]\ndata_dir = \"{data}\"\n\n{agents_toml}\n{fanout}{kafka}",
             pg = self.pg.port,
             role = pg::ROLE,
             pw = pg::PASSWORD,
             data = self.dir.join(format!("{name}-data")).display(),
             fanout = self.fanout_toml,
+            ndc_tls = table("ndc.tls", &self.ndc_tls_toml),
             tls = match &self.tls {
                 Some(t) => t.hub_toml(),
                 None => "insecure_plaintext_demo = true\n".into(),
@@ -157,7 +181,7 @@ impl Deployment {
     pub fn agent_config(&self) -> String {
         let tables: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
         format!(
-            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n\n[spool]\npath = \"{spool}\"\n{extra}\n\n{link}",
+            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n{source_tls}\n[spool]\npath = \"{spool}\"\n{extra}\n\n{link}",
             id = self.source_id,
             pg = self.pg.port,
             role = pg::ROLE,
@@ -165,8 +189,11 @@ impl Deployment {
             tables = tables.join(", "),
             spool = self.dir.join("spool").display(),
             extra = self.spool_extra,
+            source_tls = table("source.tls", &self.source_tls_toml),
             link = match &self.kafka {
-                Some(brokers) => format!("[kafka]\nbrokers = \"{brokers}\"\nmax_backoff_ms = 1000\n"),
+                Some(brokers) => {
+                    format!("[kafka]\nbrokers = \"{brokers}\"\nmax_backoff_ms = 1000\n{}", self.kafka_security)
+                }
                 None => match &self.tls {
                     None => format!(
                         "[hub]\nurl = \"http://127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\nmax_backoff_ms = 1000\n",

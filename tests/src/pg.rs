@@ -1,6 +1,8 @@
 //! Throw-away PostgreSQL clusters made with `initdb`, with `wal_level = logical`, listening on
 //! 127.0.0.1 with SCRAM passwords (so agents authenticate as they would in a province) and on a private
-//! Unix socket with trust (for the test's own set-up queries).
+//! Unix socket with trust (for the test's own set-up queries). A TLS cluster
+//! ([`PgCluster::start_tls`]) refuses clear text over TCP and asks the `ndc` database's clients for
+//! a certificate, so a test proves every dongbo connection to it is encrypted.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +21,8 @@ pub struct PgCluster {
     pub port: u16,
     /// Cluster directory (data, socket, log).
     pub dir: PathBuf,
+    /// Whether TCP clients must use TLS.
+    pub tls: bool,
     bin: PathBuf,
 }
 
@@ -68,6 +72,17 @@ pub fn free_port() -> u16 {
 impl PgCluster {
     /// Creates and starts a cluster named `name`.
     pub fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_with(name, None)
+    }
+
+    /// Creates and starts a cluster named `name` with `ssl = on` and a server certificate for
+    /// 127.0.0.1 and localhost from `pki`: clear-text TCP is refused, and clients of the `ndc`
+    /// database must also present a certificate signed by `pki`'s CA.
+    pub fn start_tls(name: &str, pki: &crate::tls::TestPki) -> anyhow::Result<Self> {
+        Self::start_with(name, Some(pki))
+    }
+
+    fn start_with(name: &str, pki: Option<&crate::tls::TestPki>) -> anyhow::Result<Self> {
         let bin = bin_dir()?;
         let dir =
             std::env::temp_dir().join(format!("dongbo-pg-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
@@ -115,10 +130,29 @@ impl PgCluster {
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
         text.push_str(&conf);
+        if let Some(pki) = pki {
+            let server = pki.server(&format!("pg-{name}"))?;
+            for ext in ["pem", "key"] {
+                let to = data.join(format!("server.{ext}"));
+                std::fs::copy(format!("{server}.{ext}"), &to)?;
+                if is_root() {
+                    Command::new("chown").args(["postgres:postgres"]).arg(&to).status()?;
+                }
+            }
+            std::fs::copy(pki.dir.join("ca/ca.pem"), data.join("ca.pem"))?;
+            text.push_str(
+                "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.pem'\n",
+            );
+            let hba_path = data.join("pg_hba.conf");
+            let hba = std::fs::read_to_string(&hba_path)?;
+            let tls_rules = "hostnossl all all all reject\nhostnossl replication all all reject\n\
+                             hostssl ndc all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n";
+            std::fs::write(&hba_path, format!("{tls_rules}{hba}"))?;
+        }
         std::fs::write(&conf_path, text)?;
         let log = dir.join("server.log").to_string_lossy().to_string();
         run(&bin, "pg_ctl", &["-D", &data_s, "-l", &log, "-w", "-t", "60", "start"])?;
-        Ok(Self { port, dir, bin })
+        Ok(Self { port, dir, tls: pki.is_some(), bin })
     }
 
     /// A superuser connection over the private Unix socket.
@@ -142,10 +176,16 @@ impl PgCluster {
         Ok(())
     }
 
-    /// A connection as the dongbo role over TCP, as agents and the hub connect.
+    /// A connection as the dongbo role over TCP, as agents and the hub connect (over the Unix socket
+    /// on a TLS cluster, which refuses clear-text TCP).
     pub async fn connect_as_role(&self, database: &str) -> anyhow::Result<Client> {
         let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1").port(self.port).user(ROLE).password(PASSWORD).dbname(database);
+        if self.tls {
+            c.host_path(&self.dir);
+        } else {
+            c.host("127.0.0.1");
+        }
+        c.port(self.port).user(ROLE).password(PASSWORD).dbname(database);
         let (client, conn) = c.connect(NoTls).await?;
         tokio::spawn(conn);
         Ok(client)

@@ -74,6 +74,33 @@ impl TestPki {
         Ok(out)
     }
 
+    /// Issues a server certificate for 127.0.0.1 and localhost (a Postgres server's) as
+    /// `<name>.pem` / `<name>.key`; returns the path prefix.
+    pub fn server(&self, name: &str) -> anyhow::Result<String> {
+        let out = self.path(name);
+        certs(&[
+            "issue",
+            "--ca-dir",
+            &self.path("ca"),
+            "--kind",
+            "server",
+            "--id",
+            name,
+            "--out",
+            &out,
+            "--host",
+            "localhost",
+            "--host",
+            "127.0.0.1",
+        ])?;
+        Ok(out)
+    }
+
+    /// Issues a Postgres client certificate for role `role` as `<name>.pem` / `<name>.key`.
+    pub fn pg_client(&self, name: &str, role: &str) -> anyhow::Result<String> {
+        self.issue("client", name, role, None, false)
+    }
+
     /// Issues an operator certificate for `id` as `<name>.pem` / `<name>.key`.
     pub fn operator(&self, name: &str, id: &str) -> anyhow::Result<String> {
         self.issue("operator", name, id, None, false)
@@ -146,4 +173,30 @@ impl TestPki {
     pub fn link_toml(&self, prefix: &str) -> String {
         format!("ca_file = \"{}\"\ncert_file = \"{prefix}.pem\"\nkey_file = \"{prefix}.key\"\n", self.path("ca/ca.pem"))
     }
+}
+
+/// Terminates TLS on 127.0.0.1:`port` with the certificate at `cert` (`.pem`/`.key`) and forwards
+/// each connection's bytes to 127.0.0.1:`upstream`, until the task is aborted.
+pub async fn terminate(port: u16, cert: &str, upstream: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(format!("{cert}.pem"))?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(format!("{cert}.key"))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    }))
 }

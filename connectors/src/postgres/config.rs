@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::tls::PgTlsConfig;
 use crate::model::TableId;
 
 /// How to reach a Postgres source and what to capture from it.
@@ -40,6 +41,9 @@ pub struct PostgresConfig {
     /// How often the agent reports its released position to the server, in milliseconds.
     #[serde(default = "default_feedback_ms")]
     pub feedback_interval_ms: u64,
+    /// TLS to the server (`[source.tls]`), for the query and the replication connection alike.
+    #[serde(default)]
+    pub tls: PgTlsConfig,
 }
 
 fn default_port() -> u16 {
@@ -73,6 +77,7 @@ impl fmt::Debug for PostgresConfig {
             .field("tables", &self.tables)
             .field("publication", &self.publication)
             .field("slot", &self.slot)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +111,7 @@ impl PostgresConfig {
         if self.feedback_interval_ms == 0 || self.feedback_interval_ms > 50_000 {
             problems.push("source.feedback_interval_ms must be between 1 and 50000 (below wal_sender_timeout)".into());
         }
+        problems.extend(self.tls.validate(&self.host, "source.tls"));
         problems
     }
 
@@ -128,24 +134,19 @@ impl PostgresConfig {
     /// Opens the regular (query) connection, its driver task spawned on the runtime.
     pub async fn connect_query(&self) -> Result<tokio_postgres::Client, crate::error::SourceError> {
         let password = self.resolve_password()?;
-        let (client, connection) = self.query_config(password.as_deref()).connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "source query connection ended");
-            }
-        });
-        Ok(client)
+        Ok(super::session::connect(&self.target(password.as_deref())).await?)
     }
 
-    /// A tokio-postgres config for the regular (query) connection.
-    pub fn query_config(&self, password: Option<&str>) -> tokio_postgres::Config {
-        super::session::query_config(&super::session::Target {
+    /// Where and as whom the agent connects, with `password`.
+    pub fn target<'a>(&'a self, password: Option<&'a str>) -> super::session::Target<'a> {
+        super::session::Target {
             host: &self.host,
             port: self.port,
             user: &self.user,
             database: &self.database,
             password,
             application: "dongbo-agent",
-        })
+            tls: &self.tls,
+        }
     }
 }

@@ -34,6 +34,7 @@ pub mod protocol;
 pub mod session;
 pub mod snapshot;
 pub mod text;
+pub mod tls;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +47,7 @@ use tracing::{info, warn};
 
 pub use self::config::PostgresConfig;
 use self::pgoutput::{PgOutput, TupleValue};
-use self::protocol::{ConnectParams, ReplicationConnection, ReplicationMessage};
+use self::protocol::{ReplicationConnection, ReplicationMessage};
 use self::snapshot::SnapshotReader;
 pub use crate::error::SourceError;
 use crate::model::{ChangeEvent, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
@@ -157,14 +158,7 @@ impl PostgresSource {
             return Err(SourceError::Prerequisite(problem));
         }
         check::ensure_publication(&client, &config).await?;
-        let params = ConnectParams {
-            host: &config.host,
-            port: config.port,
-            user: &config.user,
-            password: password.as_deref(),
-            database: &config.database,
-        };
-        let mut repl = ReplicationConnection::connect(&params).await?;
+        let mut repl = ReplicationConnection::connect(&config.target(password.as_deref())).await?;
         let phase = if resume.snapshot_done {
             let slot = client
                 .query_opt(

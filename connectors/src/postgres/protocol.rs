@@ -21,6 +21,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
+use super::session::Target;
+use super::tls::HandshakeError;
 use crate::error::SourceError;
 use crate::model::Lsn;
 
@@ -128,30 +130,30 @@ pub struct ReplicationConnection {
     framed: Framed<Pin<Box<dyn Io>>, PgCodec>,
 }
 
-/// Connection parameters for the replication connection.
-pub struct ConnectParams<'a> {
-    /// Host, or Unix socket directory.
-    pub host: &'a str,
-    /// Port.
-    pub port: u16,
-    /// Role.
-    pub user: &'a str,
-    /// Password, if any.
-    pub password: Option<&'a str>,
-    /// Database.
-    pub database: &'a str,
-}
-
 impl ReplicationConnection {
     /// Connects, authenticates and waits until the server is ready for queries.
-    pub async fn connect(p: &ConnectParams<'_>) -> Result<Self, SourceError> {
+    /// TLS as `p.tls` asks: the SSLRequest, then rustls, and SCRAM bound to the TLS session.
+    pub async fn connect(p: &Target<'_>) -> Result<Self, SourceError> {
+        let tls_error = |reason: String| SourceError::Tls(format!("TLS to {}:{}: {reason}", p.host, p.port));
+        let tls = p.tls.connector(p.host).map_err(|e| tls_error(e.0))?;
+        let mut server_end_point = None;
         let io: Pin<Box<dyn Io>> = if p.host.starts_with('/') {
             let path = format!("{}/.s.PGSQL.{}", p.host, p.port);
             Box::pin(tokio::net::UnixStream::connect(path).await?)
         } else {
             let s = tokio::net::TcpStream::connect((p.host, p.port)).await?;
             s.set_nodelay(true)?;
-            Box::pin(s)
+            match tls {
+                None => Box::pin(s),
+                Some(tls) => {
+                    let stream = tls.start(s).await.map_err(|e| match e {
+                        HandshakeError::Certificate(reason) => tls_error(reason),
+                        HandshakeError::Io(e) => SourceError::Io(e),
+                    })?;
+                    server_end_point = stream.server_end_point();
+                    Box::pin(stream)
+                }
+            }
         };
         let mut conn = Self { framed: Framed::with_capacity(io, PgCodec, 256 * 1024) };
         let mut buf = BytesMut::new();
@@ -159,13 +161,13 @@ impl ReplicationConnection {
             ("user", p.user),
             ("database", p.database),
             ("replication", "database"),
-            ("application_name", "dongbo-agent"),
+            ("application_name", p.application),
             // The walsender prints values with these settings: keep temporal text unambiguous.
             ("options", super::session::SESSION_OPTIONS),
         ];
         frontend::startup_message(params.iter().copied(), &mut buf)?;
         conn.send(buf).await?;
-        conn.authenticate(p).await?;
+        conn.authenticate(p, server_end_point).await?;
         conn.wait_ready().await?;
         Ok(conn)
     }
@@ -185,7 +187,7 @@ impl ReplicationConnection {
         }
     }
 
-    async fn authenticate(&mut self, p: &ConnectParams<'_>) -> Result<(), SourceError> {
+    async fn authenticate(&mut self, p: &Target<'_>, mut server_end_point: Option<Vec<u8>>) -> Result<(), SourceError> {
         let password = || {
             p.password.ok_or_else(|| SourceError::Auth("the server asks for a password and none is configured".into()))
         };
@@ -213,13 +215,23 @@ impl ReplicationConnection {
                         }
                         10 => {
                             let mechanisms = String::from_utf8_lossy(&body);
-                            if !mechanisms.split('\0').any(|m| m == "SCRAM-SHA-256") {
+                            let offered = |name: &str| mechanisms.split('\0').any(|m| m == name);
+                            // As libpq: bind to the TLS session when both sides can; say "could, but
+                            // you did not offer it" when only we can, so a downgrade is detected.
+                            let (mechanism, binding) = match server_end_point.take() {
+                                Some(h) if offered("SCRAM-SHA-256-PLUS") => {
+                                    ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(h))
+                                }
+                                Some(_) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+                                None => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                            };
+                            if !offered("SCRAM-SHA-256") && mechanism == "SCRAM-SHA-256" {
                                 return Err(SourceError::Auth(format!(
                                     "the server offers only SASL mechanisms {mechanisms:?}"
                                 )));
                             }
-                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf)?;
+                            let s = ScramSha256::new(password()?.as_bytes(), binding);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut buf)?;
                             scram = Some(s);
                         }
                         11 => {

@@ -35,11 +35,14 @@ use crate::fanout::record::DomainEvent;
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// The NDC refused or the connection broke.
-    #[error("NDC apply failed: {0}")]
+    #[error("NDC apply failed: {}", dongbo_connectors::postgres::session::error_text(.0))]
     Ndc(#[from] tokio_postgres::Error),
     /// The NDC config could not be used.
     #[error("cannot read the NDC password file: {0}")]
     Config(#[from] std::io::Error),
+    /// The TLS settings cannot be used, or the NDC's certificate was refused.
+    #[error("NDC: {0}")]
+    Tls(String),
     /// The hub already holds as many NDC connections as `limits.max_ndc_connections` allows.
     #[error("the hub holds as many NDC connections as limits.max_ndc_connections allows; retry later")]
     Saturated,
@@ -53,7 +56,7 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Ndc(e) => e.code().is_none_or(|c| sqlstate_is_transient(c.code())),
-            ApplyError::Config(_) | ApplyError::Corrupt(_) => false,
+            ApplyError::Config(_) | ApplyError::Corrupt(_) | ApplyError::Tls(_) => false,
             ApplyError::Saturated => true,
         }
     }
@@ -145,13 +148,12 @@ pub struct OffsetMark {
 
 /// Connects to the NDC.
 pub async fn connect(ndc: &NdcConfig) -> Result<Client, ApplyError> {
-    let (client, connection) = ndc.pg_config()?.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            warn!(error = %e, "NDC connection ended");
-        }
-    });
-    Ok(client)
+    use dongbo_connectors::postgres::session::{connect, ConnectError};
+    let password = ndc.resolve_password()?;
+    connect(&ndc.target(password.as_deref())).await.map_err(|e| match e {
+        ConnectError::Tls { .. } => ApplyError::Tls(e.to_string()),
+        ConnectError::Postgres(e) => ApplyError::Ndc(e),
+    })
 }
 
 /// Applies one stream of a source's batches to the NDC: the agent's gRPC stream, or one Kafka

@@ -71,11 +71,11 @@ pub async fn run(
 }
 
 async fn connect(kafka: &KafkaConfig, topic: &str) -> Result<FutureProducer, String> {
-    let admin = crate::kafka::client_config(kafka, &[]);
+    let admin = crate::kafka::client_config(kafka, &[]).map_err(|e| e.to_string())?;
     ensure_topic(&admin, topic, PARTITIONS, 1).await.map_err(|e| e.to_string())?;
     let defaults =
         [("enable.idempotence", "true"), ("message.timeout.ms", "0"), ("compression.type", "lz4"), ("linger.ms", "5")];
-    crate::kafka::client_config(kafka, &defaults).create().map_err(|e: KafkaError| e.to_string())
+    crate::kafka::client_config(kafka, &defaults).and_then(|c| c.create()).map_err(|e: KafkaError| e.to_string())
 }
 
 /// Delivers one page from the cursor; `Ok(true)` when there may be more right away.

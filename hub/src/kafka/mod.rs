@@ -83,8 +83,9 @@ pub struct Shared {
     pub agents: HashMap<String, AgentAcl>,
 }
 
-/// librdkafka settings: `defaults`, then the hub's `[kafka]` section, whose properties win.
-pub fn client_config(k: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+/// librdkafka settings: `defaults`, then the hub's `[kafka]` section, whose properties win, then
+/// its security tables (which properties may not override).
+pub fn client_config(k: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<ClientConfig, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers);
     for (key, v) in defaults {
@@ -93,7 +94,8 @@ pub fn client_config(k: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig
     for (key, v) in &k.properties {
         c.set(key, v);
     }
-    c
+    k.security().apply(&mut c).map_err(KafkaError::ClientCreation)?;
+    Ok(c)
 }
 
 /// How often a hub holding no partition looks for partitions nobody consumes.
@@ -169,7 +171,7 @@ pub async fn run(
         ("max.partition.fetch.bytes", "16777216"),
     ];
     let consumer: GroupConsumer =
-        client_config(&k, &defaults).create_with_context(GroupContext { membership: membership_tx })?;
+        client_config(&k, &defaults)?.create_with_context(GroupContext { membership: membership_tx })?;
     let agents: HashMap<String, AgentAcl> = config.agents.iter().map(|a| (k.topic_of(&a.id), a.clone())).collect();
     let topics: Vec<&str> = agents.keys().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

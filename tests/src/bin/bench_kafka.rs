@@ -140,7 +140,9 @@ async fn main() -> anyhow::Result<()> {
     let kafka_ids: Vec<String> = SOURCES.iter().map(|s| format!("kafka-{s}")).collect();
     let topics: Vec<String> = kafka_ids.iter().map(|id| format!("dongbo.cdc.{id}")).collect();
     let (grpc_hub, grpc_port) = hub_config(&dir, "hub-grpc", pg.port, "ndc_grpc", &grpc_ids, "")?;
-    let kafka_section = |group: &str| format!("[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\n", broker.brokers());
+    let kafka_section = |group: &str| {
+        format!("[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ninsecure_plaintext_demo = true\n", broker.brokers())
+    };
     let (k1_hub, _) = hub_config(&dir, "hub-k1", pg.port, "ndc_k1", &kafka_ids, &kafka_section("k1"))?;
     let (k2a_hub, _) = hub_config(&dir, "hub-k2a", pg.port, "ndc_k2", &kafka_ids, &kafka_section("k2"))?;
     let (k2b_hub, _) = hub_config(&dir, "hub-k2b", pg.port, "ndc_k2", &kafka_ids, &kafka_section("k2"))?;
@@ -150,7 +152,10 @@ async fn main() -> anyhow::Result<()> {
             "[hub]\nurl = \"http://127.0.0.1:{grpc_port}\"\ntoken = \"{id}-token\"\nmax_backoff_ms = 500\n",
             id = grpc_ids[i]
         );
-        let kafka_link = format!("[kafka]\nbrokers = \"{}\"\nmax_backoff_ms = 500\n", broker.brokers());
+        let kafka_link = format!(
+            "[kafka]\nbrokers = \"{}\"\nmax_backoff_ms = 500\ninsecure_plaintext_demo = true\n",
+            broker.brokers()
+        );
         agents.push((grpc_ids[i].clone(), agent_config(&dir, &grpc_ids[i], s, pg.port, &grpc_link)?));
         agents.push((kafka_ids[i].clone(), agent_config(&dir, &kafka_ids[i], s, pg.port, &kafka_link)?));
     }

@@ -282,3 +282,100 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     );
     Ok(())
 }
+
+/// librdkafka settings of a test client of the secure broker, as the agent and hub set them.
+fn secure_client(broker: &Broker, pki: &dongbo_tests::tls::TestPki) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", broker.brokers())
+        .set("security.protocol", "SASL_SSL")
+        .set("ssl.ca.location", pki.dir.join("ca/ca.pem").to_string_lossy())
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", dongbo_tests::kafka::SASL_USER.0)
+        .set("sasl.password", dongbo_tests::kafka::SASL_USER.1);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_sasl_ssl_the_whole_kafka_path_works_and_wrong_credentials_or_clear_text_get_nowhere() -> anyhow::Result<()>
+{
+    use dongbo_tests::fanout::declarations;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+
+    let mut d = Deployment::new("kafkatls", CITIZENS_DDL, &["public.citizens"]).await?;
+    let pki = dongbo_tests::tls::TestPki::new(&d.dir.join("pki"))?;
+    let broker = Broker::start_secure(&d.dir, &pki).await?;
+    d.kafka = Some(broker.brokers());
+    d.kafka_security = broker.client_security_toml(&pki, &d.dir)?;
+    let sub_topic = "dongbo.sub.moet-tls";
+    d.fanout_toml = format!(
+        "{}\n[[subscriptions]]\nid = \"moet-tls\"\nsubscriber = \"moet\"\npurpose = \"education\"\n\
+         follow = [\"residence.changed\"]\nfields = [\"citizen_id\", \"current.commune_code\"]\n\
+         delivery = {{ kind = \"kafka\", topic = \"{sub_topic}\" }}\n",
+        declarations(dongbo_tests::pg::free_port())
+    );
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(47);
+    let ids = insert_citizens(&src, &mut gen, 300).await?;
+
+    // The agent's check: a wrong SASL password and a clear-text attempt are refused.
+    let check = |d: &Deployment| -> anyhow::Result<(bool, String)> {
+        let config = d.dir.join("agent-check.toml");
+        std::fs::write(&config, d.agent_config())?;
+        let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-agent")?)
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let good = d.kafka_security.clone();
+    std::fs::write(d.dir.join("wrong.password"), "not-the-password")?;
+    d.kafka_security = good.replace("kafka.password", "wrong.password");
+    let (passed, text) = check(&d)?;
+    assert!(!passed, "a wrong SASL password passed check:\n{text}");
+    assert!(text.contains("SASL authentication error"), "the broker's refusal reaches the operator:\n{text}");
+    d.kafka_security = "insecure_plaintext_demo = true\n".into();
+    let (passed, text) = check(&d)?;
+    assert!(!passed, "clear text against the TLS listener passed check:\n{text}");
+    d.kafka_security = good;
+    let (passed, text) = check(&d)?;
+    assert!(passed, "{text}");
+
+    d.start_hub().await?;
+    d.start_agent()?;
+    assert_eq!(d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?, 300);
+    let moved = ids[7].clone();
+    src.execute("UPDATE citizens SET commune_code = '26734' WHERE citizen_id = $1", &[&moved]).await?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+
+    // The hub's subscription producer works over SASL_SSL too.
+    let consumer: StreamConsumer = secure_client(&broker, &pki)
+        .set("group.id", "test-moet-tls")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .create()?;
+    consumer.subscribe(&[sub_topic])?;
+    let body = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let m = consumer.recv().await?;
+            if m.key() == Some(moved.as_bytes()) {
+                return anyhow::Ok(serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or_default())?);
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no record for the moved citizen on {sub_topic} within 60 s"))??;
+    assert_eq!(body["current"]["commune_code"], "26734", "{body}");
+
+    // A client without SASL, straight to the broker behind the TLS terminator: refused.
+    use rdkafka::producer::Producer;
+    let bare: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{}", broker.port))
+        .set("socket.timeout.ms", "3000")
+        .create()?;
+    let metadata =
+        tokio::task::spawn_blocking(move || bare.client().fetch_metadata(None, Duration::from_secs(5))).await?;
+    assert!(metadata.is_err(), "the broker served metadata without SASL");
+    d.ensure_alive()?;
+    Ok(())
+}

@@ -12,6 +12,7 @@ mod identities;
 mod kafka;
 mod mixed_workload;
 mod mutual_tls;
+mod postgres_tls;
 mod schema_drift;
 mod snapshot_and_stream;
 mod spool_limits;

@@ -11,6 +11,41 @@ use rdkafka::message::ToBytes;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tracing::info;
 
+pub mod security;
+
+/// A client context that keeps what librdkafka reports about the link (a refused SASL login, a
+/// failed TLS handshake), so `check` can say why a broker did not answer.
+#[derive(Debug, Clone, Default)]
+pub struct ReasonContext {
+    reasons: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ReasonContext {
+    /// The distinct reasons reported so far, oldest first.
+    pub fn reasons(&self) -> Vec<String> {
+        self.reasons.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl rdkafka::ClientContext for ReasonContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        if let Ok(mut r) = self.reasons.lock() {
+            // "n/m brokers are down" repeats what the caller learns anyway.
+            let noise = reason.ends_with("brokers are down");
+            let reason = reason.split(" (after ").next().unwrap_or(reason);
+            if !noise && r.len() < 8 && !r.iter().any(|seen| seen == reason) {
+                r.push(reason.to_string());
+            }
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ReasonContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
 /// Creates `topic` with `partitions` and `replication_factor` unless it exists (an existing topic
 /// is left as it is).
 pub async fn ensure_topic(
