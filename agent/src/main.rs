@@ -42,6 +42,15 @@ async fn main() -> anyhow::Result<()> {
             init_logs();
             let config = dongbo_agent::config::AgentConfig::load(&config)?;
             let (tx, rx) = watch::channel(false);
+            // SIGHUP reloads (the hub link reconnects with its TLS files); it must never kill the
+            // agent, as its default action would, whatever the link.
+            if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading");
+                    }
+                });
+            }
             tokio::spawn(async move {
                 wait_for_signal().await;
                 tracing::info!("shutdown requested");

@@ -40,6 +40,9 @@ pub enum ShipError {
     /// The hub broke the protocol.
     #[error("hub protocol error: {0}")]
     Protocol(String),
+    /// The session was ended on purpose, to reconnect (e.g. with rotated TLS files).
+    #[error("{0}")]
+    Reconnect(String),
     /// The spool failed.
     #[error(transparent)]
     Spool(#[from] SpoolError),
@@ -106,11 +109,54 @@ pub async fn run(
         String::new()
     });
     let progress = Progress::default();
+    let files: Vec<std::path::PathBuf> =
+        [&link.ca_file, &link.cert_file, &link.key_file].into_iter().flatten().cloned().collect();
+    let hangups = hangups();
     keep_linked("hub", link.max_backoff_ms, &spool, shutdown, &progress, || {
-        session(&source_id, &link, &token, &spool, &progress)
+        let session = session(&source_id, &link, &token, &spool, &progress);
+        let mut stamps = dongbo_connectors::tls::FileStamps::new(files.clone());
+        let mut hangup = hangups.clone();
+        hangup.mark_unchanged();
+        async move {
+            // A session keeps the TLS files it connected with; a rotated certificate or CA is
+            // picked up by reconnecting, which loses nothing: unacknowledged batches are sent again.
+            let rotated = async {
+                let mut tick = tokio::time::interval(TLS_FILES_CHECK);
+                loop {
+                    tokio::select! {
+                        Ok(()) = hangup.changed() => return "SIGHUP",
+                        _ = tick.tick() => if stamps.changed() { return "a TLS file changed" },
+                    }
+                }
+            };
+            tokio::select! {
+                r = session => r,
+                why = rotated => Err(ShipError::Reconnect(format!("{why}: reconnecting with the TLS files as they are now"))),
+            }
+        }
     })
     .await
 }
+
+/// A channel that changes at each SIGHUP (the agent reloads its link on it instead of dying, as
+/// the signal's default would).
+fn hangups() -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0u64);
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut signal) => {
+            tokio::spawn(async move {
+                while signal.recv().await.is_some() {
+                    tx.send_modify(|n| *n += 1);
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "cannot listen for SIGHUP: TLS files are reloaded when they change only"),
+    }
+    rx
+}
+
+/// How often the link's TLS files are checked for a rotation.
+const TLS_FILES_CHECK: Duration = Duration::from_secs(2);
 
 /// A link session's failure: the spool's own errors end the agent, the rest only the session.
 pub trait LinkFailure: std::fmt::Display {

@@ -31,3 +31,50 @@ pub fn certificate_validity(path: &Path) -> Result<Validity, String> {
         days_left: (not_after.timestamp() - now).div_euclid(86_400),
     })
 }
+
+/// The modification time and length of some files, to notice that one was replaced (a rotated
+/// certificate or key) without a file-system notification API.
+#[derive(Debug, Clone)]
+pub struct FileStamps {
+    paths: Vec<std::path::PathBuf>,
+    last: Vec<Option<(std::time::SystemTime, u64)>>,
+}
+
+impl FileStamps {
+    /// Stamps `paths` as they are now.
+    pub fn new(paths: Vec<std::path::PathBuf>) -> Self {
+        let last = stamps(&paths);
+        Self { paths, last }
+    }
+
+    /// Whether a file changed (or appeared, or went) since the last call; remembers the new state.
+    pub fn changed(&mut self) -> bool {
+        let now = stamps(&self.paths);
+        let changed = now != self.last;
+        self.last = now;
+        changed
+    }
+}
+
+fn stamps(paths: &[std::path::PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    paths.iter().map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_file_is_noticed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("cert.pem");
+        std::fs::write(&f, "one").unwrap();
+        let mut s = FileStamps::new(vec![f.clone()]);
+        assert!(!s.changed());
+        std::fs::write(&f, "two, longer").unwrap();
+        assert!(s.changed());
+        assert!(!s.changed());
+        std::fs::remove_file(&f).unwrap();
+        assert!(s.changed());
+    }
+}

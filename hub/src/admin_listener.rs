@@ -11,51 +11,21 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::serve::IncomingStream;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::config::TlsConfig;
 use crate::listener::{Guarded, GuardedListener};
+use crate::server_tls::{Listener, ServerTls, TlsIo};
 
 /// Accepted connections waiting for axum; handshakes beyond this wait in their tasks.
 const READY_QUEUE: usize = 64;
-
-/// The rustls server settings of the admin listener from `[tls]`.
-pub fn server_config(t: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, String> {
-    let err = |what: &str, e: &dyn std::fmt::Display| format!("admin TLS: {what}: {e}");
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
-        .map_err(|e| err(&t.cert_file.display().to_string(), &e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| err(&t.cert_file.display().to_string(), &e))?;
-    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| err(&t.key_file.display().to_string(), &e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&t.client_ca_file).map_err(|e| err("client CA", &e))? {
-        roots.add(c.map_err(|e| err("client CA", &e))?).map_err(|e| err("client CA", &e))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // Operators may log in with a token alone (a browser without a client certificate).
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| err("client CA", &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err("protocol versions", &e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| err("certificate and key", &e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
 
 /// A connection of the admin API.
 pub enum AdminIo {
     /// Clear text (demo).
     Plain(Guarded),
     /// HTTPS.
-    Tls(Box<tokio_rustls::server::TlsStream<Guarded>>),
+    Tls(Box<TlsIo>),
 }
 
 /// The admin listener: connections come out TLS-handshaken (or plain in a demo).
@@ -66,35 +36,31 @@ pub struct AdminListener {
 
 impl AdminListener {
     /// Starts accepting on `guarded`, with TLS when `tls` is given.
-    pub fn start(
-        mut guarded: GuardedListener,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        handshake: Duration,
-    ) -> io::Result<Self> {
+    pub fn start(mut guarded: GuardedListener, tls: Option<Arc<ServerTls>>, handshake: Duration) -> io::Result<Self> {
         let local = guarded.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_QUEUE);
-        tokio::spawn(async move {
-            let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-            loop {
-                let (conn, addr) = guarded.accept_guarded().await;
-                let Some(acceptor) = acceptor.clone() else {
-                    if tx.send((AdminIo::Plain(conn), addr)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                };
-                let tx = tx.clone();
+        match tls {
+            Some(tls) => {
+                let mut handshaken = tls.incoming(guarded, Listener::Admin, handshake);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(handshake, acceptor.accept(conn)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((AdminIo::Tls(Box::new(tls)), addr)).await;
+                    while let Some((io, addr)) = handshaken.recv().await {
+                        if tx.send((AdminIo::Tls(Box::new(io)), addr)).await.is_err() {
+                            return;
                         }
-                        Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "admin API TLS handshake refused"),
-                        Err(_) => tracing::warn!(peer = %addr, "admin API TLS handshake timed out"),
                     }
                 });
             }
-        });
+            None => {
+                tokio::spawn(async move {
+                    loop {
+                        let (conn, addr) = guarded.accept_guarded().await;
+                        if tx.send((AdminIo::Plain(conn), addr)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
         Ok(Self { ready, local })
     }
 }
@@ -128,7 +94,7 @@ impl axum::extract::connect_info::Connected<IncomingStream<'_, AdminListener>> f
     fn connect_info(stream: IncomingStream<'_, AdminListener>) -> Self {
         let certificate = match stream.io() {
             AdminIo::Plain(_) => None,
-            AdminIo::Tls(t) => t.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()),
+            AdminIo::Tls(t) => t.peer_certificate(),
         };
         Peer { addr: *stream.remote_addr(), certificate }
     }

@@ -151,6 +151,14 @@ pub fn issue(ca_dir: &Path, out: &Path, r: &Request) -> Result<(), CertError> {
     write(&with(".key"), &key.serialize_pem(), true)
 }
 
+/// The SHA-256 fingerprint (hex) of the first certificate in the PEM file at `path`.
+pub fn fingerprint(path: &Path) -> Result<String, CertError> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(path)
+        .map_err(|e| CertError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
+    Ok(crate::server_tls::fingerprint_hex(&der))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

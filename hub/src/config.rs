@@ -89,6 +89,10 @@ pub struct TlsConfig {
     /// What a peer must present.
     #[serde(default = "default_auth_mode")]
     pub mode: AuthMode,
+    /// Revoked client certificates: one SHA-256 fingerprint per line (`dongbo-hub certs
+    /// fingerprint` prints one). Reloaded with the other files on SIGHUP or when it changes.
+    #[serde(default)]
+    pub revoked_file: Option<PathBuf>,
 }
 
 fn default_trust_domain() -> String {

@@ -39,6 +39,7 @@ pub(crate) mod grpc_peer;
 pub mod ingest;
 pub mod kafka;
 pub mod listener;
+pub mod server_tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,26 +75,9 @@ pub enum HubError {
     /// The audit chain's signing key or checkpoints could not be used.
     #[error(transparent)]
     Checkpoint(#[from] audit::checkpoint::CheckpointError),
-    /// The TLS certificate, key or client CA could not be read.
-    #[error("TLS: cannot read {path}: {source}")]
-    Tls {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-/// The gRPC server's TLS settings from `[tls]`: the hub's identity and the CA its clients' certificates
-/// must chain to (required unless `mode = "token"`).
-fn server_tls(t: &config::TlsConfig) -> Result<tonic::transport::ServerTlsConfig, HubError> {
-    let read =
-        |path: &std::path::Path| std::fs::read(path).map_err(|source| HubError::Tls { path: path.into(), source });
-    let identity = tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?);
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(tonic::transport::Certificate::from_pem(read(&t.client_ca_file)?))
-        .client_auth_optional(t.mode == config::AuthMode::Token))
+    /// The TLS certificate, key, client CA or revocation list could not be loaded.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A subscriber sends only Open and Ack messages, each well under a kilobyte.
@@ -124,15 +108,25 @@ pub async fn run(
         config.audit.witness_url.clone(),
         stop_rx.clone(),
     ));
+    let server_tls = config.tls.as_ref().map(server_tls::ServerTls::load).transpose().map_err(HubError::Tls)?;
+    match &server_tls {
+        Some(t) => t.watch(stop_rx.clone()),
+        // SIGHUP must not kill the hub (its default action) even with nothing to reload.
+        None => {
+            if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        info!("SIGHUP: no [tls] to reload");
+                    }
+                });
+            }
+        }
+    }
+    let handshake = std::time::Duration::from_millis(config.limits.handshake_timeout_ms);
     if let Some(admin) = config.admin.clone() {
         let guarded = listener::GuardedListener::new(TcpListener::bind(&admin.listen).await?, &config.limits, "admin");
-        let tls = config.tls.as_ref().map(admin_listener::server_config).transpose().map_err(|e| HubError::Tls {
-            path: config.tls.as_ref().map(|t| t.cert_file.clone()).unwrap_or_default(),
-            source: std::io::Error::other(e),
-        })?;
-        let https = tls.is_some();
-        let handshake = std::time::Duration::from_millis(config.limits.handshake_timeout_ms);
-        let admin_listener = admin_listener::AdminListener::start(guarded, tls, handshake)?;
+        let https = server_tls.is_some();
+        let admin_listener = admin_listener::AdminListener::start(guarded, server_tls.clone(), handshake)?;
         info!(listen = %admin.listen, https, "admin API serving");
         let mut stop = stop_rx.clone();
         let (f, a) = (fanout.clone(), auth.clone());
@@ -163,18 +157,6 @@ pub async fn run(
     info!(listen = ?addr, agents = config.agents.len(), subscribers = config.subscribers.len(), kafka = config.kafka.is_some(), "hub serving");
     let limits = config.limits.clone();
     let tls = config.tls.clone();
-    if let Some(t) = &tls {
-        match dongbo_connectors::tls::certificate_validity(&t.cert_file) {
-            Ok(v) if v.days_left < 0 => {
-                tracing::error!(not_after = %v.not_after, "the hub's TLS certificate has expired: agents and subscribers will refuse it")
-            }
-            Ok(v) if v.days_left < dongbo_connectors::tls::EXPIRY_WARNING_DAYS => {
-                tracing::warn!(days_left = v.days_left, not_after = %v.not_after, "the hub's TLS certificate expires soon: renew it")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot read the hub's TLS certificate's validity"),
-        }
-    }
     if tls.is_none() {
         tracing::warn!("serving gRPC in clear text (insecure_plaintext_demo): tokens and citizens' data cross the network readable");
     }
@@ -186,7 +168,7 @@ pub async fn run(
         .send_compressed(CompressionEncoding::Zstd)
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_SUBSCRIBER_MESSAGE_BYTES);
-    let incoming = listener::GuardedListener::new(listener, &limits, "grpc").into_stream();
+    let guarded = listener::GuardedListener::new(listener, &limits, "grpc");
     // The streams end when told to stop, which lets the graceful shutdown below complete.
     let stopping = async move {
         shutdown.await;
@@ -195,17 +177,22 @@ pub async fn run(
     };
     // Acks are small messages: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to each one
     // (the guarded listener sets it on every connection).
-    let mut server = tonic::transport::Server::builder();
-    if let Some(t) = &tls {
-        server = server.tls_config(server_tls(t)?)?;
-    }
-    let result = server
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(listener::keepalive(&limits)))
         .http2_keepalive_timeout(Some(listener::keepalive(&limits)))
         .add_service(service)
-        .add_service(subscribe)
-        .serve_with_incoming_shutdown(incoming, stopping)
-        .await;
+        .add_service(subscribe);
+    let result = match &server_tls {
+        Some(t) => {
+            let ready = t.incoming(guarded, server_tls::Listener::Grpc, handshake);
+            let incoming = futures::stream::unfold(ready, |mut ready| async move {
+                let (io, _) = ready.recv().await?;
+                Some((Ok::<_, std::io::Error>(io), ready))
+            });
+            router.serve_with_incoming_shutdown(incoming, stopping).await
+        }
+        None => router.serve_with_incoming_shutdown(guarded.into_stream(), stopping).await,
+    };
     drop(stop_rx);
     result?;
     info!("hub stopped");

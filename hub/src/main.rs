@@ -56,6 +56,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CertsAction {
+    /// Print the SHA-256 fingerprint of the (first) certificate in a PEM file, as `tls.revoked_file`
+    /// lists revoked ones.
+    Fingerprint {
+        /// The PEM certificate.
+        file: PathBuf,
+    },
     /// Make a CA: `ca.pem` and `ca.key` (mode 0600) in DIR.
     Ca {
         /// Where to write the CA.
@@ -192,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Certs { action } => {
             match action {
+                CertsAction::Fingerprint { file } => println!("{}", dongbo_hub::certs::fingerprint(&file)?),
                 CertsAction::Ca { dir, name, days } => {
                     dongbo_hub::certs::make_ca(&dir, &name, days)?;
                     println!("CA written to {}/ca.pem (key {}/ca.key)", dir.display(), dir.display());

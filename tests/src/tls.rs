@@ -42,7 +42,69 @@ impl TestPki {
             "127.0.0.1",
         ])
         .context("hub certificate")?;
+        std::fs::write(pki.revoked_file(), "# revoked client certificates (SHA-256)\n")?;
         Ok(pki)
+    }
+
+    /// The hub's revocation list (`tls.revoked_file`), empty at first.
+    pub fn revoked_file(&self) -> PathBuf {
+        self.dir.join("revoked.txt")
+    }
+
+    /// The SHA-256 fingerprint of the certificate at `prefix`.pem, from `dongbo-hub certs fingerprint`.
+    pub fn fingerprint(&self, prefix: &str) -> anyhow::Result<String> {
+        let out = std::process::Command::new(crate::procs::binary("dongbo-hub")?)
+            .args(["certs", "fingerprint", &format!("{prefix}.pem")])
+            .output()?;
+        if !out.status.success() {
+            bail!("dongbo-hub certs fingerprint failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// Issues a new hub certificate and moves it into place over `hub.pem` / `hub.key` (the
+    /// certificate renamed last, so a reload never sees a new key with the old certificate for
+    /// long); returns its fingerprint.
+    pub fn rotate_hub(&self) -> anyhow::Result<String> {
+        let next = self.path("hub-next");
+        certs(&[
+            "issue",
+            "--ca-dir",
+            &self.path("ca"),
+            "--kind",
+            "hub",
+            "--id",
+            "hub",
+            "--out",
+            &next,
+            "--host",
+            "localhost",
+            "--host",
+            "127.0.0.1",
+        ])?;
+        let fingerprint = self.fingerprint(&next)?;
+        std::fs::rename(format!("{next}.key"), self.dir.join("hub.key"))?;
+        std::fs::rename(format!("{next}.pem"), self.dir.join("hub.pem"))?;
+        Ok(fingerprint)
+    }
+
+    /// The fingerprint of the certificate the TLS server on localhost:`port` presents now.
+    pub async fn served_fingerprint(&self, port: u16) -> anyhow::Result<String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(self.dir.join("ca/ca.pem"))? {
+            roots.add(c?)?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await?;
+        let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).context("no certificate")?.to_vec();
+        Ok(dongbo_hub::server_tls::fingerprint_hex(&der))
     }
 
     fn path(&self, name: &str) -> String {
@@ -151,10 +213,11 @@ impl TestPki {
     /// The hub's `[tls]` section.
     pub fn hub_toml(&self) -> String {
         format!(
-            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nrevoked_file = \"{}\"\n",
             self.path("hub.pem"),
             self.path("hub.key"),
-            self.path("ca/ca.pem")
+            self.path("ca/ca.pem"),
+            self.revoked_file().display()
         )
     }
 

@@ -4,6 +4,7 @@ mod agent_check;
 mod agent_faults;
 mod audit_tamper;
 mod bad_input;
+mod cert_rotation;
 mod crash_recovery;
 mod fanout;
 mod hostile_agent;
