@@ -219,12 +219,13 @@ echo "NDC now holds $(ndc -qAtc 'SELECT count(*) FROM hcm_population.citizens') 
 
 ID=$(src -c "SELECT citizen_id FROM citizens ORDER BY citizen_id LIMIT 1")
 say "starting two subscribers: social insurance (gRPC) and health insurance (webhook)"
-"$BIN/social-insurance" --hub "https://localhost:$HUB_PORT" --token demo-bhxh-token --subscription bhxh-residence \
+# Secrets come from files or the environment, never from arguments (readable in any process list).
+DONGBO_SUBSCRIBER_TOKEN=demo-bhxh-token "$BIN/social-insurance" --hub "https://localhost:$HUB_PORT" --subscription bhxh-residence \
   --ca-file "$PKI/ca/ca.pem" --cert-file "$PKI/bhxh.pem" --key-file "$PKI/bhxh.key" \
   --count 1 >"$DEMO/social-insurance.out" 2>"$DEMO/social-insurance.log" &
 SI_PID=$!
 PIDS+=($SI_PID)
-"$BIN/health-webhook" --listen "127.0.0.1:$WEBHOOK_PORT" --secret demo-webhook-secret --count 1 \
+DONGBO_WEBHOOK_SECRET=demo-webhook-secret "$BIN/health-webhook" --listen "127.0.0.1:$WEBHOOK_PORT" --count 1 \
   >"$DEMO/health.out" 2>"$DEMO/health.log" &
 HW_PID=$!
 PIDS+=($HW_PID)

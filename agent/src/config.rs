@@ -132,7 +132,7 @@ impl HubLinkConfig {
     pub fn resolve_token(&self) -> std::io::Result<String> {
         match (&self.token, &self.token_file) {
             (Some(t), _) => Ok(t.clone()),
-            (None, Some(p)) => Ok(std::fs::read_to_string(p)?.lines().next().unwrap_or_default().to_string()),
+            (None, Some(p)) => dongbo_connectors::config_file::read_secret(p),
             (None, None) => Ok(String::new()),
         }
     }

@@ -5,6 +5,12 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+/// The secret in a file named by a config (`password_file`, `token_file`, `secret_file`): its first
+/// line, without the line ending, so a file written by `echo` works as one written by `printf`.
+pub fn read_secret(path: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.lines().next().unwrap_or_default().to_string())
+}
+
 /// A config that can check its own values.
 pub trait Validate {
     /// Every problem, in plain words; empty when the config is usable.

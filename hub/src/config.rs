@@ -401,7 +401,7 @@ impl NdcConfig {
     pub fn resolve_password(&self) -> std::io::Result<Option<String>> {
         Ok(match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
-            (None, Some(f)) => std::fs::read_to_string(f)?.lines().next().map(str::to_string),
+            (None, Some(f)) => Some(dongbo_connectors::config_file::read_secret(f)?),
             (None, None) => None,
         })
     }

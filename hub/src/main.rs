@@ -109,9 +109,11 @@ struct AdminArgs {
     /// The hub's admin API.
     #[arg(long, default_value = "http://127.0.0.1:7444", env = "DONGBO_ADMIN_URL")]
     admin: String,
-    /// The operators' token.
-    #[arg(long, env = "DONGBO_ADMIN_TOKEN", hide_env_values = true)]
-    token: String,
+    /// File holding the operator's token (first line). Without it the token comes from the
+    /// environment variable DONGBO_ADMIN_TOKEN; never from the command line, which every user of
+    /// the machine can read.
+    #[arg(long, env = "DONGBO_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// The CA of the hub's certificate, for an `https://` admin API.
     #[arg(long, env = "DONGBO_ADMIN_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -161,6 +163,17 @@ enum AuditAction {
 /// After SIGTERM the hub waits this long for its streams to end, then exits: inside systemd's
 /// default stop timeout and the 10 s an operator expects.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The operator's token from `--token-file` or DONGBO_ADMIN_TOKEN.
+fn admin_token(admin: &AdminArgs) -> anyhow::Result<String> {
+    match &admin.token_file {
+        Some(f) => {
+            dongbo_connectors::config_file::read_secret(f).with_context(|| format!("cannot read {}", f.display()))
+        }
+        None => std::env::var("DONGBO_ADMIN_TOKEN")
+            .context("no operator token: pass --token-file or set DONGBO_ADMIN_TOKEN"),
+    }
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -327,7 +340,7 @@ async fn admin_call(
         let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
         client = client.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
     }
-    let mut req = client.build()?.request(method, &url).bearer_auth(&admin.token);
+    let mut req = client.build()?.request(method, &url).bearer_auth(admin_token(admin)?);
     if let Some(b) = body {
         req = req.header("content-type", "application/json").body(b);
     }

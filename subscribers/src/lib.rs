@@ -5,6 +5,21 @@
 pub mod grpc;
 pub mod webhook;
 
+/// A subscriber's secret (token, webhook key): the first line of `file`, or else the environment
+/// variable `env`; never a command-line argument, which every user of the machine can read.
+pub fn secret(file: Option<&std::path::Path>, env: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    match file {
+        Some(f) => Ok(std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read {}", f.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()),
+        None => std::env::var(env).with_context(|| format!("no secret: pass its file or set {env}")),
+    }
+}
+
 /// One record as a subscriber receives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Received {

@@ -136,9 +136,8 @@ impl KafkaSecurity<'_> {
             }
         }
         if let Some(s) = self.sasl {
-            let password = std::fs::read_to_string(&s.password_file)
+            let password = crate::config_file::read_secret(&s.password_file)
                 .map_err(|e| format!("cannot read kafka.sasl.password_file {}: {e}", s.password_file.display()))?;
-            let password = password.lines().next().unwrap_or_default();
             c.set("sasl.mechanism", &s.mechanism);
             c.set("sasl.username", &s.username);
             c.set("sasl.password", password);

@@ -126,7 +126,7 @@ impl PostgresConfig {
             return Ok(Some(p.clone()));
         }
         match &self.password_file {
-            Some(path) => Ok(std::fs::read_to_string(path)?.lines().next().map(str::to_string)),
+            Some(path) => Ok(Some(crate::config_file::read_secret(path)?)),
             None => Ok(None),
         }
     }

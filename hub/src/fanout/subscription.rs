@@ -167,7 +167,7 @@ impl Delivery {
         match self {
             Delivery::Webhook { secret: Some(s), .. } => Ok(s.as_bytes().to_vec()),
             Delivery::Webhook { secret_file: Some(f), .. } => {
-                Ok(std::fs::read_to_string(f)?.lines().next().unwrap_or_default().as_bytes().to_vec())
+                Ok(dongbo_connectors::config_file::read_secret(f)?.into_bytes())
             }
             _ => Ok(Vec::new()),
         }

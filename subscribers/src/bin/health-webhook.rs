@@ -12,9 +12,10 @@ struct Args {
     /// Where to listen for the hub's POSTs.
     #[arg(long, default_value = "127.0.0.1:8088")]
     listen: String,
-    /// The shared HMAC secret of the subscription.
-    #[arg(long, env = "DONGBO_WEBHOOK_SECRET", hide_env_values = true)]
-    secret: String,
+    /// File holding the subscription's shared HMAC secret (first line); without it, the
+    /// environment variable DONGBO_WEBHOOK_SECRET.
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
     /// Exit after this many records (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     count: usize,
@@ -23,11 +24,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let secret = dongbo_subscribers::secret(args.secret_file.as_deref(), "DONGBO_WEBHOOK_SECRET")?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     eprintln!("health-webhook: listening on http://{}", args.listen);
     let handled = Arc::new(AtomicUsize::new(0));
     let count = args.count;
-    dongbo_subscribers::webhook::serve(listener, args.secret.into_bytes(), move |r| {
+    dongbo_subscribers::webhook::serve(listener, secret.into_bytes(), move |r| {
         let handled = handled.clone();
         async move {
             println!("[health] {} {}", r.name, r.body);

@@ -17,9 +17,11 @@ struct Args {
     /// The hub's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:7443")]
     hub: String,
-    /// This subscriber's token.
-    #[arg(long, env = "DONGBO_SUBSCRIBER_TOKEN", hide_env_values = true)]
-    token: String,
+    /// File holding this subscriber's token (first line). Without it the token comes from the
+    /// environment variable DONGBO_SUBSCRIBER_TOKEN; never from the command line, which every
+    /// user of the machine can read.
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
     /// The subscription to follow.
     #[arg(long, default_value = "bhxh-residence")]
     subscription: String,
@@ -40,6 +42,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let token = dongbo_subscribers::secret(args.token_file.as_deref(), "DONGBO_SUBSCRIBER_TOKEN")?;
     let mut seen = HashSet::new();
     let mut handled = 0;
     let mut resume: Option<String> = None;
@@ -50,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     loop {
-        let ended = follow(&args, &mut seen, &mut handled, &mut resume, &mut retry).await;
+        let ended = follow(&args, &token, &mut seen, &mut handled, &mut resume, &mut retry).await;
         if args.count > 0 && handled >= args.count {
             return Ok(());
         }
@@ -67,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
 /// reached.
 async fn follow(
     args: &Args,
+    token: &str,
     seen: &mut HashSet<String>,
     handled: &mut usize,
     resume: &mut Option<String>,
@@ -74,8 +78,7 @@ async fn follow(
 ) -> anyhow::Result<()> {
     let tls =
         TlsFiles { ca_file: args.ca_file.clone(), cert_file: args.cert_file.clone(), key_file: args.key_file.clone() };
-    let mut sub =
-        Subscription::open_with(&args.hub, &args.token, &tls, &args.subscription, resume.as_deref(), 256).await?;
+    let mut sub = Subscription::open_with(&args.hub, token, &tls, &args.subscription, resume.as_deref(), 256).await?;
     eprintln!("social-insurance: following {} at {}", args.subscription, args.hub);
     while let Some(records) = sub.next().await? {
         retry.reset();

@@ -129,9 +129,20 @@ async fn subscriptions_hold_to_their_start_secret_and_host_and_the_example_survi
 
     // The example subscriber follows; two moves reach it.
     let example_log = d.dir.join("social-insurance.log");
+    let token_file = d.dir.join("bhxh.token");
+    std::fs::write(&token_file, format!("{BHXH_TOKEN}\n"))?;
     let mut example = dongbo_tests::procs::DongboProcess::spawn(
         "social-insurance",
-        &["--hub", &url, "--token", BHXH_TOKEN, "--subscription", "bhxh-example", "--count", "3"],
+        &[
+            "--hub",
+            &url,
+            "--token-file",
+            &token_file.to_string_lossy(),
+            "--subscription",
+            "bhxh-example",
+            "--count",
+            "3",
+        ],
         &example_log,
     )?;
     let mut first = Subscription::open(&url, BHXH_TOKEN, "bhxh-residence", None, 64).await?;
