@@ -108,12 +108,18 @@ pub struct Request {
     pub expired: bool,
 }
 
-/// Issues a certificate signed by the CA in `ca_dir`, written to `<out>.pem` and `<out>.key`.
-pub fn issue(ca_dir: &Path, out: &Path, r: &Request) -> Result<(), CertError> {
+/// The CA in `ca_dir`, ready to sign.
+fn load_ca(ca_dir: &Path) -> Result<(rcgen::Certificate, KeyPair), CertError> {
     let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).map_err(io(&ca_dir.join("ca.pem")))?;
     let ca_key =
         KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).map_err(io(&ca_dir.join("ca.key")))?)?;
     let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+    Ok((ca, ca_key))
+}
+
+/// What a certificate of `r` says: its name, usages, SANs and validity. The CA decides all of it,
+/// whatever a CSR asked for.
+fn params_for(r: &Request) -> Result<CertificateParams, CertError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, r.id.as_str());
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
@@ -140,15 +146,36 @@ pub fn issue(ca_dir: &Path, out: &Path, r: &Request) -> Result<(), CertError> {
             params.subject_alt_names.push(SanType::URI(uri.as_str().try_into()?));
         }
     }
+    Ok(params)
+}
+
+fn with_ext(out: &Path, ext: &str) -> PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(ext);
+    PathBuf::from(p)
+}
+
+/// Issues a certificate signed by the CA in `ca_dir`, with a key made here, written to `<out>.pem`
+/// and `<out>.key`.
+pub fn issue(ca_dir: &Path, out: &Path, r: &Request) -> Result<(), CertError> {
+    let (ca, ca_key) = load_ca(ca_dir)?;
     let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &ca, &ca_key)?;
-    let with = |ext: &str| {
-        let mut p = out.as_os_str().to_owned();
-        p.push(ext);
-        PathBuf::from(p)
-    };
-    write(&with(".pem"), &cert.pem(), false)?;
-    write(&with(".key"), &key.serialize_pem(), true)
+    let cert = params_for(r)?.signed_by(&key, &ca, &ca_key)?;
+    write(&with_ext(out, ".pem"), &cert.pem(), false)?;
+    write(&with_ext(out, ".key"), &key.serialize_pem(), true)
+}
+
+/// Signs the CSR at `csr` (PEM) with the CA in `ca_dir`, written to `<out>.pem`: the production
+/// flow, where the private key never leaves the peer's machine. The CSR's signature must check
+/// (the peer holds the key); its requested names and usages are ignored, the certificate says what
+/// `r` says.
+pub fn sign_csr(ca_dir: &Path, csr: &Path, out: &Path, r: &Request) -> Result<(), CertError> {
+    let (ca, ca_key) = load_ca(ca_dir)?;
+    let pem = std::fs::read_to_string(csr).map_err(io(csr))?;
+    let mut request = rcgen::CertificateSigningRequestParams::from_pem(&pem)?;
+    request.params = params_for(r)?;
+    let cert = request.signed_by(&ca, &ca_key)?;
+    write(&with_ext(out, ".pem"), &cert.pem(), false)
 }
 
 /// The SHA-256 fingerprint (hex) of the first certificate in the PEM file at `path`.
@@ -189,6 +216,59 @@ mod tests {
             let mode = std::fs::metadata(dir.join("hcm.key")).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_csr_gets_the_identity_the_ca_decides_and_a_forged_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("dongbo-csr-{}", rand::random::<u64>()));
+        make_ca(&dir, "test CA", 30).unwrap();
+        // The province asks for more than it should: another agent's name and server usage.
+        let key = KeyPair::generate().unwrap();
+        let mut asked = CertificateParams::new(vec!["ndc-hub.example.gov.vn".to_string()]).unwrap();
+        asked.subject_alt_names.push(SanType::URI("spiffe://ndc.gov.vn/agent/da-nang-health".try_into().unwrap()));
+        let csr = asked.serialize_request(&key).unwrap();
+        std::fs::write(dir.join("hcm.csr"), csr.pem().unwrap()).unwrap();
+        let r = Request {
+            kind: Kind::Agent,
+            id: "hcm-population".into(),
+            trust_domain: "ndc.gov.vn".into(),
+            hosts: Vec::new(),
+            days: 30,
+            expired: false,
+        };
+        sign_csr(&dir, &dir.join("hcm.csr"), &dir.join("hcm"), &r).unwrap();
+        let pem = std::fs::read(dir.join("hcm.pem")).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        assert_eq!(
+            certificate_identity(&pem.contents, "ndc.gov.vn").unwrap(),
+            Identity::Agent("hcm-population".into())
+        );
+        let cert = pem.parse_x509().unwrap();
+        assert_eq!(cert.public_key().raw, key.public_key_der().as_slice(), "the CSR's key, not a new one");
+        assert!(!dir.join("hcm.key").exists(), "the key never leaves the province");
+        // A CSR whose signature does not match its key (altered in transit) is refused.
+        let text = csr.pem().unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let body = lines.len() - 2; // the last line of base64, in the signature
+        let flipped: String = lines[body]
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 4 {
+                    if c == 'A' {
+                        'B'
+                    } else {
+                        'A'
+                    }
+                } else {
+                    c
+                }
+            })
+            .collect();
+        lines[body] = flipped;
+        std::fs::write(dir.join("forged.csr"), lines.join("\n")).unwrap();
+        assert!(sign_csr(&dir, &dir.join("forged.csr"), &dir.join("forged"), &r).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

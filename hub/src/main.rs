@@ -56,6 +56,34 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CertsAction {
+    /// Sign a peer's CSR with the CA in CA_DIR: OUT.pem. The key stays with the peer; the
+    /// certificate names it as --kind/--id say, whatever the CSR asked for.
+    Sign {
+        /// The CA's directory.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The PEM certificate signing request.
+        #[arg(long)]
+        csr: PathBuf,
+        /// What it is for.
+        #[arg(long, value_enum)]
+        kind: dongbo_hub::certs::Kind,
+        /// The peer's id.
+        #[arg(long)]
+        id: String,
+        /// Path prefix of the certificate to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The trust domain of the `spiffe://` name.
+        #[arg(long, default_value = "ndc.gov.vn")]
+        trust_domain: String,
+        /// For a server: its DNS names and IP addresses.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
     /// Print the SHA-256 fingerprint of the (first) certificate in a PEM file, as `tls.revoked_file`
     /// lists revoked ones.
     Fingerprint {
@@ -211,6 +239,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Certs { action } => {
             match action {
+                CertsAction::Sign { ca_dir, csr, kind, id, out, trust_domain, hosts, days } => {
+                    let r = dongbo_hub::certs::Request { kind, id, trust_domain, hosts, days, expired: false };
+                    dongbo_hub::certs::sign_csr(&ca_dir, &csr, &out, &r)?;
+                    println!("certificate written to {}.pem", out.display());
+                }
                 CertsAction::Fingerprint { file } => println!("{}", dongbo_hub::certs::fingerprint(&file)?),
                 CertsAction::Ca { dir, name, days } => {
                     dongbo_hub::certs::make_ca(&dir, &name, days)?;

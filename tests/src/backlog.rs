@@ -57,3 +57,26 @@ pub async fn load(src: &Client, first: u64, rows: u64) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The single `int8` a query returns (0 for NULL): an LSN as a number, a count.
+pub async fn lsn(client: &Client, sql: &str) -> anyhow::Result<i64> {
+    Ok(client.query_one(sql, &[]).await?.get::<_, Option<i64>>(0).unwrap_or(0))
+}
+
+/// Changes the NDC has applied for agent `id`.
+pub async fn applied(ndc: &Client, id: &str) -> anyhow::Result<i64> {
+    Ok(ndc
+        .query_opt("SELECT changes_applied FROM dongbo.applied_position WHERE source_id = $1", &[&id])
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0))
+}
+
+/// Waits until something listens on 127.0.0.1:`port`.
+pub async fn wait_listening(port: u16) -> anyhow::Result<()> {
+    wait_for("listener", Duration::from_secs(30), || async move {
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok())
+    })
+    .await
+    .map(|_| ())
+}

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dongbo_tests::backlog::{load, wait_for, TABLE};
+use dongbo_tests::backlog::{applied, load, lsn, wait_for, wait_listening as wait_hub, TABLE};
 use dongbo_tests::pg::{self, PgCluster};
 use dongbo_tests::procs::{binary, peak_rss_kib, DongboProcess};
 use tokio_postgres::Client;
@@ -63,7 +63,7 @@ fn hub_config(dir: &std::path::Path, ndc_port: u16, hub_port: u16) -> anyhow::Re
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:{hub_port}\"\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
+            "listen = \"127.0.0.1:{hub_port}\"\ninsecure_plaintext_demo = true\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
              [[agents]]\nid = \"e2e\"\ntoken = \"e2e-token\"\n[[agents]]\nid = \"snap\"\ntoken = \"snap-token\"\n",
             role = pg::ROLE,
             pw = pg::PASSWORD,
@@ -71,26 +71,6 @@ fn hub_config(dir: &std::path::Path, ndc_port: u16, hub_port: u16) -> anyhow::Re
         ),
     )?;
     Ok(path)
-}
-
-async fn lsn(client: &Client, sql: &str) -> anyhow::Result<i64> {
-    Ok(client.query_one(sql, &[]).await?.get::<_, Option<i64>>(0).unwrap_or(0))
-}
-
-async fn wait_hub(port: u16) -> anyhow::Result<()> {
-    wait_for("hub start", Duration::from_secs(30), || async move {
-        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok())
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn applied(ndc: &Client, id: &str) -> anyhow::Result<i64> {
-    Ok(ndc
-        .query_opt("SELECT changes_applied FROM dongbo.applied_position WHERE source_id = $1", &[&id])
-        .await?
-        .map(|r| r.get(0))
-        .unwrap_or(0))
 }
 
 /// Staged upsert of the same rows into the NDC: the apply floor. Also returns the time of the first

@@ -72,7 +72,7 @@ fn hub_config(
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:{port}\"\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg_port}\n\
+            "listen = \"127.0.0.1:{port}\"\ninsecure_plaintext_demo = true\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {pg_port}\n\
              database = \"{ndc}\"\nuser = \"{role}\"\npassword = \"{pw}\"\n{agents}{extra}",
             role = pg::ROLE,
             pw = pg::PASSWORD,

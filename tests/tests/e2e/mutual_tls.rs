@@ -89,6 +89,33 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
         try_agent(&d, &pki, Some(&pki.dir.join(format!("agent-{}", d.source_id)).to_string_lossy()), &d.source_id)
             .await;
     assert!(own.starts_with("accepted"), "the agent's own certificate and token: {own}");
+    // The production flow, as the README gives it: the province makes its key and CSR with
+    // openssl, the NDC signs the CSR; the certificate names the agent the NDC chose.
+    let province_dir = d.dir.join("province-tls");
+    std::fs::create_dir_all(&province_dir)?;
+    let (key, csr) = (province_dir.join("agent.key"), province_dir.join("agent.csr"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj"])
+        .arg(format!("/CN={}", d.source_id))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()?;
+    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    let signed = province_dir.join("agent");
+    let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-hub")?)
+        .args(["certs", "sign", "--kind", "agent", "--id", &d.source_id])
+        .arg("--ca-dir")
+        .arg(pki.dir.join("ca"))
+        .arg("--csr")
+        .arg(&csr)
+        .arg("--out")
+        .arg(&signed)
+        .output()?;
+    assert!(out.status.success(), "certs sign: {}", String::from_utf8_lossy(&out.stderr));
+    let from_csr = try_agent(&d, &pki, Some(&signed.to_string_lossy()), &d.source_id).await;
+    assert!(from_csr.starts_with("accepted"), "a certificate signed from the province's CSR: {from_csr}");
 
     // Clear text against the TLS listener gets nowhere.
     let refused = match IngestClient::connect(format!("http://127.0.0.1:{}", d.hub_port)).await {
