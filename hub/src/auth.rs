@@ -85,6 +85,63 @@ pub struct Credentials<'a> {
 
 /// The peer a client certificate names, by its URI SAN `spiffe://<trust_domain>/<kind>/<id>`.
 pub fn certificate_identity(der: &[u8], trust_domain: &str) -> Result<Identity, AuthError> {
+    certificate_name(der, trust_domain, &HashMap::new())
+}
+
+/// A certificate subject as a set of attributes (`CN`, `O`, …, with their values), so that the
+/// same subject matches whatever order or spacing it is written in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubjectKey(Vec<(String, String)>);
+
+impl SubjectKey {
+    /// Parses `C=VN, O=…, CN=…` (as `openssl x509 -noout -subject` prints it, with or without
+    /// spaces around `=`). A value holding a comma cannot be written here.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim().strip_prefix("subject=").unwrap_or(text.trim());
+        let mut parts = Vec::new();
+        for part in text.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?} is not ATTRIBUTE=value"))?;
+            let (k, v) = (k.trim().to_ascii_uppercase(), v.trim().to_string());
+            if k.is_empty() || v.is_empty() {
+                return Err(format!("{part:?} is not ATTRIBUTE=value"));
+            }
+            parts.push((k, v));
+        }
+        parts.sort();
+        Ok(Self(parts))
+    }
+
+    fn of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<Self> {
+        let mut parts = Vec::new();
+        for attr in cert.subject().iter_attributes() {
+            let oid = attr.attr_type().to_id_string();
+            let name = match oid.as_str() {
+                "2.5.4.3" => "CN",
+                "2.5.4.6" => "C",
+                "2.5.4.10" => "O",
+                "2.5.4.11" => "OU",
+                "2.5.4.7" => "L",
+                "2.5.4.8" => "ST",
+                "2.5.4.5" => "SERIALNUMBER",
+                "2.5.4.12" => "TITLE",
+                "1.2.840.113549.1.9.1" => "EMAILADDRESS",
+                "0.9.2342.19200300.100.1.1" => "UID",
+                other => other,
+            };
+            parts.push((name.to_string(), attr.as_str().ok()?.to_string()));
+        }
+        parts.sort();
+        Some(Self(parts))
+    }
+}
+
+/// The identity a certificate names: its `spiffe://<trust_domain>/<kind>/<id>` URI SAN, or, for a
+/// certificate without any such SAN, the peer whose `certificate_subject` is its subject.
+fn certificate_name(
+    der: &[u8],
+    trust_domain: &str,
+    by_subject: &HashMap<SubjectKey, Identity>,
+) -> Result<Identity, AuthError> {
     let bad = |why: String| AuthError::Certificate(why);
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| bad(format!("not an X.509 certificate ({e})")))?;
@@ -105,7 +162,15 @@ pub fn certificate_identity(der: &[u8], trust_domain: &str) -> Result<Identity, 
             }
         }
     }
-    let rest = found.ok_or_else(|| bad(format!("it has no URI SAN {prefix}<agent|subscriber>/<id>")))?;
+    let Some(rest) = found else {
+        if let Some(id) = SubjectKey::of(&cert).and_then(|k| by_subject.get(&k).cloned()) {
+            return Ok(id);
+        }
+        return Err(bad(format!(
+            "it has no URI SAN {prefix}<agent|subscriber>/<id>, and no peer's certificate_subject is {}",
+            cert.subject()
+        )));
+    };
     match rest.split_once('/') {
         Some(("agent", id)) if valid_id(id) => Ok(Identity::Agent(id.into())),
         Some(("subscriber", id)) if valid_id(id) => Ok(Identity::Subscriber(id.into())),
@@ -148,6 +213,8 @@ pub struct Authenticator {
     tls: Option<(crate::config::AuthMode, String)>,
     /// Operators by id, with their roles (for operators known by their certificate).
     operator_roles: HashMap<String, Role>,
+    /// Peers known by their certificate's subject (`certificate_subject`).
+    by_subject: HashMap<SubjectKey, Identity>,
 }
 
 impl Authenticator {
@@ -184,7 +251,24 @@ impl Authenticator {
             operator_roles.insert("admin".to_string(), Role::Admin);
             operator_roles.extend(admin.operators.iter().map(|o| (o.id.clone(), o.role)));
         }
-        Self { by_digest, known, tls, operator_roles }
+        let mut by_subject = HashMap::new();
+        let mut subject = |text: &Option<String>, id: Identity| {
+            if let Some(k) = text.as_deref().and_then(|t| SubjectKey::parse(t).ok()) {
+                by_subject.insert(k, id);
+            }
+        };
+        for a in &config.agents {
+            subject(&a.certificate_subject, Identity::Agent(a.id.clone()));
+        }
+        for s in &config.subscribers {
+            subject(&s.certificate_subject, Identity::Subscriber(s.id.clone()));
+        }
+        if let Some(admin) = &config.admin {
+            for o in &admin.operators {
+                subject(&o.certificate_subject, Identity::Operator { id: o.id.clone(), role: Role::Read });
+            }
+        }
+        Self { by_digest, known, tls, operator_roles, by_subject }
     }
 
     /// The identity an `authorization` header value proves.
@@ -199,7 +283,7 @@ impl Authenticator {
         let Some((mode, domain)) = &self.tls else { return self.identify(c.authorization) };
         let from_cert = || -> Result<Identity, AuthError> {
             let der = c.certificate.ok_or(AuthError::NoCertificate)?;
-            let id = certificate_identity(der, domain)?;
+            let id = certificate_name(der, domain, &self.by_subject)?;
             let listed = match &id {
                 Identity::Agent(a) => self.known.contains(&(true, a.clone())),
                 Identity::Subscriber(s) => self.known.contains(&(false, s.clone())),
@@ -245,7 +329,7 @@ impl Authenticator {
     /// `admin.operators`), a token, or both, which must then name the same operator.
     pub fn operator(&self, c: Credentials<'_>, needed: Role) -> Result<(String, Role), AuthError> {
         let from_cert = match (c.certificate, &self.tls) {
-            (Some(der), Some((_, domain))) => match certificate_identity(der, domain)? {
+            (Some(der), Some((_, domain))) => match certificate_name(der, domain, &self.by_subject)? {
                 Identity::Operator { id, .. } => {
                     let role = self.operator_roles.get(&id).copied().ok_or_else(|| {
                         AuthError::Certificate(format!("operator {id} is not in this hub's configuration"))
@@ -332,5 +416,42 @@ token_sha256 = "3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d
         assert_eq!(auth.agent(Credentials::default()), Err(AuthError::Missing));
         let shown = format!("{:?} {}", auth.agent(t("Bearer secret-x")), AuthError::Unknown);
         assert!(!shown.contains("secret-x"), "{shown}");
+    }
+
+    #[test]
+    fn a_certificate_without_a_spiffe_name_is_known_by_its_configured_subject() {
+        let text = r#"
+listen = "127.0.0.1:1"
+[tls]
+cert_file = "h.pem"
+key_file = "h.key"
+client_ca_file = "ca.pem"
+mode = "mtls"
+[ndc]
+host = "/tmp"
+database = "d"
+user = "u"
+[[agents]]
+id = "hcm-population"
+certificate_subject = "C = VN, O = So TTTT TP.HCM, CN = hcm-population"
+[[agents]]
+id = "da-nang-health"
+"#;
+        let config: crate::config::HubConfig = toml::from_str(text).unwrap();
+        let auth = Authenticator::new(&config);
+        let cert = |cn: &str| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            p.distinguished_name.push(rcgen::DnType::CountryName, "VN");
+            p.distinguished_name.push(rcgen::DnType::OrganizationName, "So TTTT TP.HCM");
+            p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().der().to_vec()
+        };
+        let der = cert("hcm-population");
+        let c = Credentials { certificate: Some(&der), authorization: None };
+        assert_eq!(auth.agent(c).unwrap(), "hcm-population", "attributes in another order and spacing");
+        let other = cert("someone-else");
+        let refused = auth.agent(Credentials { certificate: Some(&other), authorization: None }).unwrap_err();
+        assert!(refused.to_string().contains("certificate_subject"), "{refused}");
+        assert!(SubjectKey::parse("CN=a, no-equals").is_err());
     }
 }

@@ -351,6 +351,11 @@ pub struct OperatorConfig {
     pub token: Option<String>,
     /// `read` (status, lists, audit queries) or `admin` (also subscriptions and replays).
     pub role: crate::auth::Role,
+    /// For a certificate without a `spiffe://` URI SAN (one from a national PKI, say): its subject
+    /// as `openssl x509 -noout -subject` prints it, e.g. `C=VN, O=Sở TT&TT TP.HCM, CN=hcm-population`.
+    /// Attributes match in any order.
+    #[serde(default)]
+    pub certificate_subject: Option<String>,
 }
 
 /// Connection to the NDC Postgres.
@@ -441,6 +446,11 @@ pub struct AgentAcl {
     /// The province this agent serves (2-digit code), shown to operators.
     #[serde(default)]
     pub province: Option<String>,
+    /// For a certificate without a `spiffe://` URI SAN (one from a national PKI, say): its subject
+    /// as `openssl x509 -noout -subject` prints it, e.g. `C=VN, O=Sở TT&TT TP.HCM, CN=hcm-population`.
+    /// Attributes match in any order.
+    #[serde(default)]
+    pub certificate_subject: Option<String>,
 }
 
 impl fmt::Debug for AgentAcl {
@@ -512,6 +522,28 @@ impl HubConfig {
             all.push(("the admin token".into(), admin.token_sha256.as_deref(), admin.token.as_deref()));
             for o in &admin.operators {
                 all.push((format!("operator {}", o.id), o.token_sha256.as_deref(), o.token.as_deref()));
+            }
+        }
+        let mut subjects: Vec<(String, Option<&str>)> = Vec::new();
+        subjects.extend(self.agents.iter().map(|a| (format!("agent {}", a.id), a.certificate_subject.as_deref())));
+        subjects.extend(
+            self.subscribers.iter().map(|s| (format!("subscriber {}", s.id), s.certificate_subject.as_deref())),
+        );
+        if let Some(admin) = &self.admin {
+            subjects.extend(
+                admin.operators.iter().map(|o| (format!("operator {}", o.id), o.certificate_subject.as_deref())),
+            );
+        }
+        let mut holders = std::collections::HashMap::new();
+        for (who, subject) in &subjects {
+            let Some(subject) = subject else { continue };
+            match crate::auth::SubjectKey::parse(subject) {
+                Err(e) => p.push(format!("{who}: certificate_subject {subject:?}: {e}")),
+                Ok(key) => {
+                    if let Some(other) = holders.insert(key, who) {
+                        p.push(format!("{other} and {who} have the same certificate_subject: each peer needs its own"));
+                    }
+                }
             }
         }
         let mut owners: std::collections::HashMap<String, &str> = std::collections::HashMap::new();

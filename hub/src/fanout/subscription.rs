@@ -81,6 +81,11 @@ pub struct Subscriber {
     /// The token in clear, for demos only.
     #[serde(default)]
     pub token: Option<String>,
+    /// For a certificate without a `spiffe://` URI SAN (one from a national PKI, say): its subject
+    /// as `openssl x509 -noout -subject` prints it, e.g. `C=VN, O=Sở TT&TT TP.HCM, CN=hcm-population`.
+    /// Attributes match in any order.
+    #[serde(default)]
+    pub certificate_subject: Option<String>,
 }
 
 impl fmt::Debug for Subscriber {

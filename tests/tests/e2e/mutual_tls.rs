@@ -59,7 +59,12 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
     d.fanout_toml = dongbo_tests::fanout::declarations(admin_port)
         + &dongbo_tests::fanout::bhxh_residence(&["citizen_id"])
         + "\n[[admin.operators]]\nid = \"dashboard\"\nrole = \"read\"\n";
-    let agents = format!("{}\n[[agents]]\nid = \"da-nang-health\"\ntoken = \"other-token\"\n", d.default_agents_toml());
+    // The agent may also come with a certificate from another PKI, known by its subject.
+    let agents = format!(
+        "{}certificate_subject = \"C = VN, O = So TTTT TP.HCM, CN = {}\"\n\n[[agents]]\nid = \"da-nang-health\"\ntoken = \"other-token\"\n",
+        d.default_agents_toml(),
+        d.source_id
+    );
     d.start_hub_with(&agents).await?;
     d.start_agent()?;
     d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
@@ -116,6 +121,51 @@ async fn over_mutual_tls_the_path_works_and_wrong_certificates_are_refused() -> 
     assert!(out.status.success(), "certs sign: {}", String::from_utf8_lossy(&out.stderr));
     let from_csr = try_agent(&d, &pki, Some(&signed.to_string_lossy()), &d.source_id).await;
     assert!(from_csr.starts_with("accepted"), "a certificate signed from the province's CSR: {from_csr}");
+    // A certificate made by plain openssl with a subject and no spiffe:// name (as a national PKI
+    // issues them): known by the agent's certificate_subject.
+    let ext = province_dir.join("client.ext");
+    std::fs::write(&ext, "extendedKeyUsage = clientAuth\nkeyUsage = digitalSignature\n")?;
+    let by_subject = province_dir.join("by-subject");
+    for args in [
+        vec![
+            "req".to_string(),
+            "-new".into(),
+            "-newkey".into(),
+            "ec".into(),
+            "-pkeyopt".into(),
+            "ec_paramgen_curve:P-256".into(),
+            "-nodes".into(),
+            "-subj".into(),
+            format!("/C=VN/O=So TTTT TP.HCM/CN={}", d.source_id),
+            "-keyout".into(),
+            format!("{}.key", by_subject.display()),
+            "-out".into(),
+            format!("{}.csr", by_subject.display()),
+        ],
+        vec![
+            "x509".to_string(),
+            "-req".into(),
+            "-in".into(),
+            format!("{}.csr", by_subject.display()),
+            "-CA".into(),
+            pki.dir.join("ca/ca.pem").display().to_string(),
+            "-CAkey".into(),
+            pki.dir.join("ca/ca.key").display().to_string(),
+            "-set_serial".into(),
+            "4242".into(),
+            "-days".into(),
+            "30".into(),
+            "-extfile".into(),
+            ext.display().to_string(),
+            "-out".into(),
+            format!("{}.pem", by_subject.display()),
+        ],
+    ] {
+        let out = std::process::Command::new("openssl").args(&args).output()?;
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let known = try_agent(&d, &pki, Some(&by_subject.to_string_lossy()), &d.source_id).await;
+    assert!(known.starts_with("accepted"), "a certificate known by its subject: {known}");
 
     // Clear text against the TLS listener gets nowhere.
     let refused = match IngestClient::connect(format!("http://127.0.0.1:{}", d.hub_port)).await {
