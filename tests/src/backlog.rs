@@ -63,13 +63,14 @@ pub async fn lsn(client: &Client, sql: &str) -> anyhow::Result<i64> {
     Ok(client.query_one(sql, &[]).await?.get::<_, Option<i64>>(0).unwrap_or(0))
 }
 
-/// Changes the NDC has applied for agent `id`.
+/// Changes the NDC has applied for agent `id` (0 before the hub has made its tables: a hub
+/// listens before it has prepared the NDC).
 pub async fn applied(ndc: &Client, id: &str) -> anyhow::Result<i64> {
-    Ok(ndc
-        .query_opt("SELECT changes_applied FROM dongbo.applied_position WHERE source_id = $1", &[&id])
-        .await?
-        .map(|r| r.get(0))
-        .unwrap_or(0))
+    match ndc.query_opt("SELECT changes_applied FROM dongbo.applied_position WHERE source_id = $1", &[&id]).await {
+        Ok(row) => Ok(row.map(|r| r.get(0)).unwrap_or(0)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Waits until something listens on 127.0.0.1:`port`.

@@ -1,5 +1,6 @@
 //! Kafka transport on a real broker (`tansu`): the agent produces to its topic, hubs consume it as a
-//! consumer group and keep the consumed offset in the NDC, in the same transaction as the rows.
+//! consumer group and keep the consumed offset in the NDC, in the same transaction as the rows. The
+//! end-to-end and kill -9 scenarios run over SASL_SSL (SCRAM-SHA-512), as production does.
 
 use std::time::Duration;
 
@@ -10,12 +11,25 @@ use dongbo_tests::Deployment;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-/// A deployment whose agent produces to `broker` and whose hub consumes it.
-async fn kafka_deployment(name: &str) -> anyhow::Result<(Deployment, Broker)> {
+/// A deployment whose agent produces to `broker` and whose hub consumes it, with the librdkafka
+/// settings of a test client of that broker. `secure`: the broker takes only SASL/SCRAM over TLS,
+/// and agent and hub use `[kafka.tls]` / `[kafka.sasl]`.
+async fn kafka_deployment(name: &str, secure: bool) -> anyhow::Result<(Deployment, Broker, ClientConfig)> {
     let mut d = Deployment::new(name, CITIZENS_DDL, &["public.citizens"]).await?;
-    let broker = Broker::start(&d.dir).await?;
+    let (broker, client) = if secure {
+        let pki = dongbo_tests::tls::TestPki::new(&d.dir.join("pki"))?;
+        let broker = Broker::start_secure(&d.dir, &pki).await?;
+        d.kafka_security = broker.client_security_toml(&pki, &d.dir)?;
+        let client = secure_client(&broker, &pki);
+        (broker, client)
+    } else {
+        let broker = Broker::start(&d.dir).await?;
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", broker.brokers());
+        (broker, client)
+    };
     d.kafka = Some(broker.brokers());
-    Ok((d, broker))
+    Ok((d, broker, client))
 }
 
 fn topic(d: &Deployment) -> String {
@@ -24,7 +38,7 @@ fn topic(d: &Deployment) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_kafka_the_ndc_equals_the_source_and_bad_messages_are_quarantined() -> anyhow::Result<()> {
-    let (mut d, broker) = kafka_deployment("kafkae2e").await?;
+    let (mut d, _broker, client) = kafka_deployment("kafkae2e", true).await?;
     let src = d.source().await?;
     let mut gen = CitizenGen::new(41);
     let mut ids = insert_citizens(&src, &mut gen, 1_000).await?;
@@ -37,7 +51,7 @@ async fn through_kafka_the_ndc_equals_the_source_and_bad_messages_are_quarantine
     d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
 
     // Messages on the agent's topic that are not change events: quarantined, the partition flows on.
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker.brokers()).create()?;
+    let producer: FutureProducer = client.create()?;
     let t = topic(&d);
     producer
         .send(FutureRecord::to(&t).key("junk").payload(&b"\x00\x01 not a change batch"[..]), Duration::from_secs(10))
@@ -82,7 +96,7 @@ fn holds_a_partition(log: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hubs_one_killed_mid_stream_the_other_takes_over_with_nothing_lost_or_applied_twice() -> anyhow::Result<()>
 {
-    let (mut d, _broker) = kafka_deployment("kafkatwohubs").await?;
+    let (mut d, _broker, _) = kafka_deployment("kafkatwohubs", true).await?;
     let src = d.source().await?;
     let mut gen = CitizenGen::new(42);
     let mut ids = insert_citizens(&src, &mut gen, 500).await?;
@@ -133,7 +147,7 @@ async fn two_hubs_one_killed_mid_stream_the_other_takes_over_with_nothing_lost_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_and_restarted_mid_stream_keeps_every_one_of_20_000_changes() -> anyhow::Result<()> {
-    let (mut d, mut broker) = kafka_deployment("kafkabroker").await?;
+    let (mut d, mut broker, _) = kafka_deployment("kafkabroker", true).await?;
     let src = d.source().await?;
     let mut gen = CitizenGen::new(44);
     let mut ids = insert_citizens(&src, &mut gen, 2_000).await?;
@@ -165,7 +179,8 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message;
 
-    let (mut d, broker) = kafka_deployment("kafkasub").await?;
+    // In clear text: the example subscriber education-kafka has no TLS options.
+    let (mut d, broker, client) = kafka_deployment("kafkasub", false).await?;
     let admin_port = dongbo_tests::pg::free_port();
     let sub_topic = "dongbo.sub.moet-enrolment";
     let mixed_topic = "dongbo.sub.moet-mixed";
@@ -198,8 +213,8 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     )
     .await?;
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
+    let consumer: StreamConsumer = client
+        .clone()
         .set("group.id", "test-moet")
         .set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "1000")
@@ -231,8 +246,8 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     assert_eq!(body["current"]["commune_code"], "26734");
 
     // The mixed subscription: per record, only what the purpose grants for its item.
-    let mixed: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
+    let mixed: StreamConsumer = client
+        .clone()
         .set("group.id", "test-moet-mixed")
         .set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "1000")
