@@ -24,16 +24,36 @@ struct Args {
     /// Exit after this many records (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     count: usize,
+    /// The brokers' CA (PEM): talk TLS to them (`SSL`, or `SASL_SSL` with a SASL user).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
+    /// SASL user (SCRAM-SHA-512); its password comes from --sasl-password-file or
+    /// DONGBO_KAFKA_PASSWORD.
+    #[arg(long)]
+    sasl_username: Option<String>,
+    /// File holding the SASL password (first line).
+    #[arg(long)]
+    sasl_password_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("group.id", &args.group)
-        .set("auto.offset.reset", "earliest")
-        .create()?;
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &args.brokers).set("group.id", &args.group).set("auto.offset.reset", "earliest");
+    if let Some(ca) = &args.ca_file {
+        config.set("ssl.ca.location", ca.to_string_lossy()).set("security.protocol", "SSL");
+    }
+    if let Some(user) = &args.sasl_username {
+        let password = dongbo_subscribers::secret(args.sasl_password_file.as_deref(), "DONGBO_KAFKA_PASSWORD")?;
+        let protocol = if args.ca_file.is_some() { "SASL_SSL" } else { "SASL_PLAINTEXT" };
+        config
+            .set("security.protocol", protocol)
+            .set("sasl.mechanism", "SCRAM-SHA-512")
+            .set("sasl.username", user)
+            .set("sasl.password", password);
+    }
+    let consumer: StreamConsumer = config.create()?;
     consumer.subscribe(&[&args.topic])?;
     eprintln!("education-kafka: reading {} from {}", args.topic, args.brokers);
     // Recent event ids only: a repeat follows its original closely (a page produced again).

@@ -1,6 +1,6 @@
 //! Kafka transport on a real broker (`tansu`): the agent produces to its topic, hubs consume it as a
 //! consumer group and keep the consumed offset in the NDC, in the same transaction as the rows. The
-//! end-to-end and kill -9 scenarios run over SASL_SSL (SCRAM-SHA-512), as production does.
+//! scenarios run over SASL_SSL (SCRAM-SHA-512), as production does.
 
 use std::time::Duration;
 
@@ -179,8 +179,7 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message;
 
-    // In clear text: the example subscriber education-kafka has no TLS options.
-    let (mut d, broker, client) = kafka_deployment("kafkasub", false).await?;
+    let (mut d, broker, client) = kafka_deployment("kafkasub", true).await?;
     let admin_port = dongbo_tests::pg::free_port();
     let sub_topic = "dongbo.sub.moet-enrolment";
     let mixed_topic = "dongbo.sub.moet-mixed";
@@ -283,6 +282,10 @@ async fn a_kafka_subscription_gets_residence_changes_keyed_by_citizen_with_only_
     // The example subscriber a newcomer runs prints the same record.
     let example = tokio::process::Command::new(dongbo_tests::procs::binary("education-kafka")?)
         .args(["--brokers", &broker.brokers(), "--topic", sub_topic, "--group", "example", "--count", "1"])
+        .arg("--ca-file")
+        .arg(d.dir.join("pki/ca/ca.pem"))
+        .args(["--sasl-username", dongbo_tests::kafka::SASL_USER.0])
+        .env("DONGBO_KAFKA_PASSWORD", dongbo_tests::kafka::SASL_USER.1)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), example).await??;
     let printed = String::from_utf8_lossy(&out.stdout);
