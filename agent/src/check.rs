@@ -19,6 +19,7 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
                 Ok(r) => r.items.into_iter().for_each(|i| report.push(i)),
                 Err(e) => report.push(CheckItem { what: "source checks".into(), problem: Some(e.to_string()) }),
             }
+            replication(&mut report, pg).await;
         }
         Err(e) => report.push(CheckItem {
             what: format!("source {}:{}/{}", pg.host, pg.port, pg.database),
@@ -59,6 +60,29 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
         }
     }
     report
+}
+
+/// Opens the replication connection as `run` will (pg_hba.conf, TLS, the REPLICATION attribute and
+/// a free WAL sender all decide it) and asks the server who it is.
+async fn replication(report: &mut CheckReport, pg: &dongbo_connectors::postgres::PostgresConfig) {
+    use dongbo_connectors::postgres::protocol::ReplicationConnection;
+    let what = format!("replication connection to {}:{}/{}", pg.host, pg.port, pg.database);
+    let password = pg.resolve_password().ok().flatten();
+    let result = async {
+        let mut c = ReplicationConnection::connect(&pg.target(password.as_deref())).await?;
+        c.simple_query("IDENTIFY_SYSTEM").await
+    }
+    .await;
+    match result {
+        Ok(_) => report.push(CheckItem { what: format!("{what} accepted"), problem: None }),
+        Err(e) => report.push(CheckItem {
+            what,
+            problem: Some(format!(
+                "{e}; run opens this connection to stream changes: check pg_hba.conf (a line for this database \
+                 and role from this host), max_wal_senders and the role's REPLICATION attribute"
+            )),
+        }),
+    }
 }
 
 /// An expired or unreadable certificate is a problem; one that expires within 30 days a warning.

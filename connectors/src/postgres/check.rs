@@ -126,26 +126,97 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
             }
         }
     }
-    let missing = missing_from_publication(client, config).await?;
-    match missing {
-        None if config.create_publication => r.ok(format!("publication {} will be created", config.publication)),
-        None => r.problem(
-            format!("publication {}", config.publication),
-            format!(
-                "does not exist; create it with CREATE PUBLICATION {} FOR TABLE ... or set create_publication = true",
-                config.publication
-            ),
-        ),
-        Some(m) if m.is_empty() => r.ok(format!("publication {} covers every table", config.publication)),
-        Some(m) if config.create_publication => {
-            r.ok(format!("publication {} will get tables {}", config.publication, m.join(", ")))
-        }
-        Some(m) => r.problem(
-            format!("publication {}", config.publication),
-            format!("lacks tables {}; ALTER PUBLICATION {} ADD TABLE ...", m.join(", "), config.publication),
-        ),
-    }
+    publication(client, config, &mut r).await?;
     Ok(r)
+}
+
+/// The publication as `run` will need it: present with every table, or creatable by this role
+/// (CREATE on the database and ownership of each table; to add tables, ownership of the
+/// publication too). Otherwise the statement to run, and who may run it.
+async fn publication(client: &Client, config: &PostgresConfig, r: &mut CheckReport) -> Result<(), SourceError> {
+    let name = &config.publication;
+    let what = format!("publication {name}");
+    let qualified = |t: &str| {
+        crate::model::TableId::parse(t)
+            .map_or_else(|| t.to_string(), |t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
+    };
+    let missing = missing_from_publication(client, config).await?;
+    let statement = match &missing {
+        Some(m) if m.is_empty() => {
+            r.ok(format!("publication {name} covers every table"));
+            return Ok(());
+        }
+        None => {
+            let tables: Vec<String> = config.tables.iter().map(|t| qualified(t)).collect();
+            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), tables.join(", "))
+        }
+        Some(m) => {
+            let tables: Vec<String> = m.iter().map(|t| qualified(t)).collect();
+            format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), tables.join(", "))
+        }
+    };
+    if !config.create_publication {
+        let state = if missing.is_none() { "does not exist" } else { "lacks tables" };
+        r.problem(what, format!("{state} and create_publication is false; run: {statement}"));
+        return Ok(());
+    }
+    // Who must act: the owners of the tables to add (and of the publication, to alter it), and
+    // CREATE on the database to create it. A superuser may do everything.
+    let tables: Vec<&str> = match &missing {
+        Some(m) => m.iter().map(String::as_str).collect(),
+        None => config.tables.iter().map(String::as_str).collect(),
+    };
+    let superuser: bool =
+        client.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[]).await?.get(0);
+    let mut owners = std::collections::BTreeSet::new();
+    for t in &tables {
+        let Some(id) = crate::model::TableId::parse(t) else { continue };
+        let row = client
+            .query_opt(
+                "SELECT pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE') FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                &[&id.schema, &id.name],
+            )
+            .await?;
+        if let Some(row) = row {
+            if !superuser && !row.get::<_, bool>(1) {
+                owners.insert(format!("{} (owner of {t})", row.get::<_, String>(0)));
+            }
+        }
+    }
+    if missing.is_none() {
+        let can_create: bool =
+            client.query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[]).await?.get(0);
+        if !can_create && !superuser {
+            owners.insert("a role with CREATE on this database".into());
+        }
+    } else {
+        let row = client
+            .query_one(
+                "SELECT pg_get_userbyid(pubowner), pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = $1",
+                &[name],
+            )
+            .await?;
+        if !superuser && !row.get::<_, bool>(1) {
+            owners.insert(format!("{} (owner of publication {name})", row.get::<_, String>(0)));
+        }
+    }
+    if owners.is_empty() {
+        let verb = if missing.is_none() { "will be created" } else { "will get the tables it lacks" };
+        r.ok(format!("publication {name} {verb} (role {} may)", config.user));
+    } else {
+        let who: Vec<String> = owners.into_iter().collect();
+        r.problem(
+            what,
+            format!(
+                "role {} may not {} it, so run would fail; as {} (or a superuser), run: {statement}",
+                config.user,
+                if missing.is_none() { "create" } else { "add these tables to" },
+                who.join(" and ")
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// `None` if the publication does not exist, else the configured tables it lacks.

@@ -33,5 +33,57 @@ async fn check_reports_a_table_without_primary_key_a_missing_table_and_an_unreac
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("all checks passed"), "{text}");
+    assert!(
+        text.contains(&format!("ok       replication connection to 127.0.0.1:{}/province accepted", d.pg.port)),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_first_with_the_statement_and_role_when_run_could_not_create_the_publication() -> anyhow::Result<()>
+{
+    let mut d = Deployment::new("checkpub", "SELECT 1", &["public.registry"]).await?;
+    // The table belongs to another role, as on a legacy server where the application owns it:
+    // the agent's role may read it but not publish it.
+    let owner = d.pg.connect("province").await?;
+    owner
+        .batch_execute(
+            "CREATE ROLE app_owner; GRANT CREATE ON DATABASE province TO app_owner;
+             CREATE TABLE registry (id int PRIMARY KEY, name text);
+             ALTER TABLE registry OWNER TO app_owner; GRANT SELECT ON registry TO dongbo;
+             INSERT INTO registry VALUES (1, 'Nguyễn Văn A')",
+        )
+        .await?;
+    let config = d.dir.join("agent.toml");
+    std::fs::write(&config, d.agent_config())?;
+    d.start_hub().await?;
+    let out = Command::new(binary("dongbo-agent")?).args(["check", "--config"]).arg(&config).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "check passed although run cannot create the publication:\n{text}");
+    let expected = "PROBLEM  publication dongbo: role dongbo may not create it, so run would fail; \
+                    as app_owner (owner of public.registry) (or a superuser), run: \
+                    CREATE PUBLICATION \"dongbo\" FOR TABLE \"public\".\"registry\"";
+    assert!(text.contains(expected), "{text}");
+
+    // run fails the same way, before taking anything.
+    d.start_agent()?;
+    let agent = d.agent.as_mut().expect("agent");
+    let status = agent.wait_exit(std::time::Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "run did not stop:\n{}", agent.log_text());
+    assert!(agent.log_text().contains("CREATE PUBLICATION \"dongbo\""), "{}", agent.log_text());
+
+    // The owner runs the statement it names; check passes, and the table flows.
+    owner
+        .batch_execute(
+            "SET ROLE app_owner; CREATE PUBLICATION \"dongbo\" FOR TABLE \"public\".\"registry\"; RESET ROLE",
+        )
+        .await?;
+    let out = Command::new(binary("dongbo-agent")?).args(["check", "--config"]).arg(&config).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok       publication dongbo covers every table"), "{text}");
+    d.start_agent()?;
+    assert_eq!(d.wait_same("registry", "id", std::time::Duration::from_secs(60)).await?, 1);
     Ok(())
 }
