@@ -95,7 +95,9 @@ pub struct TableSchema {
     pub table: TableId,
     /// Columns in source order.
     pub columns: Vec<Column>,
-    /// Indexes into `columns` of the primary key, in key order; never empty.
+    /// Indexes into `columns` of the primary key, in key order. Empty for a keyless table
+    /// (Postgres `REPLICA IDENTITY FULL`), which is replicated as a multiset: its updates and deletes
+    /// carry the whole old row and change one row equal to it.
     pub key_columns: Vec<usize>,
     /// Digest of the shape; changes on schema drift.
     pub version: u64,
@@ -106,6 +108,11 @@ impl TableSchema {
     pub fn new(table: TableId, columns: Vec<Column>, key_columns: Vec<usize>) -> Self {
         let version = shape_digest(&table, &columns, &key_columns);
         Self { table, columns, key_columns, version }
+    }
+
+    /// Whether the table has no key and is replicated as a multiset.
+    pub fn is_keyless(&self) -> bool {
+        self.key_columns.is_empty()
     }
 
     /// The key values of a full row.

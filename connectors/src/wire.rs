@@ -191,9 +191,6 @@ impl TryFrom<pb::TableSchema> for TableSchema {
         if s.columns.is_empty() {
             return Err(malformed(format!("schema of {}.{} has no columns", t.schema, t.name)));
         }
-        if s.key_columns.is_empty() {
-            return Err(malformed(format!("schema of {}.{} has no primary key", t.schema, t.name)));
-        }
         if let Some(k) = s.key_columns.iter().find(|&&k| k as usize >= s.columns.len()) {
             return Err(malformed(format!("schema of {}.{} names key column {k} past its columns", t.schema, t.name)));
         }
@@ -268,6 +265,14 @@ impl TryFrom<pb::ChangeBatch> for ChangeBatch {
             }
             if op != Operation::Truncate && key.len() != table.key_columns.len() {
                 return Err(malformed(format!("change {seq} ({op:?}) has no key")));
+            }
+            // A keyless table's update or delete says which row it changes only by its old row.
+            let whole_before = before.as_ref().is_some_and(|b| !b.contains(&Value::UnchangedToast));
+            if table.is_keyless() && matches!(op, Operation::Update | Operation::Delete) && !whole_before {
+                return Err(malformed(format!(
+                    "change {seq} ({op:?}) of keyless table {} has no whole before row",
+                    table.table
+                )));
             }
             let position = match c.position.and_then(|p| p.kind) {
                 Some(pb::source_position::Kind::PgLsn(l)) => Position::Postgres(Lsn(l)),
@@ -377,7 +382,11 @@ mod tests {
 
         let mut p = batch_into_proto(batch.clone());
         p.schemas[0].key_columns.clear();
-        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("no primary key"));
+        p.schemas[0].version = TableSchema::new(schema().table.clone(), schema().columns.clone(), vec![]).version;
+        p.changes[0].key = None;
+        p.changes[0].op = pb::Operation::Delete as i32;
+        p.changes[0].before = None;
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("has no whole before row"));
 
         let mut p = batch_into_proto(batch.clone());
         p.changes[0].after.as_mut().unwrap().values[0].kind = None;

@@ -46,14 +46,11 @@ pub async fn find_table(client: &Client, table: &TableId) -> Result<Option<Catal
     let columns: Vec<Column> =
         rows.iter().map(|r| Column { name: r.get(0), type_oid: r.get(1), type_name: r.get(2) }).collect();
     let key = primary_key(client, oid).await?;
-    let schema = TableSchema::new(table.clone(), columns.clone(), key_indexes(table, &columns, &key)?);
     let identity: String = row.get(2);
-    Ok(Some(CatalogTable {
-        oid,
-        schema,
-        estimated_rows: row.get::<_, i64>(1).max(0),
-        replica_identity: identity.chars().next().unwrap_or('d'),
-    }))
+    let replica_identity = identity.chars().next().unwrap_or('d');
+    let schema =
+        TableSchema::new(table.clone(), columns.clone(), key_indexes(table, &columns, &key, replica_identity)?);
+    Ok(Some(CatalogTable { oid, schema, estimated_rows: row.get::<_, i64>(1).max(0), replica_identity }))
 }
 
 /// Builds the schema of a table announced by a pgoutput Relation message.
@@ -61,6 +58,7 @@ pub async fn relation_schema(
     client: &Client,
     relid: u32,
     table: TableId,
+    replica_identity: char,
     rel_columns: &[RelationColumn],
 ) -> Result<TableSchema, SourceError> {
     let oids: Vec<u32> = rel_columns.iter().map(|c| c.type_oid).collect();
@@ -77,7 +75,7 @@ pub async fn relation_schema(
         .map(|(c, r)| Column { name: c.name.clone(), type_oid: c.type_oid, type_name: r.get(0) })
         .collect();
     let key = primary_key(client, relid).await?;
-    Ok(TableSchema::new(table.clone(), columns.clone(), key_indexes(&table, &columns, &key)?))
+    Ok(TableSchema::new(table.clone(), columns.clone(), key_indexes(&table, &columns, &key, replica_identity)?))
 }
 
 async fn primary_key(client: &Client, oid: u32) -> Result<Vec<String>, SourceError> {
@@ -93,13 +91,23 @@ async fn primary_key(client: &Client, oid: u32) -> Result<Vec<String>, SourceErr
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Refuses tables without a primary key: matching rows by all columns (replica identity FULL) is
-/// ambiguous for duplicate rows, and guessing could apply a change to the wrong row.
-fn key_indexes(table: &TableId, columns: &[Column], key: &[String]) -> Result<Vec<usize>, SourceError> {
+/// The key's column indexes. A table without a primary key is keyless (an empty key, replicated as
+/// a multiset) when its REPLICA IDENTITY is FULL, so that each update and delete carries the whole
+/// old row; otherwise its changes would not say which row they change, and it is refused.
+fn key_indexes(
+    table: &TableId,
+    columns: &[Column],
+    key: &[String],
+    replica_identity: char,
+) -> Result<Vec<usize>, SourceError> {
     if key.is_empty() {
+        if replica_identity == 'f' {
+            return Ok(Vec::new());
+        }
         return Err(SourceError::Prerequisite(format!(
-            "table {table} has no primary key: dongbo needs one to apply changes exactly once; \
-             add one (ALTER TABLE {table} ADD PRIMARY KEY (...)) or leave the table out of source.tables"
+            "table {table} has no primary key and its REPLICA IDENTITY is not FULL, so its updates and deletes \
+             would not say which row they change; as the table's owner run ALTER TABLE {table} REPLICA IDENTITY FULL \
+             (dongbo then keeps it as a multiset: duplicate rows stay duplicates), or add a primary key"
         )));
     }
     key.iter()

@@ -120,6 +120,11 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
                         format!("table {table}"),
                         format!("has REPLICA IDENTITY NOTHING; run ALTER TABLE {table} REPLICA IDENTITY DEFAULT"),
                     );
+                } else if found.schema.is_keyless() {
+                    r.ok(format!(
+                        "table {table} has no primary key: kept as a multiset (REPLICA IDENTITY FULL), an update \
+                         or delete changes one of the rows equal to its old row; it is readable"
+                    ));
                 } else {
                     r.ok(format!("table {table} has a primary key and is readable"));
                 }

@@ -308,9 +308,10 @@ impl PostgresSource {
                     self.resume.open_txn = None;
                 }
             }
-            PgOutput::Relation { relid, namespace, name, columns } => {
-                let schema =
-                    catalog::relation_schema(&self.client, relid, TableId::new(namespace, name), &columns).await?;
+            PgOutput::Relation { relid, namespace, name, replica_identity, columns } => {
+                let table = TableId::new(namespace, name);
+                let identity = replica_identity as char;
+                let schema = catalog::relation_schema(&self.client, relid, table, identity, &columns).await?;
                 if let Some(old) = self.relations.get(&relid) {
                     if old.version != schema.version {
                         info!(table = %schema.table, "table shape changed at the source");

@@ -59,6 +59,8 @@ pub enum PgOutput {
         namespace: String,
         /// Table name.
         name: String,
+        /// Its REPLICA IDENTITY setting: `d` default, `f` full, `i` index, `n` nothing.
+        replica_identity: u8,
         /// Columns in order.
         columns: Vec<RelationColumn>,
     },
@@ -167,7 +169,7 @@ pub fn decode(mut buf: Bytes) -> Result<PgOutput, SourceError> {
             let namespace = cstring(&mut buf, "Relation")?;
             let name = cstring(&mut buf, "Relation")?;
             need(&buf, 3, "Relation")?;
-            let _replica_identity = buf.get_u8();
+            let replica_identity = buf.get_u8();
             let n = buf.get_i16().max(0) as usize;
             let mut columns = Vec::with_capacity(n);
             for _ in 0..n {
@@ -184,7 +186,7 @@ pub fn decode(mut buf: Bytes) -> Result<PgOutput, SourceError> {
             }
             // An empty namespace means pg_catalog.
             let namespace = if namespace.is_empty() { "pg_catalog".into() } else { namespace };
-            PgOutput::Relation { relid, namespace, name, columns }
+            PgOutput::Relation { relid, namespace, name, replica_identity, columns }
         }
         b'I' => {
             need(&buf, 5, "Insert")?;

@@ -25,7 +25,7 @@ use futures::SinkExt;
 use tokio_postgres::{Client, Transaction};
 use tracing::{info, warn};
 
-use self::plan::{Plan, RowOp};
+use self::plan::{KeylessOp, Plan, RowOp};
 use self::target::Target;
 use crate::config::{AgentAcl, NdcConfig};
 use crate::fanout::events::{self, ActiveRule};
@@ -115,7 +115,14 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
                  column_name text NOT NULL,
                  source_type text NOT NULL,
                  ndc_type text NOT NULL,
-                 PRIMARY KEY (ndc_schema, ndc_table, column_name));",
+                 PRIMARY KEY (ndc_schema, ndc_table, column_name));
+             -- A keyless table's update or delete whose old row is not in the NDC: a definite
+             -- error (no_data_found), so the change is quarantined with this reason.
+             CREATE OR REPLACE FUNCTION dongbo.keyless_row_missing(target text) RETURNS void
+                 LANGUAGE plpgsql AS $$BEGIN
+                     RAISE EXCEPTION 'no row of % equals the old row of this change (the NDC drifted from the source)', target
+                         USING ERRCODE = 'P0002';
+                 END$$;",
     )
     .await?;
     txn.batch_execute(events::OUTBOX_DDL).await?;
@@ -513,6 +520,10 @@ async fn execute(
         if table.truncate {
             txn.execute(target.truncate_sql().as_str(), &[]).await?;
         }
+        if table.schema.is_keyless() {
+            apply_keyless(txn, target, &table.sequence).await?;
+            continue;
+        }
         if direct_snapshot_copy && table.snapshot_only {
             // Should a key exist after all, the unique violation rolls the transaction back and the
             // change-by-change retry applies these rows as upserts.
@@ -558,6 +569,48 @@ async fn execute(
             }
             copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
             txn.execute(target.upsert_sql(&present).as_str(), &[]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a keyless table's changes in order: runs of inserts as one COPY, each update and delete
+/// on one row equal to its old row. A change whose old row is not in the NDC (the NDC drifted) fails
+/// with `P0002`, so the change-by-change retry quarantines it with the reason.
+async fn apply_keyless(
+    txn: &Transaction<'_>,
+    target: &Target,
+    sequence: &[KeylessOp<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    let all: Vec<usize> = (0..target.columns.len()).collect();
+    let mut i = 0;
+    while i < sequence.len() {
+        let inserts: Vec<&[Value]> = sequence[i..]
+            .iter()
+            .map_while(|op| match op {
+                KeylessOp::Insert(row) => Some(*row),
+                _ => None,
+            })
+            .collect();
+        if !inserts.is_empty() {
+            i += inserts.len();
+            copy_rows(txn, &target.copy_columns_sql(&all), inserts.into_iter(), &all).await?;
+            continue;
+        }
+        let (sql, params): (String, Vec<Option<String>>) = match &sequence[i] {
+            KeylessOp::Delete(before) => (target.delete_one_sql(), before.iter().map(pg_text).collect()),
+            KeylessOp::Update { before, after } => {
+                // An unchanged out-of-line value keeps the one the row has.
+                let present: Vec<usize> = (0..after.len()).filter(|&c| after[c] != Value::UnchangedToast).collect();
+                let values = present.iter().map(|&c| &after[c]).chain(before.iter());
+                (target.update_one_sql(&present), values.map(pg_text).collect())
+            }
+            KeylessOp::Insert(_) => unreachable!("runs of inserts are copied above"),
+        };
+        i += 1;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        if txn.execute(&sql, &refs).await? == 0 {
+            txn.execute("SELECT dongbo.keyless_row_missing($1)", &[&target.qualified]).await?;
         }
     }
     Ok(())

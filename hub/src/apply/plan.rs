@@ -6,6 +6,10 @@
 //! drops everything planned before it for the table. Distinct keys commute, so deletes and upserts of
 //! one table can run as separate statements. A change of table shape seals the table's plan and opens
 //! a new one, so rows of different widths never mix.
+//!
+//! A keyless table (no primary key, `REPLICA IDENTITY FULL` at the source) is a multiset: nothing
+//! collapses, its changes stay a sequence in order, and an update or delete changes one row equal
+//! to the change's whole old row.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,6 +33,22 @@ pub enum RowOp<'a> {
     Delete(&'a [Value]),
 }
 
+/// One change of a keyless table, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeylessOp<'a> {
+    /// Add this row (a duplicate stays a duplicate).
+    Insert(&'a [Value]),
+    /// Change one row equal to `before` into `after` (unchanged-TOAST columns keep their value).
+    Update {
+        /// The whole old row.
+        before: &'a [Value],
+        /// The new row.
+        after: &'a [Value],
+    },
+    /// Remove one row equal to this one.
+    Delete(&'a [Value]),
+}
+
 /// Planned work on one table, for one schema version.
 #[derive(Debug)]
 pub struct TablePlan<'a> {
@@ -38,6 +58,8 @@ pub struct TablePlan<'a> {
     pub truncate: bool,
     /// Final operation per key (keyed by the key's text).
     pub ops: HashMap<String, RowOp<'a>>,
+    /// A keyless table's changes, in order (`ops` stays empty).
+    pub sequence: Vec<KeylessOp<'a>>,
     /// Every operation is a snapshot read: the rows are new to the target (a table's snapshot opens
     /// with a truncate and reads each key once), so they can be copied in without an upsert.
     pub snapshot_only: bool,
@@ -63,6 +85,7 @@ impl<'a> Plan<'a> {
                     schema: c.table.clone(),
                     truncate: false,
                     ops: HashMap::new(),
+                    sequence: Vec::new(),
                     snapshot_only: true,
                 });
                 self.open.insert(c.table.table.clone(), self.tables.len() - 1);
@@ -71,6 +94,24 @@ impl<'a> Plan<'a> {
         };
         let plan = &mut self.tables[idx];
         plan.snapshot_only &= matches!(c.op, Operation::SnapshotRead | Operation::Truncate);
+        if plan.schema.is_keyless() {
+            // The wire refuses a keyless update or delete without a whole before row.
+            match (c.op, c.before.as_deref(), c.after.as_deref()) {
+                (Operation::Truncate, _, _) => {
+                    plan.truncate = true;
+                    plan.sequence.clear();
+                }
+                (Operation::Insert | Operation::SnapshotRead, _, Some(after)) => {
+                    plan.sequence.push(KeylessOp::Insert(after))
+                }
+                (Operation::Update, Some(before), Some(after)) => {
+                    plan.sequence.push(KeylessOp::Update { before, after })
+                }
+                (Operation::Delete, Some(before), _) => plan.sequence.push(KeylessOp::Delete(before)),
+                _ => {}
+            }
+            return;
+        }
         match c.op {
             Operation::Truncate => {
                 plan.truncate = true;
@@ -244,6 +285,41 @@ mod tests {
         p.add(leak(change(&v1, Operation::Insert, "c", Some(vec![t("c")]))));
         assert_eq!(p.tables.len(), 3);
         assert_eq!(p.tables[1].schema.columns.len(), 2);
+    }
+
+    #[test]
+    fn a_keyless_table_keeps_every_change_in_order_with_duplicates() {
+        let s = Arc::new(TableSchema::new(
+            TableId::new("public", "residence_log"),
+            vec![
+                Column { name: "citizen_id".into(), type_name: "text".into(), type_oid: 25 },
+                Column { name: "commune".into(), type_name: "text".into(), type_oid: 25 },
+            ],
+            vec![],
+        ));
+        let row = |c: &str| vec![t("079000000001"), t(c)];
+        let mut changes = vec![
+            change(&s, Operation::Insert, "", Some(row("26734"))),
+            change(&s, Operation::Insert, "", Some(row("26734"))),
+            change(&s, Operation::Update, "", Some(row("00004"))),
+            change(&s, Operation::Delete, "", None),
+        ];
+        for c in &mut changes {
+            c.key = Vec::new();
+        }
+        changes[2].before = Some(row("26734"));
+        changes[3].before = Some(row("26734"));
+        let mut plan = Plan::default();
+        for c in changes {
+            plan.add(leak(c));
+        }
+        let seq = &plan.tables[0].sequence;
+        assert!(plan.tables[0].ops.is_empty());
+        assert_eq!(seq.len(), 4, "identical inserts stay two, nothing collapses");
+        assert!(
+            matches!(seq[2], KeylessOp::Update { before, after } if before[1] == t("26734") && after[1] == t("00004"))
+        );
+        assert!(matches!(seq[3], KeylessOp::Delete(before) if before[1] == t("26734")));
     }
 
     #[test]

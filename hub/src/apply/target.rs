@@ -93,14 +93,15 @@ impl Target {
     /// statement each. Idempotent.
     pub fn ddl(&self) -> Vec<String> {
         let cols: Vec<String> = self.columns.iter().zip(&self.types).map(|(c, t)| format!("{c} {t}")).collect();
+        // A keyless table is a multiset: no key to declare.
+        let key = if self.key_columns.is_empty() {
+            String::new()
+        } else {
+            format!(", PRIMARY KEY ({})", self.key_columns.join(", "))
+        };
         let mut sql = vec![
             format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema_sql),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))",
-                self.qualified,
-                cols.join(", "),
-                self.key_columns.join(", ")
-            ),
+            format!("CREATE TABLE IF NOT EXISTS {} ({}{key})", self.qualified, cols.join(", ")),
         ];
         for col in &cols {
             sql.push(format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {col}", self.qualified));
@@ -201,6 +202,42 @@ impl Target {
     /// COPY of keys into the delete stage.
     pub fn copy_delete_sql(&self) -> String {
         format!("COPY {} ({}) FROM STDIN", self.delete_stage, self.key_columns.join(", "))
+    }
+
+    /// The row of a keyless table equal to a whole old row given as text parameters `$first..`, one
+    /// per column: the first such row, locked. Values compare as the NDC prints them, which is how
+    /// the source printed them (the same session settings), so every column type compares, `json`
+    /// included, and NULL equals NULL.
+    fn one_equal_row(&self, first: usize) -> String {
+        let equal: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c}::text IS NOT DISTINCT FROM ${}", first + i))
+            .collect();
+        format!("ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1 FOR UPDATE)", self.qualified, equal.join(" AND "))
+    }
+
+    /// Delete one row of a keyless table equal to the old row in `$1..`.
+    pub fn delete_one_sql(&self) -> String {
+        format!("DELETE FROM {} WHERE {}", self.qualified, self.one_equal_row(1))
+    }
+
+    /// Update one row of a keyless table equal to the old row: the columns in `present` from `$1..`,
+    /// then the old row's columns after those.
+    pub fn update_one_sql(&self, present: &[usize]) -> String {
+        let sets: Vec<String> = present
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| format!("{} = ${}::text::{}", self.columns[i], n + 1, self.types[i]))
+            .collect();
+        format!("UPDATE {} SET {} WHERE {}", self.qualified, sets.join(", "), self.one_equal_row(present.len() + 1))
+    }
+
+    /// COPY of rows into the target, for the columns in `present`.
+    pub fn copy_columns_sql(&self, present: &[usize]) -> String {
+        let cols: Vec<&str> = present.iter().map(|&i| self.columns[i].as_str()).collect();
+        format!("COPY {} ({}) FROM STDIN", self.qualified, cols.join(", "))
     }
 
     /// Delete the staged keys.

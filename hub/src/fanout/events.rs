@@ -80,6 +80,29 @@ pub async fn derive(
         }
         let updated: Vec<&ChangeEvent> = relevant.iter().copied().filter(|c| c.op == Operation::Update).collect();
         let Some(first) = updated.first() else { continue };
+        if first.table.is_keyless() {
+            // A keyless table's update carries its whole old row: that is the preimage.
+            for c in &updated {
+                let (Some(Some(pos)), Some(before), Some(after)) =
+                    (by_version.get(&c.table.version), &c.before, &c.after)
+                else {
+                    continue;
+                };
+                let previous: Watched = pos.watch.iter().map(|&i| text(&before[i])).collect();
+                let current: Watched = pos
+                    .watch
+                    .iter()
+                    .map(|&i| match &after[i] {
+                        Value::UnchangedToast => text(&before[i]),
+                        v => text(v),
+                    })
+                    .collect();
+                if previous != current {
+                    events.push(event(rule, source_id, c, pos, after, &previous, &current));
+                }
+            }
+            continue;
+        }
         let Some(target) = targets.get(&(first.table.table.clone(), first.table.version)) else { continue };
         let mut state: HashMap<String, Option<Watched>> =
             preimages(txn, target, &first.table, &rule.rule.watch, &updated).await?;

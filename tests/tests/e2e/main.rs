@@ -11,6 +11,7 @@ mod hostile_agent;
 mod hub_limits;
 mod identities;
 mod kafka;
+mod keyless;
 mod mixed_workload;
 mod mutual_tls;
 mod postgres_tls;
