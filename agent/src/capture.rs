@@ -1,19 +1,20 @@
-//! Capture: source → spool. Changes are gathered in memory for at most `batch_max_wait_ms` (or
-//! `batch_max_changes`), then spooled with the resume point in one flushed write; only after that
-//! write does the source release the WAL up to the last spooled commit.
+//! Capture: source → spool, for any [`Source`]. Changes are gathered in memory for at most
+//! `batch_max_wait_ms` (or `batch_max_changes`), then spooled with the resume point in one flushed
+//! write; only after that write is the source told it may release up to the last spooled commit.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use dongbo_connectors::error::SourceError;
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
-use dongbo_connectors::postgres::{
-    Captured, OpenTxn, PostgresConfig, PostgresSource, Released, ResumePoint, SourceError,
-};
+use dongbo_connectors::postgres::PostgresSource;
+use dongbo_connectors::source::{Captured, OpenTxn, ResumePoint, Source};
 use dongbo_connectors::wire;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::config::SourceConfig;
 use crate::spool::{Spool, SpoolError, SpooledBatch};
 
 /// Why capture stopped.
@@ -42,7 +43,7 @@ const PAUSED_TICK: Duration = Duration::from_secs(1);
 /// How long a capture with nothing to do waits for the source before looking around again.
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
-/// One capture session: from `PostgresSource::start` until an error or shutdown.
+/// One capture session: from the source's start until an error or shutdown.
 pub struct Capture<'a> {
     source_id: &'a str,
     spool: &'a Arc<Spool>,
@@ -56,19 +57,32 @@ impl<'a> Capture<'a> {
         Self { source_id, spool, batch_max_changes, batch_max_wait }
     }
 
-    /// Captures until `shutdown` turns true (then flushes what it holds) or an error.
-    pub async fn run(&self, config: &PostgresConfig, shutdown: &mut watch::Receiver<bool>) -> Result<(), CaptureError> {
-        let mut resume = self.spool.resume_point()?;
+    /// Starts the configured source from the spool's resume point and captures until `shutdown`
+    /// turns true (then flushes what it holds) or an error.
+    pub async fn run(&self, config: &SourceConfig, shutdown: &mut watch::Receiver<bool>) -> Result<(), CaptureError> {
+        let resume = self.spool.resume_point()?;
+        match config {
+            SourceConfig::Postgres(pg) => {
+                let source = PostgresSource::start(pg.clone(), resume).await?;
+                self.capture(source, resume, shutdown).await
+            }
+        }
+    }
+
+    async fn capture<S: Source>(
+        &self,
+        mut source: S,
+        mut resume: ResumePoint,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), CaptureError> {
         let mut next_seq = self.spool.next_seq()?;
-        let released = Released::new(resume.committed_end);
-        let mut source = PostgresSource::start(config.clone(), resume, released.clone()).await?;
         let mut pending: Vec<ChangeEvent> = Vec::with_capacity(self.batch_max_changes);
         let mut dirty = false;
         let mut first_pending_at = Instant::now();
         let mut paused_since: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
-                self.flush(&released, &mut pending, &resume, next_seq).await?;
+                self.flush(&source, &mut pending, &resume, next_seq).await?;
                 info!("capture stopped");
                 return Ok(());
             }
@@ -108,12 +122,12 @@ impl<'a> Capture<'a> {
                     }
                     change.seq = next_seq;
                     next_seq += 1;
-                    if txn.0 != 0 {
-                        resume.open_txn = Some(OpenTxn { final_lsn: txn, spooled: change.txn_order + 1 });
+                    if let Some(txn) = txn {
+                        resume.open_txn = Some(OpenTxn { txn, spooled: change.txn_order + 1 });
                     }
                     pending.push(change);
                     if pending.len() >= self.batch_max_changes {
-                        self.flush(&released, &mut pending, &resume, next_seq).await?;
+                        self.flush(&source, &mut pending, &resume, next_seq).await?;
                         dirty = false;
                     }
                 }
@@ -121,21 +135,21 @@ impl<'a> Capture<'a> {
                     if pending.is_empty() && !dirty {
                         first_pending_at = Instant::now();
                     }
-                    resume.committed_end = end;
+                    resume.committed_end = Some(end);
                     resume.open_txn = None;
                     dirty = true;
                 }
                 Some(Captured::SnapshotDone { at }) => {
                     resume.snapshot_done = true;
-                    resume.committed_end = at;
+                    resume.committed_end = Some(at);
                     resume.open_txn = None;
-                    self.flush(&released, &mut pending, &resume, next_seq).await?;
+                    self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
-                    info!(%at, "snapshot spooled");
+                    info!(at = ?at, "snapshot spooled");
                 }
                 None => {
                     if !pending.is_empty() || dirty {
-                        self.flush(&released, &mut pending, &resume, next_seq).await?;
+                        self.flush(&source, &mut pending, &resume, next_seq).await?;
                         dirty = false;
                     }
                 }
@@ -145,7 +159,7 @@ impl<'a> Capture<'a> {
 
     async fn flush(
         &self,
-        released: &Released,
+        source: &impl Source,
         pending: &mut Vec<ChangeEvent>,
         resume: &ResumePoint,
         next_seq: u64,
@@ -161,7 +175,9 @@ impl<'a> Capture<'a> {
             })
         };
         self.spool.append(batch, resume, next_seq).await?;
-        released.release(resume.committed_end);
+        if let Some(end) = resume.committed_end {
+            source.release(end);
+        }
         Ok(())
     }
 }

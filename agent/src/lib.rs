@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::capture::{Capture, CaptureError};
-use crate::config::{AgentConfig, SourceConfig};
+use crate::config::AgentConfig;
 use crate::spool::{Spool, SpoolError};
 
 /// The agent stopped on an error it cannot retry.
@@ -64,7 +64,6 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
         }
         (None, None) => return Err(AgentError::NoLink),
     };
-    let SourceConfig::Postgres(pg) = &config.source;
     let capture = Capture::new(
         &config.source_id,
         &spool,
@@ -80,7 +79,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
     let capturing = async {
         loop {
             let started = tokio::time::Instant::now();
-            match capture.run(pg, &mut shutdown).await {
+            match capture.run(&config.source, &mut shutdown).await {
                 Ok(()) => break Ok(()),
                 Err(e) if e.is_transient() => {
                     if started.elapsed() > Duration::from_secs(60) {

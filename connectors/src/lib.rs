@@ -2,9 +2,9 @@
 //!
 //! A source captures committed row changes from one upstream database, in commit order, as
 //! [`model::ChangeEvent`]s. It never decides when a change is safe to forget: the agent tells it, through
-//! [`postgres::Released`], once the change is durable in the agent's spool. Delivery is
+//! [`source::Source::release`], once the change is durable in the agent's spool. Delivery is
 //! therefore at-least-once from the source; the agent removes the replayed prefix after a restart using
-//! the [`postgres::ResumePoint`] it stored atomically with the spooled changes, which makes the spool
+//! the [`source::ResumePoint`] it stored atomically with the spooled changes, which makes the spool
 //! exactly-once.
 //!
 //! - [`model`] — the domain types (`Value`, `Row`, `TableSchema`, `ChangeEvent`, `Lsn`).
@@ -23,5 +23,6 @@ pub mod kafka;
 pub mod model;
 pub mod postgres;
 pub mod segments;
+pub mod source;
 pub mod tls;
 pub mod wire;

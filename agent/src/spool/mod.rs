@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dongbo_connectors::model::Lsn;
-use dongbo_connectors::postgres::{OpenTxn, ResumePoint};
+use dongbo_connectors::model::{Lsn, Position};
+use dongbo_connectors::source::{OpenTxn, ResumePoint};
 use tokio::sync::watch;
 
 use dongbo_connectors::segments::{self, Location, Segments};
@@ -91,14 +91,21 @@ fn decode_index(v: &[u8]) -> Result<(u64, Location), SpoolError> {
     Ok((u64_at(0)?, Location { segment: u64_at(8)?, offset: u64_at(16)?, len }))
 }
 
+/// The resume point as stored: snapshot flag, the committed end (0: none), then the open
+/// transaction if any (flag, position, spooled count), positions as Postgres LSNs. The layout is
+/// the one spools have always had; a source with other positions adds a tagged layout.
 fn encode_resume(r: &ResumePoint) -> Vec<u8> {
+    let lsn = |p: Option<Position>| match p {
+        Some(Position::Postgres(l)) => l.0,
+        None => 0,
+    };
     let mut v = Vec::with_capacity(22);
     v.push(u8::from(r.snapshot_done));
-    v.extend_from_slice(&r.committed_end.0.to_be_bytes());
+    v.extend_from_slice(&lsn(r.committed_end).to_be_bytes());
     match r.open_txn {
         Some(o) => {
             v.push(1);
-            v.extend_from_slice(&o.final_lsn.0.to_be_bytes());
+            v.extend_from_slice(&lsn(Some(o.txn)).to_be_bytes());
             v.extend_from_slice(&o.spooled.to_be_bytes());
         }
         None => v.push(0),
@@ -111,13 +118,14 @@ fn decode_resume(v: &[u8]) -> Result<ResumePoint, SpoolError> {
     let u64_at = |i: usize| v.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).ok_or_else(bad);
     let open_txn = match v.get(9) {
         Some(1) => Some(OpenTxn {
-            final_lsn: Lsn(u64_at(10)?),
+            txn: Position::Postgres(Lsn(u64_at(10)?)),
             spooled: v.get(18..22).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).ok_or_else(bad)?,
         }),
         Some(0) => None,
         _ => return Err(bad()),
     };
-    Ok(ResumePoint { snapshot_done: *v.first().ok_or_else(bad)? == 1, committed_end: Lsn(u64_at(1)?), open_txn })
+    let committed_end = Some(u64_at(1)?).filter(|&l| l != 0).map(|l| Position::Postgres(Lsn(l)));
+    Ok(ResumePoint { snapshot_done: *v.first().ok_or_else(bad)? == 1, committed_end, open_txn })
 }
 
 impl Spool {
@@ -294,8 +302,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let resume = ResumePoint {
             snapshot_done: true,
-            committed_end: Lsn(0x1_0000_0010),
-            open_txn: Some(OpenTxn { final_lsn: Lsn(0x2_0000_0000), spooled: 4096 }),
+            committed_end: Some(Position::Postgres(Lsn(0x1_0000_0010))),
+            open_txn: Some(OpenTxn { txn: Position::Postgres(Lsn(0x2_0000_0000)), spooled: 4096 }),
         };
         {
             let s = Spool::open(dir.path(), 1 << 30).unwrap();

@@ -11,7 +11,7 @@
 //! transaction is marked `txn_last`, followed by [`Captured::Commit`].
 //!
 //! # Progress and acknowledgement
-//! The source never confirms on its own. The agent advances the shared [`Released`] position with a
+//! The source never confirms on its own. The agent calls [`crate::source::Source::release`] with a
 //! commit's end LSN once everything up to it is durable in the spool, and the source reports that
 //! position in its standby status updates, so the slot holds WAL only for what the spool does not have yet. While
 //! nothing is in flight, a server keepalive's WAL end is released too: an idle captured database
@@ -51,70 +51,33 @@ use self::protocol::{ReplicationConnection, ReplicationMessage};
 use self::snapshot::SnapshotReader;
 pub use crate::error::SourceError;
 use crate::model::{ChangeEvent, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
+pub use crate::source::{Captured, OpenTxn, ResumePoint};
 
-/// The position up to which everything is durable downstream, shared between whoever makes changes
-/// durable (the agent's spool writer) and the source, which reports it to the server. Only moves
-/// forward.
-#[derive(Debug, Clone, Default)]
-pub struct Released(Arc<AtomicU64>);
+/// The LSN of a position this source wrote. A position of another kind means the spool belongs to
+/// another kind of source: a definite error, not something to guess around.
+fn lsn_of(p: Position) -> Result<Lsn, SourceError> {
+    match p {
+        Position::Postgres(lsn) => Ok(lsn),
+    }
+}
+
+/// The position up to which everything is durable downstream, which the source reports to the
+/// server. Only moves forward.
+#[derive(Debug, Default)]
+struct Released(AtomicU64);
 
 impl Released {
-    /// Starts at `lsn`.
-    pub fn new(lsn: Lsn) -> Self {
-        Self(Arc::new(AtomicU64::new(lsn.0)))
+    fn new(lsn: Lsn) -> Self {
+        Self(AtomicU64::new(lsn.0))
     }
 
-    /// Everything up to `upto` is durable downstream.
-    pub fn release(&self, upto: Lsn) {
+    fn release(&self, upto: Lsn) {
         self.0.fetch_max(upto.0, Ordering::AcqRel);
     }
 
-    /// The released position.
-    pub fn get(&self) -> Lsn {
+    fn get(&self) -> Lsn {
         Lsn(self.0.load(Ordering::Acquire))
     }
-}
-
-/// What the spool already holds, so a restart resumes without duplicates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ResumePoint {
-    /// The initial snapshot is fully spooled.
-    pub snapshot_done: bool,
-    /// End LSN of the last transaction fully spooled (or the snapshot's consistent point).
-    pub committed_end: Lsn,
-    /// A transaction spooled in part: its commit LSN and how many of its changes are spooled.
-    pub open_txn: Option<OpenTxn>,
-}
-
-/// A transaction of which a prefix is spooled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpenTxn {
-    /// Commit LSN of the transaction.
-    pub final_lsn: Lsn,
-    /// Changes already spooled (they are `txn_order` 0 to `spooled - 1`).
-    pub spooled: u32,
-}
-
-/// One item captured from the source.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Captured {
-    /// A row change; `txn` is its transaction's commit LSN (0 during the snapshot).
-    Change {
-        /// The change.
-        change: ChangeEvent,
-        /// Commit LSN of its transaction.
-        txn: Lsn,
-    },
-    /// A transaction ended: once everything before is durable, release `end`.
-    Commit {
-        /// End LSN of the commit record.
-        end: Lsn,
-    },
-    /// The snapshot is complete; streaming continues from `at`.
-    SnapshotDone {
-        /// The slot's consistent point.
-        at: Lsn,
-    },
 }
 
 struct TxnState {
@@ -138,7 +101,10 @@ pub struct PostgresSource {
     repl: ReplicationConnection,
     phase: Phase,
     relations: HashMap<u32, Arc<TableSchema>>,
-    resume: ResumePoint,
+    /// End of the last transaction the spool holds whole.
+    committed_end: Lsn,
+    /// A transaction the spool holds in part: its commit LSN and how many of its changes.
+    open_txn: Option<(Lsn, u32)>,
     txn: Option<TxnState>,
     held: Option<(ChangeEvent, Lsn)>,
     out: VecDeque<Captured>,
@@ -148,9 +114,11 @@ pub struct PostgresSource {
 }
 
 impl PostgresSource {
-    /// Connects, checks prerequisites, and either resumes streaming or starts a new snapshot.
-    /// `released` is advanced by whoever makes changes durable; the source reports it to the server.
-    pub async fn start(config: PostgresConfig, resume: ResumePoint, released: Released) -> Result<Self, SourceError> {
+    /// Connects, checks prerequisites, and either resumes streaming after what `resume` says the
+    /// spool holds or starts a new snapshot.
+    pub async fn start(config: PostgresConfig, resume: ResumePoint) -> Result<Self, SourceError> {
+        let committed_end = resume.committed_end.map(lsn_of).transpose()?.unwrap_or_default();
+        let open_txn = resume.open_txn.map(|o| lsn_of(o.txn).map(|l| (l, o.spooled))).transpose()?;
         let password = config.resolve_password()?;
         let client = config.connect_query().await?;
         let report = check::run(&client, &config).await?;
@@ -176,7 +144,7 @@ impl PostgresSource {
             // 0/0 lets the server start at the slot's confirmed position; ResumePoint drops what the
             // spool already has.
             repl.start_replication(&config.slot, Lsn(0), &config.publication).await?;
-            info!(slot = %config.slot, committed_end = %resume.committed_end, "streaming resumed");
+            info!(slot = %config.slot, %committed_end, "streaming resumed");
             Phase::Streaming
         } else {
             client
@@ -210,21 +178,17 @@ impl PostgresSource {
             repl,
             phase,
             relations: HashMap::new(),
-            released: {
-                released.release(resume.committed_end);
-                released
-            },
-            last_commit_seen: resume.committed_end,
-            resume,
+            released: Released::new(committed_end),
+            last_commit_seen: committed_end,
+            committed_end,
+            open_txn,
             txn: None,
             held: None,
             out: VecDeque::new(),
         })
     }
 
-    /// The next captured item, or `Ok(None)` if `until` passed first. Not cancel safe: bound the wait
-    /// with `until` instead of dropping the future.
-    pub async fn next(&mut self, until: Instant) -> Result<Option<Captured>, SourceError> {
+    async fn next_item(&mut self, until: Instant) -> Result<Option<Captured>, SourceError> {
         loop {
             if let Some(c) = self.out.pop_front() {
                 return Ok(Some(c));
@@ -240,7 +204,7 @@ impl PostgresSource {
                         self.released.release(at);
                         self.last_commit_seen = self.last_commit_seen.max(at);
                         info!(%at, "snapshot complete, streaming started");
-                        return Ok(Some(Captured::SnapshotDone { at }));
+                        return Ok(Some(Captured::SnapshotDone { at: Position::Postgres(at) }));
                     }
                 }
             }
@@ -253,9 +217,8 @@ impl PostgresSource {
         }
     }
 
-    /// Sends a status update if one is due; call while capture is paused so the server keeps the
-    /// connection.
-    pub async fn keep_alive(&mut self) -> Result<(), SourceError> {
+    /// Sends a status update if one is due, so the server keeps the connection of a paused capture.
+    async fn keep_session(&mut self) -> Result<(), SourceError> {
         if matches!(self.phase, Phase::Streaming) && Instant::now() >= self.next_feedback {
             self.send_feedback().await?;
         }
@@ -263,6 +226,7 @@ impl PostgresSource {
     }
 
     async fn send_feedback(&mut self) -> Result<(), SourceError> {
+        // The slot's confirmed position is what the spool made durable, never more.
         self.repl.send_status(self.released.get()).await?;
         self.next_feedback = Instant::now() + Duration::from_millis(self.config.feedback_interval_ms);
         Ok(())
@@ -287,25 +251,25 @@ impl PostgresSource {
     async fn handle_pgoutput(&mut self, msg: PgOutput) -> Result<(), SourceError> {
         match msg {
             PgOutput::Begin { final_lsn, commit_time_us, xid } => {
-                let skip_first = match self.resume.open_txn {
-                    Some(open) if open.final_lsn == final_lsn => open.spooled,
+                let skip_first = match self.open_txn {
+                    Some((open, spooled)) if open == final_lsn => spooled,
                     _ => 0,
                 };
-                let skip_all = final_lsn < self.resume.committed_end;
+                let skip_all = final_lsn < self.committed_end;
                 self.txn = Some(TxnState { final_lsn, commit_time_us, xid, next_order: 0, skip_all, skip_first });
             }
             PgOutput::Commit { end_lsn } => {
                 let txn = self.txn.take().ok_or_else(|| SourceError::Protocol("Commit without Begin".into()))?;
                 if let Some((mut change, lsn)) = self.held.take() {
                     change.txn_last = true;
-                    self.out.push_back(Captured::Change { change, txn: lsn });
+                    self.out.push_back(Captured::Change { change, txn: Some(Position::Postgres(lsn)) });
                 }
                 if !txn.skip_all {
-                    self.out.push_back(Captured::Commit { end: end_lsn });
+                    self.out.push_back(Captured::Commit { end: Position::Postgres(end_lsn) });
                     self.last_commit_seen = end_lsn;
                 }
-                if self.resume.open_txn.is_some_and(|o| o.final_lsn == txn.final_lsn) {
-                    self.resume.open_txn = None;
+                if self.open_txn.is_some_and(|(open, _)| open == txn.final_lsn) {
+                    self.open_txn = None;
                 }
             }
             PgOutput::Relation { relid, namespace, name, replica_identity, columns } => {
@@ -387,7 +351,24 @@ impl PostgresSource {
             txn_last: false,
         };
         if let Some((prev, lsn)) = self.held.replace((change, txn.final_lsn)) {
-            self.out.push_back(Captured::Change { change: prev, txn: lsn });
+            self.out.push_back(Captured::Change { change: prev, txn: Some(Position::Postgres(lsn)) });
+        }
+    }
+}
+
+impl crate::source::Source for PostgresSource {
+    async fn next(&mut self, until: Instant) -> Result<Option<Captured>, SourceError> {
+        self.next_item(until).await
+    }
+
+    async fn keep_alive(&mut self) -> Result<(), SourceError> {
+        self.keep_session().await
+    }
+
+    /// Reported to the server in the next standby status update: the slot then frees the WAL.
+    fn release(&self, upto: Position) {
+        if let Ok(lsn) = lsn_of(upto) {
+            self.released.release(lsn);
         }
     }
 }

@@ -82,7 +82,7 @@ impl SnapshotReader {
                 txn_order: order,
                 txn_last: false,
             },
-            txn: Lsn(0),
+            txn: None,
         }
     }
 

@@ -1,0 +1,77 @@
+//! The one contract between a source (Postgres logical replication today; MySQL/MariaDB binlog and
+//! query polling next) and the agent's capture loop, with source-neutral positions.
+//!
+//! Contract:
+//! - A source starts from the [`ResumePoint`] the agent stored atomically with its spool, and never
+//!   yields again what that point says is spooled: whole transactions that ended at or before
+//!   `committed_end`, and the first `spooled` changes of the transaction in `open_txn`.
+//! - It yields changes in source commit order, each transaction's changes together, then a
+//!   [`Captured::Commit`] with the position just past that transaction.
+//! - An initial snapshot's rows come first (their `txn` is `None`), then [`Captured::SnapshotDone`]
+//!   with the position the stream continues from: no gap, no overlap.
+//! - It releases nothing by itself: the agent calls [`Source::release`] once everything up to a
+//!   position is durable in the spool; a source whose server keeps log for its readers (a
+//!   Postgres slot) tells the server then, one whose server keeps log by time (a MySQL binlog) may
+//!   ignore it.
+
+use tokio::time::Instant;
+
+use crate::error::SourceError;
+use crate::model::{ChangeEvent, Position};
+
+/// What the spool already holds, so a restart resumes without duplicates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The initial snapshot is fully spooled.
+    pub snapshot_done: bool,
+    /// Just past the last transaction fully spooled (or where the snapshot's stream starts);
+    /// `None` before anything was spooled.
+    pub committed_end: Option<Position>,
+    /// A transaction spooled in part.
+    pub open_txn: Option<OpenTxn>,
+}
+
+/// A transaction of which a prefix is spooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTxn {
+    /// The transaction, as the source names it (Postgres: its commit LSN).
+    pub txn: Position,
+    /// Changes already spooled (they are `txn_order` 0 to `spooled - 1`).
+    pub spooled: u32,
+}
+
+/// One item captured from a source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Captured {
+    /// A row change of transaction `txn` (`None` for a snapshot row).
+    Change {
+        /// The change.
+        change: ChangeEvent,
+        /// Its transaction.
+        txn: Option<Position>,
+    },
+    /// A transaction ended: once everything before is durable, release `end`.
+    Commit {
+        /// Just past the transaction.
+        end: Position,
+    },
+    /// The snapshot is complete; streaming continues from `at`.
+    SnapshotDone {
+        /// Where the stream starts.
+        at: Position,
+    },
+}
+
+/// A running source.
+#[allow(async_fn_in_trait)] // used generically by the agent, never as a trait object
+pub trait Source: Send {
+    /// The next captured item, or `Ok(None)` if `until` passed first. Not cancel safe: bound the
+    /// wait with `until` instead of dropping the future.
+    async fn next(&mut self, until: Instant) -> Result<Option<Captured>, SourceError>;
+
+    /// Keeps the session alive while capture is paused (the spool is full).
+    async fn keep_alive(&mut self) -> Result<(), SourceError>;
+
+    /// Everything up to `upto` is durable in the spool.
+    fn release(&self, upto: Position);
+}
