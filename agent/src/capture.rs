@@ -8,7 +8,7 @@ use std::time::Duration;
 use dongbo_connectors::error::SourceError;
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
 use dongbo_connectors::postgres::PostgresSource;
-use dongbo_connectors::source::{Captured, OpenTxn, ResumePoint, Source};
+use dongbo_connectors::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable, Source};
 use dongbo_connectors::wire;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -63,7 +63,7 @@ impl<'a> Capture<'a> {
         let resume = self.spool.resume_point()?;
         match config {
             SourceConfig::Postgres(pg) => {
-                let source = PostgresSource::start(pg.clone(), resume).await?;
+                let source = PostgresSource::start(pg.clone(), resume.clone()).await?;
                 self.capture(source, resume, shutdown).await
             }
         }
@@ -139,13 +139,24 @@ impl<'a> Capture<'a> {
                     resume.open_txn = None;
                     dirty = true;
                 }
-                Some(Captured::SnapshotDone { at }) => {
+                Some(Captured::SnapshotDone { at, tables }) => {
                     resume.snapshot_done = true;
                     resume.committed_end = Some(at);
                     resume.open_txn = None;
+                    resume.snapshotted =
+                        Some(tables.into_iter().map(|table| SnapshottedTable { table, taken_at: None }).collect());
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
                     info!(at = ?at, "snapshot spooled");
+                }
+                Some(Captured::TablesSnapshotted { at, tables }) => {
+                    // Spooled with the rows before it, atomically: a crash before this write takes
+                    // the snapshot of these tables again.
+                    let known = resume.snapshotted.get_or_insert_with(Vec::new);
+                    known.extend(tables.into_iter().map(|table| SnapshottedTable { table, taken_at: Some(at) }));
+                    self.flush(&source, &mut pending, &resume, next_seq).await?;
+                    dirty = false;
+                    info!(at = ?at, "snapshot of added tables spooled");
                 }
                 None => {
                     if !pending.is_empty() || dirty {

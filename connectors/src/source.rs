@@ -9,6 +9,10 @@
 //!   [`Captured::Commit`] with the position just past that transaction.
 //! - An initial snapshot's rows come first (their `txn` is `None`), then [`Captured::SnapshotDone`]
 //!   with the position the stream continues from: no gap, no overlap.
+//! - A table configured after the initial snapshot (not in `snapshotted`) is snapshotted when the
+//!   source starts, before the stream resumes, and announced by [`Captured::TablesSnapshotted`]
+//!   with the position its snapshot was taken at; the stream then drops that table's changes which
+//!   the snapshot already holds.
 //! - It releases nothing by itself: the agent calls [`Source::release`] once everything up to a
 //!   position is durable in the spool; a source whose server keeps log for its readers (a
 //!   Postgres slot) tells the server then, one whose server keeps log by time (a MySQL binlog) may
@@ -17,10 +21,10 @@
 use tokio::time::Instant;
 
 use crate::error::SourceError;
-use crate::model::{ChangeEvent, Position};
+use crate::model::{ChangeEvent, Position, TableId};
 
 /// What the spool already holds, so a restart resumes without duplicates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResumePoint {
     /// The initial snapshot is fully spooled.
     pub snapshot_done: bool,
@@ -29,6 +33,19 @@ pub struct ResumePoint {
     pub committed_end: Option<Position>,
     /// A transaction spooled in part.
     pub open_txn: Option<OpenTxn>,
+    /// The tables whose snapshot is spooled; `None` in a spool written before the agent recorded
+    /// them (its snapshot then covered the tables configured at the time).
+    pub snapshotted: Option<Vec<SnapshottedTable>>,
+}
+
+/// A table whose snapshot is spooled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshottedTable {
+    /// The table.
+    pub table: TableId,
+    /// For a table snapshotted after the initial snapshot: the position its snapshot was taken at;
+    /// the stream's changes of it from transactions before that are in the snapshot.
+    pub taken_at: Option<Position>,
 }
 
 /// A transaction of which a prefix is spooled.
@@ -59,6 +76,15 @@ pub enum Captured {
     SnapshotDone {
         /// Where the stream starts.
         at: Position,
+        /// The tables it read.
+        tables: Vec<TableId>,
+    },
+    /// Tables added to the configuration are snapshotted (at `at`); the stream resumes where it was.
+    TablesSnapshotted {
+        /// Where their snapshot was taken.
+        at: Position,
+        /// The tables.
+        tables: Vec<TableId>,
     },
 }
 

@@ -102,8 +102,9 @@ impl PostgresConfig {
         }
         let ident_ok =
             |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !ident_ok(&self.slot) {
-            problems.push(format!("source.slot {:?} must be lowercase letters, digits and _", self.slot));
+        if !ident_ok(&self.slot) || self.slot.len() > 57 {
+            // 63 bytes at most, less the "_added" of the temporary slot for tables added later.
+            problems.push(format!("source.slot {:?} must be up to 57 lowercase letters, digits and _", self.slot));
         }
         if !ident_ok(&self.publication) {
             problems.push(format!("source.publication {:?} must be lowercase letters, digits and _", self.publication));

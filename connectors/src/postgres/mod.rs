@@ -51,7 +51,7 @@ use self::protocol::{ReplicationConnection, ReplicationMessage};
 use self::snapshot::SnapshotReader;
 pub use crate::error::SourceError;
 use crate::model::{ChangeEvent, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
-pub use crate::source::{Captured, OpenTxn, ResumePoint};
+pub use crate::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable};
 
 /// The LSN of a position this source wrote. A position of another kind means the spool belongs to
 /// another kind of source: a definite error, not something to guess around.
@@ -90,7 +90,11 @@ struct TxnState {
 }
 
 enum Phase {
-    Snapshot(SnapshotReader),
+    /// The initial snapshot, or (`added`) the snapshot of tables configured since.
+    Snapshot {
+        reader: SnapshotReader,
+        added: bool,
+    },
     Streaming,
 }
 
@@ -105,6 +109,8 @@ pub struct PostgresSource {
     committed_end: Lsn,
     /// A transaction the spool holds in part: its commit LSN and how many of its changes.
     open_txn: Option<(Lsn, u32)>,
+    /// Tables snapshotted after the initial snapshot, with the LSN their snapshot was taken at.
+    snapshotted_at: HashMap<TableId, Lsn>,
     txn: Option<TxnState>,
     held: Option<(ChangeEvent, Lsn)>,
     out: VecDeque<Captured>,
@@ -127,6 +133,7 @@ impl PostgresSource {
         }
         check::ensure_publication(&client, &config).await?;
         let mut repl = ReplicationConnection::connect(&config.target(password.as_deref())).await?;
+        let mut snapshotted_at = HashMap::new();
         let phase = if resume.snapshot_done {
             let slot = client
                 .query_opt(
@@ -141,11 +148,40 @@ impl PostgresSource {
                     config.slot
                 )));
             }
-            // 0/0 lets the server start at the slot's confirmed position; ResumePoint drops what the
-            // spool already has.
-            repl.start_replication(&config.slot, Lsn(0), &config.publication).await?;
-            info!(slot = %config.slot, %committed_end, "streaming resumed");
-            Phase::Streaming
+            // A spool from before the agent recorded its tables snapshotted the tables configured then.
+            let snapshotted = resume.snapshotted.clone().unwrap_or_else(|| {
+                config.table_ids().into_iter().map(|table| SnapshottedTable { table, taken_at: None }).collect()
+            });
+            for s in &snapshotted {
+                if let Some(at) = s.taken_at {
+                    snapshotted_at.insert(s.table.clone(), lsn_of(at)?);
+                }
+            }
+            let added: Vec<TableId> =
+                config.table_ids().into_iter().filter(|t| !snapshotted.iter().any(|s| &s.table == t)).collect();
+            if added.is_empty() {
+                // 0/0 lets the server start at the slot's confirmed position; the resume point drops
+                // what the spool already has.
+                repl.start_replication(&config.slot, Lsn(0), &config.publication).await?;
+                info!(slot = %config.slot, %committed_end, "streaming resumed");
+                Phase::Streaming
+            } else {
+                // A temporary slot exports a snapshot for the added tables; the stream resumes once
+                // they are read, and drops their changes from before that snapshot.
+                let temp = format!("{}_added", config.slot);
+                let rows = repl
+                    .simple_query(&format!("CREATE_REPLICATION_SLOT {temp} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"))
+                    .await?;
+                let (at, snapshot_name) = exported_snapshot(&rows)?;
+                begin_snapshot(&client, &snapshot_name).await?;
+                // Imported: the temporary slot need not hold WAL any longer.
+                repl.simple_query(&format!("DROP_REPLICATION_SLOT {temp}")).await?;
+                for t in &added {
+                    snapshotted_at.insert(t.clone(), at);
+                }
+                info!(tables = ?added.iter().map(ToString::to_string).collect::<Vec<_>>(), %at, "snapshot of tables added to source.tables started");
+                Phase::Snapshot { reader: SnapshotReader::new(added, at), added: true }
+            }
         } else {
             client
                 .execute(
@@ -156,20 +192,10 @@ impl PostgresSource {
             let rows = repl
                 .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT", config.slot))
                 .await?;
-            let row =
-                rows.first().ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
-            let field = |i: usize| {
-                row.get(i)
-                    .cloned()
-                    .flatten()
-                    .ok_or_else(|| SourceError::Protocol("short CREATE_REPLICATION_SLOT row".into()))
-            };
-            let consistent_point: Lsn = field(1)?.parse().map_err(SourceError::Protocol)?;
-            let snapshot_name = field(2)?;
-            client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-            client.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot_name.replace('\'', "''"))).await?;
+            let (consistent_point, snapshot_name) = exported_snapshot(&rows)?;
+            begin_snapshot(&client, &snapshot_name).await?;
             info!(slot = %config.slot, %consistent_point, "slot created, snapshot started");
-            Phase::Snapshot(SnapshotReader::new(config.table_ids(), consistent_point))
+            Phase::Snapshot { reader: SnapshotReader::new(config.table_ids(), consistent_point), added: false }
         };
         Ok(Self {
             next_feedback: Instant::now() + Duration::from_millis(config.feedback_interval_ms),
@@ -182,6 +208,7 @@ impl PostgresSource {
             last_commit_seen: committed_end,
             committed_end,
             open_txn,
+            snapshotted_at,
             txn: None,
             held: None,
             out: VecDeque::new(),
@@ -193,18 +220,23 @@ impl PostgresSource {
             if let Some(c) = self.out.pop_front() {
                 return Ok(Some(c));
             }
-            if let Phase::Snapshot(reader) = &mut self.phase {
+            if let Phase::Snapshot { reader, added } = &mut self.phase {
                 match reader.next(&self.client, until).await? {
                     Some(item) => return Ok(item),
                     None => {
-                        let at = reader.consistent_point();
+                        let (at, tables, added) = (reader.consistent_point(), reader.tables().to_vec(), *added);
                         self.client.batch_execute("COMMIT").await?;
-                        self.repl.start_replication(&self.config.slot, at, &self.config.publication).await?;
                         self.phase = Phase::Streaming;
+                        if added {
+                            self.repl.start_replication(&self.config.slot, Lsn(0), &self.config.publication).await?;
+                            info!(%at, "snapshot of added tables complete, streaming resumed");
+                            return Ok(Some(Captured::TablesSnapshotted { at: Position::Postgres(at), tables }));
+                        }
+                        self.repl.start_replication(&self.config.slot, at, &self.config.publication).await?;
                         self.released.release(at);
                         self.last_commit_seen = self.last_commit_seen.max(at);
                         info!(%at, "snapshot complete, streaming started");
-                        return Ok(Some(Captured::SnapshotDone { at: Position::Postgres(at) }));
+                        return Ok(Some(Captured::SnapshotDone { at: Position::Postgres(at), tables }));
                     }
                 }
             }
@@ -334,7 +366,10 @@ impl PostgresSource {
         };
         let order = txn.next_order;
         txn.next_order += 1;
-        if txn.skip_all || order < txn.skip_first {
+        // A table snapshotted after the initial snapshot: its changes from transactions that
+        // committed before that snapshot are in it already.
+        let in_snapshot = self.snapshotted_at.get(&table.table).is_some_and(|&at| txn.final_lsn < at);
+        if txn.skip_all || order < txn.skip_first || in_snapshot {
             return;
         }
         let change = ChangeEvent {
@@ -371,6 +406,23 @@ impl crate::source::Source for PostgresSource {
             self.released.release(lsn);
         }
     }
+}
+
+/// The consistent point and snapshot name of a `CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT` answer.
+fn exported_snapshot(rows: &[Vec<Option<String>>]) -> Result<(Lsn, String), SourceError> {
+    let row = rows.first().ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let field = |i: usize| {
+        row.get(i).cloned().flatten().ok_or_else(|| SourceError::Protocol("short CREATE_REPLICATION_SLOT row".into()))
+    };
+    let consistent_point: Lsn = field(1)?.parse().map_err(SourceError::Protocol)?;
+    Ok((consistent_point, field(2)?))
+}
+
+/// Opens the query connection's read-only transaction on an exported snapshot.
+async fn begin_snapshot(client: &Client, snapshot_name: &str) -> Result<(), SourceError> {
+    client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    client.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot_name.replace('\'', "''"))).await?;
+    Ok(())
 }
 
 fn tuple_row(schema: &TableSchema, values: Vec<TupleValue>) -> Result<Row, SourceError> {

@@ -36,6 +36,7 @@ struct TableCopy {
 
 /// Reads the snapshot table by table, one row per call.
 pub struct SnapshotReader {
+    all: Vec<TableId>,
     tables: VecDeque<TableId>,
     current: Option<TableCopy>,
     consistent_point: Lsn,
@@ -50,6 +51,7 @@ impl SnapshotReader {
     pub fn new(tables: Vec<TableId>, consistent_point: Lsn) -> Self {
         let started_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
         Self {
+            all: tables.clone(),
             tables: tables.into(),
             current: None,
             consistent_point,
@@ -57,6 +59,11 @@ impl SnapshotReader {
             started_us,
             last_progress: Instant::now(),
         }
+    }
+
+    /// The tables this snapshot reads.
+    pub fn tables(&self) -> &[TableId] {
+        &self.all
     }
 
     /// Where streaming continues after the snapshot.

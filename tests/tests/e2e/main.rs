@@ -1,5 +1,6 @@
 //! End-to-end and fault scenarios against real Postgres clusters and real dongbo processes.
 
+mod added_table;
 mod agent_check;
 mod agent_faults;
 mod audit_tamper;
