@@ -2,7 +2,8 @@
 # Installs what dongbo's demo, tests and benchmarks need on a Debian/Ubuntu machine, and nothing that
 # is already there: PostgreSQL server binaries (the harness makes throw-away clusters with initdb), the
 # `postgres` OS user (initdb refuses to run as root), pg_recvlogical (the capture benchmark's floor),
-# OpenSSL headers and pkg-config (the bundled librdkafka is built with TLS and SASL/SCRAM).
+# OpenSSL headers and pkg-config (the bundled librdkafka is built with TLS and SASL/SCRAM),
+# MariaDB server and client (the harness makes throw-away servers for the MySQL/MariaDB source).
 # tansu, the Kafka-API broker of the Kafka tests (with --kafka-broker).
 # Rust itself must already be installed (https://rustup.rs).
 set -euo pipefail
@@ -24,6 +25,14 @@ if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists openssl; the
   echo "== installing OpenSSL headers and pkg-config, for librdkafka's TLS (apt-get)"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
+
+if ! command -v mariadb-install-db >/dev/null 2>&1 || ! command -v mariadbd >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing MariaDB server and client (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mariadb-server mariadb-client >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -66,6 +66,11 @@ impl<'a> Capture<'a> {
                 let source = PostgresSource::start(pg.clone(), resume.clone()).await?;
                 self.capture(source, resume, shutdown).await
             }
+            SourceConfig::MySql(_) => Err(CaptureError::Source(SourceError::Prerequisite(
+                "capture from MySQL/MariaDB is not in this agent yet: `dongbo-agent check` checks such a \
+                 server already; run a Postgres source, or wait for the release that captures the binlog"
+                    .into(),
+            ))),
         }
     }
 

@@ -7,8 +7,16 @@ use crate::ship;
 
 /// Checks the source database, the spool directory and the link (hub or Kafka); never changes anything.
 pub async fn run(config: &AgentConfig) -> CheckReport {
+    let mut report = match &config.source {
+        SourceConfig::Postgres(pg) => postgres(pg).await,
+        SourceConfig::MySql(my) => dongbo_connectors::mysql::check::run(my).await,
+    };
+    link(config, &mut report).await;
+    report
+}
+
+async fn postgres(pg: &dongbo_connectors::postgres::PostgresConfig) -> CheckReport {
     let mut report = CheckReport::default();
-    let SourceConfig::Postgres(pg) = &config.source;
     match pg.connect_query().await {
         Ok(client) => {
             report.push(CheckItem {
@@ -30,6 +38,11 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
             }),
         }),
     }
+    report
+}
+
+/// The spool directory, and the link to the hub or the Kafka brokers.
+async fn link(config: &AgentConfig, report: &mut CheckReport) {
     let spool_dir = &config.spool.path;
     let parent = spool_dir.parent().unwrap_or(spool_dir);
     let writable = std::fs::create_dir_all(spool_dir).is_ok()
@@ -41,7 +54,7 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
     if let Some(hub) = &config.hub {
         for (what, file) in [("agent certificate", &hub.cert_file), ("hub CA", &hub.ca_file)] {
             let Some(path) = file else { continue };
-            certificate(&mut report, what, path);
+            certificate(report, what, path);
         }
         let token = hub.resolve_token().unwrap_or_default();
         match ship::open_stream(&config.source_id, hub, &token).await {
@@ -59,7 +72,6 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
             Err(e) => report.push(CheckItem { what, problem: Some(e.to_string()) }),
         }
     }
-    report
 }
 
 /// Opens the replication connection as `run` will (pg_hba.conf, TLS, the REPLICATION attribute and

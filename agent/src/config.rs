@@ -30,6 +30,9 @@ pub struct AgentConfig {
 pub enum SourceConfig {
     /// PostgreSQL logical replication.
     Postgres(PostgresConfig),
+    /// MySQL/MariaDB binlog (`check` only, for now).
+    #[serde(rename = "mysql")]
+    MySql(dongbo_connectors::mysql::MySqlConfig),
 }
 
 /// The spool on local disk.
@@ -254,6 +257,7 @@ impl Validate for AgentConfig {
         }
         match &self.source {
             SourceConfig::Postgres(pg) => p.extend(pg.validate()),
+            SourceConfig::MySql(my) => p.extend(my.validate()),
         }
         if self.spool.batch_max_changes == 0 {
             p.push("spool.batch_max_changes must be at least 1".into());

@@ -21,6 +21,7 @@ pub mod error;
 pub mod fault;
 pub mod kafka;
 pub mod model;
+pub mod mysql;
 pub mod postgres;
 pub mod segments;
 pub mod source;

@@ -6,6 +6,7 @@ pub mod citizens;
 pub mod fanout;
 pub mod hostile;
 pub mod kafka;
+pub mod mariadb;
 pub mod pg;
 pub mod procs;
 pub mod tls;

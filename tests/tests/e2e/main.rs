@@ -15,6 +15,7 @@ mod kafka;
 mod keyless;
 mod mixed_workload;
 mod mutual_tls;
+mod mysql_check;
 mod postgres_tls;
 mod schema_drift;
 mod snapshot_and_stream;
