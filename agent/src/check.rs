@@ -1,6 +1,6 @@
 //! `dongbo-agent check`: what is wrong, in plain words, before anything runs.
 
-use dongbo_connectors::postgres::check::{CheckItem, CheckReport};
+use dongbo_connectors::check::{CheckItem, CheckReport};
 
 use crate::config::{AgentConfig, SourceConfig};
 use crate::ship;

@@ -16,6 +16,7 @@
 //! - [`segments`] — append-only payload files, the durable storage under the agent's spool and the
 //!   hub's fan-out log.
 
+pub mod check;
 pub mod config_file;
 pub mod error;
 pub mod fault;

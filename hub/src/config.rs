@@ -380,7 +380,7 @@ pub struct NdcConfig {
     /// TLS to the NDC (`[ndc.tls]`): `mode` (`disable`, `require`, `verify-ca`, `verify-full`;
     /// `verify-full` by default unless the NDC is on this machine), `ca_file`, `cert_file`, `key_file`.
     #[serde(default)]
-    pub tls: dongbo_connectors::postgres::tls::PgTlsConfig,
+    pub tls: dongbo_connectors::tls::DbTlsConfig,
 }
 
 fn default_port() -> u16 {

@@ -9,18 +9,10 @@ use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 
 use super::config::MySqlConfig;
-use crate::postgres::check::{CheckItem, CheckReport};
+use crate::check::CheckReport;
 
 /// Warn when the server keeps its binlogs for less than this: a link down longer loses changes.
 const RETENTION_WARNING_HOURS: u64 = 72;
-
-fn ok(r: &mut CheckReport, what: impl Into<String>) {
-    r.push(CheckItem { what: what.into(), problem: None });
-}
-
-fn problem(r: &mut CheckReport, what: impl Into<String>, why: impl Into<String>) {
-    r.push(CheckItem { what: what.into(), problem: Some(why.into()) });
-}
 
 /// A backquoted identifier.
 fn quote(name: &str) -> String {
@@ -34,24 +26,24 @@ pub async fn run(config: &MySqlConfig) -> CheckReport {
     let opts = match config.opts() {
         Ok(o) => o,
         Err(e) => {
-            problem(&mut r, server, e);
+            r.problem(server, e);
             return r;
         }
     };
     let mut conn = match mysql_async::Conn::new(opts.clone()).await {
         Ok(c) => c,
         Err(e) => {
-            problem(&mut r, server, format!("cannot connect: {e}; check host, port, user, password and TLS"));
+            r.problem(server, format!("cannot connect: {e}; check host, port, user, password and TLS"));
             return r;
         }
     };
     if let Err(e) = settings(&mut conn, config, &mut r, &server).await {
-        problem(&mut r, "server settings", e.to_string());
+        r.problem("server settings", e.to_string());
     }
     binlog_access(&mut conn, opts, config, &mut r).await;
     for table in config.table_ids() {
         if let Err(e) = one_table(&mut conn, &table, &mut r).await {
-            problem(&mut r, format!("table {table}"), e.to_string());
+            r.problem(format!("table {table}"), e.to_string());
         }
     }
     let _ = conn.disconnect().await;
@@ -68,23 +60,22 @@ async fn settings(
         .query_first("SELECT @@version, @@log_bin, @@binlog_format, @@binlog_row_image, @@server_id")
         .await?
         .unwrap_or_default();
-    ok(r, format!("{server} reachable ({version})"));
+    r.ok(format!("{server} reachable ({version})"));
     if log_bin == 1 {
-        ok(r, "log_bin is on");
+        r.ok("log_bin is on");
     } else {
-        problem(r, "log_bin", "is off: set log_bin (and server_id) in the server's configuration and restart it");
+        r.problem("log_bin", "is off: set log_bin (and server_id) in the server's configuration and restart it");
     }
     if format.eq_ignore_ascii_case("ROW") {
-        ok(r, "binlog_format is ROW");
+        r.ok("binlog_format is ROW");
     } else {
-        problem(
-            r,
+        r.problem(
             "binlog_format",
             format!("is {format}; run SET GLOBAL binlog_format = 'ROW' and set binlog_format = ROW in the server's configuration"),
         );
     }
     if image.eq_ignore_ascii_case("FULL") {
-        ok(r, "binlog_row_image is FULL");
+        r.ok("binlog_row_image is FULL");
     } else {
         r.warn(
             "binlog_row_image",
@@ -95,22 +86,22 @@ async fn settings(
         );
     }
     if server_id == 0 {
-        problem(r, "server_id", "is 0, which disables replication: set server_id in the server's configuration");
+        r.problem("server_id", "is 0, which disables replication: set server_id in the server's configuration");
     } else if server_id == config.replica_server_id {
-        problem(r, "server_id", format!("equals source.replica_server_id ({server_id}): give the agent another id"));
+        r.problem("server_id", format!("equals source.replica_server_id ({server_id}): give the agent another id"));
     } else {
-        ok(r, format!("server_id is {server_id}, the agent replicates as {}", config.replica_server_id));
+        r.ok(format!("server_id is {server_id}, the agent replicates as {}", config.replica_server_id));
     }
     let gtid: Option<String> = conn.query_first("SELECT @@gtid_current_pos").await.ok().flatten();
     if let Some(g) = gtid {
-        ok(r, format!("MariaDB GTID position {}", if g.is_empty() { "(none yet)" } else { &g }));
+        r.ok(format!("MariaDB GTID position {}", if g.is_empty() { "(none yet)" } else { &g }));
     }
     let expire: Option<u64> = match conn.query_first::<u64, _>("SELECT @@binlog_expire_logs_seconds").await {
         Ok(v) => v,
         Err(_) => conn.query_first::<f64, _>("SELECT @@expire_logs_days").await?.map(|d| (d * 86_400.0) as u64),
     };
     match expire.unwrap_or(0) {
-        0 => ok(r, "binlogs are kept until purged by hand"),
+        0 => r.ok("binlogs are kept until purged by hand"),
         s if s / 3600 < RETENTION_WARNING_HOURS => r.warn(
             "binlog retention",
             format!(
@@ -119,7 +110,7 @@ async fn settings(
                 s / 3600
             ),
         ),
-        s => ok(r, format!("binlogs are kept {} hours", s / 3600)),
+        s => r.ok(format!("binlogs are kept {} hours", s / 3600)),
     }
     Ok(())
 }
@@ -135,12 +126,11 @@ async fn binlog_access(
     let (file, pos) = match status {
         Ok(Some(row)) => match (row.get::<String, usize>(0), row.get::<u64, usize>(1)) {
             (Some(f), Some(p)) => (f, p),
-            _ => return problem(r, "binlog position", "SHOW MASTER STATUS returned no file and position"),
+            _ => return r.problem("binlog position", "SHOW MASTER STATUS returned no file and position"),
         },
-        Ok(None) => return problem(r, "binlog position", "SHOW MASTER STATUS is empty: is log_bin on?"),
+        Ok(None) => return r.problem("binlog position", "SHOW MASTER STATUS is empty: is log_bin on?"),
         Err(e) => {
-            return problem(
-                r,
+            return r.problem(
                 "binlog position",
                 format!(
                     "{e}; as an administrator run GRANT BINLOG MONITOR ON *.* TO '{}' (MariaDB 10.5 and later) or \
@@ -163,9 +153,8 @@ async fn binlog_access(
         Ok::<_, mysql_async::Error>(())
     };
     match stream.await {
-        Ok(()) => ok(r, format!("role {} may read the binlog (from {file}:{pos})", config.user)),
-        Err(e) => problem(
-            r,
+        Ok(()) => r.ok(format!("role {} may read the binlog (from {file}:{pos})", config.user)),
+        Err(e) => r.problem(
             format!("role {}", config.user),
             format!(
                 "cannot read the binlog ({e}); as an administrator run GRANT REPLICATION SLAVE ON *.* TO '{}'",
@@ -188,13 +177,12 @@ async fn one_table(
         )
         .await?;
     if exists.unwrap_or(0) == 0 {
-        problem(r, what, "does not exist (or the role may not see it); fix source.tables or GRANT SELECT on it");
+        r.problem(what, "does not exist (or the role may not see it); fix source.tables or GRANT SELECT on it");
         return Ok(());
     }
     let read = conn.query_drop(format!("SELECT 1 FROM {}.{} LIMIT 0", quote(&table.schema), quote(&table.name))).await;
     if let Err(e) = read {
-        problem(
-            r,
+        r.problem(
             what,
             format!(
                 "cannot be read ({e}); GRANT SELECT ON {}.{} TO the agent's role",
@@ -212,9 +200,9 @@ async fn one_table(
         )
         .await?;
     if keys.unwrap_or(0) > 0 {
-        ok(r, format!("{what} has a primary key and is readable"));
+        r.ok(format!("{what} has a primary key and is readable"));
     } else {
-        ok(r, format!("{what} has no primary key: kept as a multiset (needs binlog_row_image = FULL); it is readable"));
+        r.ok(format!("{what} has no primary key: kept as a multiset (needs binlog_row_image = FULL); it is readable"));
     }
     Ok(())
 }

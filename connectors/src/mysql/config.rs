@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::model::TableId;
-use crate::postgres::tls::{PgTlsConfig, SslMode};
+use crate::tls::{DbTlsConfig, SslMode};
 
 /// How to reach a MySQL/MariaDB server and what to capture from it.
 #[derive(Clone, Deserialize)]
@@ -33,7 +33,7 @@ pub struct MySqlConfig {
     pub replica_server_id: u32,
     /// TLS to the server (`[source.tls]`), as for Postgres: `verify-full` unless on this machine.
     #[serde(default)]
-    pub tls: PgTlsConfig,
+    pub tls: DbTlsConfig,
 }
 
 fn default_port() -> u16 {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::tls::PgTlsConfig;
 use crate::model::TableId;
+use crate::tls::DbTlsConfig;
 
 /// How to reach a Postgres source and what to capture from it.
 #[derive(Clone, Deserialize)]
@@ -43,7 +43,7 @@ pub struct PostgresConfig {
     pub feedback_interval_ms: u64,
     /// TLS to the server (`[source.tls]`), for the query and the replication connection alike.
     #[serde(default)]
-    pub tls: PgTlsConfig,
+    pub tls: DbTlsConfig,
 }
 
 fn default_port() -> u16 {

@@ -7,7 +7,8 @@
 
 use tokio_postgres::config::SslMode;
 
-use super::tls::{HandshakeError, PgTlsConfig};
+use super::tls::HandshakeError;
+use crate::tls::DbTlsConfig;
 
 /// Session settings of every connection: ISO dates, UTC, ISO 8601 intervals.
 pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601";
@@ -28,7 +29,7 @@ pub struct Target<'a> {
     /// `application_name`, as `pg_stat_activity` shows it.
     pub application: &'a str,
     /// TLS to the server.
-    pub tls: &'a PgTlsConfig,
+    pub tls: &'a DbTlsConfig,
 }
 
 /// Connecting failed.
@@ -117,7 +118,7 @@ mod tests {
 
     #[test]
     fn every_query_connection_gets_the_session_settings_the_parsers_expect() {
-        let tls = PgTlsConfig::default();
+        let tls = DbTlsConfig::default();
         let t = Target {
             host: "h",
             port: 5433,

@@ -1,5 +1,6 @@
 //! TLS to PostgreSQL servers, for every dongbo connection to one: the agent's query and replication
-//! connections and the hub's NDC connections. The modes are libpq's, so a DBA reads them at once.
+//! connections and the hub's NDC connections, with the settings of [`crate::tls::DbTlsConfig`]
+//! (libpq's modes, so a DBA reads them at once).
 //!
 //! Contract:
 //! - `mode` defaults to `verify-full`, except for a Unix socket or a loopback address, where it
@@ -32,96 +33,11 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
-use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// How much TLS a connection to Postgres insists on (libpq's `sslmode`, without `allow`/`prefer`,
-/// which fall back to clear text).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    /// Clear text.
-    Disable,
-    /// Encrypted; the certificate is checked only if `ca_file` is set.
-    Require,
-    /// Encrypted; the certificate must chain to `ca_file`.
-    VerifyCa,
-    /// Encrypted; the certificate must chain to `ca_file` and name the host.
-    VerifyFull,
-}
+pub use crate::tls::{is_local, DbTlsConfig, SslMode};
 
-impl SslMode {
-    /// The name as written in the config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-/// The `tls` table of a Postgres connection's config (`[source.tls]`, `[ndc.tls]`). Paths only, no
-/// secrets: it may be printed.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PgTlsConfig {
-    /// `disable`, `require`, `verify-ca` or `verify-full`; see the module docs for the default.
-    #[serde(default)]
-    pub mode: Option<SslMode>,
-    /// PEM file of the CA certificate(s) the server's certificate must chain to.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate, for servers that authenticate by certificate.
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    /// Its PEM private key.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-}
-
-/// Whether `host` is a Unix socket directory or a loopback address: traffic that stays on the machine.
-pub fn is_local(host: &str) -> bool {
-    host.starts_with('/')
-        || host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
-}
-
-impl PgTlsConfig {
-    /// The mode in force for `host`: the configured one, or the default of the module docs.
-    pub fn mode_for(&self, host: &str) -> SslMode {
-        if host.starts_with('/') {
-            return SslMode::Disable;
-        }
-        self.mode.unwrap_or(if is_local(host) { SslMode::Disable } else { SslMode::VerifyFull })
-    }
-
-    /// Every problem with these settings for `host`, without I/O; `section` names the table in
-    /// messages (`source.tls`, `ndc.tls`).
-    pub fn validate(&self, host: &str, section: &str) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mode = self.mode_for(host);
-        if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && self.ca_file.is_none() {
-            let why = if self.mode.is_none() { " (the default for a host that is not on this machine)" } else { "" };
-            problems.push(format!(
-                "{section}.mode is {}{why} and needs {section}.ca_file, the CA that signed the server's certificate; \
-                 set mode = \"require\" to encrypt without checking, or \"disable\" only where the link cannot be overheard",
-                mode.as_str()
-            ));
-        }
-        if self.cert_file.is_some() != self.key_file.is_some() {
-            problems.push(format!("set both {section}.cert_file and {section}.key_file, or neither"));
-        }
-        if host.starts_with('/') && self.mode.is_some_and(|m| m != SslMode::Disable) {
-            problems.push(format!(
-                "{section}.mode is {} but the host is a Unix socket, where Postgres never speaks TLS",
-                self.mode.map_or("", SslMode::as_str)
-            ));
-        }
-        problems
-    }
-
+impl DbTlsConfig {
     /// The TLS client for a connection to `host`, reading the files now; `None` for clear text.
     pub fn connector(&self, host: &str) -> Result<Option<PgTls>, TlsSetupError> {
         let mode = self.mode_for(host);
@@ -408,43 +324,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_is_verify_full_off_the_machine_and_clear_text_on_it() {
-        let none = PgTlsConfig::default();
-        assert_eq!(none.mode_for("10.1.2.3"), SslMode::VerifyFull);
-        assert_eq!(none.mode_for("db.hcm.gov.vn"), SslMode::VerifyFull);
-        for local in ["127.0.0.1", "::1", "localhost", "/var/run/postgresql"] {
-            assert_eq!(none.mode_for(local), SslMode::Disable, "{local}");
-        }
-        let required = PgTlsConfig { mode: Some(SslMode::Require), ..Default::default() };
-        assert_eq!(required.mode_for("127.0.0.1"), SslMode::Require);
-        assert_eq!(required.mode_for("/tmp"), SslMode::Disable);
-    }
-
-    #[test]
-    fn verifying_modes_without_a_ca_are_refused_with_what_to_set() {
-        let p = PgTlsConfig::default().validate("10.1.2.3", "source.tls");
-        assert_eq!(p.len(), 1);
-        assert!(p[0].contains("source.tls.ca_file") && p[0].contains("verify-full"), "{p:?}");
-        let ca = PgTlsConfig { mode: Some(SslMode::VerifyCa), ..Default::default() }.validate("127.0.0.1", "ndc.tls");
-        assert!(ca[0].contains("ndc.tls.ca_file"), "{ca:?}");
-        let half = PgTlsConfig { mode: Some(SslMode::Require), cert_file: Some("c.pem".into()), ..Default::default() };
-        assert_eq!(half.validate("10.1.2.3", "ndc.tls").len(), 1);
-        assert!(PgTlsConfig { mode: Some(SslMode::Require), ..Default::default() }.validate("/tmp", "x")[0]
-            .contains("Unix socket"));
-        assert!(PgTlsConfig::default().validate("127.0.0.1", "x").is_empty());
-    }
-
-    #[test]
     fn a_missing_or_empty_ca_file_is_a_setup_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
-        let c = PgTlsConfig { mode: Some(SslMode::VerifyFull), ca_file: Some(empty.clone()), ..Default::default() };
+        let c = DbTlsConfig { mode: Some(SslMode::VerifyFull), ca_file: Some(empty.clone()), ..Default::default() };
         let e = c.connector("db").err().unwrap();
         assert!(e.0.contains("empty.pem"), "{e}");
-        let c = PgTlsConfig { ca_file: Some(dir.path().join("missing.pem")), ..c };
+        let c = DbTlsConfig { ca_file: Some(dir.path().join("missing.pem")), ..c };
         assert!(c.connector("db").err().unwrap().0.contains("missing.pem"));
-        let plain = PgTlsConfig { mode: Some(SslMode::Disable), ..Default::default() };
+        let plain = DbTlsConfig { mode: Some(SslMode::Disable), ..Default::default() };
         assert!(plain.connector("db").unwrap().is_none());
     }
 }
