@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::capture::{Capture, CaptureError};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, SourceConfig};
 use crate::spool::{Spool, SpoolError};
 
 /// The agent stopped on an error it cannot retry.
@@ -49,6 +49,40 @@ pub enum AgentError {
     /// The shipper ended while capture was running: nothing would leave the spool any more.
     #[error("the shipper stopped ({0}); the agent stops too so that systemd restarts it")]
     ShipperStopped(String),
+}
+
+/// Marks `tables` of a stopped agent for a new snapshot at its next start, while the stream goes
+/// on from where it is (the table's NDC copy is replaced by the snapshot, then follows the stream).
+/// For a table that drifted in the NDC, or whose rows were quarantined and since repaired.
+pub async fn resnapshot(config: &AgentConfig, tables: &[String]) -> Result<Vec<String>, ResnapshotError> {
+    let configured = match &config.source {
+        SourceConfig::Postgres(pg) => pg.table_ids(),
+        SourceConfig::MySql(my) => my.table_ids(),
+    };
+    let mut wanted = Vec::new();
+    for t in tables {
+        let id = dongbo_connectors::model::TableId::parse(t)
+            .filter(|id| configured.contains(id))
+            .ok_or_else(|| ResnapshotError::NotCaptured(t.clone()))?;
+        wanted.push(id);
+    }
+    let spool = Spool::open(&config.spool.path, config.spool.max_bytes).map_err(ResnapshotError::SpoolBusy)?;
+    spool.forget_snapshots(&wanted, &configured).await.map_err(ResnapshotError::Spool)?;
+    Ok(wanted.iter().map(ToString::to_string).collect())
+}
+
+/// Why a re-snapshot could not be asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum ResnapshotError {
+    /// The table is not in `source.tables`.
+    #[error("{0} is not in source.tables: add it there instead (an added table is snapshotted at the next start)")]
+    NotCaptured(String),
+    /// The spool could not be opened: usually because the agent runs and holds it.
+    #[error("cannot open the spool ({0}): stop the agent first (systemctl stop dongbo-agent), then ask again")]
+    SpoolBusy(SpoolError),
+    /// Writing the spool failed.
+    #[error(transparent)]
+    Spool(SpoolError),
 }
 
 /// Runs capture and shipping until `shutdown` turns true or capture meets a definite error.

@@ -26,6 +26,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Snapshot TABLE again at the next start, the stream going on meanwhile (the agent must be
+    /// stopped): for a table whose NDC copy drifted.
+    Resnapshot {
+        /// Path to agent.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Tables, as in source.tables.
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
     /// Check the source database, spool and hub link, and say what is wrong.
     Check {
         /// Path to agent.toml.
@@ -57,6 +67,12 @@ async fn main() -> anyhow::Result<()> {
                 let _ = tx.send(true);
             });
             dongbo_agent::run(config, rx).await.context("dongbo-agent stopped")?;
+            Ok(())
+        }
+        Command::Resnapshot { config, tables } => {
+            let config = dongbo_agent::config::AgentConfig::load(&config)?;
+            let marked = dongbo_agent::resnapshot(&config, &tables).await?;
+            println!("{} will be snapshotted again when the agent starts", marked.join(", "));
             Ok(())
         }
         Command::Check { config } => {

@@ -224,6 +224,23 @@ impl Spool {
         }
     }
 
+    /// Takes `tables` off the snapshotted tables of the resume point, so the source snapshots
+    /// them again at its next start (as tables added to the config); `configured` stands for the
+    /// list in a spool that never recorded one. Before the initial snapshot is spooled nothing is
+    /// needed: it reads every table. Written atomically like any resume point.
+    pub async fn forget_snapshots(&self, tables: &[TableId], configured: &[TableId]) -> Result<(), SpoolError> {
+        let mut resume = self.resume_point()?;
+        if !resume.snapshot_done {
+            return Ok(());
+        }
+        let known = resume.snapshotted.take().unwrap_or_else(|| {
+            configured.iter().map(|t| SnapshottedTable { table: t.clone(), taken_at: None }).collect()
+        });
+        resume.snapshotted = Some(known.into_iter().filter(|s| !tables.contains(&s.table)).collect());
+        let next = self.next_seq()?;
+        self.append(None, &resume, next).await
+    }
+
     /// The seq the next captured change gets.
     pub fn next_seq(&self) -> Result<u64, SpoolError> {
         let v = self.db.get(KEY_NEXT_SEQ)?.ok_or(SpoolError::Corrupt("next seq"))?;

@@ -179,7 +179,7 @@ impl PostgresSource {
                 for t in &added {
                     snapshotted_at.insert(t.clone(), at);
                 }
-                info!(tables = ?added.iter().map(ToString::to_string).collect::<Vec<_>>(), %at, "snapshot of tables added to source.tables started");
+                info!(tables = ?added.iter().map(ToString::to_string).collect::<Vec<_>>(), %at, "snapshot of tables added to source.tables or marked by resnapshot started");
                 Phase::Snapshot { reader: SnapshotReader::new(added, at), added: true }
             }
         } else {

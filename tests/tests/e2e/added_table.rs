@@ -60,7 +60,7 @@ async fn a_table_added_to_a_streaming_agent_is_snapshotted_with_no_gap_even_afte
         anyhow::Ok(())
     });
     d.start_agent()?;
-    wait_agent_log(&d, "snapshot of tables added to source.tables started", Duration::from_secs(30)).await?;
+    wait_agent_log(&d, "snapshot of tables added to source.tables", Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mid = !d.agent.as_ref().expect("agent").log_text().contains("snapshot of added tables complete");
     eprintln!("killed {} the snapshot of the added table", if mid { "during" } else { "after" });
@@ -76,5 +76,50 @@ async fn a_table_added_to_a_streaming_agent_is_snapshotted_with_no_gap_even_afte
     d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
     let (_, _, quarantined) = d.applied().await?;
     assert_eq!(quarantined, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resnapshot_repairs_a_drifted_ndc_table_while_the_stream_goes_on() -> anyhow::Result<()> {
+    use std::process::Command;
+    let mut d = Deployment::new("resnapshot", CITIZENS_DDL, &["public.citizens"]).await?;
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(93);
+    insert_citizens(&src, &mut gen, 300).await?;
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    // Someone edits the NDC copy by hand.
+    let ndc = d.ndc().await?;
+    let schema = d.ndc_schema();
+    ndc.batch_execute(&format!(
+        "DELETE FROM {schema}.citizens WHERE citizen_id IN (SELECT citizen_id FROM {schema}.citizens ORDER BY citizen_id LIMIT 40);
+         UPDATE {schema}.citizens SET full_name = 'sửa tay' WHERE citizen_id IN (SELECT citizen_id FROM {schema}.citizens ORDER BY citizen_id DESC LIMIT 10);"
+    ))
+    .await?;
+    let config = d.dir.join("agent.toml");
+    let resnapshot = |tables: &[&str]| -> anyhow::Result<(bool, String)> {
+        let out = Command::new(dongbo_tests::procs::binary("dongbo-agent")?)
+            .args(["resnapshot", "--config"])
+            .arg(&config)
+            .args(tables)
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        ))
+    };
+    let (ok, text) = resnapshot(&["public.citizens"])?;
+    assert!(!ok && text.contains("stop the agent first"), "while the agent runs: {text}");
+    d.agent.as_mut().expect("agent").stop();
+    let (ok, text) = resnapshot(&["public.nowhere"])?;
+    assert!(!ok && text.contains("is not in source.tables"), "{text}");
+    let (ok, text) = resnapshot(&["public.citizens"])?;
+    assert!(ok && text.contains("public.citizens will be snapshotted again"), "{text}");
+    insert_citizens(&src, &mut gen, 50).await?;
+    d.start_agent()?;
+    wait_agent_log(&d, "snapshot of added tables complete", Duration::from_secs(60)).await?;
+    insert_citizens(&src, &mut gen, 50).await?;
+    assert_eq!(d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?, 400);
     Ok(())
 }
