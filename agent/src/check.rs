@@ -24,7 +24,10 @@ async fn postgres(pg: &dongbo_connectors::postgres::PostgresConfig) -> CheckRepo
                 problem: None,
             });
             match dongbo_connectors::postgres::check::run(&client, pg).await {
-                Ok(r) => r.items.into_iter().for_each(|i| report.push(i)),
+                Ok(r) => {
+                    r.items.into_iter().for_each(|i| report.push(i));
+                    r.warnings.into_iter().for_each(|(what, why)| report.warn(what, why));
+                }
                 Err(e) => report.push(CheckItem { what: "source checks".into(), problem: Some(e.to_string()) }),
             }
             replication(&mut report, pg).await;

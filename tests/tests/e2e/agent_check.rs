@@ -37,6 +37,20 @@ async fn check_reports_a_table_without_primary_key_a_missing_table_and_an_unreac
         text.contains(&format!("ok       replication connection to 127.0.0.1:{}/province accepted", d.pg.port)),
         "{text}"
     );
+    assert!(!text.contains("WARNING"), "{text}");
+
+    // With every slot but one taken, the agent's own fits but a later added table's would not.
+    let admin = d.pg.connect("province").await?;
+    admin
+        .batch_execute(
+            "SELECT pg_create_logical_replication_slot('taken_' || g, 'pgoutput') FROM generate_series(1, \
+             current_setting('max_replication_slots')::int - 1 - (SELECT count(*) FROM pg_replication_slots)::int) g",
+        )
+        .await?;
+    let out = Command::new(binary("dongbo-agent")?).args(["check", "--config"]).arg(&config).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "a warning does not fail check:\n{text}");
+    assert!(text.contains("WARNING  replication slots: none left beside this agent's"), "{text}");
     Ok(())
 }
 
