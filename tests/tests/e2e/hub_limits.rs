@@ -1,7 +1,8 @@
 //! The hub bounded under hostile or broken peers, and stopped cleanly: a second agent's token (the
 //! attacker's) sends a 10 M-change batch, floods declared lengths, opens 100 streams, and 2 000
 //! silent connections arrive; the hub stays up, its memory stays bounded, it holds one NDC connection
-//! for the attacker, and the real agent keeps flowing. SIGTERM with an agent and a subscriber
+//! for the attacker, and the real agent keeps flowing. A zstd bomb (1 GiB of zeros in a few KB) is
+//! cut at the message limit while decompressing, the hub's peak memory barely moving. SIGTERM with an agent and a subscriber
 //! connected ends the hub within 10 s, and the restart loses and repeats nothing.
 
 use std::time::{Duration, Instant};
@@ -107,6 +108,62 @@ async fn attacker_stream(port: u16, then: Vec<AgentMessage>, wait: Duration) -> 
 async fn ndc_connections(d: &Deployment) -> anyhow::Result<i64> {
     let ndc = d.ndc().await?;
     Ok(ndc.query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dongbo-hub'", &[]).await?.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zstd_bomb_is_cut_at_the_message_limit_and_the_hub_stays_small() -> anyhow::Result<()> {
+    let mut d = Deployment::new("zstdbomb", CITIZENS_DDL, &["public.citizens"]).await?;
+    d.fanout_toml = "\n[limits]\nmax_message_bytes = 8388608\nstream_buffer_bytes = 16777216\n".into();
+    let agents = format!("{}\n[[agents]]\nid = \"attacker\"\ntoken = \"{ATTACKER_TOKEN}\"\n", d.default_agents_toml());
+    d.start_hub_with(&agents).await?;
+    let pid = d.hub.as_ref().and_then(|h| h.pid()).expect("hub running");
+    let baseline = dongbo_tests::procs::peak_rss_kib(pid).unwrap_or(0) / 1024;
+    // 1 GiB of zeros in a few kilobytes: the declared (compressed) length passes every size check.
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        std::io::Write::write_all(&mut encoder, &zeros)?;
+    }
+    let bomb = encoder.finish()?;
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", d.hub_port)).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(connection);
+    let mut client = client.ready().await?;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/dongbo.v1.Ingest/Stream", d.hub_port))
+        .header("content-type", "application/grpc")
+        .header("grpc-encoding", "zstd")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {ATTACKER_TOKEN}"))
+        .body(())?;
+    let (response, mut body) = client.send_request(request, false)?;
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(bomb.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&bomb);
+    body.send_data(bytes::Bytes::from(frame), true)?;
+    let response = tokio::time::timeout(Duration::from_secs(30), response).await??;
+    // A refusal before any message comes as a trailers-only response: grpc-status in the headers.
+    let in_headers = response.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("?").to_string());
+    let message = response.headers().get("grpc-message").map(|v| v.to_str().unwrap_or("?").to_string());
+    let mut stream = response.into_body();
+    let status = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(chunk) = stream.data().await {
+            chunk?;
+        }
+        anyhow::Ok(stream.trailers().await?)
+    })
+    .await??;
+    let grpc_status = in_headers
+        .or_else(|| status.as_ref().and_then(|t| t.get("grpc-status")).map(|v| v.to_str().unwrap_or("?").to_string()));
+    assert!(grpc_status.as_deref().is_some_and(|s| s != "0"), "the bomb was not refused: {status:?} {message:?}");
+    assert!(message.as_deref().is_some_and(|m| m.contains("exceeded")), "{message:?}");
+    let peak = dongbo_tests::procs::peak_rss_kib(pid).unwrap_or(0) / 1024;
+    eprintln!("hub peak RSS {baseline} -> {peak} MiB; grpc-status {grpc_status:?} {message:?} {status:?}");
+    assert!(peak < baseline + 64, "decompressing the bomb took the hub from {baseline} to {peak} MiB");
+    d.ensure_alive()?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
