@@ -1,7 +1,8 @@
 //! Auditing the auditor: someone holding the hub's own NDC role tampers with the audit log. A stray
 //! entry outside 1…head is reported, and a consistent rewrite (a citizen's entries deleted and the
 //! rest renumbered and re-chained, head included) is caught by the signed checkpoints kept outside
-//! the NDC; the citizen query then answers only from the verified part of the chain.
+//! the NDC, of which a witness run by another party holds identical copies; the citizen query then
+//! answers only from the verified part of the chain.
 
 use std::time::{Duration, Instant};
 
@@ -27,9 +28,28 @@ async fn a_consistent_audit_rewrite_with_the_hubs_ndc_role_is_detected() -> anyh
     let receiver = Receiver::default();
     let url = receiver.start().await?;
     let admin_port = pg::free_port();
+    // A witness run by another party keeps a copy of every checkpoint.
+    let witnessed: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let witness = {
+        let kept = witnessed.clone();
+        let app = axum::Router::new().route(
+            "/checkpoints",
+            axum::routing::post(move |axum::Json(cp): axum::Json<serde_json::Value>| {
+                let kept = kept.clone();
+                async move {
+                    kept.lock().expect("witness lock").push(cp);
+                    "kept"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://127.0.0.1:{port}/checkpoints")
+    };
     d.fanout_toml = declarations(admin_port)
         + &webhook_subscription("bhyt-residence", &url, &["citizen_id", "current.address"], 5)
-        + "\n[audit]\ncheckpoint_interval_s = 1\n";
+        + &format!("\n[audit]\ncheckpoint_interval_s = 1\nwitness_url = \"{witness}\"\n");
     d.start_hub().await?;
     d.start_agent()?;
     d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
@@ -58,6 +78,21 @@ async fn a_consistent_audit_rewrite_with_the_hubs_ndc_role_is_detected() -> anyh
     let (code, out) = verify_cli(&d)?;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("intact: 5 entries") && out.contains("anchored up to entry 5"), "{out}");
+    // The witness holds the same signed checkpoint of entry 5 as the hub's own store.
+    let local: serde_json::Value = std::fs::read_to_string(&checkpoints)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|cp| cp["last_id"] == 5)
+        .context("no local checkpoint of entry 5")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !witnessed.lock().expect("witness lock").iter().any(|cp| *cp == local) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the witness never got the checkpoint of entry 5: {:?}",
+            witnessed.lock()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A stray entry outside 1..=head (id −7) was invisible to the walk; now it is named.
     ndc.execute(
