@@ -85,7 +85,7 @@ async fn a_consistent_audit_rewrite_with_the_hubs_ndc_role_is_detected() -> anyh
         .find(|cp| cp["last_id"] == 5)
         .context("no local checkpoint of entry 5")?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !witnessed.lock().expect("witness lock").iter().any(|cp| *cp == local) {
+    while !witnessed.lock().expect("witness lock").contains(&local) {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the witness never got the checkpoint of entry 5: {:?}",
