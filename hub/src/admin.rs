@@ -14,6 +14,9 @@
 //! | POST | `/subscriptions/{id}/dead-letters/replay` | re-deliver them |
 //! | GET | `/audit/citizens/{citizen_id}` | who received this citizen's data, when, for what |
 //! | GET | `/audit/verify` | check the hash chain |
+//!
+//! The audit calls share one NDC connection, one call at a time: however many operators (or one
+//! operator's script) ask at once, the API holds one NDC session beside the hub's appliers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,6 +42,23 @@ struct AppState {
     auth: Arc<Authenticator>,
     ndc: NdcConfig,
     anchor: audit::Anchor,
+    /// The audit calls' NDC connection, made on first use and again after it breaks.
+    audit_ndc: Arc<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
+}
+
+impl AppState {
+    /// Runs `query` on the audit connection, waiting for the call before it to finish.
+    async fn with_audit_ndc<T, F>(&self, query: F) -> Result<T, String>
+    where
+        F: for<'c> FnOnce(&'c mut tokio_postgres::Client) -> futures::future::BoxFuture<'c, Result<T, String>>,
+    {
+        let mut slot = self.audit_ndc.lock().await;
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            *slot = Some(crate::apply::connect(&self.ndc).await.map_err(|e| e.to_string())?);
+        }
+        let client = slot.as_mut().ok_or("no NDC connection")?;
+        query(client).await
+    }
 }
 
 /// A JSON error answer.
@@ -137,8 +157,12 @@ async fn replay(State(s): State<AppState>, _: Changer, Path(id): Path<String>) -
 async fn citizen(State(s): State<AppState>, _: Reader, Path(citizen_id): Path<String>) -> Response {
     let result = async {
         let checkpoints = s.anchor.checkpoints().map_err(|e| e.to_string())?;
-        let mut client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
-        audit::citizen_deliveries(&mut client, &citizen_id, &checkpoints).await.map_err(|e| e.to_string())
+        s.with_audit_ndc(|client| {
+            Box::pin(async move {
+                audit::citizen_deliveries(client, &citizen_id, &checkpoints).await.map_err(|e| e.to_string())
+            })
+        })
+        .await
     }
     .await;
     match result {
@@ -174,8 +198,10 @@ pub fn citizen_report(fanout: &Fanout, rows: &[audit::Stored]) -> serde_json::Va
 async fn verify(State(s): State<AppState>, _: Reader) -> Response {
     let result = async {
         let checkpoints = s.anchor.checkpoints().map_err(|e| e.to_string())?;
-        let mut client = crate::apply::connect(&s.ndc).await.map_err(|e| e.to_string())?;
-        audit::verify(&mut client, &checkpoints).await.map_err(|e| e.to_string())
+        s.with_audit_ndc(|client| {
+            Box::pin(async move { audit::verify(client, &checkpoints).await.map_err(|e| e.to_string()) })
+        })
+        .await
     }
     .await;
     match result {
@@ -211,6 +237,6 @@ pub async fn serve(
         .route("/subscriptions/{id}/dead-letters/replay", post(replay))
         .route("/audit/citizens/{citizen_id}", get(citizen))
         .route("/audit/verify", get(verify))
-        .with_state(AppState { fanout, auth, ndc, anchor });
+        .with_state(AppState { fanout, auth, ndc, anchor, audit_ndc: Default::default() });
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
 }

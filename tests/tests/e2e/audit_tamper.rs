@@ -78,6 +78,26 @@ async fn a_consistent_audit_rewrite_with_the_hubs_ndc_role_is_detected() -> anyh
     let (code, out) = verify_cli(&d)?;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("intact: 5 entries") && out.contains("anchored up to entry 5"), "{out}");
+    // Many audit calls at once through the admin API share one NDC session.
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dongbo-hub'";
+    let admin_ndc = d.ndc().await?;
+    let before: i64 = admin_ndc.query_one(sessions, &[]).await?.get(0);
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let path = if i % 2 == 0 { "/audit/verify".to_string() } else { format!("/audit/citizens/{a}") };
+            tokio::spawn(async move { admin(admin_port, reqwest::Method::GET, &path, None).await })
+        })
+        .collect();
+    let mut most = before;
+    while calls.iter().any(|c| !c.is_finished()) {
+        most = most.max(admin_ndc.query_one(sessions, &[]).await?.get(0));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for c in calls {
+        let (status, body) = c.await??;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(most <= before + 1, "40 audit calls held {} NDC sessions beside the hub's {before}", most - before);
     // The witness holds the same signed checkpoint of entry 5 as the hub's own store.
     let local: serde_json::Value = std::fs::read_to_string(&checkpoints)?
         .lines()
