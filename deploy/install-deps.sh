@@ -2,7 +2,8 @@
 # Installs what dongbo's demo, tests and benchmarks need on a Debian/Ubuntu machine, and nothing that
 # is already there: PostgreSQL server binaries (the harness makes throw-away clusters with initdb), the
 # `postgres` OS user (initdb refuses to run as root), pg_recvlogical (the capture benchmark's floor),
-# OpenSSL headers and pkg-config (the bundled librdkafka is built with TLS and SASL/SCRAM),
+# OpenSSL headers and pkg-config (the bundled librdkafka is built with TLS and SASL/SCRAM) and the
+# openssl tool (the tests make a CSR with it, as the README's enrolment steps do),
 # MariaDB server and client (the harness makes throw-away servers for the MySQL/MariaDB source).
 # tansu, the Kafka-API broker of the Kafka tests (with --kafka-broker).
 # Rust itself must already be installed (https://rustup.rs).
@@ -19,12 +20,12 @@ if ! have_pg || ! id postgres >/dev/null 2>&1; then
 fi
 id postgres >/dev/null 2>&1 || { echo "no postgres user after installing postgresql" >&2; exit 1; }
 
-if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists openssl; then
+if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists openssl || ! command -v openssl >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  echo "== installing OpenSSL headers and pkg-config, for librdkafka's TLS (apt-get)"
+  echo "== installing OpenSSL headers, pkg-config (librdkafka's TLS) and the openssl tool (the CSR tests) (apt-get)"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libssl-dev pkg-config >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libssl-dev pkg-config openssl >/dev/null
 fi
 
 if ! command -v mariadb-install-db >/dev/null 2>&1 || ! command -v mariadbd >/dev/null 2>&1; then

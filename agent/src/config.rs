@@ -133,11 +133,8 @@ impl fmt::Debug for HubLinkConfig {
 impl HubLinkConfig {
     /// The token from `token` or `token_file`.
     pub fn resolve_token(&self) -> std::io::Result<String> {
-        match (&self.token, &self.token_file) {
-            (Some(t), _) => Ok(t.clone()),
-            (None, Some(p)) => dongbo_connectors::config_file::read_secret(p),
-            (None, None) => Ok(String::new()),
-        }
+        let token = dongbo_connectors::config_file::resolve_secret(self.token.as_deref(), self.token_file.as_deref())?;
+        Ok(token.unwrap_or_default())
     }
 }
 

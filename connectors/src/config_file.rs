@@ -11,6 +11,16 @@ pub fn read_secret(path: &Path) -> std::io::Result<String> {
     Ok(std::fs::read_to_string(path)?.lines().next().unwrap_or_default().to_string())
 }
 
+/// A secret a config gives in clear (`password`, `token`) or in a file (`password_file`,
+/// `token_file`): the clear one if set, else the file's first line, else `None`.
+pub fn resolve_secret(clear: Option<&str>, file: Option<&Path>) -> std::io::Result<Option<String>> {
+    match (clear, file) {
+        (Some(s), _) => Ok(Some(s.to_string())),
+        (None, Some(f)) => read_secret(f).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 /// A config that can check its own values.
 pub trait Validate {
     /// Every problem, in plain words; empty when the config is usable.

@@ -167,8 +167,9 @@ fn certificate_name(
             return Ok(id);
         }
         return Err(bad(format!(
-            "it has no URI SAN {prefix}<agent|subscriber>/<id>, and no peer's certificate_subject is {}",
-            cert.subject()
+            // Quoted and escaped: the subject is the peer's text, and it reaches logs and statuses.
+            "it has no URI SAN {prefix}<agent|subscriber>/<id>, and no peer's certificate_subject is {:?}",
+            cert.subject().to_string()
         )));
     };
     match rest.split_once('/') {

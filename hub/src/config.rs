@@ -404,11 +404,7 @@ impl fmt::Debug for NdcConfig {
 impl NdcConfig {
     /// The password from `password` or `password_file`.
     pub fn resolve_password(&self) -> std::io::Result<Option<String>> {
-        Ok(match (&self.password, &self.password_file) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(f)) => Some(dongbo_connectors::config_file::read_secret(f)?),
-            (None, None) => None,
-        })
+        dongbo_connectors::config_file::resolve_secret(self.password.as_deref(), self.password_file.as_deref())
     }
 
     /// Where and as whom the hub connects, with `password`.

@@ -59,30 +59,11 @@ enum CertsAction {
     /// Sign a peer's CSR with the CA in CA_DIR: OUT.pem. The key stays with the peer; the
     /// certificate names it as --kind/--id say, whatever the CSR asked for.
     Sign {
-        /// The CA's directory.
-        #[arg(long)]
-        ca_dir: PathBuf,
         /// The PEM certificate signing request.
         #[arg(long)]
         csr: PathBuf,
-        /// What it is for.
-        #[arg(long, value_enum)]
-        kind: dongbo_hub::certs::Kind,
-        /// The peer's id.
-        #[arg(long)]
-        id: String,
-        /// Path prefix of the certificate to write.
-        #[arg(long)]
-        out: PathBuf,
-        /// The trust domain of the `spiffe://` name.
-        #[arg(long, default_value = "ndc.gov.vn")]
-        trust_domain: String,
-        /// For a server: its DNS names and IP addresses.
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: i64,
+        #[command(flatten)]
+        cert: CertArgs,
     },
     /// Print the SHA-256 fingerprint of the (first) certificate in a PEM file, as `tls.revoked_file`
     /// lists revoked ones.
@@ -104,32 +85,53 @@ enum CertsAction {
     },
     /// Issue a certificate signed by the CA in CA_DIR: OUT.pem and OUT.key (mode 0600).
     Issue {
-        /// The CA's directory (from `certs ca`).
-        #[arg(long)]
-        ca_dir: PathBuf,
-        /// What it is for.
-        #[arg(long, value_enum)]
-        kind: dongbo_hub::certs::Kind,
-        /// The peer's id (`source_id` of an agent, id of a subscriber or operator; a server's name; a
-        /// Postgres client's role).
-        #[arg(long)]
-        id: String,
-        /// Path prefix of the files to write.
-        #[arg(long)]
-        out: PathBuf,
-        /// The trust domain of the `spiffe://` name (the hub's `tls.trust_domain`).
-        #[arg(long, default_value = "ndc.gov.vn")]
-        trust_domain: String,
-        /// For the hub or another server: its DNS names and IP addresses.
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: i64,
+        #[command(flatten)]
+        cert: CertArgs,
         /// Issue it already expired (for testing that it is refused).
         #[arg(long)]
         expired: bool,
     },
+}
+
+/// What a certificate made by `certs issue` or `certs sign` says, and where it goes.
+#[derive(clap::Args)]
+struct CertArgs {
+    /// The CA's directory (from `certs ca`).
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// What it is for.
+    #[arg(long, value_enum)]
+    kind: dongbo_hub::certs::Kind,
+    /// The peer's id (`source_id` of an agent, id of a subscriber or operator; a server's name; a
+    /// Postgres client's role).
+    #[arg(long)]
+    id: String,
+    /// Path prefix of the files to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The trust domain of the `spiffe://` name (the hub's `tls.trust_domain`).
+    #[arg(long, default_value = "ndc.gov.vn")]
+    trust_domain: String,
+    /// For the hub or another server: its DNS names and IP addresses.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    days: i64,
+}
+
+impl CertArgs {
+    fn request(self, expired: bool) -> (PathBuf, PathBuf, dongbo_hub::certs::Request) {
+        let r = dongbo_hub::certs::Request {
+            kind: self.kind,
+            id: self.id,
+            trust_domain: self.trust_domain,
+            hosts: self.hosts,
+            days: self.days,
+            expired,
+        };
+        (self.ca_dir, self.out, r)
+    }
 }
 
 #[derive(clap::Args)]
@@ -239,8 +241,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Certs { action } => {
             match action {
-                CertsAction::Sign { ca_dir, csr, kind, id, out, trust_domain, hosts, days } => {
-                    let r = dongbo_hub::certs::Request { kind, id, trust_domain, hosts, days, expired: false };
+                CertsAction::Sign { csr, cert } => {
+                    let (ca_dir, out, r) = cert.request(false);
                     dongbo_hub::certs::sign_csr(&ca_dir, &csr, &out, &r)?;
                     println!("certificate written to {}.pem", out.display());
                 }
@@ -249,8 +251,8 @@ async fn main() -> anyhow::Result<()> {
                     dongbo_hub::certs::make_ca(&dir, &name, days)?;
                     println!("CA written to {}/ca.pem (key {}/ca.key)", dir.display(), dir.display());
                 }
-                CertsAction::Issue { ca_dir, kind, id, out, trust_domain, hosts, days, expired } => {
-                    let r = dongbo_hub::certs::Request { kind, id, trust_domain, hosts, days, expired };
+                CertsAction::Issue { cert, expired } => {
+                    let (ca_dir, out, r) = cert.request(expired);
                     dongbo_hub::certs::issue(&ca_dir, &out, &r)?;
                     println!("certificate written to {0}.pem (key {0}.key)", out.display());
                 }

@@ -81,3 +81,32 @@ pub async fn wait_listening(port: u16) -> anyhow::Result<()> {
     .await
     .map(|_| ())
 }
+
+/// The flags of the backlog benchmarks: `--rows N`, `--rate R`, `--seconds S`.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchArgs {
+    /// Rows inserted then updated.
+    pub rows: u64,
+    /// Changes per second of the latency run.
+    pub rate: u64,
+    /// Length of the latency run.
+    pub seconds: u64,
+}
+
+impl BenchArgs {
+    /// Parses the command line over defaults of `rows` rows, 5 000 changes/s for 20 s.
+    pub fn parse(rows: u64) -> anyhow::Result<Self> {
+        let mut a = Self { rows, rate: 5_000, seconds: 20 };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let value: u64 = anyhow::Context::context(it.next(), "flag without value")?.parse()?;
+            match flag.as_str() {
+                "--rows" => a.rows = value,
+                "--rate" => a.rate = value,
+                "--seconds" => a.seconds = value,
+                other => bail!("unknown flag {other}; use --rows, --rate, --seconds"),
+            }
+        }
+        Ok(a)
+    }
+}

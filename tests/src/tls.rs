@@ -26,22 +26,7 @@ impl TestPki {
     pub fn new(dir: &Path) -> anyhow::Result<Self> {
         let pki = Self { dir: dir.to_path_buf() };
         certs(&["ca", "--dir", &pki.path("ca")])?;
-        certs(&[
-            "issue",
-            "--ca-dir",
-            &pki.path("ca"),
-            "--kind",
-            "hub",
-            "--id",
-            "hub",
-            "--out",
-            &pki.path("hub"),
-            "--host",
-            "localhost",
-            "--host",
-            "127.0.0.1",
-        ])
-        .context("hub certificate")?;
+        pki.localhost_cert("hub", "hub", "hub").context("hub certificate")?;
         std::fs::write(pki.revoked_file(), "# revoked client certificates (SHA-256)\n")?;
         Ok(pki)
     }
@@ -66,22 +51,7 @@ impl TestPki {
     /// certificate renamed last, so a reload never sees a new key with the old certificate for
     /// long); returns its fingerprint.
     pub fn rotate_hub(&self) -> anyhow::Result<String> {
-        let next = self.path("hub-next");
-        certs(&[
-            "issue",
-            "--ca-dir",
-            &self.path("ca"),
-            "--kind",
-            "hub",
-            "--id",
-            "hub",
-            "--out",
-            &next,
-            "--host",
-            "localhost",
-            "--host",
-            "127.0.0.1",
-        ])?;
+        let next = self.localhost_cert("hub", "hub", "hub-next")?;
         let fingerprint = self.fingerprint(&next)?;
         std::fs::rename(format!("{next}.key"), self.dir.join("hub.key"))?;
         std::fs::rename(format!("{next}.pem"), self.dir.join("hub.pem"))?;
@@ -139,15 +109,22 @@ impl TestPki {
     /// Issues a server certificate for 127.0.0.1 and localhost (a Postgres server's) as
     /// `<name>.pem` / `<name>.key`; returns the path prefix.
     pub fn server(&self, name: &str) -> anyhow::Result<String> {
+        self.localhost_cert("server", name, name)
+    }
+
+    /// Issues a `kind` certificate for `id`, naming localhost and 127.0.0.1, as `<name>.pem` /
+    /// `<name>.key`; returns the path prefix.
+    fn localhost_cert(&self, kind: &str, id: &str, name: &str) -> anyhow::Result<String> {
         let out = self.path(name);
+        let ca = self.path("ca");
         certs(&[
             "issue",
             "--ca-dir",
-            &self.path("ca"),
+            &ca,
             "--kind",
-            "server",
+            kind,
             "--id",
-            name,
+            id,
             "--out",
             &out,
             "--host",

@@ -91,11 +91,7 @@ impl MySqlConfig {
 
     /// The password from `password` or `password_file`.
     pub fn resolve_password(&self) -> std::io::Result<Option<String>> {
-        match (&self.password, &self.password_file) {
-            (Some(p), _) => Ok(Some(p.clone())),
-            (None, Some(f)) => Ok(Some(crate::config_file::read_secret(f)?)),
-            (None, None) => Ok(None),
-        }
+        crate::config_file::resolve_secret(self.password.as_deref(), self.password_file.as_deref())
     }
 
     /// Connection options: TLS as `tls` asks, the session in UTC and utf8mb4 so values arrive as

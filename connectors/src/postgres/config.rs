@@ -123,13 +123,7 @@ impl PostgresConfig {
 
     /// The password from `password` or `password_file`.
     pub fn resolve_password(&self) -> std::io::Result<Option<String>> {
-        if let Some(p) = &self.password {
-            return Ok(Some(p.clone()));
-        }
-        match &self.password_file {
-            Some(path) => Ok(Some(crate::config_file::read_secret(path)?)),
-            None => Ok(None),
-        }
+        crate::config_file::resolve_secret(self.password.as_deref(), self.password_file.as_deref())
     }
 
     /// Opens the regular (query) connection, its driver task spawned on the runtime.

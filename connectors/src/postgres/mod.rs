@@ -368,7 +368,9 @@ impl PostgresSource {
         txn.next_order += 1;
         // A table snapshotted after the initial snapshot: its changes from transactions that
         // committed before that snapshot are in it already.
-        let in_snapshot = self.snapshotted_at.get(&table.table).is_some_and(|&at| txn.final_lsn < at);
+        // (Empty but for a while after such a snapshot: no lookup per change otherwise.)
+        let in_snapshot = !self.snapshotted_at.is_empty()
+            && self.snapshotted_at.get(&table.table).is_some_and(|&at| txn.final_lsn < at);
         if txn.skip_all || order < txn.skip_first || in_snapshot {
             return;
         }

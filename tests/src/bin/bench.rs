@@ -14,31 +14,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dongbo_tests::backlog::{applied, load, lsn, wait_for, wait_listening as wait_hub, TABLE};
+use dongbo_tests::backlog::{applied, load, lsn, wait_for, wait_listening as wait_hub, BenchArgs, TABLE};
 use dongbo_tests::pg::{self, PgCluster};
 use dongbo_tests::procs::{binary, peak_rss_kib, DongboProcess};
 use tokio_postgres::Client;
-
-struct Args {
-    rows: u64,
-    rate: u64,
-    seconds: u64,
-}
-
-fn args() -> anyhow::Result<Args> {
-    let mut a = Args { rows: 1_000_000, rate: 5_000, seconds: 20 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value: u64 = it.next().context("flag without value")?.parse()?;
-        match flag.as_str() {
-            "--rows" => a.rows = value,
-            "--rate" => a.rate = value,
-            "--seconds" => a.seconds = value,
-            other => bail!("unknown flag {other}; use --rows, --rate, --seconds"),
-        }
-    }
-    Ok(a)
-}
 
 fn agent_config(dir: &std::path::Path, name: &str, src_port: u16, hub_port: u16) -> anyhow::Result<std::path::PathBuf> {
     let path = dir.join(format!("{name}.toml"));
@@ -126,7 +105,7 @@ async fn send_all(client: &Client, sql: &str, data: Vec<u8>) -> anyhow::Result<(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let a = args()?;
+    let a = BenchArgs::parse(1_000_000)?;
     println!(
         "dongbo-bench: {} inserts then {} updates; latency at {} changes/s for {} s",
         a.rows, a.rows, a.rate, a.seconds

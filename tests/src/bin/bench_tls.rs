@@ -8,32 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use dongbo_tests::backlog::{applied, load, wait_for, wait_listening, TABLE};
+use dongbo_tests::backlog::{applied, load, wait_for, wait_listening, BenchArgs, TABLE};
 use dongbo_tests::pg::{self, PgCluster};
 use dongbo_tests::procs::DongboProcess;
 use dongbo_tests::tls::TestPki;
-
-struct Args {
-    rows: u64,
-    rate: u64,
-    seconds: u64,
-}
-
-fn args() -> anyhow::Result<Args> {
-    let mut a = Args { rows: 200_000, rate: 5_000, seconds: 20 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value: u64 = it.next().context("flag without value")?.parse()?;
-        match flag.as_str() {
-            "--rows" => a.rows = value,
-            "--rate" => a.rate = value,
-            "--seconds" => a.seconds = value,
-            other => bail!("unknown flag {other}; use --rows, --rate, --seconds"),
-        }
-    }
-    Ok(a)
-}
 
 /// Updates at `rate` changes/s for `length` over ids 1..=`rows`; returns how many rows changed.
 async fn steady_load(src: &tokio_postgres::Client, rows: u64, rate: u64, length: Duration) -> anyhow::Result<u64> {
@@ -128,7 +106,7 @@ impl Side {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let a = args()?;
+    let a = BenchArgs::parse(200_000)?;
     println!(
         "dongbo-bench-tls: {} inserts then {} updates through clear-text gRPC and through mutual TLS; \
          latency at {} changes/s for {} s",
