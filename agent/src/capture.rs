@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use dongbo_connectors::error::SourceError;
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
+use dongbo_connectors::mysql::MySqlSource;
 use dongbo_connectors::postgres::PostgresSource;
 use dongbo_connectors::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable, Source};
 use dongbo_connectors::wire;
@@ -66,11 +67,10 @@ impl<'a> Capture<'a> {
                 let source = PostgresSource::start(pg.clone(), resume.clone()).await?;
                 self.capture(source, resume, shutdown).await
             }
-            SourceConfig::MySql(_) => Err(CaptureError::Source(SourceError::Prerequisite(
-                "capture from MySQL/MariaDB is not in this agent yet: `dongbo-agent check` checks such a \
-                 server already; run a Postgres source, or wait for the release that captures the binlog"
-                    .into(),
-            ))),
+            SourceConfig::MySql(my) => {
+                let source = MySqlSource::start(my.clone(), resume.clone()).await?;
+                self.capture(source, resume, shutdown).await
+            }
         }
     }
 
@@ -152,7 +152,7 @@ impl<'a> Capture<'a> {
                         Some(tables.into_iter().map(|table| SnapshottedTable { table, taken_at: None }).collect());
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
-                    info!(at = ?at, "snapshot spooled");
+                    info!(at = %at, "snapshot spooled");
                 }
                 Some(Captured::TablesSnapshotted { at, tables }) => {
                     // Spooled with the rows before it, atomically: a crash before this write takes
@@ -161,7 +161,7 @@ impl<'a> Capture<'a> {
                     known.extend(tables.into_iter().map(|table| SnapshottedTable { table, taken_at: Some(at) }));
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
-                    info!(at = ?at, "snapshot of added tables spooled");
+                    info!(at = %at, "snapshot of added tables spooled");
                 }
                 None => {
                     if !pending.is_empty() || dirty {

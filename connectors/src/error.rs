@@ -27,6 +27,9 @@ pub enum SourceError {
     /// The TLS settings cannot be used or the server's certificate was refused.
     #[error("{0}")]
     Tls(String),
+    /// A MySQL/MariaDB client error.
+    #[error("MySQL/MariaDB source: {0}")]
+    MySql(#[from] mysql_async::Error),
     /// The credentials were refused.
     #[error("authentication to the source failed: {0}; check user and password in the agent config")]
     Auth(String),
@@ -43,6 +46,7 @@ impl SourceError {
                 // No SQLSTATE: the connection broke or the socket failed.
                 None => true,
             },
+            SourceError::MySql(e) => mysql_is_transient(e),
             SourceError::Protocol(_) | SourceError::Prerequisite(_) | SourceError::Auth(_) | SourceError::Tls(_) => {
                 false
             }
@@ -56,6 +60,21 @@ impl From<crate::postgres::session::ConnectError> for SourceError {
             crate::postgres::session::ConnectError::Tls { .. } => SourceError::Tls(e.to_string()),
             crate::postgres::session::ConnectError::Postgres(e) => SourceError::Query(e),
         }
+    }
+}
+
+/// MySQL errors of the moment: the link or server went away, or the server is busy; a refused
+/// statement, purged binlog or denied access is definite.
+fn mysql_is_transient(e: &mysql_async::Error) -> bool {
+    match e {
+        mysql_async::Error::Io(_) => true,
+        mysql_async::Error::Driver(d) => {
+            matches!(d, mysql_async::DriverError::ConnectionClosed | mysql_async::DriverError::PoolDisconnected)
+        }
+        // 1040 too many connections, 1053 shutdown, 1205 lock wait, 1213 deadlock, 1927 killed,
+        // 2006/2013 gone away / lost.
+        mysql_async::Error::Server(s) => matches!(s.code, 1040 | 1053 | 1205 | 1213 | 1927 | 2006 | 2013),
+        _ => false,
     }
 }
 

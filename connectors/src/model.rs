@@ -101,13 +101,20 @@ pub struct TableSchema {
     pub key_columns: Vec<usize>,
     /// Digest of the shape; changes on schema drift.
     pub version: u64,
+    /// The dialect of the column type names.
+    pub dialect: Dialect,
 }
 
 impl TableSchema {
-    /// Builds a schema and computes its version digest.
+    /// Builds a Postgres schema and computes its version digest.
     pub fn new(table: TableId, columns: Vec<Column>, key_columns: Vec<usize>) -> Self {
-        let version = shape_digest(&table, &columns, &key_columns);
-        Self { table, columns, key_columns, version }
+        Self::in_dialect(Dialect::Postgres, table, columns, key_columns)
+    }
+
+    /// Builds a schema whose type names are in `dialect`, and computes its version digest.
+    pub fn in_dialect(dialect: Dialect, table: TableId, columns: Vec<Column>, key_columns: Vec<usize>) -> Self {
+        let version = shape_digest(dialect, &table, &columns, &key_columns);
+        Self { table, columns, key_columns, version, dialect }
     }
 
     /// Whether the table has no key and is replicated as a multiset.
@@ -122,7 +129,8 @@ impl TableSchema {
 }
 
 /// FNV-1a over the shape: stable across processes and builds, which `DefaultHasher` is not.
-fn shape_digest(table: &TableId, columns: &[Column], key: &[usize]) -> u64 {
+/// Postgres schemas digest as they did before dialects existed, so their versions stay the same.
+fn shape_digest(dialect: Dialect, table: &TableId, columns: &[Column], key: &[usize]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for b in bytes.iter().chain(std::iter::once(&0xff)) {
@@ -130,6 +138,9 @@ fn shape_digest(table: &TableId, columns: &[Column], key: &[usize]) -> u64 {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
     };
+    if dialect == Dialect::MySql {
+        eat(b"mysql");
+    }
     eat(table.schema.as_bytes());
     eat(table.name.as_bytes());
     for c in columns {
@@ -177,11 +188,52 @@ impl std::str::FromStr for Lsn {
     }
 }
 
+/// A place in a MySQL/MariaDB server's binlog: the file's sequence number (the digits after the
+/// last dot of its name, `binlog.000042` → 42; the base name is the server's own) and the byte
+/// offset in it. Ordered as the binlog is: by file, then offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BinlogPos {
+    /// Sequence number of the binlog file.
+    pub file: u32,
+    /// Byte offset in the file.
+    pub pos: u64,
+}
+
+impl fmt::Display for BinlogPos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:06}:{}", self.file, self.pos)
+    }
+}
+
 /// Where in the source's log a change was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Position {
     /// Postgres: commit end LSN, or the slot's consistent point for snapshot rows.
     Postgres(Lsn),
+    /// MySQL/MariaDB: just past the transaction's commit event, or the snapshot's binlog position
+    /// for snapshot rows.
+    MySql(BinlogPos),
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Postgres(lsn) => write!(f, "{lsn}"),
+            Position::MySql(p) => write!(f, "binlog {p}"),
+        }
+    }
+}
+
+/// Which SQL dialect a schema's column type names are in: the hub maps each to NDC types through
+/// its own grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Dialect {
+    /// Postgres, as `format_type` prints.
+    #[default]
+    Postgres,
+    /// MySQL/MariaDB, as `information_schema.COLUMNS.COLUMN_TYPE` prints (enum and set without
+    /// their labels).
+    MySql,
 }
 
 /// One captured row change.

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use dongbo_proto::v1 as pb;
 use prost::Message;
 
-use crate::model::{ChangeBatch, ChangeEvent, Column, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
+use crate::model::{
+    BinlogPos, ChangeBatch, ChangeEvent, Column, Dialect, Lsn, Operation, Position, Row, TableId, TableSchema, Value,
+};
 
 /// Why a batch from the wire was refused.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,9 @@ pub fn batch_into_proto(batch: ChangeBatch) -> pb::ChangeBatch {
                     Position::Postgres(lsn) => {
                         pb::SourcePosition { kind: Some(pb::source_position::Kind::PgLsn(lsn.0)) }
                     }
+                    Position::MySql(p) => pb::SourcePosition {
+                        kind: Some(pb::source_position::Kind::Binlog(pb::BinlogPosition { file: p.file, pos: p.pos })),
+                    },
                 }),
                 commit_time_us: c.commit_time_us,
                 txid: c.txid,
@@ -117,6 +122,10 @@ fn schema_to_proto(s: &TableSchema) -> pb::TableSchema {
             .collect(),
         key_columns: s.key_columns.iter().map(|&k| k as u32).collect(),
         version: s.version,
+        dialect: match s.dialect {
+            Dialect::Postgres => pb::Dialect::Postgres,
+            Dialect::MySql => pb::Dialect::Mysql,
+        } as i32,
     }
 }
 
@@ -205,7 +214,15 @@ impl TryFrom<pb::TableSchema> for TableSchema {
             .into_iter()
             .map(|c| Column { name: c.name, type_name: c.type_name, type_oid: c.type_oid })
             .collect();
-        let schema = TableSchema::new(
+        let dialect = match pb::Dialect::try_from(s.dialect) {
+            Ok(pb::Dialect::Postgres) => Dialect::Postgres,
+            Ok(pb::Dialect::Mysql) => Dialect::MySql,
+            Err(_) => {
+                return Err(malformed(format!("schema of {}.{} has unknown dialect {}", t.schema, t.name, s.dialect)))
+            }
+        };
+        let schema = TableSchema::in_dialect(
+            dialect,
             TableId::new(t.schema, t.name),
             columns,
             s.key_columns.into_iter().map(|k| k as usize).collect(),
@@ -276,6 +293,7 @@ impl TryFrom<pb::ChangeBatch> for ChangeBatch {
             }
             let position = match c.position.and_then(|p| p.kind) {
                 Some(pb::source_position::Kind::PgLsn(l)) => Position::Postgres(Lsn(l)),
+                Some(pb::source_position::Kind::Binlog(b)) => Position::MySql(BinlogPos { file: b.file, pos: b.pos }),
                 None => return Err(malformed(format!("change {seq} has no source position"))),
             };
             changes.push(ChangeEvent {

@@ -217,8 +217,13 @@ impl Deployment {
 
     /// Writes agent.toml and starts the agent with extra environment variables.
     pub fn start_agent_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.start_agent_from(&self.agent_config(), env)
+    }
+
+    /// Writes `config` as agent.toml and starts the agent with extra environment variables.
+    pub fn start_agent_from(&mut self, config: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let path = self.dir.join("agent.toml");
-        std::fs::write(&path, self.agent_config())?;
+        std::fs::write(&path, config)?;
         self.agent = Some(DongboProcess::spawn_with_env(
             "dongbo-agent",
             &["run", "--config", &path.to_string_lossy()],

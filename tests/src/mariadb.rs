@@ -97,13 +97,39 @@ impl MariaDb {
     pub fn sql(&self, statements: &str) -> anyhow::Result<String> {
         let out = Command::new("mariadb")
             .arg(format!("--socket={}", self.socket().display()))
-            .args(["-u", "root", "--batch", "--skip-column-names", "-e", statements])
+            .args(["-u", "root", "--default-character-set=utf8mb4", "--batch", "--skip-column-names", "-e", statements])
             .output()
             .context("mariadb client")?;
         if !out.status.success() {
             bail!("mariadb: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The output lines of `statements`, sorted (the server's collation is not the NDC's, so
+    /// `ORDER BY` would not line the two up).
+    pub fn sorted_lines(&self, statements: &str) -> anyhow::Result<Vec<String>> {
+        let mut lines: Vec<String> = self.sql(statements)?.lines().map(str::to_string).collect();
+        lines.sort();
+        Ok(lines)
+    }
+
+    /// An agent config capturing `tables` of this server into `deployment`'s hub over gRPC,
+    /// with `extra` lines in `[source]`.
+    pub fn agent_config(&self, deployment: &crate::Deployment, tables: &[&str], extra: &str) -> String {
+        let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
+        format!(
+            "source_id = \"{id}\"\n\n[source]\nkind = \"mysql\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{ROLE}\"\n\
+             password = \"{PASSWORD}\"\ntables = [{tables}]\n{extra}\n\n[spool]\npath = \"{spool}\"\n{spool_extra}\n\n\
+             [hub]\nurl = \"http://127.0.0.1:{hub}\"\ntoken = \"{token}\"\nmax_backoff_ms = 1000\n",
+            id = deployment.source_id,
+            port = self.port,
+            tables = tables.join(", "),
+            spool = deployment.dir.join("spool").display(),
+            spool_extra = deployment.spool_extra,
+            hub = deployment.hub_port,
+            token = crate::TOKEN,
+        )
     }
 
     /// The private socket.

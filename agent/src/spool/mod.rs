@@ -19,11 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dongbo_connectors::model::{Lsn, Position, TableId};
-use dongbo_connectors::source::{OpenTxn, ResumePoint, SnapshottedTable};
+use dongbo_connectors::model::TableId;
+use dongbo_connectors::source::{ResumePoint, SnapshottedTable};
+
+use self::resume::{decode_resume, encode_resume};
 use tokio::sync::watch;
 
 use dongbo_connectors::segments::{self, Location, Segments};
+
+mod resume;
 
 const BATCH_PREFIX: u8 = b'b';
 /// sled's page cache defaults to 1 GiB; the spool is written once and read once in order, so a small
@@ -89,91 +93,6 @@ fn decode_index(v: &[u8]) -> Result<(u64, Location), SpoolError> {
     let u64_at = |i: usize| v.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).ok_or_else(bad);
     let len = v.get(24..28).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).ok_or_else(bad)?;
     Ok((u64_at(0)?, Location { segment: u64_at(8)?, offset: u64_at(16)?, len }))
-}
-
-/// The resume point as stored: snapshot flag, the committed end (0: none), then the open
-/// transaction if any (flag, position, spooled count), positions as Postgres LSNs; then, if the
-/// snapshotted tables are known, tag 1 and the tables (count, then each: schema and name as
-/// length-prefixed UTF-8, and the position its snapshot was taken at, 0 for none). A spool written
-/// before the tables were recorded ends after the open transaction. A source with other positions
-/// adds a tagged layout.
-fn encode_resume(r: &ResumePoint) -> Vec<u8> {
-    let lsn = |p: Option<Position>| match p {
-        Some(Position::Postgres(l)) => l.0,
-        None => 0,
-    };
-    let mut v = Vec::with_capacity(22);
-    v.push(u8::from(r.snapshot_done));
-    v.extend_from_slice(&lsn(r.committed_end).to_be_bytes());
-    match r.open_txn {
-        Some(o) => {
-            v.push(1);
-            v.extend_from_slice(&lsn(Some(o.txn)).to_be_bytes());
-            v.extend_from_slice(&o.spooled.to_be_bytes());
-        }
-        None => v.extend_from_slice(&[0; 13]),
-    }
-    if let Some(tables) = &r.snapshotted {
-        v.push(1);
-        v.extend_from_slice(&(tables.len() as u32).to_be_bytes());
-        for t in tables {
-            for part in [&t.table.schema, &t.table.name] {
-                v.extend_from_slice(&(part.len() as u16).to_be_bytes());
-                v.extend_from_slice(part.as_bytes());
-            }
-            v.extend_from_slice(&lsn(t.taken_at).to_be_bytes());
-        }
-    }
-    v
-}
-
-fn decode_resume(v: &[u8]) -> Result<ResumePoint, SpoolError> {
-    let bad = || SpoolError::Corrupt("resume point");
-    let u64_at = |i: usize| v.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).ok_or_else(bad);
-    let open_txn = match v.get(9) {
-        Some(1) => Some(OpenTxn {
-            txn: Position::Postgres(Lsn(u64_at(10)?)),
-            spooled: v.get(18..22).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).ok_or_else(bad)?,
-        }),
-        Some(0) => None,
-        _ => return Err(bad()),
-    };
-    let committed_end = Some(u64_at(1)?).filter(|&l| l != 0).map(|l| Position::Postgres(Lsn(l)));
-    // The open transaction took 13 bytes in every spool that records tables, 1 or 13 before.
-    let rest = match (open_txn.is_some(), v.len()) {
-        (true, _) => 22,
-        (false, 10) => 10,
-        (false, _) => 22,
-    };
-    let snapshotted = match v.get(rest) {
-        None => None,
-        Some(1) => Some(decode_tables(v.get(rest + 1..).ok_or_else(bad)?).ok_or_else(bad)?),
-        Some(_) => return Err(bad()),
-    };
-    Ok(ResumePoint { snapshot_done: *v.first().ok_or_else(bad)? == 1, committed_end, open_txn, snapshotted })
-}
-
-fn decode_tables(mut v: &[u8]) -> Option<Vec<SnapshottedTable>> {
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let (head, tail) = (v.get(..n)?, v.get(n..)?);
-        v = tail;
-        Some(head)
-    };
-    let count = u32::from_be_bytes(take(4)?.try_into().ok()?);
-    let mut tables = Vec::with_capacity(count.min(4096) as usize);
-    for _ in 0..count {
-        let mut part = || -> Option<String> {
-            let len = u16::from_be_bytes(take(2)?.try_into().ok()?) as usize;
-            String::from_utf8(take(len)?.to_vec()).ok()
-        };
-        let (schema, name) = (part()?, part()?);
-        let at = u64::from_be_bytes(take(8)?.try_into().ok()?);
-        tables.push(SnapshottedTable {
-            table: TableId::new(schema, name),
-            taken_at: (at != 0).then_some(Position::Postgres(Lsn(at))),
-        });
-    }
-    Some(tables)
 }
 
 impl Spool {
@@ -357,29 +276,11 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dongbo_connectors::model::{Lsn, Position};
+    use dongbo_connectors::source::OpenTxn;
 
     fn batch(first: u64, last: u64) -> SpooledBatch {
         SpooledBatch { first_seq: first, last_seq: last, bytes: vec![7; 100] }
-    }
-
-    #[test]
-    fn resume_points_of_older_spools_still_read_without_their_tables() {
-        // Written before the snapshotted tables were recorded: no open transaction (10 bytes) and
-        // with one (22 bytes).
-        let mut old = vec![1];
-        old.extend_from_slice(&0x1_0000_0010u64.to_be_bytes());
-        old.push(0);
-        let r = decode_resume(&old).unwrap();
-        assert!(r.snapshot_done && r.open_txn.is_none() && r.snapshotted.is_none());
-        assert_eq!(r.committed_end, Some(Position::Postgres(Lsn(0x1_0000_0010))));
-        let none = ResumePoint { snapshotted: Some(Vec::new()), ..ResumePoint::default() };
-        assert_eq!(decode_resume(&encode_resume(&none)).unwrap(), none);
-        let mut cut = encode_resume(&ResumePoint {
-            snapshotted: Some(vec![SnapshottedTable { table: TableId::new("public", "t"), taken_at: None }]),
-            ..ResumePoint::default()
-        });
-        cut.truncate(cut.len() - 3);
-        assert!(decode_resume(&cut).is_err(), "a cut table list is corrupt, not empty");
     }
 
     #[tokio::test]

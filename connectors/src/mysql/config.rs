@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::value::ZeroDates;
 use crate::model::TableId;
 use crate::tls::{DbTlsConfig, SslMode};
 
@@ -34,6 +35,10 @@ pub struct MySqlConfig {
     /// TLS to the server (`[source.tls]`), as for Postgres: `verify-full` unless on this machine.
     #[serde(default)]
     pub tls: DbTlsConfig,
+    /// Zero dates (`0000-00-00`): `quarantine` (the default: the change is kept in quarantine with
+    /// the reason) or `null`.
+    #[serde(default)]
+    pub zero_dates: ZeroDates,
 }
 
 fn default_port() -> u16 {
@@ -55,6 +60,7 @@ impl fmt::Debug for MySqlConfig {
             .field("tables", &self.tables)
             .field("replica_server_id", &self.replica_server_id)
             .field("tls", &self.tls)
+            .field("zero_dates", &self.zero_dates)
             .finish_non_exhaustive()
     }
 }

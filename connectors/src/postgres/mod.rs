@@ -58,6 +58,11 @@ pub use crate::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable};
 fn lsn_of(p: Position) -> Result<Lsn, SourceError> {
     match p {
         Position::Postgres(lsn) => Ok(lsn),
+        Position::MySql(_) => Err(SourceError::Prerequisite(
+            "the spool holds MySQL binlog positions but source.kind is postgres: a spool belongs to one \
+             source; point spool.path at a new directory for this source"
+                .into(),
+        )),
     }
 }
 

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use dongbo_connectors::error::sqlstate_is_transient;
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Position, TableId, TableSchema, Value};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableId, TableSchema, Value};
 use dongbo_connectors::postgres::text::{push_copy_escaped, write_value};
 use dongbo_connectors::wire;
 use futures::SinkExt;
@@ -366,9 +366,7 @@ impl NdcApplier {
             txn.commit().await?;
             return Ok(ApplyOutcome { applied_seq: applied, applied_before: applied, ..Default::default() });
         };
-        let position = match last.position {
-            Position::Postgres(lsn) => lsn.to_string(),
-        };
+        let position = last.position.to_string();
         let mut quarantine: Vec<(&ChangeEvent, String)> = Vec::new();
         let mut accepted = Vec::with_capacity(fresh.len());
         for c in fresh {

@@ -83,7 +83,7 @@ impl Target {
             stage: format!("dongbo_stage_{n}"),
             delete_stage: format!("dongbo_stage_del_{n}"),
             key_columns: schema.key_columns.iter().map(|&k| columns[k].clone()).collect(),
-            types: schema.columns.iter().map(column_type).collect(),
+            types: schema.columns.iter().map(|c| column_type(c, schema.dialect)).collect(),
             key_index: schema.key_columns.clone(),
             columns,
         })

@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use dongbo_connectors::model::Column;
+use dongbo_connectors::model::{Column, Dialect};
 use dongbo_connectors::postgres::snapshot::quote_ident;
 
 /// Oids from here up are user-defined types (enums, domains, composites) that need not exist in the
@@ -149,11 +149,76 @@ impl fmt::Display for NdcType {
 
 /// The NDC type of a source column: its parsed type name, or `text` for a user-defined type
 /// (by oid) or a name outside the grammar.
-pub fn column_type(c: &Column) -> NdcType {
-    if c.type_oid >= FIRST_USER_OID {
-        return NdcType::TEXT;
+pub fn column_type(c: &Column, dialect: Dialect) -> NdcType {
+    match dialect {
+        Dialect::Postgres if c.type_oid >= FIRST_USER_OID => Some(NdcType::TEXT),
+        Dialect::Postgres => parse(&c.type_name),
+        Dialect::MySql => parse_mysql(&c.type_name),
     }
-    parse(&c.type_name).unwrap_or(NdcType::TEXT)
+    .unwrap_or(NdcType::TEXT)
+}
+
+/// Parses a MySQL/MariaDB `COLUMN_TYPE` (`int(10) unsigned`, `decimal(12,2)`, `tinyint(1)`,
+/// `datetime(6)`, `enum`) into the NDC type that holds every value of it: unsigned types widen
+/// (`int unsigned` → `bigint`, `bigint unsigned` → `numeric(20,0)`), `tinyint(1)` stays a number
+/// (its width is display only; 2 is a legal value), `time` becomes `interval` (MySQL's runs past
+/// 24 hours and below zero), `timestamp` is stored in UTC with its zone, `char(n)` becomes
+/// `varchar(n)` (MySQL strips the padding), enums and sets are text. `None` outside the grammar.
+pub fn parse_mysql(name: &str) -> Option<NdcType> {
+    let toks = tokens(name)?;
+    let mut p = Parser { toks: &toks, at: 0 };
+    let first = p.next_word()?;
+    let args = p.modifiers(2).ok()?;
+    let mut unsigned = false;
+    loop {
+        if p.word("unsigned") {
+            unsigned = true;
+        } else if !(p.word("signed") || p.word("zerofill")) {
+            break;
+        }
+    }
+    if p.at != toks.len() {
+        return None;
+    }
+    let one = |max: i64| match args.as_slice() {
+        [] => Some(None),
+        [n] if (0..=max).contains(n) => Some(Some(*n)),
+        _ => None,
+    };
+    let precision = || one(MAX_TIME_PRECISION).map(|p| p.map(|p| p as u8));
+    let scalar = match (first.as_str(), unsigned) {
+        ("tinyint" | "bool" | "boolean", _) | ("smallint", false) | ("year", _) => Scalar::Int2,
+        ("smallint", true) | ("mediumint", _) | ("int" | "integer", false) => Scalar::Int4,
+        ("int" | "integer", true) | ("bigint", false) => Scalar::Int8,
+        ("bigint", true) => Scalar::Numeric(Some((20, 0))),
+        ("decimal" | "numeric" | "dec" | "fixed", _) => match args.as_slice() {
+            [] => Scalar::Numeric(Some((10, 0))),
+            [p] if (1..=65).contains(p) => Scalar::Numeric(Some((*p as u16, 0))),
+            [p, s] if (1..=65).contains(p) && (0..=30).contains(s) && s <= p => {
+                Scalar::Numeric(Some((*p as u16, *s as i16)))
+            }
+            _ => return None,
+        },
+        ("float", _) if args.is_empty() => Scalar::Float4,
+        ("float", _) => match args.as_slice() {
+            [p] if *p <= 24 => Scalar::Float4,
+            _ => Scalar::Float8,
+        },
+        ("double" | "real", _) => Scalar::Float8,
+        ("char" | "varchar", _) => match one(MAX_CHAR_LENGTH)? {
+            Some(n) if n > 0 => Scalar::Varchar(Some(n as u32)),
+            _ => Scalar::Text,
+        },
+        ("tinytext" | "text" | "mediumtext" | "longtext" | "enum" | "set", _) => Scalar::Text,
+        ("binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "bit", _) => Scalar::Bytea,
+        ("date", _) => Scalar::Date,
+        ("datetime", _) => Scalar::Timestamp { precision: precision()?, tz: false },
+        ("timestamp", _) => Scalar::Timestamp { precision: precision()?, tz: true },
+        ("time", _) => Scalar::Interval(precision()?),
+        ("json", _) => Scalar::Jsonb,
+        _ => return None,
+    };
+    Some(NdcType { scalar, dims: 0 })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -509,9 +574,10 @@ mod tests {
             assert_eq!(parse(name), None, "{name:?}");
         }
         let col = |name: &str, oid| Column { name: "c".into(), type_name: name.into(), type_oid: oid };
-        assert_eq!(column_type(&col("integer); DROP SCHEMA dongbo CASCADE; --", 23)), NdcType::TEXT);
-        assert_eq!(column_type(&col("integer", 16400)), NdcType::TEXT, "user-defined oids land as text");
-        assert_eq!(column_type(&col("numeric(12,2)", 1700)).to_string(), "numeric(12,2)");
+        let pg = Dialect::Postgres;
+        assert_eq!(column_type(&col("integer); DROP SCHEMA dongbo CASCADE; --", 23), pg), NdcType::TEXT);
+        assert_eq!(column_type(&col("integer", 16400), pg), NdcType::TEXT, "user-defined oids land as text");
+        assert_eq!(column_type(&col("numeric(12,2)", 1700), pg).to_string(), "numeric(12,2)");
     }
 
     #[test]
@@ -522,5 +588,44 @@ mod tests {
         assert!(ndc_ident(&"x".repeat(64), "table").unwrap_err().contains("truncate"));
         assert!(ndc_ident(&format!("{}a", "ư".repeat(31)), "table").is_ok(), "63 bytes fit");
         assert!(ndc_ident(&"ư".repeat(32), "table").is_err(), "64 bytes do not");
+    }
+
+    #[test]
+    fn mysql_names_map_to_types_that_hold_every_value() {
+        let t = |n: &str| parse_mysql(n).map(|t| t.to_string());
+        for (name, ndc) in [
+            ("tinyint(1)", "smallint"),
+            ("tinyint(3) unsigned", "smallint"),
+            ("smallint(5) unsigned", "integer"),
+            ("int(11)", "integer"),
+            ("int(10) unsigned", "bigint"),
+            ("bigint(20) unsigned zerofill", "numeric(20,0)"),
+            ("decimal(12,2)", "numeric(12,2)"),
+            ("decimal", "numeric(10,0)"),
+            ("float", "real"),
+            ("double", "double precision"),
+            ("char(12)", "character varying(12)"),
+            ("varchar(100)", "character varying(100)"),
+            ("longtext", "text"),
+            ("enum", "text"),
+            ("varbinary(16)", "bytea"),
+            ("bit(8)", "bytea"),
+            ("date", "date"),
+            ("datetime(6)", "timestamp(6) without time zone"),
+            ("timestamp", "timestamp with time zone"),
+            ("time(3)", "interval(3)"),
+            ("year(4)", "smallint"),
+            ("json", "jsonb"),
+        ] {
+            assert_eq!(t(name).as_deref(), Some(ndc), "{name}");
+        }
+        for hostile in
+            ["int); DROP TABLE x; --", "enum('a','b')", "decimal(99,2)", "int unsigned unsigned x", "geometry"]
+        {
+            assert_eq!(t(hostile), None, "{hostile}");
+        }
+        let c = Column { name: "x".into(), type_name: "int(10) unsigned".into(), type_oid: 0 };
+        assert_eq!(column_type(&c, Dialect::MySql).to_string(), "bigint");
+        assert_eq!(column_type(&c, Dialect::Postgres), NdcType::TEXT, "a MySQL name is not a Postgres one");
     }
 }

@@ -45,6 +45,7 @@ fn ten_million_deletes() -> Vec<u8> {
         columns: vec![pb::Column { name: "id".into(), type_name: "int8".into(), type_oid: 20 }],
         key_columns: vec![0],
         version: 0,
+        dialect: 0,
     };
     let mut head = pb::ChangeBatch {
         source_id: "attacker".into(),

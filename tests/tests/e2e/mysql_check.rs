@@ -2,8 +2,7 @@
 //! passes (binlog on and row-based, the role reads the binlog, a keyless table is kept as a
 //! multiset); one with `binlog_format = MIXED`, short binlog retention and a role without
 //! REPLICATION SLAVE fails with the statements that fix it; a TLS-only server passes over
-//! `verify-full` and refuses another CA and clear text. `run` refuses a MySQL source with the
-//! reason, until its capture lands.
+//! `verify-full` and refuses another CA and clear text.
 
 use std::process::Command;
 
@@ -94,11 +93,5 @@ async fn check_of_a_mariadb_source_passes_when_set_up_and_names_each_fix_when_no
     let (passed, text) = check(&d, &tls_only, "tls-clear", "mode = \"disable\"")?;
     assert!(!passed, "clear text reached a TLS-only server:\n{text}");
 
-    // run says plainly that it cannot capture this source yet.
-    let config = d.dir.join("good.toml");
-    let out = Command::new(binary("dongbo-agent")?).args(["run", "--config"]).arg(&config).output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{text}");
-    assert!(text.contains("capture from MySQL/MariaDB is not in this agent yet"), "{text}");
     Ok(())
 }

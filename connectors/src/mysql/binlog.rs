@@ -1,0 +1,314 @@
+//! The row-based binlog, read as a replica reads it, into captured changes.
+//!
+//! Transactions: a MariaDB GTID event (or a `BEGIN` query from an older server) opens one; its
+//! changes follow in row events, each after the table map event naming its table; an XID event
+//! (or a `COMMIT` query, for non-transactional tables) ends it, and its end position is what the
+//! spool resumes from. A transaction is named by the position just past its GTID event, the same on
+//! every read of the binlog, so a restart inside a large transaction skips the changes the spool
+//! already holds.
+//!
+//! DDL (a query event that is neither `BEGIN` nor `COMMIT`) makes the source read the captured
+//! tables' shapes again from `information_schema`, so the next rows carry the new schema and the
+//! hub follows the drift. A row image whose column count differs from the table's shape (the table
+//! changed again since that point of the binlog) is reread once, then refused with the reason:
+//! never decoded against the wrong shape. Columns left out of a `MINIMAL` row image are
+//! [`Value::UnchangedToast`]: the NDC keeps what it has.
+//!
+//! Refused: compressed binlog events (`log_bin_compress`), which the decoder does not read, and
+//! MySQL 8's binary JSON (not decoded yet); both stop capture with the setting to change.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use mysql_async::binlog::events::{EventData, RowsEventData, TableMapEvent};
+use mysql_async::binlog::row::BinlogRow;
+use mysql_async::binlog::value::BinlogValue;
+use mysql_async::prelude::Queryable;
+use mysql_async::BinlogStreamRequest;
+use tokio::sync::mpsc;
+use tracing::info;
+
+use super::position::BinlogFiles;
+use super::schema::{self, MyTable};
+use super::snapshot::closed;
+use super::value::{from_binlog, ZeroDates};
+use crate::error::SourceError;
+use crate::model::{BinlogPos, ChangeEvent, Operation, Position, Row, TableId, Value};
+use crate::source::{Captured, OpenTxn};
+
+/// MariaDB's own event types.
+const MARIADB_GTID_EVENT: u8 = 162;
+const MARIADB_QUERY_COMPRESSED_EVENT: u8 = 165;
+const MARIADB_DELETE_ROWS_COMPRESSED_EVENT: u8 = 171;
+/// Set on events the server makes up for the reader (the rotate that opens a stream).
+const LOG_EVENT_ARTIFICIAL_F: u16 = 0x20;
+/// The GTID event's flag for a statement outside any transaction (DDL).
+const FL_STANDALONE: u8 = 1;
+
+/// What the stream needs to know to start.
+pub struct StreamStart {
+    /// The captured tables by name.
+    pub tables: HashMap<TableId, MyTable>,
+    /// Where to read from: just past the last transaction spooled, or the snapshot's position.
+    pub from: BinlogPos,
+    /// A transaction spooled in part.
+    pub open_txn: Option<OpenTxn>,
+    /// Tables snapshotted after the stream began: their changes in transactions that started
+    /// before the position are in the snapshot already.
+    pub snapshotted_at: HashMap<TableId, BinlogPos>,
+    /// How zero dates travel.
+    pub zero_dates: ZeroDates,
+}
+
+struct Txn {
+    name: BinlogPos,
+    txid: u64,
+    order: u32,
+    skip: u32,
+    commit_time_us: i64,
+}
+
+/// Reads the binlog from `start.from` into `tx` until the link fails or `tx` closes.
+pub async fn stream(
+    opts: mysql_async::Opts,
+    replica_server_id: u32,
+    files: BinlogFiles,
+    mut start: StreamStart,
+    tx: mpsc::Sender<Result<Captured, SourceError>>,
+) -> Result<(), SourceError> {
+    let mut schema_conn = mysql_async::Conn::new(opts.clone()).await?;
+    let mut conn = mysql_async::Conn::new(opts).await?;
+    // Heartbeats every 5 s let a dead link show as an error instead of a silent wait; the GTID
+    // capability makes MariaDB send its GTID events instead of BEGIN queries.
+    conn.query_drop("SET @master_heartbeat_period = 5000000000, @mariadb_slave_capability = 4").await?;
+    let file_name = files.file_name(start.from);
+    let request =
+        BinlogStreamRequest::new(replica_server_id).with_filename(file_name.as_bytes()).with_pos(start.from.pos);
+    let mut binlog = conn.get_binlog_stream(request).await?;
+    info!(from = %files.file_name(start.from), pos = start.from.pos, "reading the binlog");
+    let mut file = start.from.file;
+    let mut txn: Option<Txn> = None;
+    let mut held: Option<Captured> = None;
+    let send = |item: Captured| {
+        let tx = tx.clone();
+        async move { tx.send(Ok(item)).await.map_err(|_| closed()) }
+    };
+    while let Some(event) = binlog.next().await {
+        let event = event?;
+        let header = event.header();
+        let end = BinlogPos { file, pos: u64::from(header.log_pos()) };
+        let time_us = i64::from(header.timestamp()) * 1_000_000;
+        let raw_type = header.event_type_raw();
+        if raw_type == MARIADB_GTID_EVENT {
+            let data = event.data();
+            let seq_no = data.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+            let flags = data.get(12).copied().unwrap_or(0);
+            // A standalone group (DDL) has no XID: the query event that follows ends it.
+            let _standalone = flags & FL_STANDALONE != 0;
+            txn = Some(open(end, seq_no, time_us, &start.open_txn));
+            continue;
+        }
+        if (MARIADB_QUERY_COMPRESSED_EVENT..=MARIADB_DELETE_ROWS_COMPRESSED_EVENT).contains(&raw_type) {
+            return Err(SourceError::Prerequisite(
+                "the server writes compressed binlog events, which the agent does not read: run SET GLOBAL \
+                 log_bin_compress = OFF (the binlog from then on is read; restart the agent)"
+                    .into(),
+            ));
+        }
+        let Some(data) = event.read_data()? else { continue };
+        match data {
+            // The artificial rotate that opens the stream names the file asked for (and arrives
+            // before the server says whether events carry checksums, so its name may too).
+            EventData::RotateEvent(_) if header.log_pos() == 0 || header.flags_raw() & LOG_EVENT_ARTIFICIAL_F != 0 => {}
+            EventData::RotateEvent(r) => {
+                file = files.position(&r.name(), r.position())?.file;
+            }
+            EventData::QueryEvent(q) => {
+                let query = q.query();
+                let word = query.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+                match word.as_str() {
+                    "BEGIN" => {
+                        if txn.is_none() {
+                            txn = Some(open(end, 0, time_us, &start.open_txn));
+                        }
+                    }
+                    "COMMIT" => commit(&mut txn, &mut held, end, &send).await?,
+                    _ => {
+                        // DDL: reread every captured table (the statement's default database need
+                        // not be the table's, and the tables are few).
+                        let affected: Vec<TableId> = start.tables.keys().cloned().collect();
+                        for t in affected {
+                            match schema::read(&mut schema_conn, &t).await? {
+                                Some(table) => {
+                                    if start.tables.get(&t).map(|old| old.schema.version) != Some(table.schema.version)
+                                    {
+                                        info!(table = %t, "table shape changed in the binlog; following it");
+                                    }
+                                    start.tables.insert(t, table);
+                                }
+                                None => info!(table = %t, "captured table no longer exists"),
+                            }
+                        }
+                        // A standalone statement ends its own GTID group.
+                        commit(&mut txn, &mut held, end, &send).await?;
+                    }
+                }
+            }
+            EventData::XidEvent(_) => commit(&mut txn, &mut held, end, &send).await?,
+            EventData::RowsEvent(rows) => {
+                let Some(tme) = binlog.get_tme(rows.table_id()) else {
+                    return Err(SourceError::Protocol(format!("row event for unknown table id {}", rows.table_id())));
+                };
+                let id = TableId::new(tme.database_name().to_string(), tme.table_name().to_string());
+                if !start.tables.contains_key(&id) {
+                    continue;
+                }
+                let Some(t) = txn.as_mut() else {
+                    return Err(SourceError::Protocol("row event outside a transaction".into()));
+                };
+                if start.snapshotted_at.get(&id).is_some_and(|&at| t.name < at) {
+                    continue;
+                }
+                let columns = rows.num_columns() as usize;
+                if start.tables[&id].schema.columns.len() != columns {
+                    if let Some(table) = schema::read(&mut schema_conn, &id).await? {
+                        start.tables.insert(id.clone(), table);
+                    }
+                }
+                let table = &start.tables[&id];
+                if table.schema.columns.len() != columns {
+                    return Err(SourceError::Prerequisite(format!(
+                        "the binlog's rows of {id} at {} have {columns} columns, the table now has {}: it changed \
+                         again since that point, and the agent keeps no schema history; re-snapshot it \
+                         (dongbo-agent resnapshot {id})",
+                        files.file_name(end),
+                        table.schema.columns.len()
+                    )));
+                }
+                let changes = decode_rows(&rows, tme, table, start.zero_dates)?;
+                for (op, before, after) in changes {
+                    let order = t.order;
+                    t.order += 1;
+                    if order < t.skip {
+                        continue;
+                    }
+                    // The old key for an update (the row it changes, which a key update moves).
+                    let key = table.schema.key_of(before.as_deref().or(after.as_deref()).unwrap_or_default());
+                    let change = ChangeEvent {
+                        seq: 0,
+                        table: table.schema.clone(),
+                        op,
+                        key,
+                        before,
+                        after,
+                        position: Position::MySql(t.name),
+                        commit_time_us: t.commit_time_us,
+                        txid: t.txid,
+                        txn_order: order,
+                        txn_last: false,
+                    };
+                    if let Some(prev) = held.replace(Captured::Change { change, txn: Some(Position::MySql(t.name)) }) {
+                        send(prev).await?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Err(SourceError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the binlog stream")))
+}
+
+fn open(name: BinlogPos, txid: u64, commit_time_us: i64, open_txn: &Option<OpenTxn>) -> Txn {
+    let skip = match open_txn {
+        Some(o) if o.txn == Position::MySql(name) => {
+            info!(txn = %name, spooled = o.spooled, "resuming inside a transaction: its first changes are spooled already");
+            o.spooled
+        }
+        _ => 0,
+    };
+    Txn { name, txid, order: 0, skip, commit_time_us }
+}
+
+async fn commit<F, Fut>(
+    txn: &mut Option<Txn>,
+    held: &mut Option<Captured>,
+    end: BinlogPos,
+    send: &F,
+) -> Result<(), SourceError>
+where
+    F: Fn(Captured) -> Fut,
+    Fut: std::future::Future<Output = Result<(), SourceError>>,
+{
+    *txn = None;
+    if let Some(mut last) = held.take() {
+        if let Captured::Change { change, .. } = &mut last {
+            change.txn_last = true;
+        }
+        send(last).await?;
+    }
+    send(Captured::Commit { end: Position::MySql(end) }).await
+}
+
+/// A row image's column bitmap as flags.
+fn present<I, B>(bits: I) -> Vec<bool>
+where
+    I: IntoIterator<Item = B>,
+    B: std::ops::Deref<Target = bool>,
+{
+    bits.into_iter().map(|b| *b).collect()
+}
+
+type Decoded = (Operation, Option<Row>, Option<Row>);
+
+fn decode_rows(
+    rows: &RowsEventData<'_>,
+    tme: &TableMapEvent<'_>,
+    table: &MyTable,
+    zero: ZeroDates,
+) -> Result<Vec<Decoded>, SourceError> {
+    let op = match rows {
+        RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => Operation::Insert,
+        RowsEventData::UpdateRowsEvent(_) | RowsEventData::UpdateRowsEventV1(_) => Operation::Update,
+        RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_) => Operation::Delete,
+        RowsEventData::PartialUpdateRowsEvent(_) => {
+            return Err(SourceError::Prerequisite(
+                "the server logs partial JSON updates, which the agent does not apply: run SET GLOBAL \
+                 binlog_row_value_options = ''"
+                    .into(),
+            ))
+        }
+    };
+    let before_cols = rows.columns_before_image().map(present);
+    let after_cols = rows.columns_after_image().map(present);
+    let mut out = Vec::new();
+    for pair in rows.rows(tme) {
+        let (before, after) = pair?;
+        let image = |row: Option<BinlogRow>, cols: Option<&Vec<bool>>| -> Result<Option<Row>, SourceError> {
+            let (Some(row), Some(cols)) = (row, cols) else { return Ok(None) };
+            let mut values = row.unwrap().into_iter();
+            let mut out = Vec::with_capacity(table.kinds.len());
+            for (i, kind) in table.kinds.iter().enumerate() {
+                if !cols.get(i).copied().unwrap_or(false) {
+                    out.push(Value::UnchangedToast);
+                    continue;
+                }
+                let v = match values.next() {
+                    Some(BinlogValue::Value(v)) => v,
+                    Some(_) => {
+                        return Err(SourceError::Prerequisite(format!(
+                            "column {} of {} holds MySQL binary JSON, which the agent does not decode yet",
+                            table.schema.columns[i].name, table.schema.table
+                        )))
+                    }
+                    None => return Err(SourceError::Protocol("a row image is shorter than its column bitmap".into())),
+                };
+                out.push(from_binlog(kind, v, zero));
+            }
+            Ok(Some(out))
+        };
+        let before = image(before, before_cols.as_ref())?;
+        let after = image(after, after_cols.as_ref())?;
+        out.push((op, before, after));
+    }
+    Ok(out)
+}
