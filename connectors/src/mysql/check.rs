@@ -37,12 +37,16 @@ pub async fn run(config: &MySqlConfig) -> CheckReport {
             return r;
         }
     };
-    if let Err(e) = settings(&mut conn, config, &mut r, &server).await {
-        r.problem("server settings", e.to_string());
-    }
+    let full_image = match settings(&mut conn, config, &mut r, &server).await {
+        Ok(full) => full,
+        Err(e) => {
+            r.problem("server settings", e.to_string());
+            true
+        }
+    };
     binlog_access(&mut conn, opts, config, &mut r).await;
     for table in config.table_ids() {
-        if let Err(e) = one_table(&mut conn, &table, &mut r).await {
+        if let Err(e) = one_table(&mut conn, &table, full_image, &mut r).await {
             r.problem(format!("table {table}"), e.to_string());
         }
     }
@@ -55,7 +59,7 @@ async fn settings(
     config: &MySqlConfig,
     r: &mut CheckReport,
     server: &str,
-) -> Result<(), mysql_async::Error> {
+) -> Result<bool, mysql_async::Error> {
     let (version, log_bin, format, image, server_id): (String, i64, String, String, u32) = conn
         .query_first("SELECT @@version, @@log_bin, @@binlog_format, @@binlog_row_image, @@server_id")
         .await?
@@ -112,7 +116,25 @@ async fn settings(
         ),
         s => r.ok(format!("binlogs are kept {} hours", s / 3600)),
     }
-    Ok(())
+    // Capture refuses compressed events: say so before it starts.
+    if conn.query_first::<i64, _>("SELECT @@log_bin_compress").await.ok().flatten() == Some(1) {
+        r.problem(
+            "log_bin_compress",
+            "is ON: the agent does not read compressed binlog events; run SET GLOBAL log_bin_compress = OFF",
+        );
+    }
+    // The snapshot needs the binlog position of its read view, which MariaDB publishes.
+    let snapshot: Vec<(String, String)> = conn.query("SHOW STATUS LIKE 'binlog_snapshot_file'").await?;
+    if snapshot.is_empty() {
+        r.problem(
+            "consistent snapshot",
+            "this server does not report binlog_snapshot_file (it is MySQL): the agent snapshots MariaDB without \
+             locks; MySQL 8's short per-table lock path is not built yet",
+        );
+    } else {
+        r.ok("consistent snapshots without a lock (binlog_snapshot_file)");
+    }
+    Ok(image.eq_ignore_ascii_case("FULL"))
 }
 
 /// Opens a binlog stream at the server's current position, as capture will.
@@ -167,17 +189,35 @@ async fn binlog_access(
 async fn one_table(
     conn: &mut mysql_async::Conn,
     table: &crate::model::TableId,
+    full_image: bool,
     r: &mut CheckReport,
 ) -> Result<(), mysql_async::Error> {
     let what = format!("table {table}");
-    let exists: Option<u64> = conn
+    let engine: Option<Option<String>> = conn
         .exec_first(
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            "SELECT ENGINE FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
             (&table.schema, &table.name),
         )
         .await?;
-    if exists.unwrap_or(0) == 0 {
+    let Some(engine) = engine else {
         r.problem(what, "does not exist (or the role may not see it); fix source.tables or GRANT SELECT on it");
+        return Ok(());
+    };
+    let engine = engine.unwrap_or_default();
+    if !engine.eq_ignore_ascii_case("InnoDB") {
+        r.warn(
+            &what,
+            format!(
+                "uses the {engine} engine, which has no transactions: the snapshot's read view does not cover it, so \
+                 writes during the snapshot may be missed or doubled; ALTER TABLE {}.{} ENGINE = InnoDB",
+                quote(&table.schema),
+                quote(&table.name)
+            ),
+        );
+    }
+    // The same decoding rules capture uses: a column it cannot decode is refused here first.
+    if let Err(e) = super::schema::read(conn, table).await {
+        r.problem(&what, e.to_string());
         return Ok(());
     }
     let read = conn.query_drop(format!("SELECT 1 FROM {}.{} LIMIT 0", quote(&table.schema), quote(&table.name))).await;
@@ -201,8 +241,15 @@ async fn one_table(
         .await?;
     if keys.unwrap_or(0) > 0 {
         r.ok(format!("{what} has a primary key and is readable"));
-    } else {
+    } else if full_image {
         r.ok(format!("{what} has no primary key: kept as a multiset (needs binlog_row_image = FULL); it is readable"));
+    } else {
+        r.problem(
+            what,
+            "has no primary key, so its updates and deletes name their row by all of its old values, which \
+             binlog_row_image = FULL logs; run SET GLOBAL binlog_row_image = 'FULL' (and set it in the server's \
+             configuration)",
+        );
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `dongbo-agent check` for a MariaDB source, against real throw-away servers: a well set-up one
 //! passes (binlog on and row-based, the role reads the binlog, a keyless table is kept as a
-//! multiset); one with `binlog_format = MIXED`, short binlog retention and a role without
-//! REPLICATION SLAVE fails with the statements that fix it; a TLS-only server passes over
+//! multiset); one with `binlog_format = MIXED`, short binlog retention, a role without
+//! REPLICATION SLAVE, a column in a character set capture cannot decode, a MyISAM table, a keyless
+//! table under `binlog_row_image = MINIMAL` and compressed binlog events fails with the statements
+//! that fix each, as `run` would; a TLS-only server passes over
 //! `verify-full` and refuses another CA and clear text.
 
 use std::process::Command;
@@ -57,7 +59,12 @@ async fn check_of_a_mariadb_source_passes_when_set_up_and_names_each_fix_when_no
     }
 
     let bad = MariaDb::start("bad", &["--binlog-format=MIXED", "--binlog-expire-logs-seconds=3600"]).await?;
-    bad.sql(&format!("{TABLES} REVOKE REPLICATION SLAVE ON *.* FROM '{ROLE}'@'%';"))?;
+    bad.sql(&format!(
+        "{TABLES} REVOKE REPLICATION SLAVE ON *.* FROM '{ROLE}'@'%';
+         ALTER TABLE province.households ADD COLUMN ghi_chu varchar(20) CHARACTER SET cp1250;
+         ALTER TABLE province.residence_log ENGINE = MyISAM;
+         SET GLOBAL binlog_row_image = 'MINIMAL'; SET GLOBAL log_bin_compress = ON;"
+    ))?;
     let (passed, text) = check(&d, &bad, "bad", "")?;
     assert!(!passed, "{text}");
     for line in [
@@ -65,6 +72,10 @@ async fn check_of_a_mariadb_source_passes_when_set_up_and_names_each_fix_when_no
         &format!("PROBLEM  role {ROLE}: cannot read the binlog"),
         &format!("GRANT REPLICATION SLAVE ON *.* TO '{ROLE}'"),
         "WARNING  binlog retention: the server keeps binlogs 1 hours",
+        "PROBLEM  table province.households: column ghi_chu of province.households is in character set cp1250",
+        "WARNING  table province.residence_log: uses the MyISAM engine",
+        "PROBLEM  table province.residence_log: has no primary key, so its updates and deletes name their row",
+        "PROBLEM  log_bin_compress: is ON",
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
     }
