@@ -13,7 +13,7 @@ use dongbo_connectors::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable
 use dongbo_connectors::wire;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::SourceConfig;
 use crate::spool::{Spool, SpoolError, SpooledBatch};
@@ -154,6 +154,26 @@ impl<'a> Capture<'a> {
                     dirty = false;
                     info!(at = %at, "snapshot spooled");
                 }
+                Some(Captured::ChunkDone { progress, done }) => {
+                    // Spooled with the chunk's rows, atomically: a crash before this write reads
+                    // the chunk again, one after it goes on after it.
+                    let (table, rows) = (progress.table.clone(), progress.rows);
+                    if done {
+                        resume.snapshotting = None;
+                        let known = resume.snapshotted.get_or_insert_with(Vec::new);
+                        known.retain(|s| s.table != table);
+                        known.push(SnapshottedTable { table: table.clone(), taken_at: None });
+                    } else {
+                        resume.snapshotting = Some(progress);
+                    }
+                    self.flush(&source, &mut pending, &resume, next_seq).await?;
+                    dirty = false;
+                    if done {
+                        info!(%table, rows, "online snapshot of table spooled");
+                    } else {
+                        debug!(%table, rows, "snapshot chunk spooled");
+                    }
+                }
                 Some(Captured::TablesSnapshotted { at, tables }) => {
                     // Spooled with the rows before it, atomically: a crash before this write takes
                     // the snapshot of these tables again.
@@ -190,8 +210,10 @@ impl<'a> Capture<'a> {
                 bytes: wire::encode_batch(batch),
             })
         };
+        let changes = batch.as_ref().map_or(0, |b| b.last_seq - b.first_seq + 1);
         self.spool.append(batch, resume, next_seq).await?;
         if let Some(end) = resume.committed_end {
+            debug!(upto = %end, changes, "spooled");
             source.release(end);
         }
         Ok(())

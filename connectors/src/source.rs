@@ -10,9 +10,12 @@
 //! - An initial snapshot's rows come first (their `txn` is `None`), then [`Captured::SnapshotDone`]
 //!   with the position the stream continues from: no gap, no overlap.
 //! - A table configured after the initial snapshot (not in `snapshotted`) is snapshotted when the
-//!   source starts, before the stream resumes, and announced by [`Captured::TablesSnapshotted`]
-//!   with the position its snapshot was taken at; the stream then drops that table's changes which
-//!   the snapshot already holds.
+//!   source starts. Either before the stream resumes, announced by [`Captured::TablesSnapshotted`]
+//!   with the position its snapshot was taken at (the stream then drops that table's changes which
+//!   the snapshot already holds); or online ([`Captured::ChunkDone`]): in key-ordered chunks, each
+//!   read at a known stream position and yielded exactly there, between transactions, so changes
+//!   before it are older than its rows and changes after it newer, while the stream keeps
+//!   flowing. A restart resumes after the last chunk in `snapshotting`.
 //! - It releases nothing by itself: the agent calls [`Source::release`] once everything up to a
 //!   position is durable in the spool; a source whose server keeps log for its readers (a
 //!   Postgres slot) tells the server then, one whose server keeps log by time (a MySQL binlog) may
@@ -36,6 +39,20 @@ pub struct ResumePoint {
     /// The tables whose snapshot is spooled; `None` in a spool written before the agent recorded
     /// them (its snapshot then covered the tables configured at the time).
     pub snapshotted: Option<Vec<SnapshottedTable>>,
+    /// A table whose online snapshot is under way, with the chunks spooled so far.
+    pub snapshotting: Option<TableProgress>,
+}
+
+/// An online snapshot under way: its chunks up to `after_key` are spooled, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableProgress {
+    /// The table.
+    pub table: TableId,
+    /// The key of the last row spooled, encoded by [`crate::wire::encode_row`]; empty before the
+    /// first chunk.
+    pub after_key: Vec<u8>,
+    /// Rows spooled so far.
+    pub rows: u64,
 }
 
 /// A table whose snapshot is spooled.
@@ -78,6 +95,15 @@ pub enum Captured {
         at: Position,
         /// The tables it read.
         tables: Vec<TableId>,
+    },
+    /// A chunk of an online snapshot is complete (its rows came just before, at the stream
+    /// position the chunk was read at): spool it with the table's progress, or (`done`) with the
+    /// table among the snapshotted ones.
+    ChunkDone {
+        /// How far the table is.
+        progress: TableProgress,
+        /// The table is complete.
+        done: bool,
     },
     /// Tables added to the configuration are snapshotted (at `at`); the stream resumes where it was.
     TablesSnapshotted {

@@ -143,6 +143,17 @@ fn row_into_proto(row: Option<Row>) -> Option<pb::Row> {
     row.map(|r| pb::Row { values: r.into_iter().map(value_into_proto).collect() })
 }
 
+/// Encodes a row on its own (a snapshot's progress key, kept in the spool).
+pub fn encode_row(row: Row) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::Row { values: row.into_iter().map(value_into_proto).collect() })
+}
+
+/// Decodes a row written by [`encode_row`].
+pub fn decode_row(bytes: &[u8]) -> Result<Row, WireError> {
+    let row: pb::Row = prost::Message::decode(bytes).map_err(|e| malformed(format!("row: {e}")))?;
+    row.values.into_iter().map(Value::try_from).collect()
+}
+
 /// Converts one value to its protobuf form.
 pub fn value_into_proto(v: Value) -> pb::Value {
     use pb::value::Kind as K;

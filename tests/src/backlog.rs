@@ -82,6 +82,16 @@ pub async fn wait_listening(port: u16) -> anyhow::Result<()> {
     .map(|_| ())
 }
 
+/// Sends `data` through `COPY ... FROM STDIN`.
+pub async fn send_all(client: &Client, sql: &str, data: Vec<u8>) -> anyhow::Result<()> {
+    use futures::SinkExt;
+    let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
 /// The flags of the backlog benchmarks: `--rows N`, `--rate R`, `--seconds S`.
 #[derive(Debug, Clone, Copy)]
 pub struct BenchArgs {

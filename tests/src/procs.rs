@@ -42,8 +42,8 @@ impl DongboProcess {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new(binary(binary_name)?)
             .args(args)
-            .envs(env.iter().copied())
             .env("DONGBO_LOG", std::env::var("DONGBO_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -156,6 +156,10 @@ impl Spool {
             configured.iter().map(|t| SnapshottedTable { table: t.clone(), taken_at: None }).collect()
         });
         resume.snapshotted = Some(known.into_iter().filter(|s| !tables.contains(&s.table)).collect());
+        if resume.snapshotting.as_ref().is_some_and(|p| tables.contains(&p.table)) {
+            // Under way: start it over.
+            resume.snapshotting = None;
+        }
         let next = self.next_seq()?;
         self.append(None, &resume, next).await
     }
@@ -297,6 +301,7 @@ mod tests {
                     taken_at: Some(Position::Postgres(Lsn(0x3_0000_0001))),
                 },
             ]),
+            snapshotting: None,
         };
         {
             let s = Spool::open(dir.path(), 1 << 30).unwrap();

@@ -3,7 +3,9 @@
 //! Layout 2 (written now): byte 0 is `0x80 | snapshot_done`; then the committed end; then the open
 //! transaction (0, or 1 then its position and the spooled count as u32); then the snapshotted
 //! tables (0 for unknown, or 1, a u32 count, and each table: schema and name as u16-length-prefixed
-//! UTF-8, then the position its snapshot was taken at). A position is a tag and its bytes: 0 none,
+//! UTF-8, then the position its snapshot was taken at); then, if a table's online snapshot is
+//! under way, 1, its schema and name, the rows spooled (u64) and the last key (u32 length, bytes),
+//! else 0. A position is a tag and its bytes: 0 none,
 //! 1 a Postgres LSN (u64), 2 a binlog position (file u32, offset u64). Integers are big-endian.
 //!
 //! Layout 1 (spools of earlier agents, read only): byte 0 is 0 or 1, Postgres LSNs only, 0 for
@@ -11,7 +13,7 @@
 //! the snapshotted tables were recorded, tag 1 and the tables with a u64 LSN each.
 
 use dongbo_connectors::model::{BinlogPos, Lsn, Position, TableId};
-use dongbo_connectors::source::{OpenTxn, ResumePoint, SnapshottedTable};
+use dongbo_connectors::source::{OpenTxn, ResumePoint, SnapshottedTable, TableProgress};
 
 use super::SpoolError;
 
@@ -61,6 +63,16 @@ pub(super) fn encode_resume(r: &ResumePoint) -> Vec<u8> {
                 put_position(&mut v, t.taken_at);
             }
         }
+    }
+    if let Some(p) = &r.snapshotting {
+        v.push(1);
+        put_str(&mut v, &p.table.schema);
+        put_str(&mut v, &p.table.name);
+        v.extend_from_slice(&p.rows.to_be_bytes());
+        v.extend_from_slice(&(p.after_key.len() as u32).to_be_bytes());
+        v.extend_from_slice(&p.after_key);
+    } else {
+        v.push(0);
     }
     v
 }
@@ -132,7 +144,17 @@ fn decode_layout_2(snapshot_done: bool, r: &mut Reader<'_>) -> Option<ResumePoin
         }
         _ => return None,
     };
-    Some(ResumePoint { snapshot_done, committed_end, open_txn, snapshotted })
+    let snapshotting = match r.u8()? {
+        0 => None,
+        1 => {
+            let table = TableId::new(r.string()?, r.string()?);
+            let rows = r.u64()?;
+            let len = r.u32()? as usize;
+            Some(TableProgress { table, rows, after_key: r.take(len)?.to_vec() })
+        }
+        _ => return None,
+    };
+    Some(ResumePoint { snapshot_done, committed_end, open_txn, snapshotted, snapshotting })
 }
 
 fn decode_layout_1(v: &[u8]) -> Result<ResumePoint, SpoolError> {
@@ -171,7 +193,13 @@ fn decode_layout_1(v: &[u8]) -> Result<ResumePoint, SpoolError> {
         }
         Some(_) => return Err(bad()),
     };
-    Ok(ResumePoint { snapshot_done: *v.first().ok_or_else(bad)? == 1, committed_end, open_txn, snapshotted })
+    Ok(ResumePoint {
+        snapshot_done: *v.first().ok_or_else(bad)? == 1,
+        committed_end,
+        open_txn,
+        snapshotted,
+        snapshotting: None,
+    })
 }
 
 #[cfg(test)]
@@ -226,6 +254,11 @@ mod tests {
                     SnapshottedTable { table: TableId::new("province", "households"), taken_at: None },
                     SnapshottedTable { table: TableId::new("hộ_tịch", "đăng ký"), taken_at: Some(binlog(4, 9)) },
                 ]),
+                snapshotting: Some(TableProgress {
+                    table: TableId::new("province", "households"),
+                    after_key: vec![1, 2, 3],
+                    rows: 40_000,
+                }),
             },
         ] {
             let bytes = encode_resume(&r);

@@ -17,7 +17,7 @@
 //! Refused: compressed binlog events (`log_bin_compress`), which the decoder does not read, and
 //! MySQL 8's binary JSON (not decoded yet); both stop capture with the setting to change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use futures::StreamExt;
 use mysql_async::binlog::events::{EventData, RowsEventData, TableMapEvent};
@@ -28,13 +28,14 @@ use mysql_async::BinlogStreamRequest;
 use tokio::sync::mpsc;
 use tracing::info;
 
+use super::chunks::{self, Chunk, OnlineTable};
 use super::position::BinlogFiles;
 use super::schema::{self, MyTable};
 use super::snapshot::closed;
 use super::value::{from_binlog, ZeroDates};
 use crate::error::SourceError;
 use crate::model::{BinlogPos, ChangeEvent, Operation, Position, Row, TableId, Value};
-use crate::source::{Captured, OpenTxn};
+use crate::source::{Captured, OpenTxn, TableProgress};
 
 /// MariaDB's own event types.
 const MARIADB_GTID_EVENT: u8 = 162;
@@ -58,6 +59,10 @@ pub struct StreamStart {
     pub snapshotted_at: HashMap<TableId, BinlogPos>,
     /// How zero dates travel.
     pub zero_dates: ZeroDates,
+    /// Tables to snapshot online, in order; the first may be under way.
+    pub online: VecDeque<OnlineTable>,
+    /// Rows per online snapshot chunk.
+    pub chunk_rows: u64,
 }
 
 struct Txn {
@@ -77,7 +82,7 @@ pub async fn stream(
     tx: mpsc::Sender<Result<Captured, SourceError>>,
 ) -> Result<(), SourceError> {
     let mut schema_conn = mysql_async::Conn::new(opts.clone()).await?;
-    let mut conn = mysql_async::Conn::new(opts).await?;
+    let mut conn = mysql_async::Conn::new(opts.clone()).await?;
     // Heartbeats every 5 s let a dead link show as an error instead of a silent wait; the GTID
     // capability makes MariaDB send its GTID events instead of BEGIN queries.
     conn.query_drop("SET @master_heartbeat_period = 5000000000, @mariadb_slave_capability = 4").await?;
@@ -93,10 +98,46 @@ pub async fn stream(
         let tx = tx.clone();
         async move { tx.send(Ok(item)).await.map_err(|_| closed()) }
     };
-    while let Some(event) = binlog.next().await {
+    let mut processed = start.from;
+    let mut chunk_conn = None;
+    let mut chunk: Option<Chunk> = None;
+    let mut announced: Option<TableId> = None;
+    loop {
+        // Online snapshots: a chunk is started at once (its read view fixes its position) and
+        // yielded when the stream has read up to that position, between transactions.
+        if txn.is_none() {
+            if let (None, Some(t)) = (&chunk, start.online.front()) {
+                let conn = match chunk_conn.take() {
+                    Some(c) => c,
+                    None => mysql_async::Conn::new(opts.clone()).await?,
+                };
+                if announced.as_ref() != Some(&t.table.schema.table) {
+                    announced = Some(t.table.schema.table.clone());
+                    if t.rows == 0 && t.after_key.is_none() {
+                        info!(table = %t.table.schema.table, "online snapshot started");
+                    } else {
+                        info!(table = %t.table.schema.table, rows = t.rows, "online snapshot resumed after the last spooled chunk");
+                    }
+                }
+                chunk = Some(chunks::start(conn, &files, t, start.chunk_rows, start.zero_dates).await?);
+            }
+            if chunk.as_ref().is_some_and(|c| processed >= c.at) {
+                let c = chunk.take().expect("checked");
+                let t = start.online.front_mut().expect("a chunk belongs to the first online table");
+                chunk_conn = Some(emit_chunk(c, t, start.chunk_rows, &send).await?);
+                if t.after_key.is_none() || t.table.schema.is_keyless() {
+                    start.online.pop_front();
+                }
+                continue;
+            }
+        }
+        let Some(event) = binlog.next().await else { break };
         let event = event?;
         let header = event.header();
         let end = BinlogPos { file, pos: u64::from(header.log_pos()) };
+        if header.log_pos() != 0 {
+            processed = processed.max(end);
+        }
         let time_us = i64::from(header.timestamp()) * 1_000_000;
         let raw_type = header.event_type_raw();
         if raw_type == MARIADB_GTID_EVENT {
@@ -121,7 +162,9 @@ pub async fn stream(
             // before the server says whether events carry checksums, so its name may too).
             EventData::RotateEvent(_) if header.log_pos() == 0 || header.flags_raw() & LOG_EVENT_ARTIFICIAL_F != 0 => {}
             EventData::RotateEvent(r) => {
-                file = files.position(&r.name(), r.position())?.file;
+                let next = files.position(&r.name(), r.position())?;
+                file = next.file;
+                processed = processed.max(next);
             }
             EventData::QueryEvent(q) => {
                 let query = q.query();
@@ -167,6 +210,11 @@ pub async fn stream(
                     return Err(SourceError::Protocol("row event outside a transaction".into()));
                 };
                 if start.snapshotted_at.get(&id).is_some_and(|&at| t.name < at) {
+                    continue;
+                }
+                // A table whose online snapshot has not begun: its first chunk opens with a
+                // TRUNCATE, so its changes before that need not travel.
+                if start.online.iter().any(|o| o.table.schema.table == id && o.rows == 0 && o.after_key.is_none()) {
                     continue;
                 }
                 let columns = rows.num_columns() as usize;
@@ -216,6 +264,64 @@ pub async fn stream(
         }
     }
     Err(SourceError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the binlog stream")))
+}
+
+/// Yields a read chunk (a TRUNCATE first if it opens its table) and its end with the table's
+/// progress; `t.after_key` becomes `None` once the table is complete. Returns the connection.
+async fn emit_chunk<F, Fut>(
+    mut c: Chunk,
+    t: &mut OnlineTable,
+    limit: u64,
+    send: &F,
+) -> Result<mysql_async::Conn, SourceError>
+where
+    F: Fn(Captured) -> Fut,
+    Fut: std::future::Future<Output = Result<(), SourceError>>,
+{
+    let schema = &t.table.schema;
+    let event = |op, after: Option<Row>, order: u32| {
+        let key = after.as_ref().map(|r| schema.key_of(r)).unwrap_or_default();
+        let change = ChangeEvent {
+            seq: 0,
+            table: schema.clone(),
+            op,
+            key,
+            before: None,
+            after,
+            position: Position::MySql(c.at),
+            commit_time_us: 0,
+            txid: 0,
+            txn_order: order,
+            txn_last: false,
+        };
+        Captured::Change { change, txn: None }
+    };
+    let mut order = 0u32;
+    if t.rows == 0 && t.after_key.is_none() {
+        send(event(Operation::Truncate, None, order)).await?;
+        order += 1;
+    }
+    while let Some(row) = c.rows.recv().await {
+        send(event(Operation::SnapshotRead, Some(row?), order)).await?;
+        order = order.wrapping_add(1);
+    }
+    let (conn, last, count) = c.finish().await?;
+    t.rows += count;
+    let done = schema.is_keyless() || count < limit;
+    if let Some(last) = last {
+        t.after_key = Some(last);
+    }
+    let progress = TableProgress {
+        table: schema.table.clone(),
+        after_key: t.after_key.clone().map(crate::wire::encode_row).unwrap_or_default(),
+        rows: t.rows,
+    };
+    send(Captured::ChunkDone { progress, done }).await?;
+    if done {
+        info!(table = %schema.table, rows = t.rows, "online snapshot complete");
+        t.after_key = None;
+    }
+    Ok(conn)
 }
 
 fn open(name: BinlogPos, txid: u64, commit_time_us: i64, open_txn: &Option<OpenTxn>) -> Txn {

@@ -39,6 +39,14 @@ pub struct MySqlConfig {
     /// the reason) or `null`.
     #[serde(default)]
     pub zero_dates: ZeroDates,
+    /// Rows per chunk of an online snapshot (a table added to `tables` later): each chunk is one
+    /// short read, resumed after on restart.
+    #[serde(default = "default_chunk_rows")]
+    pub snapshot_chunk_rows: u64,
+}
+
+fn default_chunk_rows() -> u64 {
+    20_000
 }
 
 fn default_port() -> u16 {
@@ -61,6 +69,7 @@ impl fmt::Debug for MySqlConfig {
             .field("replica_server_id", &self.replica_server_id)
             .field("tls", &self.tls)
             .field("zero_dates", &self.zero_dates)
+            .field("snapshot_chunk_rows", &self.snapshot_chunk_rows)
             .finish_non_exhaustive()
     }
 }

@@ -7,10 +7,9 @@
 //! capture loop through a bounded channel: decoding overlaps spooling, and a full spool stops the
 //! reading (the channel fills) without losing the place.
 //!
-//! Tables added to `source.tables` after the initial snapshot are snapshotted when the source
-//! starts, at the server's position then; the stream resumes where the spool left it and drops
-//! those tables' changes in transactions that began before that position (they are in the
-//! snapshot).
+//! Tables added to `source.tables` after the initial snapshot (or marked by `resnapshot`) are
+//! snapshotted online, in chunks, while the binlog keeps flowing ([`chunks`]); a restart goes on
+//! after the last spooled chunk.
 //!
 //! The client is `mysql_async` with `mysql_common`'s binlog events: maintained, tokio-native,
 //! rustls, and the binlog reader ReadySet and Materialize run in production; writing our own
@@ -19,19 +18,21 @@
 
 pub mod binlog;
 pub mod check;
+pub mod chunks;
 pub mod config;
 pub mod position;
 pub mod schema;
 pub mod snapshot;
 pub mod value;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use mysql_async::prelude::Queryable;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
 
+use self::chunks::OnlineTable;
 pub use self::config::MySqlConfig;
 use self::position::BinlogFiles;
 use crate::error::SourceError;
@@ -73,15 +74,14 @@ impl MySqlSource {
         let mut conn = mysql_async::Conn::new(opts.clone()).await?;
         let configured = config.table_ids();
         let tables = schema::read_all(&mut conn, &configured).await?;
-        let (file, pos): (String, u64) = conn
+        let file: String = conn
             .query_first("SHOW MASTER STATUS")
             .await?
-            .map(|(f, p, _, _): (String, u64, String, String)| (f, p))
+            .map(|(f, _, _, _): (String, u64, String, String)| f)
             .ok_or_else(|| {
                 SourceError::Prerequisite("the server's binlog is off: set log_bin in its config and restart it".into())
             })?;
         let files = BinlogFiles::from_file_name(&file)?;
-        let _ = pos;
         let committed = binlog_pos(resume.committed_end)?;
         let mut snapshotted_at = HashMap::new();
         for t in resume.snapshotted.iter().flatten() {
@@ -89,10 +89,36 @@ impl MySqlSource {
                 snapshotted_at.insert(t.table.clone(), at);
             }
         }
-        let added: Vec<TableId> = match (&resume.snapshotted, resume.snapshot_done) {
-            (Some(done), true) => configured.iter().filter(|t| !done.iter().any(|d| &d.table == *t)).cloned().collect(),
-            _ => Vec::new(),
-        };
+        // Online snapshots: the one under way first, then tables configured since the snapshots.
+        let mut online = VecDeque::new();
+        if resume.snapshot_done {
+            // A spool that never recorded its tables snapshotted those configured then.
+            let done: Vec<TableId> = match &resume.snapshotted {
+                Some(list) => list.iter().map(|s| s.table.clone()).collect(),
+                None => configured.clone(),
+            };
+            let by_name = |id: &TableId| tables.iter().find(|t| &t.schema.table == id).cloned();
+            if let Some(p) = &resume.snapshotting {
+                if let Some(table) = by_name(&p.table) {
+                    let after_key = match p.after_key.is_empty() {
+                        true => None,
+                        false => Some(crate::wire::decode_row(&p.after_key).map_err(|e| {
+                            SourceError::Prerequisite(format!(
+                                "the spool's snapshot progress of {} is damaged: {e}",
+                                p.table
+                            ))
+                        })?),
+                    };
+                    online.push_back(OnlineTable { table, after_key, rows: p.rows });
+                }
+            }
+            for id in &configured {
+                let under_way = resume.snapshotting.as_ref().is_some_and(|p| &p.table == id);
+                if !done.contains(id) && !under_way {
+                    online.extend(by_name(id).map(|table| OnlineTable { table, after_key: None, rows: 0 }));
+                }
+            }
+        }
         let (tx, rx) = mpsc::channel(CHANNEL_ITEMS);
         let task = tokio::spawn(async move {
             let run = async {
@@ -107,22 +133,7 @@ impl MySqlSource {
                             .map_err(|_| snapshot::closed())?;
                         at
                     }
-                    Some(committed) => {
-                        if !added.is_empty() {
-                            let chosen: Vec<_> =
-                                tables.iter().filter(|t| added.contains(&t.schema.table)).cloned().collect();
-                            let at = snapshot::begin(&mut conn, &files).await?;
-                            info!(at = %files.file_name(at), pos = at.pos, tables = ?added, "snapshot of added tables started");
-                            snapshot::read_tables(&mut conn, &chosen, at, config.zero_dates, &tx).await?;
-                            for t in &added {
-                                snapshotted_at.insert(t.clone(), at);
-                            }
-                            tx.send(Ok(Captured::TablesSnapshotted { at: Position::MySql(at), tables: added.clone() }))
-                                .await
-                                .map_err(|_| snapshot::closed())?;
-                        }
-                        committed
-                    }
+                    Some(committed) => committed,
                 };
                 let _ = conn.disconnect().await;
                 let start = binlog::StreamStart {
@@ -131,6 +142,8 @@ impl MySqlSource {
                     open_txn: resume.open_txn,
                     snapshotted_at,
                     zero_dates: config.zero_dates,
+                    online,
+                    chunk_rows: config.snapshot_chunk_rows.max(1),
                 };
                 binlog::stream(opts, config.replica_server_id, files, start, tx.clone()).await
             };

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use dongbo_connectors::error::sqlstate_is_transient;
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableId, TableSchema, Value};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Operation, TableId, TableSchema, Value};
 use dongbo_connectors::postgres::text::{push_copy_escaped, write_value};
 use dongbo_connectors::wire;
 use futures::SinkExt;
@@ -163,6 +163,17 @@ pub async fn connect(ndc: &NdcConfig) -> Result<Client, ApplyError> {
     })
 }
 
+/// How a transaction applies its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Snapshot rows of tables that took nothing else since their TRUNCATE are copied straight in.
+    Direct,
+    /// Every row is upserted.
+    Upsert,
+    /// One change at a time, each in a savepoint, to quarantine those the NDC refuses.
+    OneByOne,
+}
+
 /// Applies one stream of a source's batches to the NDC: the agent's gRPC stream, or one Kafka
 /// partition of its topic.
 pub struct NdcApplier {
@@ -177,6 +188,10 @@ pub struct NdcApplier {
     /// Outbox events at or below this seq are in the fan-out log and may be deleted.
     logged_seq: u64,
     pruned_seq: u64,
+    /// Tables that took changes other than snapshot rows since their last TRUNCATE (an online
+    /// snapshot's chunks arrive between stream changes): their snapshot rows are upserted, never
+    /// copied straight in.
+    mixed: HashSet<TableId>,
     /// Its place among the hub's NDC connections, given back when the applier is dropped.
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
@@ -223,6 +238,7 @@ impl NdcApplier {
             rules,
             logged_seq: 0,
             pruned_seq: 0,
+            mixed: HashSet::new(),
             _slot: slot,
         })
     }
@@ -301,13 +317,33 @@ impl NdcApplier {
         for c in batches.iter().flat_map(|b| &b.changes) {
             self.ensure_target(c).await?;
         }
-        match self.apply_txn(batches, mark, false).await {
-            Err(e) if !e.is_transient() => {
-                warn!(stream = %self.stream, error = %e, "batch refused by the NDC; applying change by change to quarantine the bad ones");
-                self.apply_txn(batches, mark, true).await
-            }
+        // Snapshot rows of a table just emptied are copied straight in; should one meet a row
+        // after all (the table took other changes before a hub restart), the batch is applied
+        // again with upserts, and only a batch the NDC still refuses goes change by change.
+        let outcome = match self.apply_txn(batches, mark, Mode::Direct).await {
+            Err(e) if !e.is_transient() => match self.apply_txn(batches, mark, Mode::Upsert).await {
+                Err(e) if !e.is_transient() => {
+                    warn!(stream = %self.stream, error = %e, "batch refused by the NDC; applying change by change to quarantine the bad ones");
+                    self.apply_txn(batches, mark, Mode::OneByOne).await
+                }
+                other => other,
+            },
             other => other,
+        }?;
+        for c in batches.iter().flat_map(|b| &b.changes) {
+            match c.op {
+                Operation::Truncate => {
+                    self.mixed.remove(&c.table.table);
+                }
+                Operation::SnapshotRead => {}
+                _ => {
+                    if !self.mixed.contains(&c.table.table) {
+                        self.mixed.insert(c.table.table.clone());
+                    }
+                }
+            }
         }
+        Ok(outcome)
     }
 
     async fn ensure_target(&mut self, c: &ChangeEvent) -> Result<(), ApplyError> {
@@ -346,10 +382,10 @@ impl NdcApplier {
         &mut self,
         batches: &[&ChangeBatch],
         mark: Option<&OffsetMark>,
-        one_by_one: bool,
+        mode: Mode,
     ) -> Result<ApplyOutcome, ApplyError> {
         let last_seq = batches.iter().map(|b| b.last_seq()).max().unwrap_or(0);
-        let Self { client, acl, stream, targets, broken, rules, logged_seq, pruned_seq, .. } = self;
+        let Self { client, acl, stream, targets, broken, rules, logged_seq, pruned_seq, mixed, .. } = self;
         let mut txn = client.transaction().await?;
         // The row lock orders this stream's transactions, even across two hubs that both believe
         // they own a Kafka partition during a rebalance: the later one sees the earlier one's seq.
@@ -382,13 +418,13 @@ impl NdcApplier {
             events::derive(&txn, rules, &acl.id, &accepted, targets).await?
         };
         let mut used_stages = HashSet::new();
-        if one_by_one {
+        if mode == Mode::OneByOne {
             let mut kept = Vec::with_capacity(accepted.len());
             for c in accepted {
                 let mut plan = Plan::default();
                 plan.add(c);
                 let sp = txn.savepoint("dongbo_change").await?;
-                match execute(&sp, &plan, targets, &mut used_stages, false).await {
+                match execute(&sp, &plan, targets, &mut used_stages, None).await {
                     Ok(()) => {
                         sp.commit().await?;
                         kept.push(c);
@@ -406,7 +442,8 @@ impl NdcApplier {
         } else {
             let mut plan = Plan::default();
             accepted.iter().for_each(|c| plan.add(c));
-            execute(&txn, &plan, targets, &mut used_stages, true).await?;
+            let direct = (mode == Mode::Direct).then_some(&*mixed);
+            execute(&txn, &plan, targets, &mut used_stages, direct).await?;
         }
         for (c, reason) in &quarantine {
             let op = format!("{:?}", c.op).to_lowercase();
@@ -511,7 +548,7 @@ async fn execute(
     plan: &Plan<'_>,
     targets: &HashMap<(TableId, u64), Target>,
     used_stages: &mut HashSet<String>,
-    direct_snapshot_copy: bool,
+    direct_snapshot_copy: Option<&HashSet<TableId>>,
 ) -> Result<(), tokio_postgres::Error> {
     for table in &plan.tables {
         let Some(target) = targets.get(&(table.schema.table.clone(), table.schema.version)) else { continue };
@@ -522,7 +559,7 @@ async fn execute(
             apply_keyless(txn, target, &table.sequence).await?;
             continue;
         }
-        if direct_snapshot_copy && table.snapshot_only {
+        if table.snapshot_only && direct_snapshot_copy.is_some_and(|mixed| !mixed.contains(&table.schema.table)) {
             // Should a key exist after all, the unique violation rolls the transaction back and the
             // change-by-change retry applies these rows as upserts.
             let rows = table.ops.values().filter_map(|op| match op {

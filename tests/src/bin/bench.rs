@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dongbo_tests::backlog::{applied, load, lsn, wait_for, wait_listening as wait_hub, BenchArgs, TABLE};
+use dongbo_tests::backlog::{applied, load, lsn, send_all, wait_for, wait_listening as wait_hub, BenchArgs, TABLE};
 use dongbo_tests::pg::{self, PgCluster};
 use dongbo_tests::procs::{binary, peak_rss_kib, DongboProcess};
 use tokio_postgres::Client;
@@ -91,16 +91,6 @@ async fn staged_upsert_floor(ndc: &Client, rows: u64) -> anyhow::Result<(Duratio
         .await?;
     }
     Ok((start.elapsed(), copy_in))
-}
-
-/// Sends `data` through `COPY ... FROM STDIN`.
-async fn send_all(client: &Client, sql: &str, data: Vec<u8>) -> anyhow::Result<()> {
-    use futures::SinkExt;
-    let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
-    futures::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(data)).await?;
-    sink.finish().await?;
-    Ok(())
 }
 
 #[tokio::main]

@@ -17,6 +17,7 @@ mod mariadb_capture;
 mod mixed_workload;
 mod mutual_tls;
 mod mysql_check;
+mod online_snapshot;
 mod postgres_tls;
 mod schema_drift;
 mod snapshot_and_stream;
