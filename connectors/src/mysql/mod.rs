@@ -68,7 +68,7 @@ fn binlog_pos(p: Option<Position>) -> Result<Option<BinlogPos>, SourceError> {
 
 impl MySqlSource {
     /// Connects, reads the tables' shapes and starts reading from `resume`: the initial snapshot if
-    /// it is not spooled, else a snapshot of added tables if any, then the binlog.
+    /// it is not spooled, then the binlog, with the online snapshots of added tables in it.
     pub async fn start(config: MySqlConfig, resume: ResumePoint) -> Result<Self, SourceError> {
         let opts = config.opts().map_err(SourceError::Prerequisite)?;
         let mut conn = mysql_async::Conn::new(opts.clone()).await?;

@@ -44,6 +44,14 @@ pub struct PostgresConfig {
     /// TLS to the server (`[source.tls]`), for the query and the replication connection alike.
     #[serde(default)]
     pub tls: DbTlsConfig,
+    /// Rows per chunk of an online snapshot (a table added to `tables` later): each chunk is one
+    /// short read, resumed after on restart.
+    #[serde(default = "default_chunk_rows")]
+    pub snapshot_chunk_rows: u64,
+}
+
+fn default_chunk_rows() -> u64 {
+    20_000
 }
 
 fn default_port() -> u16 {

@@ -5,6 +5,19 @@
 //! slot of its name, creates it with `EXPORT_SNAPSHOT`, and reads every table with `COPY` inside that
 //! snapshot ([`snapshot`]). Streaming then starts at the slot's consistent point: no gap, no overlap.
 //!
+//! # Online snapshots
+//! A table added to `source.tables` after the initial snapshot (or marked by `resnapshot`) is read
+//! while the stream flows, in primary-key chunks of `snapshot_chunk_rows`. Each chunk is read in
+//! the snapshot a temporary slot exports when it is created, so its rows hold exactly the
+//! transactions that committed before the slot's consistent point C; the stream yields the chunk
+//! just before the first transaction committing at or after C (or when the server, asked, says it
+//! has sent everything before C), so the table's older changes precede the chunk's rows and its
+//! newer ones follow: no gap, no overlap, no write to the source. The first chunk opens with a
+//! TRUNCATE (the table's earlier changes are not sent); each chunk's end is spooled with the
+//! table's progress, and a restart reads on after the last key. A table without primary key is
+//! one chunk. The chunks use a second replication connection (for the temporary slots, named
+//! `<slot>_chunk`) and a second query connection.
+//!
 //! # Streaming
 //! `START_REPLICATION` with `proto_version '1'` over the replication protocol ([`protocol`]), decoded
 //! by [`pgoutput`]. Each change carries its transaction's commit LSN; the last change of a
@@ -51,7 +64,7 @@ use self::protocol::{ReplicationConnection, ReplicationMessage};
 use self::snapshot::SnapshotReader;
 pub use crate::error::SourceError;
 use crate::model::{ChangeEvent, Lsn, Operation, Position, Row, TableId, TableSchema, Value};
-pub use crate::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable};
+pub use crate::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable, TableProgress};
 
 /// The LSN of a position this source wrote. A position of another kind means the spool belongs to
 /// another kind of source: a definite error, not something to guess around.
@@ -95,12 +108,28 @@ struct TxnState {
 }
 
 enum Phase {
-    /// The initial snapshot, or (`added`) the snapshot of tables configured since.
+    /// The initial snapshot.
     Snapshot {
-        reader: SnapshotReader,
-        added: bool,
+        reader: Box<SnapshotReader>,
     },
     Streaming,
+}
+
+/// A table whose online snapshot is to be read or is under way.
+struct OnlineTable {
+    schema: Arc<TableSchema>,
+    after_key: Option<Row>,
+    rows: u64,
+}
+
+/// A chunk of an online snapshot: read in the snapshot a temporary slot exported at `at`, yielded
+/// when the stream reaches `at`.
+struct Chunk {
+    at: Lsn,
+    reader: SnapshotReader,
+    due: bool,
+    last_key: Option<Row>,
+    count: u64,
 }
 
 /// Captures changes from one Postgres database.
@@ -119,6 +148,18 @@ pub struct PostgresSource {
     txn: Option<TxnState>,
     held: Option<(ChangeEvent, Lsn)>,
     out: VecDeque<Captured>,
+    /// Online snapshots, in order; the first may be under way.
+    online: VecDeque<OnlineTable>,
+    chunk: Option<Chunk>,
+    /// A Begin of a transaction after the chunk's position, handled once the chunk is yielded.
+    deferred: Option<PgOutput>,
+    /// The replication connection that makes each chunk's temporary slot.
+    chunk_repl: Option<ReplicationConnection>,
+    /// The query connection that reads chunks: apart from `client`, which the stream needs for
+    /// catalog lookups while a chunk's `COPY` waits unread.
+    chunk_client: Option<Client>,
+    announced: Option<TableId>,
+    next_reply_request: Instant,
     last_commit_seen: Lsn,
     released: Released,
     next_feedback: Instant,
@@ -139,6 +180,7 @@ impl PostgresSource {
         check::ensure_publication(&client, &config).await?;
         let mut repl = ReplicationConnection::connect(&config.target(password.as_deref())).await?;
         let mut snapshotted_at = HashMap::new();
+        let mut online = VecDeque::new();
         let phase = if resume.snapshot_done {
             let slot = client
                 .query_opt(
@@ -162,31 +204,40 @@ impl PostgresSource {
                     snapshotted_at.insert(s.table.clone(), lsn_of(at)?);
                 }
             }
-            let added: Vec<TableId> =
-                config.table_ids().into_iter().filter(|t| !snapshotted.iter().any(|s| &s.table == t)).collect();
-            if added.is_empty() {
-                // 0/0 lets the server start at the slot's confirmed position; the resume point drops
-                // what the spool already has.
-                repl.start_replication(&config.slot, Lsn(0), &config.publication).await?;
-                info!(slot = %config.slot, %committed_end, "streaming resumed");
-                Phase::Streaming
-            } else {
-                // A temporary slot exports a snapshot for the added tables; the stream resumes once
-                // they are read, and drops their changes from before that snapshot.
-                let temp = format!("{}_added", config.slot);
-                let rows = repl
-                    .simple_query(&format!("CREATE_REPLICATION_SLOT {temp} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"))
-                    .await?;
-                let (at, snapshot_name) = exported_snapshot(&rows)?;
-                begin_snapshot(&client, &snapshot_name).await?;
-                // Imported: the temporary slot need not hold WAL any longer.
-                repl.simple_query(&format!("DROP_REPLICATION_SLOT {temp}")).await?;
-                for t in &added {
-                    snapshotted_at.insert(t.clone(), at);
+            // Online snapshots: the table under way first, then tables configured since.
+            if let Some(p) = &resume.snapshotting {
+                if config.table_ids().contains(&p.table) {
+                    let after_key = match p.after_key.is_empty() {
+                        true => None,
+                        false => Some(crate::wire::decode_row(&p.after_key).map_err(|e| {
+                            SourceError::Prerequisite(format!(
+                                "the spool's snapshot progress of {} is damaged: {e}",
+                                p.table
+                            ))
+                        })?),
+                    };
+                    online.push_back(OnlineTable {
+                        schema: online_schema(&client, &p.table).await?,
+                        after_key,
+                        rows: p.rows,
+                    });
                 }
-                info!(tables = ?added.iter().map(ToString::to_string).collect::<Vec<_>>(), %at, "snapshot of tables added to source.tables or marked by resnapshot started");
-                Phase::Snapshot { reader: SnapshotReader::new(added, at), added: true }
             }
+            for t in config.table_ids() {
+                let under_way = resume.snapshotting.as_ref().is_some_and(|p| p.table == t);
+                if !snapshotted.iter().any(|s| s.table == t) && !under_way {
+                    online.push_back(OnlineTable {
+                        schema: online_schema(&client, &t).await?,
+                        after_key: None,
+                        rows: 0,
+                    });
+                }
+            }
+            // 0/0 lets the server start at the slot's confirmed position; the resume point drops
+            // what the spool already has.
+            repl.start_replication(&config.slot, Lsn(0), &config.publication).await?;
+            info!(slot = %config.slot, %committed_end, "streaming resumed");
+            Phase::Streaming
         } else {
             client
                 .execute(
@@ -200,7 +251,7 @@ impl PostgresSource {
             let (consistent_point, snapshot_name) = exported_snapshot(&rows)?;
             begin_snapshot(&client, &snapshot_name).await?;
             info!(slot = %config.slot, %consistent_point, "slot created, snapshot started");
-            Phase::Snapshot { reader: SnapshotReader::new(config.table_ids(), consistent_point), added: false }
+            Phase::Snapshot { reader: Box::new(SnapshotReader::new(config.table_ids(), consistent_point)) }
         };
         Ok(Self {
             next_feedback: Instant::now() + Duration::from_millis(config.feedback_interval_ms),
@@ -217,6 +268,13 @@ impl PostgresSource {
             txn: None,
             held: None,
             out: VecDeque::new(),
+            online,
+            chunk: None,
+            deferred: None,
+            chunk_repl: None,
+            chunk_client: None,
+            announced: None,
+            next_reply_request: Instant::now(),
         })
     }
 
@@ -225,18 +283,13 @@ impl PostgresSource {
             if let Some(c) = self.out.pop_front() {
                 return Ok(Some(c));
             }
-            if let Phase::Snapshot { reader, added } = &mut self.phase {
+            if let Phase::Snapshot { reader } = &mut self.phase {
                 match reader.next(&self.client, until).await? {
                     Some(item) => return Ok(item),
                     None => {
-                        let (at, tables, added) = (reader.consistent_point(), reader.tables().to_vec(), *added);
+                        let (at, tables) = (reader.consistent_point(), reader.tables().to_vec());
                         self.client.batch_execute("COMMIT").await?;
                         self.phase = Phase::Streaming;
-                        if added {
-                            self.repl.start_replication(&self.config.slot, Lsn(0), &self.config.publication).await?;
-                            info!(%at, "snapshot of added tables complete, streaming resumed");
-                            return Ok(Some(Captured::TablesSnapshotted { at: Position::Postgres(at), tables }));
-                        }
                         self.repl.start_replication(&self.config.slot, at, &self.config.publication).await?;
                         self.released.release(at);
                         self.last_commit_seen = self.last_commit_seen.max(at);
@@ -245,10 +298,30 @@ impl PostgresSource {
                     }
                 }
             }
-            let wake = until.min(self.next_feedback);
+            let between_txns = self.txn.is_none() && self.held.is_none();
+            if between_txns && self.chunk.is_none() && !self.online.is_empty() {
+                self.start_chunk().await?;
+            }
+            if self.chunk.as_ref().is_some_and(|c| c.due) {
+                match self.next_chunk_item(until).await? {
+                    Some(Some(item)) => return Ok(Some(item)),
+                    Some(None) => return Ok(None),
+                    None => continue,
+                }
+            }
+            if self.chunk.is_some() && Instant::now() >= self.next_reply_request {
+                // An idle stream says how far it has sent only when asked.
+                self.repl.send_status(self.released.get(), true).await?;
+                self.next_reply_request = Instant::now() + Duration::from_millis(100);
+            }
+            let mut wake = until.min(self.next_feedback);
+            if self.chunk.is_some() {
+                wake = wake.min(self.next_reply_request);
+            }
             match tokio::time::timeout_at(wake, self.repl.next_message()).await {
                 Ok(msg) => self.handle(msg?).await?,
                 Err(_) if Instant::now() >= self.next_feedback => self.send_feedback().await?,
+                Err(_) if Instant::now() < until => {}
                 Err(_) => return Ok(None),
             }
         }
@@ -264,7 +337,7 @@ impl PostgresSource {
 
     async fn send_feedback(&mut self) -> Result<(), SourceError> {
         // The slot's confirmed position is what the spool made durable, never more.
-        self.repl.send_status(self.released.get()).await?;
+        self.repl.send_status(self.released.get(), false).await?;
         self.next_feedback = Instant::now() + Duration::from_millis(self.config.feedback_interval_ms);
         Ok(())
     }
@@ -273,6 +346,12 @@ impl PostgresSource {
         match msg {
             ReplicationMessage::Keepalive { wal_end, reply } => {
                 let quiet = self.txn.is_none() && self.held.is_none() && self.out.is_empty();
+                if let Some(c) = self.chunk.as_mut() {
+                    // The server has sent everything before the chunk's position.
+                    if self.txn.is_none() && self.held.is_none() && wal_end >= c.at {
+                        c.due = true;
+                    }
+                }
                 if quiet && self.released.get() >= self.last_commit_seen {
                     self.released.release(wal_end);
                 }
@@ -286,6 +365,14 @@ impl PostgresSource {
     }
 
     async fn handle_pgoutput(&mut self, msg: PgOutput) -> Result<(), SourceError> {
+        if let (PgOutput::Begin { final_lsn, .. }, Some(c)) = (&msg, self.chunk.as_mut()) {
+            // A transaction the chunk's snapshot does not hold: the chunk comes first.
+            if *final_lsn >= c.at {
+                c.due = true;
+                self.deferred = Some(msg);
+                return Ok(());
+            }
+        }
         match msg {
             PgOutput::Begin { final_lsn, commit_time_us, xid } => {
                 let skip_first = match self.open_txn {
@@ -350,6 +437,89 @@ impl PostgresSource {
         Ok(())
     }
 
+    /// Opens the next chunk of the first online table: a temporary slot exports a snapshot (its
+    /// consistent point is the chunk's position), the query connection imports it, the slot goes.
+    async fn start_chunk(&mut self) -> Result<(), SourceError> {
+        let Some(t) = self.online.front() else { return Ok(()) };
+        let table = t.schema.table.clone();
+        if self.announced.as_ref() != Some(&table) {
+            self.announced = Some(table.clone());
+            if t.rows == 0 && t.after_key.is_none() {
+                info!(%table, "online snapshot started");
+            } else {
+                info!(%table, rows = t.rows, "online snapshot resumed after the last spooled chunk");
+            }
+        }
+        let repl = match self.chunk_repl.as_mut() {
+            Some(r) => r,
+            None => {
+                let password = self.config.resolve_password()?;
+                let r = ReplicationConnection::connect(&self.config.target(password.as_deref())).await?;
+                self.chunk_repl.insert(r)
+            }
+        };
+        let temp = format!("{}_chunk", self.config.slot);
+        let rows = repl
+            .simple_query(&format!("CREATE_REPLICATION_SLOT {temp} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"))
+            .await?;
+        let (at, snapshot_name) = exported_snapshot(&rows)?;
+        let client = match self.chunk_client.as_ref() {
+            Some(c) => c,
+            None => self.chunk_client.insert(self.config.connect_query().await?),
+        };
+        begin_snapshot(client, &snapshot_name).await?;
+        repl.simple_query(&format!("DROP_REPLICATION_SLOT {temp}")).await?;
+        let sql = snapshot::chunk_sql(&t.schema, t.after_key.as_deref(), self.config.snapshot_chunk_rows.max(1));
+        let opens = t.rows == 0 && t.after_key.is_none();
+        let reader = SnapshotReader::chunk(t.schema.clone(), sql, at, opens);
+        self.chunk = Some(Chunk { at, reader, due: false, last_key: None, count: 0 });
+        self.next_reply_request = Instant::now();
+        Ok(())
+    }
+
+    /// The next row of the due chunk (`Some(None)` if `until` passed first); `None` once the chunk
+    /// is through, its end and the deferred transaction queued.
+    async fn next_chunk_item(&mut self, until: Instant) -> Result<Option<Option<Captured>>, SourceError> {
+        let c = self.chunk.as_mut().expect("a due chunk");
+        let client = self.chunk_client.as_ref().expect("a chunk has its connection");
+        match c.reader.next(client, until).await? {
+            Some(Some(item)) => {
+                if let Captured::Change { change, .. } = &item {
+                    if change.op == Operation::SnapshotRead {
+                        c.count += 1;
+                        c.last_key = Some(change.key.clone());
+                    }
+                }
+                return Ok(Some(Some(item)));
+            }
+            Some(None) => return Ok(Some(None)),
+            None => {}
+        }
+        client.batch_execute("COMMIT").await?;
+        let c = self.chunk.take().expect("a due chunk");
+        let limit = self.config.snapshot_chunk_rows.max(1);
+        let t = self.online.front_mut().expect("a chunk belongs to the first online table");
+        t.rows += c.count;
+        if let Some(last) = c.last_key {
+            t.after_key = Some(last);
+        }
+        let done = t.schema.is_keyless() || c.count < limit;
+        let progress = TableProgress {
+            table: t.schema.table.clone(),
+            after_key: t.after_key.clone().map(crate::wire::encode_row).unwrap_or_default(),
+            rows: t.rows,
+        };
+        if done {
+            info!(table = %t.schema.table, rows = t.rows, "online snapshot complete");
+            self.online.pop_front();
+        }
+        self.out.push_back(Captured::ChunkDone { progress, done });
+        if let Some(begin) = self.deferred.take() {
+            self.handle_pgoutput(begin).await?;
+        }
+        Ok(None)
+    }
+
     fn relation(&self, relid: u32) -> Result<Arc<TableSchema>, SourceError> {
         self.relations
             .get(&relid)
@@ -376,7 +546,10 @@ impl PostgresSource {
         // (Empty but for a while after such a snapshot: no lookup per change otherwise.)
         let in_snapshot = !self.snapshotted_at.is_empty()
             && self.snapshotted_at.get(&table.table).is_some_and(|&at| txn.final_lsn < at);
-        if txn.skip_all || order < txn.skip_first || in_snapshot {
+        // A table whose online snapshot has not begun: its first chunk opens with a TRUNCATE.
+        let before_snapshot = !self.online.is_empty()
+            && self.online.iter().any(|o| o.schema.table == table.table && o.rows == 0 && o.after_key.is_none());
+        if txn.skip_all || order < txn.skip_first || in_snapshot || before_snapshot {
             return;
         }
         let change = ChangeEvent {
@@ -423,6 +596,14 @@ fn exported_snapshot(rows: &[Vec<Option<String>>]) -> Result<(Lsn, String), Sour
     };
     let consistent_point: Lsn = field(1)?.parse().map_err(SourceError::Protocol)?;
     Ok((consistent_point, field(2)?))
+}
+
+/// The current shape of a table to snapshot online.
+async fn online_schema(client: &Client, table: &TableId) -> Result<Arc<TableSchema>, SourceError> {
+    let found = catalog::find_table(client, table)
+        .await?
+        .ok_or_else(|| SourceError::Prerequisite(format!("table {table} does not exist at the source")))?;
+    Ok(Arc::new(found.schema))
 }
 
 /// Opens the query connection's read-only transaction on an exported snapshot.

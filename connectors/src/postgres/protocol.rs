@@ -336,8 +336,9 @@ impl ReplicationConnection {
         }
     }
 
-    /// Sends a standby status update: everything up to `released` may be recycled by the server.
-    pub async fn send_status(&mut self, released: Lsn) -> Result<(), SourceError> {
+    /// Sends a standby status update: everything up to `released` may be recycled by the server;
+    /// with `reply`, the server answers at once with a keepalive saying how far it has sent.
+    pub async fn send_status(&mut self, released: Lsn, reply: bool) -> Result<(), SourceError> {
         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
         let mut payload = BytesMut::with_capacity(34);
         payload.put_u8(b'r');
@@ -345,7 +346,7 @@ impl ReplicationConnection {
         payload.put_u64(released.0); // flushed
         payload.put_u64(released.0); // applied
         payload.put_i64(now_us - PG_EPOCH_OFFSET_US);
-        payload.put_u8(0);
+        payload.put_u8(u8::from(reply));
         let mut buf = BytesMut::with_capacity(39);
         buf.put_u8(b'd');
         buf.put_i32(4 + payload.len() as i32);

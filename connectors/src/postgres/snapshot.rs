@@ -32,12 +32,23 @@ struct TableCopy {
     estimated: i64,
     partial: Vec<u8>,
     lines: VecDeque<Vec<u8>>,
+    /// A chunk: its progress is logged by the source, not here.
+    quiet: bool,
 }
 
-/// Reads the snapshot table by table, one row per call.
+/// One chunk of an online snapshot: its table, its `COPY (SELECT …)`, and whether it opens the
+/// table (a TRUNCATE first).
+struct ChunkQuery {
+    schema: Arc<TableSchema>,
+    sql: String,
+    truncate: bool,
+}
+
+/// Reads the snapshot table by table (or one chunk of a table), one row per call.
 pub struct SnapshotReader {
     all: Vec<TableId>,
     tables: VecDeque<TableId>,
+    chunk: Option<ChunkQuery>,
     current: Option<TableCopy>,
     consistent_point: Lsn,
     order: u32,
@@ -53,12 +64,22 @@ impl SnapshotReader {
         Self {
             all: tables.clone(),
             tables: tables.into(),
+            chunk: None,
             current: None,
             consistent_point,
             order: 0,
             started_us,
             last_progress: Instant::now(),
         }
+    }
+
+    /// A reader of one chunk of `schema`'s table: the rows `sql` (a `COPY … TO STDOUT`) returns in
+    /// the client's snapshot, taken at `at`; a TRUNCATE first when `truncate`.
+    pub fn chunk(schema: Arc<TableSchema>, sql: String, at: Lsn, truncate: bool) -> Self {
+        let mut r = Self::new(Vec::new(), at);
+        r.all = vec![schema.table.clone()];
+        r.chunk = Some(ChunkQuery { schema, sql, truncate });
+        r
     }
 
     /// The tables this snapshot reads.
@@ -98,6 +119,22 @@ impl SnapshotReader {
     pub async fn next(&mut self, client: &Client, until: Instant) -> Result<Option<Option<Captured>>, SourceError> {
         loop {
             let Some(copy) = self.current.as_mut() else {
+                if let Some(q) = self.chunk.take() {
+                    let rows = Box::pin(client.copy_out(&q.sql).await?);
+                    self.current = Some(TableCopy {
+                        schema: q.schema.clone(),
+                        rows,
+                        copied: 0,
+                        estimated: 0,
+                        partial: Vec::new(),
+                        lines: VecDeque::new(),
+                        quiet: true,
+                    });
+                    if q.truncate {
+                        return Ok(Some(Some(self.event(&q.schema, Operation::Truncate, None))));
+                    }
+                    continue;
+                }
                 let Some(table) = self.tables.pop_front() else { return Ok(None) };
                 let found = catalog::find_table(client, &table)
                     .await?
@@ -119,6 +156,7 @@ impl SnapshotReader {
                     estimated: found.estimated_rows,
                     partial: Vec::new(),
                     lines: VecDeque::new(),
+                    quiet: false,
                 });
                 return Ok(Some(Some(self.event(&schema, Operation::Truncate, None))));
             };
@@ -140,7 +178,7 @@ impl SnapshotReader {
                     })
                     .collect();
                 copy.copied += 1;
-                if self.last_progress.elapsed() >= PROGRESS_EVERY {
+                if !copy.quiet && self.last_progress.elapsed() >= PROGRESS_EVERY {
                     self.last_progress = Instant::now();
                     info!(table = %copy.schema.table, rows = copy.copied, estimated_rows = copy.estimated, "snapshot progress");
                 }
@@ -161,12 +199,46 @@ impl SnapshotReader {
                     }
                 }
                 Ok(None) => {
-                    info!(table = %copy.schema.table, rows = copy.copied, "snapshot of table done");
+                    if !copy.quiet {
+                        info!(table = %copy.schema.table, rows = copy.copied, "snapshot of table done");
+                    }
                     self.current = None;
                 }
             }
         }
     }
+}
+
+/// The `COPY` of an online snapshot chunk: the next `limit` rows after `after` in key order, or
+/// the whole table when it has no key. The key values come from the table's own rows and are
+/// written as quoted literals cast to the column types `format_type` printed (`COPY` takes no
+/// parameters).
+pub fn chunk_sql(schema: &TableSchema, after: Option<&[crate::model::Value]>, limit: u64) -> String {
+    let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let from = format!("{}.{}", quote_ident(&schema.table.schema), quote_ident(&schema.table.name));
+    if schema.is_keyless() {
+        return format!("COPY (SELECT {} FROM ONLY {from}) TO STDOUT", cols.join(", "));
+    }
+    let key: Vec<String> = schema.key_columns.iter().map(|&k| quote_ident(&schema.columns[k].name)).collect();
+    let key = key.join(", ");
+    let filter = match after {
+        Some(after) => {
+            let literals: Vec<String> = after
+                .iter()
+                .zip(&schema.key_columns)
+                .map(|(v, &k)| {
+                    let mut text = String::new();
+                    match crate::postgres::text::write_value(v, &mut text) {
+                        Some(()) => format!("'{}'::{}", text.replace('\'', "''"), schema.columns[k].type_name),
+                        None => "NULL".to_string(),
+                    }
+                })
+                .collect();
+            format!(" WHERE ({key}) > ({})", literals.join(", "))
+        }
+        None => String::new(),
+    };
+    format!("COPY (SELECT {} FROM ONLY {from}{filter} ORDER BY {key} LIMIT {limit}) TO STDOUT", cols.join(", "))
 }
 
 /// Quotes an identifier for SQL.

@@ -1,7 +1,8 @@
 //! A table added to `source.tables` of an agent that has been streaming: its rows written before
-//! are snapshotted when the agent restarts, while the source keeps writing to it and to the other
-//! table, with no gap and no overlap; a `kill -9` in the middle of that snapshot takes it again on
-//! the next start. The NDC ends equal to the source, row for row, in both tables.
+//! are snapshotted online, in chunks, when the agent restarts, while the stream flows and the
+//! source keeps writing to it and to the other table, with no gap and no overlap; a `kill -9` in
+//! the middle of that snapshot resumes after its last spooled chunk on the next start. The NDC
+//! ends equal to the source, row for row, in both tables.
 
 use std::time::{Duration, Instant};
 
@@ -59,15 +60,19 @@ async fn a_table_added_to_a_streaming_agent_is_snapshotted_with_no_gap_even_afte
         }
         anyhow::Ok(())
     });
-    d.start_agent()?;
-    wait_agent_log(&d, "snapshot of tables added to source.tables", Duration::from_secs(30)).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mid = !d.agent.as_ref().expect("agent").log_text().contains("snapshot of added tables complete");
-    eprintln!("killed {} the snapshot of the added table", if mid { "during" } else { "after" });
+    let debug = [("DONGBO_LOG", "info,dongbo_agent::capture=debug"), ("DONGBO_LOG_FORMAT", "json")];
+    d.start_agent_with_env(&debug)?;
+    wait_agent_log(&d, "online snapshot started", Duration::from_secs(30)).await?;
+    // kill -9 once part of the table is spooled (the log says so chunk by chunk).
+    wait_agent_log(&d, "\"rows\":40000", Duration::from_secs(60)).await?;
     d.agent.as_mut().expect("agent").kill9();
+    let log_before = d.agent.as_ref().expect("agent").log_text().len();
 
     d.start_agent()?;
-    wait_agent_log(&d, "snapshot of added tables complete", Duration::from_secs(120)).await?;
+    wait_agent_log(&d, "online snapshot complete", Duration::from_secs(120)).await?;
+    let log = d.agent.as_ref().expect("agent").log_text().split_off(log_before);
+    assert!(log.contains("online snapshot resumed after the last spooled chunk"), "{log}");
+    assert!(!log.contains("online snapshot started"), "the table was started over:\n{log}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = stop_tx.send(true);
     load.await??;
@@ -118,7 +123,7 @@ async fn resnapshot_repairs_a_drifted_ndc_table_while_the_stream_goes_on() -> an
     assert!(ok && text.contains("public.citizens will be snapshotted again"), "{text}");
     insert_citizens(&src, &mut gen, 50).await?;
     d.start_agent()?;
-    wait_agent_log(&d, "snapshot of added tables complete", Duration::from_secs(60)).await?;
+    wait_agent_log(&d, "online snapshot complete", Duration::from_secs(60)).await?;
     insert_citizens(&src, &mut gen, 50).await?;
     assert_eq!(d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?, 400);
     Ok(())
