@@ -21,16 +21,16 @@ use std::collections::{HashMap, VecDeque};
 
 use futures::StreamExt;
 use mysql_async::binlog::events::{EventData, RowsEventData, TableMapEvent};
-use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::value::BinlogValue;
 use mysql_async::prelude::Queryable;
 use mysql_async::BinlogStreamRequest;
+use mysql_common::io::ParseBuf;
 use tokio::sync::mpsc;
 use tracing::info;
 
 use super::chunks::{self, Chunk, OnlineTable};
 use super::position::BinlogFiles;
-use super::schema::{self, MyTable};
+use super::schema::{self, Kind, MyTable};
 use super::snapshot::closed;
 use super::value::{from_binlog, ZeroDates};
 use crate::error::SourceError;
@@ -203,18 +203,19 @@ pub async fn stream(
                     return Err(SourceError::Protocol(format!("row event for unknown table id {}", rows.table_id())));
                 };
                 let id = TableId::new(tme.database_name().to_string(), tme.table_name().to_string());
-                if !start.tables.contains_key(&id) {
-                    continue;
-                }
                 let Some(t) = txn.as_mut() else {
                     return Err(SourceError::Protocol("row event outside a transaction".into()));
                 };
-                if start.snapshotted_at.get(&id).is_some_and(|&at| t.name < at) {
-                    continue;
-                }
-                // A table whose online snapshot has not begun: its first chunk opens with a
-                // TRUNCATE, so its changes before that need not travel.
-                if start.online.iter().any(|o| o.table.schema.table == id && o.rows == 0 && o.after_key.is_none()) {
+                // Changes are numbered among all the transaction's rows, of every table, so a
+                // restart inside it skips the same ones whatever source.tables says by then.
+                let dropped = !start.tables.contains_key(&id)
+                    || start.snapshotted_at.get(&id).is_some_and(|&at| t.name < at)
+                    // A table whose online snapshot has not begun: its first chunk opens with a
+                    // TRUNCATE, so its changes before that need not travel.
+                    || start.online.iter().any(|o| o.table.schema.table == id && o.rows == 0 && o.after_key.is_none());
+                if dropped {
+                    let n = rows.rows(tme).count();
+                    t.order = t.order.saturating_add(n as u32);
                     continue;
                 }
                 let columns = rows.num_columns() as usize;
@@ -366,9 +367,12 @@ where
 
 type Decoded = (Operation, Option<Row>, Option<Row>);
 
-fn decode_rows(
-    rows: &RowsEventData<'_>,
-    tme: &TableMapEvent<'_>,
+/// Decodes a rows event's images value by value. `mysql_common`'s own row iterator builds a
+/// column description (names, flags, charset) for every value of every row, which cost most of
+/// the capture time; the values themselves are decoded by its `BinlogValue`, as there.
+fn decode_rows<'a>(
+    rows: &'a RowsEventData<'a>,
+    tme: &'a TableMapEvent<'a>,
     table: &MyTable,
     zero: ZeroDates,
 ) -> Result<Vec<Decoded>, SourceError> {
@@ -384,36 +388,49 @@ fn decode_rows(
             ))
         }
     };
+    let bad = |what: &str| SourceError::Protocol(format!("row event of {}: {what}", table.schema.table));
+    let mut columns = Vec::with_capacity(table.kinds.len());
+    for (i, kind) in table.kinds.iter().enumerate() {
+        let col_type = tme.get_column_type(i).map_err(|e| bad(&e.to_string()))?.ok_or_else(|| bad("no column type"))?;
+        let unsigned = matches!(kind, Kind::Int { unsigned: true, .. });
+        columns.push((col_type, tme.get_column_metadata(i).unwrap_or(&[]), unsigned));
+    }
     let before_cols = rows.columns_before_image().map(present);
     let after_cols = rows.columns_after_image().map(present);
-    let mut out = Vec::new();
-    for pair in rows.rows(tme) {
-        let (before, after) = pair?;
-        let image = |row: Option<BinlogRow>, cols: Option<&Vec<bool>>| -> Result<Option<Row>, SourceError> {
-            let (Some(row), Some(cols)) = (row, cols) else { return Ok(None) };
-            let mut values = row.unwrap().into_iter();
-            let mut out = Vec::with_capacity(table.kinds.len());
-            for (i, kind) in table.kinds.iter().enumerate() {
-                if !cols.get(i).copied().unwrap_or(false) {
-                    out.push(Value::UnchangedToast);
-                    continue;
-                }
-                let v = match values.next() {
-                    Some(BinlogValue::Value(v)) => v,
-                    Some(_) => {
-                        return Err(SourceError::Prerequisite(format!(
-                            "column {} of {} holds MySQL binary JSON, which the agent does not decode yet",
-                            table.schema.columns[i].name, table.schema.table
-                        )))
-                    }
-                    None => return Err(SourceError::Protocol("a row image is shorter than its column bitmap".into())),
-                };
-                out.push(from_binlog(kind, v, zero));
+    let image = |buf: &mut ParseBuf<'a>, cols: &[bool]| -> Result<Row, SourceError> {
+        let n = cols.iter().filter(|&&c| c).count();
+        let nulls: &[u8] = buf.parse(n.div_ceil(8))?;
+        let mut out = Vec::with_capacity(table.kinds.len());
+        let mut k = 0usize;
+        for (i, kind) in table.kinds.iter().enumerate() {
+            if !cols.get(i).copied().unwrap_or(false) {
+                out.push(Value::UnchangedToast);
+                continue;
             }
-            Ok(Some(out))
-        };
-        let before = image(before, before_cols.as_ref())?;
-        let after = image(after, after_cols.as_ref())?;
+            let null = nulls[k / 8] & (1 << (k % 8)) != 0;
+            k += 1;
+            if null {
+                out.push(Value::Null);
+                continue;
+            }
+            let (col_type, meta, unsigned) = columns[i];
+            match buf.parse::<BinlogValue<'a>>((col_type, meta, unsigned, false))? {
+                BinlogValue::Value(v) => out.push(from_binlog(kind, v, zero)),
+                _ => {
+                    return Err(SourceError::Prerequisite(format!(
+                        "column {} of {} holds MySQL binary JSON, which the agent does not decode yet",
+                        table.schema.columns[i].name, table.schema.table
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    };
+    let mut buf = ParseBuf(rows.rows_data());
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let before = before_cols.as_deref().map(|c| image(&mut buf, c)).transpose()?;
+        let after = after_cols.as_deref().map(|c| image(&mut buf, c)).transpose()?;
         out.push((op, before, after));
     }
     Ok(out)
