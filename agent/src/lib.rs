@@ -168,3 +168,11 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_allocator_options_hold_from_the_start() {
+        assert!(dongbo_connectors::allocator::tuned());
+    }
+}

@@ -98,6 +98,7 @@ fn init_logs() {
     } else {
         builder.init();
     }
+    dongbo_connectors::allocator::warn_if_untuned();
 }
 
 async fn wait_for_signal() {

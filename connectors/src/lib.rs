@@ -13,9 +13,12 @@
 //! - [`kafka`] — Kafka helpers shared by the agent and the hub.
 //! - [`fault`] — fault injection points for the fault tests (`DONGBO_FAULT`).
 //! - [`tls`] — certificate validity, for expiry warnings.
+//! - `allocator` (feature `allocator`) — the binaries' allocator, tuned for a small footprint.
 //! - [`segments`] — append-only payload files, the durable storage under the agent's spool and the
 //!   hub's fan-out log.
 
+#[cfg(feature = "allocator")]
+pub mod allocator;
 pub mod check;
 pub mod config_file;
 pub mod error;
