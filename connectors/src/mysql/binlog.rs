@@ -132,7 +132,7 @@ pub async fn stream(
             }
         }
         let Some(event) = binlog.next().await else { break };
-        let event = event?;
+        let event = event.map_err(|e| purged(e, &files.file_name(start.from)))?;
         let header = event.header();
         let end = BinlogPos { file, pos: u64::from(header.log_pos()) };
         if header.log_pos() != 0 {
@@ -265,6 +265,20 @@ pub async fn stream(
         }
     }
     Err(SourceError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the binlog stream")))
+}
+
+/// Error 1236 (the server cannot send from that position, e.g. its binlog was purged while the
+/// link was down) gets what to do, in words: it never fixes itself.
+fn purged(e: mysql_async::Error, from: &str) -> SourceError {
+    match &e {
+        mysql_async::Error::Server(s) if s.code == 1236 => SourceError::Prerequisite(format!(
+            "the server cannot send its binlog from {from} any more ({}): changes from there on are gone \
+             from the binlog. Keep binlogs longer (binlog_expire_logs_seconds) and take a new snapshot: stop \
+             the agent, move its spool directory aside, start it",
+            s.message
+        )),
+        _ => SourceError::MySql(e),
+    }
 }
 
 /// Yields a read chunk (a TRUNCATE first if it opens its table) and its end with the table's

@@ -243,3 +243,29 @@ async fn mariadb_snapshot_then_binlog_delivers_every_type_and_change_exactly_onc
     d.wait_applied(changes, Duration::from_secs(30)).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binlog_purged_while_the_agent_was_down_stops_it_with_what_to_do() -> anyhow::Result<()> {
+    let mut d = Deployment::new("mariadbpurged", "SELECT 1", &["public.unused"]).await?;
+    let db = MariaDb::start("purged", &[]).await?;
+    db.sql("CREATE TABLE province.people (id int PRIMARY KEY, name varchar(50)); INSERT INTO province.people VALUES (1, 'An');")?;
+    d.start_hub().await?;
+    let config = db.agent_config(&d, &["province.people"], "");
+    d.start_agent_from(&config, &[])?;
+    d.wait_applied(2, Duration::from_secs(60)).await?;
+    d.agent.as_mut().expect("agent").stop();
+    // While it is down the server moves to a new binlog and purges the one the agent was reading.
+    db.sql("INSERT INTO province.people VALUES (2, 'Bình'); FLUSH BINARY LOGS; PURGE BINARY LOGS BEFORE NOW() + INTERVAL 1 DAY;")?;
+    d.start_agent_from(&config, &[])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.agent.as_mut().expect("agent").is_running() {
+        anyhow::ensure!(Instant::now() < deadline, "the agent kept running on a purged binlog");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = d.agent.as_ref().expect("agent").log_text();
+    assert!(log.contains("cannot send its binlog from binlog.000001"), "{log}");
+    assert!(log.contains("move its spool directory aside"), "{log}");
+    let (_, applied, _) = d.applied().await?;
+    assert_eq!(applied, 2, "nothing was applied from a binlog with a hole in it");
+    Ok(())
+}
