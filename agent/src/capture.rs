@@ -39,6 +39,15 @@ impl CaptureError {
     }
 }
 
+/// Why a capture session ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The agent is shutting down.
+    Shutdown,
+    /// `[source]` was reloaded: start again with it.
+    Reload,
+}
+
 /// How often a paused capture says so and reports its position to the source.
 const PAUSED_TICK: Duration = Duration::from_secs(1);
 /// How long a capture with nothing to do waits for the source before looking around again.
@@ -59,17 +68,22 @@ impl<'a> Capture<'a> {
     }
 
     /// Starts the configured source from the spool's resume point and captures until `shutdown`
-    /// turns true (then flushes what it holds) or an error.
-    pub async fn run(&self, config: &SourceConfig, shutdown: &mut watch::Receiver<bool>) -> Result<(), CaptureError> {
+    /// turns true or `reload` changes (then flushes what it holds), or an error.
+    pub async fn run(
+        &self,
+        config: &SourceConfig,
+        shutdown: &mut watch::Receiver<bool>,
+        reload: &mut watch::Receiver<SourceConfig>,
+    ) -> Result<Stopped, CaptureError> {
         let resume = self.spool.resume_point()?;
         match config {
             SourceConfig::Postgres(pg) => {
                 let source = PostgresSource::start(pg.clone(), resume.clone()).await?;
-                self.capture(source, resume, shutdown).await
+                self.capture(source, resume, shutdown, reload).await
             }
             SourceConfig::MySql(my) => {
                 let source = MySqlSource::start(my.clone(), resume.clone()).await?;
-                self.capture(source, resume, shutdown).await
+                self.capture(source, resume, shutdown, reload).await
             }
         }
     }
@@ -79,7 +93,8 @@ impl<'a> Capture<'a> {
         mut source: S,
         mut resume: ResumePoint,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), CaptureError> {
+        reload: &mut watch::Receiver<SourceConfig>,
+    ) -> Result<Stopped, CaptureError> {
         let mut next_seq = self.spool.next_seq()?;
         let mut pending: Vec<ChangeEvent> = Vec::with_capacity(self.batch_max_changes);
         let mut dirty = false;
@@ -89,7 +104,13 @@ impl<'a> Capture<'a> {
             if *shutdown.borrow() {
                 self.flush(&source, &mut pending, &resume, next_seq).await?;
                 info!("capture stopped");
-                return Ok(());
+                return Ok(Stopped::Shutdown);
+            }
+            if reload.has_changed().unwrap_or(false) {
+                // What is complete is spooled with its resume point; the restarted source goes on
+                // from there.
+                self.flush(&source, &mut pending, &resume, next_seq).await?;
+                return Ok(Stopped::Reload);
             }
             if self.spool.is_full() {
                 if paused_since.is_none() {
@@ -103,6 +124,7 @@ impl<'a> Capture<'a> {
                 tokio::select! {
                     _ = tokio::time::sleep(PAUSED_TICK) => {}
                     _ = shutdown.changed() => {}
+                    _ = reload.changed() => {}
                 }
                 continue;
             }
@@ -119,6 +141,11 @@ impl<'a> Capture<'a> {
             let item = tokio::select! {
                 item = source.next(until) => item?,
                 _ = shutdown.changed() => continue,
+                Ok(()) = reload.changed() => {
+                    // Seen again at the top of the loop.
+                    reload.mark_changed();
+                    continue;
+                }
             };
             match item {
                 Some(Captured::Change { mut change, txn }) => {

@@ -30,7 +30,7 @@ use backoff::ExponentialBackoffBuilder;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::capture::{Capture, CaptureError};
+use crate::capture::{Capture, CaptureError, Stopped};
 use crate::config::{AgentConfig, SourceConfig};
 use crate::spool::{Spool, SpoolError};
 
@@ -85,8 +85,14 @@ pub enum ResnapshotError {
     Spool(SpoolError),
 }
 
-/// Runs capture and shipping until `shutdown` turns true or capture meets a definite error.
-pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+/// Runs capture and shipping until `shutdown` turns true or capture meets a definite error. A new
+/// value in `sources` (agent.toml's `[source]` reloaded) restarts capture with it, from the spool's
+/// resume point: tables added are snapshotted online, tables removed stop being captured.
+pub async fn run(
+    config: AgentConfig,
+    mut shutdown: watch::Receiver<bool>,
+    mut sources: watch::Receiver<SourceConfig>,
+) -> Result<(), AgentError> {
     let spool = Arc::new(Spool::open(&config.spool.path, config.spool.max_bytes)?);
     info!(source_id = %config.source_id, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "agent starting");
     let shipper = match (&config.hub, &config.kafka) {
@@ -111,10 +117,17 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
         .build();
     let stopping = shutdown.clone();
     let capturing = async {
+        let mut source = config.source.clone();
+        sources.mark_unchanged();
         loop {
             let started = tokio::time::Instant::now();
-            match capture.run(&config.source, &mut shutdown).await {
-                Ok(()) => break Ok(()),
+            match capture.run(&source, &mut shutdown, &mut sources).await {
+                Ok(Stopped::Shutdown) => break Ok(()),
+                Ok(Stopped::Reload) => {
+                    // Validated when agent.toml was loaded again.
+                    source = sources.borrow_and_update().clone();
+                    info!("capture restarting with the reloaded [source]");
+                }
                 Err(e) if e.is_transient() => {
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff.reset();

@@ -50,14 +50,27 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             init_logs();
-            let config = dongbo_agent::config::AgentConfig::load(&config)?;
+            let path = config;
+            let config = dongbo_agent::config::AgentConfig::load(&path)?;
             let (tx, rx) = watch::channel(false);
-            // SIGHUP reloads (the hub link reconnects with its TLS files); it must never kill the
-            // agent, as its default action would, whatever the link.
+            let (source_tx, source_rx) = watch::channel(config.source.clone());
+            // SIGHUP reloads: the hub link reconnects with its TLS files, and capture restarts
+            // with agent.toml's [source] as it now reads (a table added to source.tables is then
+            // snapshotted online). It must never kill the agent, as its default action would.
             if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
                 tokio::spawn(async move {
                     while hangup.recv().await.is_some() {
-                        tracing::info!("SIGHUP: reloading");
+                        match dongbo_agent::config::AgentConfig::load(&path) {
+                            Ok(new) => {
+                                tracing::info!(
+                                    "SIGHUP: reloading; capture restarts with [source] as agent.toml now reads"
+                                );
+                                let _ = source_tx.send(new.source);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "SIGHUP: agent.toml does not load; keeping the running configuration")
+                            }
+                        }
                     }
                 });
             }
@@ -66,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 tracing::info!("shutdown requested");
                 let _ = tx.send(true);
             });
-            dongbo_agent::run(config, rx).await.context("dongbo-agent stopped")?;
+            dongbo_agent::run(config, rx, source_rx).await.context("dongbo-agent stopped")?;
             Ok(())
         }
         Command::Resnapshot { config, tables } => {

@@ -65,7 +65,25 @@ fn run(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// A free TCP port on 127.0.0.1.
+///
+/// Picked at random below Linux's ephemeral range (32768 and up): a port the kernel hands out for
+/// `bind(0)` is one it also hands to outgoing connections, so between this call and the server's
+/// own bind a test's client connection could take it ("Address already in use"). A port is never
+/// handed out twice by one process.
 pub fn free_port() -> u16 {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = 20_000 + (rand::random::<u16>() % 12_000);
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 

@@ -1,5 +1,5 @@
-//! Online snapshots on MariaDB: a table of 200 000 rows added to `source.tables` is snapshotted
-//! in chunks while the binlog keeps flowing and its source keeps writing (updates, inserts and
+//! Online snapshots on MariaDB: a table of 200 000 rows added to `source.tables` of a running
+//! agent (agent.toml edited, then SIGHUP) is snapshotted in chunks while the binlog keeps flowing and its source keeps writing (updates, inserts and
 //! deletes across the whole key range); the agent is killed with `kill -9` mid-table and resumes
 //! after its last spooled chunk instead of starting over. The NDC ends equal to the source row
 //! for row, and the hub applied no more than one chunk twice.
@@ -55,7 +55,8 @@ async fn a_table_added_to_a_running_agent_is_snapshotted_online_and_resumes_afte
     )?;
     d.start_hub().await?;
     let extra = format!("snapshot_chunk_rows = {CHUNK}");
-    d.start_agent_from(&db.agent_config(&d, &["province.people"], &extra), &[])?;
+    let debug = [("DONGBO_LOG", "info,dongbo_agent::capture=debug"), ("DONGBO_LOG_FORMAT", "json")];
+    d.start_agent_from(&db.agent_config(&d, &["province.people"], &extra), &debug)?;
     d.wait_applied(1 + 100, Duration::from_secs(60)).await?;
 
     db.sql(&format!(
@@ -63,10 +64,11 @@ async fn a_table_added_to_a_running_agent_is_snapshotted_online_and_resumes_afte
          INSERT INTO province.residents SELECT seq, CONCAT('Cư dân ', seq), LPAD(seq % 10000, 5, '0'), 1 FROM province.seq_1_to_{ROWS};"
     ))?;
     let (_, before, _) = d.applied().await?;
-    d.agent.as_mut().expect("agent").stop();
+    // The operator adds the table to agent.toml and sends SIGHUP: the running agent takes it.
     let config = db.agent_config(&d, &["province.people", "province.residents"], &extra);
-    let debug = [("DONGBO_LOG", "info,dongbo_agent::capture=debug"), ("DONGBO_LOG_FORMAT", "json")];
-    d.start_agent_from(&config, &debug)?;
+    std::fs::write(d.dir.join("agent.toml"), &config)?;
+    let pid = d.agent.as_ref().expect("agent").pid().expect("agent pid");
+    anyhow::ensure!(Command::new("kill").args(["-HUP", &pid.to_string()]).status()?.success(), "kill -HUP");
 
     // The source keeps writing all over the key range while the table is read.
     let writer = {
