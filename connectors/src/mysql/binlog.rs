@@ -26,6 +26,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::BinlogStreamRequest;
 use mysql_common::io::ParseBuf;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::info;
 
 use super::chunks::{self, Chunk, OnlineTable};
@@ -43,6 +44,17 @@ const MARIADB_QUERY_COMPRESSED_EVENT: u8 = 165;
 const MARIADB_DELETE_ROWS_COMPRESSED_EVENT: u8 = 171;
 /// Set on events the server makes up for the reader (the rotate that opens a stream).
 const LOG_EVENT_ARTIFICIAL_F: u16 = 0x20;
+/// How close to the binlog's end the stream must be before an online snapshot chunk starts.
+const NEAR_END_BYTES: u64 = 4 << 20;
+/// How often the binlog's end is asked for while a chunk waits to start.
+const END_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The server's binlog end, `None` if it does not say.
+async fn server_end(conn: &mut mysql_async::Conn, files: &BinlogFiles) -> Result<Option<BinlogPos>, SourceError> {
+    let status: Option<(String, u64, String, String)> = conn.query_first("SHOW MASTER STATUS").await?;
+    status.map(|(file, pos, _, _)| files.position(&file, pos)).transpose()
+}
+
 /// The GTID event's flag for a statement outside any transaction (DDL).
 const FL_STANDALONE: u8 = 1;
 
@@ -102,11 +114,22 @@ pub async fn stream(
     let mut chunk_conn = None;
     let mut chunk: Option<Chunk> = None;
     let mut announced: Option<TableId> = None;
+    let (mut next_end_check, mut near_end) = (Instant::now(), false);
     loop {
-        // Online snapshots: a chunk is started at once (its read view fixes its position) and
-        // yielded when the stream has read up to that position, between transactions.
+        // Online snapshots: a chunk is started once the stream is near the binlog's end (its read
+        // view, which fixes its position, then stays open only briefly) and yielded when the
+        // stream has read up to that position, between transactions.
+        if txn.is_none() && chunk.is_none() && !start.online.is_empty() && Instant::now() >= next_end_check {
+            next_end_check = Instant::now() + END_CHECK_EVERY;
+            near_end = match server_end(&mut schema_conn, &files).await? {
+                Some(end) => {
+                    end <= processed || (end.file == processed.file && end.pos - processed.pos <= NEAR_END_BYTES)
+                }
+                None => true,
+            };
+        }
         if txn.is_none() {
-            if let (None, Some(t)) = (&chunk, start.online.front()) {
+            if let (None, Some(t), true) = (&chunk, start.online.front(), near_end) {
                 let conn = match chunk_conn.take() {
                     Some(c) => c,
                     None => mysql_async::Conn::new(opts.clone()).await?,

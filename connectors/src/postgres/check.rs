@@ -53,6 +53,23 @@ pub async fn run(client: &Client, config: &PostgresConfig) -> Result<CheckReport
              (the agent retries until there is); raise max_replication_slots by one",
         );
     }
+    // An online snapshot also opens a second replication connection, beside the stream's.
+    let senders = client
+        .query_one(
+            "SELECT current_setting('max_wal_senders')::int4 - (SELECT count(*)::int4 FROM pg_stat_replication)",
+            &[],
+        )
+        .await?;
+    let free_senders: i32 = senders.try_get(0)?;
+    if free_senders < 2 {
+        r.warn(
+            "max_wal_senders",
+            format!(
+                "{free_senders} free: the agent streams over one replication connection and snapshots a table added \
+                 later over a second; raise max_wal_senders (restart) so both fit"
+            ),
+        );
+    }
     for table in config.table_ids() {
         match catalog::find_table(client, &table).await {
             Ok(None) => r.problem(format!("table {table}"), "does not exist; fix source.tables or create it"),

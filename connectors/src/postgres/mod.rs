@@ -160,6 +160,11 @@ pub struct PostgresSource {
     chunk_client: Option<Client>,
     announced: Option<TableId>,
     next_reply_request: Instant,
+    /// How far the stream has read (commits and keepalives), and whether that was near the WAL's
+    /// end when last asked.
+    seen_upto: Lsn,
+    near_end: bool,
+    next_end_check: Instant,
     last_commit_seen: Lsn,
     released: Released,
     next_feedback: Instant,
@@ -275,6 +280,9 @@ impl PostgresSource {
             chunk_client: None,
             announced: None,
             next_reply_request: Instant::now(),
+            seen_upto: committed_end,
+            near_end: false,
+            next_end_check: Instant::now(),
         })
     }
 
@@ -299,7 +307,7 @@ impl PostgresSource {
                 }
             }
             let between_txns = self.txn.is_none() && self.held.is_none();
-            if between_txns && self.chunk.is_none() && !self.online.is_empty() {
+            if between_txns && self.chunk.is_none() && !self.online.is_empty() && self.near_wal_end().await? {
                 self.start_chunk().await?;
             }
             if self.chunk.as_ref().is_some_and(|c| c.due) {
@@ -345,6 +353,7 @@ impl PostgresSource {
     async fn handle(&mut self, msg: ReplicationMessage) -> Result<(), SourceError> {
         match msg {
             ReplicationMessage::Keepalive { wal_end, reply } => {
+                self.seen_upto = self.seen_upto.max(wal_end);
                 let quiet = self.txn.is_none() && self.held.is_none() && self.out.is_empty();
                 if let Some(c) = self.chunk.as_mut() {
                     // The server has sent everything before the chunk's position.
@@ -388,6 +397,7 @@ impl PostgresSource {
                     change.txn_last = true;
                     self.out.push_back(Captured::Change { change, txn: Some(Position::Postgres(lsn)) });
                 }
+                self.seen_upto = self.seen_upto.max(end_lsn);
                 if !txn.skip_all {
                     self.out.push_back(Captured::Commit { end: Position::Postgres(end_lsn) });
                     self.last_commit_seen = end_lsn;
@@ -435,6 +445,25 @@ impl PostgresSource {
             PgOutput::Ignored => {}
         }
         Ok(())
+    }
+
+    /// Whether the stream has read close to the server's WAL end, asked at most every 200 ms: a
+    /// chunk's snapshot is held open until the stream reaches its position, so a chunk does not
+    /// start while the stream works through a backlog.
+    async fn near_wal_end(&mut self) -> Result<bool, SourceError> {
+        const NEAR_END_BYTES: u64 = 16 << 20;
+        if Instant::now() >= self.next_end_check {
+            self.next_end_check = Instant::now() + Duration::from_millis(200);
+            let row = self.client.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await?;
+            let end = row.try_get::<_, i64>(0)? as u64;
+            self.near_end = end.saturating_sub(self.seen_upto.0) <= NEAR_END_BYTES;
+            if !self.near_end {
+                // The server says how far it has sent only when asked (or every wal_sender_timeout
+                // / 2): WAL of other databases moves the end without a commit here.
+                self.repl.send_status(self.released.get(), true).await?;
+            }
+        }
+        Ok(self.near_end)
     }
 
     /// Opens the next chunk of the first online table: a temporary slot exports a snapshot (its
