@@ -302,6 +302,17 @@ impl TryFrom<pb::ChangeBatch> for ChangeBatch {
                     table.table
                 )));
             }
+            // A new row's key must be known: an "unchanged" key would read as a key change to
+            // nowhere, and the row would be deleted.
+            let unknown_key = |row: &Option<Row>| {
+                row.as_ref().is_some_and(|r| table.key_columns.iter().any(|&k| r[k] == Value::UnchangedToast))
+            };
+            if unknown_key(&after) || key.contains(&Value::UnchangedToast) {
+                return Err(malformed(format!(
+                    "change {seq} ({op:?}) of {} leaves a key column unchanged-unknown",
+                    table.table
+                )));
+            }
             let position = match c.position.and_then(|p| p.kind) {
                 Some(pb::source_position::Kind::PgLsn(l)) => Position::Postgres(Lsn(l)),
                 Some(pb::source_position::Kind::Binlog(b)) => Position::MySql(BinlogPos { file: b.file, pos: b.pos }),
@@ -420,6 +431,10 @@ mod tests {
         let mut p = batch_into_proto(batch.clone());
         p.changes[0].after.as_mut().unwrap().values[0].kind = None;
         assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("no kind"));
+
+        let mut p = batch_into_proto(batch.clone());
+        p.changes[0].after.as_mut().unwrap().values[0] = value_into_proto(Value::UnchangedToast);
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("leaves a key column unchanged-unknown"));
 
         assert!(matches!(decode_batch(b"\xff\xff\xff"), Err(WireError::Undecodable(_))));
     }

@@ -467,7 +467,17 @@ fn decode_rows<'a>(
     let mut out = Vec::new();
     while !buf.is_empty() {
         let before = before_cols.as_deref().map(|c| image(&mut buf, c)).transpose()?;
-        let after = after_cols.as_deref().map(|c| image(&mut buf, c)).transpose()?;
+        let mut after = after_cols.as_deref().map(|c| image(&mut buf, c)).transpose()?;
+        // A column an update's after image leaves out (binlog_row_image MINIMAL or NOBLOB) did not
+        // change: where the before image has it (the key, at least), that is its value, so an
+        // update does not look like a key change.
+        if let (Some(b), Some(a)) = (&before, &mut after) {
+            for (new, old) in a.iter_mut().zip(b) {
+                if *new == Value::UnchangedToast && *old != Value::UnchangedToast {
+                    *new = old.clone();
+                }
+            }
+        }
         out.push((op, before, after));
     }
     Ok(out)
