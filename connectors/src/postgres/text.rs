@@ -239,17 +239,51 @@ fn write_array(items: &[Value], out: &mut String) {
     out.push('}');
 }
 
-/// Appends `text` to a COPY text-format line, escaping what COPY treats specially.
+/// Appends `text` to a COPY text-format line, escaping what COPY treats specially. Runs of plain
+/// bytes are copied whole.
 pub fn push_copy_escaped(text: &str, out: &mut Vec<u8>) {
-    for &b in text.as_bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+/// Appends a value to a COPY text-format line (`\N` for NULL); `scratch` holds the text of
+/// values that are not text already. `false` for an unchanged TOAST value, which has no text.
+pub fn push_copy_value(v: &Value, out: &mut Vec<u8>, scratch: &mut String) -> bool {
+    match v {
+        Value::UnchangedToast => return false,
+        Value::Null => out.extend_from_slice(b"\\N"),
+        Value::Numeric(s)
+        | Value::Text(s)
+        | Value::Date(s)
+        | Value::Timestamp(s)
+        | Value::TimestampTz(s)
+        | Value::Json(s)
+        | Value::Uuid(s) => push_copy_escaped(s, out),
+        Value::Int(i) => {
+            use std::io::Write;
+            let _ = write!(out, "{i}");
+        }
+        other => {
+            scratch.clear();
+            if write_value(other, scratch).is_some() {
+                push_copy_escaped(scratch, out);
+            }
         }
     }
+    true
 }
 
 /// Splits one line of `COPY ... TO STDOUT` text output (without its newline) into fields, `None` for
@@ -364,5 +398,23 @@ mod tests {
         let mut out = Vec::new();
         push_copy_escaped("a\tb\\c\nd", &mut out);
         assert_eq!(out, b"a\\tb\\\\c\\nd");
+    }
+
+    #[test]
+    fn copy_values_are_escaped_in_place() {
+        let mut out = Vec::new();
+        let mut scratch = String::new();
+        for v in [
+            Value::Text("a\tb\\c\nd\re".into()),
+            Value::Null,
+            Value::Int(-42),
+            Value::Bytes(vec![0, 255]),
+            Value::Text("Nguyễn".into()),
+        ] {
+            assert!(push_copy_value(&v, &mut out, &mut scratch));
+            out.push(b'|');
+        }
+        assert_eq!(String::from_utf8(out).unwrap(), "a\\tb\\\\c\\nd\\re|\\N|-42|\\\\x00ff|Nguyễn|");
+        assert!(!push_copy_value(&Value::UnchangedToast, &mut Vec::new(), &mut scratch));
     }
 }

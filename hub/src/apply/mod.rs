@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use bytes::Bytes;
 use dongbo_connectors::error::sqlstate_is_transient;
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Operation, TableId, TableSchema, Value};
-use dongbo_connectors::postgres::text::{push_copy_escaped, write_value};
+use dongbo_connectors::postgres::text::{push_copy_value, write_value};
 use dongbo_connectors::wire;
 use futures::SinkExt;
 use tokio_postgres::{Client, Transaction};
@@ -562,16 +562,16 @@ async fn execute(
         if table.snapshot_only && direct_snapshot_copy.is_some_and(|mixed| !mixed.contains(&table.schema.table)) {
             // Should a key exist after all, the unique violation rolls the transaction back and the
             // change-by-change retry applies these rows as upserts.
-            let rows = table.ops.values().filter_map(|op| match op {
-                RowOp::Upsert { row, .. } => Some(row.as_ref()),
-                RowOp::Delete(_) => None,
-            });
             let all: Vec<usize> = (0..target.columns.len()).collect();
-            copy_rows(txn, &target.copy_target_sql(), rows, &all).await?;
+            copy_rows(txn, &target.copy_target_sql(), table.snapshot_rows.iter().copied(), &all).await?;
             continue;
         }
         let mut deletes = Vec::new();
         let mut upserts: HashMap<Vec<usize>, Vec<&[Value]>> = HashMap::new();
+        if !table.snapshot_rows.is_empty() {
+            let all: Vec<usize> = (0..target.columns.len()).collect();
+            upserts.entry(all).or_default().extend(table.snapshot_rows.iter().copied());
+        }
         for op in table.ops.values() {
             match op {
                 RowOp::Delete(key) => deletes.push(*key),
@@ -673,10 +673,9 @@ async fn copy_rows<'r>(
             if n > 0 {
                 buf.push(b'\t');
             }
-            text.clear();
-            match row.get(i).and_then(|v| write_value(v, &mut text)) {
-                Some(()) => push_copy_escaped(&text, &mut buf),
-                None => buf.extend_from_slice(b"\\N"),
+            match row.get(i) {
+                Some(v) if push_copy_value(v, &mut buf, &mut text) => {}
+                _ => buf.extend_from_slice(b"\\N"),
             }
         }
         buf.push(b'\n');

@@ -63,6 +63,9 @@ pub struct TablePlan<'a> {
     /// Every operation is a snapshot read: the rows are new to the target (a table's snapshot opens
     /// with a truncate and reads each key once), so they can be copied in without an upsert.
     pub snapshot_only: bool,
+    /// While `snapshot_only`, the snapshot rows in order, not keyed (a snapshot reads each key once;
+    /// keying 100 000 rows cost a tenth of the apply). Moved into `ops` when another operation comes.
+    pub snapshot_rows: Vec<&'a [Value]>,
 }
 
 /// Planned work for a run of changes.
@@ -87,13 +90,35 @@ impl<'a> Plan<'a> {
                     ops: HashMap::new(),
                     sequence: Vec::new(),
                     snapshot_only: true,
+                    snapshot_rows: Vec::new(),
                 });
                 self.open.insert(c.table.table.clone(), self.tables.len() - 1);
                 self.tables.len() - 1
             }
         };
         let plan = &mut self.tables[idx];
+        let was_snapshot_only = plan.snapshot_only;
         plan.snapshot_only &= matches!(c.op, Operation::SnapshotRead | Operation::Truncate);
+        if !plan.schema.is_keyless() {
+            if plan.snapshot_only {
+                match (c.op, c.after.as_deref()) {
+                    (Operation::SnapshotRead, Some(after)) => plan.snapshot_rows.push(after),
+                    (Operation::Truncate, _) => {
+                        plan.truncate = true;
+                        plan.snapshot_rows.clear();
+                    }
+                    _ => {}
+                }
+                return;
+            }
+            if was_snapshot_only {
+                // Keyed from here on: the rows so far become upserts, in order.
+                for row in std::mem::take(&mut plan.snapshot_rows) {
+                    let key = key_text(&plan.schema.key_of(row));
+                    plan.ops.insert(key, RowOp::Upsert { row: Cow::Borrowed(row), toast_from: None });
+                }
+            }
+        }
         if plan.schema.is_keyless() {
             // The wire refuses a keyless update or delete without a whole before row.
             match (c.op, c.before.as_deref(), c.after.as_deref()) {
@@ -240,6 +265,27 @@ mod tests {
         p.add(leak(change(&s, Operation::Truncate, "", None)));
         p.add(leak(change(&s, Operation::SnapshotRead, "d", Some(vec![t("d"), t("v")]))));
         assert!(p.tables[0].snapshot_only);
+        assert_eq!(p.tables[0].snapshot_rows, vec![&[t("d"), t("v")][..]], "snapshot rows are kept in order, unkeyed");
+        assert!(p.tables[0].ops.is_empty());
+    }
+
+    #[test]
+    fn snapshot_rows_become_upserts_when_another_operation_follows() {
+        let s = schema(&["id", "v"]);
+        let mut p = Plan::default();
+        p.add(leak(change(&s, Operation::SnapshotRead, "a", Some(vec![t("a"), t("1")]))));
+        p.add(leak(change(&s, Operation::SnapshotRead, "b", Some(vec![t("b"), t("1")]))));
+        p.add(leak(change(&s, Operation::Update, "a", Some(vec![t("a"), t("2")]))));
+        let plan = &p.tables[0];
+        assert!(!plan.snapshot_only && plan.snapshot_rows.is_empty());
+        assert_eq!(
+            plan.ops[&key_text(&[t("a")])],
+            RowOp::Upsert { row: Cow::Owned(vec![t("a"), t("2")]), toast_from: None }
+        );
+        assert_eq!(
+            plan.ops[&key_text(&[t("b")])],
+            RowOp::Upsert { row: Cow::Owned(vec![t("b"), t("1")]), toast_from: None }
+        );
     }
 
     #[test]
