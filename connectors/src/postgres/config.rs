@@ -48,6 +48,14 @@ pub struct PostgresConfig {
     /// short read, resumed after on restart.
     #[serde(default = "default_chunk_rows")]
     pub snapshot_chunk_rows: u64,
+    /// Tables the initial snapshot reads at once, each on its own connection in the one exported
+    /// snapshot.
+    #[serde(default = "default_parallel_tables")]
+    pub snapshot_parallel_tables: usize,
+}
+
+fn default_parallel_tables() -> usize {
+    2
 }
 
 fn default_chunk_rows() -> u64 {

@@ -3,7 +3,8 @@
 //! # Snapshot
 //! On first start (or when the agent's spool says the snapshot never finished) the source drops any
 //! slot of its name, creates it with `EXPORT_SNAPSHOT`, and reads every table with `COPY` inside that
-//! snapshot ([`snapshot`]). Streaming then starts at the slot's consistent point: no gap, no overlap.
+//! snapshot ([`snapshot`]), `snapshot_parallel_tables` tables at once, each reader on its own
+//! connection that imported the same snapshot. Streaming then starts at the slot's consistent point: no gap, no overlap.
 //!
 //! # Online snapshots
 //! A table added to `source.tables` after the initial snapshot (or marked by `resnapshot`) is read
@@ -108,11 +109,21 @@ struct TxnState {
 }
 
 enum Phase {
-    /// The initial snapshot.
+    /// The initial snapshot: tables split among readers that share the slot's exported snapshot,
+    /// each on its own connection (the first on `client`), taken from in turn.
     Snapshot {
-        reader: Box<SnapshotReader>,
+        readers: Vec<ParallelReader>,
+        turn: usize,
+        at: Lsn,
+        tables: Vec<TableId>,
     },
     Streaming,
+}
+
+/// One reader of the initial snapshot and its connection (`None`: the source's `client`).
+struct ParallelReader {
+    client: Option<Client>,
+    reader: SnapshotReader,
 }
 
 /// A table whose online snapshot is to be read or is under way.
@@ -254,9 +265,22 @@ impl PostgresSource {
                 .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT", config.slot))
                 .await?;
             let (consistent_point, snapshot_name) = exported_snapshot(&rows)?;
-            begin_snapshot(&client, &snapshot_name).await?;
-            info!(slot = %config.slot, %consistent_point, "slot created, snapshot started");
-            Phase::Snapshot { reader: Box::new(SnapshotReader::new(config.table_ids(), consistent_point)) }
+            let tables = config.table_ids();
+            let n = config.snapshot_parallel_tables.clamp(1, tables.len().max(1));
+            let mut groups: Vec<Vec<TableId>> = vec![Vec::new(); n];
+            for (i, t) in tables.iter().enumerate() {
+                groups[i % n].push(t.clone());
+            }
+            // Every reader imports the one exported snapshot before the replication connection
+            // runs anything else (which would end the export).
+            let mut readers = Vec::with_capacity(n);
+            for (i, group) in groups.into_iter().enumerate() {
+                let own = if i == 0 { None } else { Some(config.connect_query().await?) };
+                begin_snapshot(own.as_ref().unwrap_or(&client), &snapshot_name).await?;
+                readers.push(ParallelReader { client: own, reader: SnapshotReader::new(group, consistent_point) });
+            }
+            info!(slot = %config.slot, %consistent_point, readers = n, "slot created, snapshot started");
+            Phase::Snapshot { readers, turn: 0, at: consistent_point, tables }
         };
         Ok(Self {
             next_feedback: Instant::now() + Duration::from_millis(config.feedback_interval_ms),
@@ -291,18 +315,28 @@ impl PostgresSource {
             if let Some(c) = self.out.pop_front() {
                 return Ok(Some(c));
             }
-            if let Phase::Snapshot { reader } = &mut self.phase {
-                match reader.next(&self.client, until).await? {
-                    Some(item) => return Ok(item),
+            if let Phase::Snapshot { readers, turn, at, tables } = &mut self.phase {
+                if readers.is_empty() {
+                    let (at, tables) = (*at, std::mem::take(tables));
+                    self.phase = Phase::Streaming;
+                    self.repl.start_replication(&self.config.slot, at, &self.config.publication).await?;
+                    self.released.release(at);
+                    self.last_commit_seen = self.last_commit_seen.max(at);
+                    info!(%at, "snapshot complete, streaming started");
+                    return Ok(Some(Captured::SnapshotDone { at: Position::Postgres(at), tables }));
+                }
+                let i = *turn % readers.len();
+                let r = &mut readers[i];
+                let client = r.client.as_ref().unwrap_or(&self.client);
+                match r.reader.next(client, until).await? {
+                    Some(item) => {
+                        *turn = i + 1;
+                        return Ok(item);
+                    }
                     None => {
-                        let (at, tables) = (reader.consistent_point(), reader.tables().to_vec());
-                        self.client.batch_execute("COMMIT").await?;
-                        self.phase = Phase::Streaming;
-                        self.repl.start_replication(&self.config.slot, at, &self.config.publication).await?;
-                        self.released.release(at);
-                        self.last_commit_seen = self.last_commit_seen.max(at);
-                        info!(%at, "snapshot complete, streaming started");
-                        return Ok(Some(Captured::SnapshotDone { at: Position::Postgres(at), tables }));
+                        client.batch_execute("COMMIT").await?;
+                        readers.remove(i);
+                        continue;
                     }
                 }
             }
