@@ -394,6 +394,13 @@ mod example_tests {
     }
 
     #[test]
+    fn the_shipped_mysql_example_config_is_valid() {
+        let c: AgentConfig = toml::from_str(include_str!("../../deploy/examples/agent-mysql.toml")).unwrap();
+        assert_eq!(c.validate(), Vec::<String>::new());
+        assert!(matches!(c.source, SourceConfig::MySql(_)));
+    }
+
+    #[test]
     fn the_compose_agent_config_is_valid_and_ships_to_kafka() {
         let c: AgentConfig = toml::from_str(include_str!("../../deploy/compose/agent.toml")).unwrap();
         assert_eq!(c.validate(), Vec::<String>::new());

@@ -37,11 +37,16 @@ impl MariaDb {
             std::env::temp_dir().join(format!("dongbo-maria-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
         let data = dir.join("data");
         std::fs::create_dir_all(&data)?;
+        // Its own temp directory: servers bootstrapping at once in /tmp removed each other's
+        // temporary tables ("Could not remove temporary table").
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         let user = if is_root() { "root".to_string() } else { std::env::var("USER").unwrap_or_default() };
         let out = Command::new("mariadb-install-db")
             .args(["--no-defaults", "--auth-root-authentication-method=socket", "--skip-test-db"])
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--user={user}"))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .output()
             .context("mariadb-install-db: install mariadb-server (./deploy/install-deps.sh)")?;
         if !out.status.success() {
@@ -51,6 +56,7 @@ impl MariaDb {
         let child = Command::new("mariadbd")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
