@@ -11,8 +11,43 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
         SourceConfig::Postgres(pg) => postgres(pg).await,
         SourceConfig::MySql(my) => dongbo_connectors::mysql::check::run(my).await,
     };
+    if let SourceConfig::MySql(my) = &config.source {
+        binlog_resume(config, my, &mut report).await;
+    }
     link(config, &mut report).await;
     report
+}
+
+/// Whether the server still has the binlog the spool resumes from: `run` would stop at once on a
+/// purged one, so `check` says so first.
+async fn binlog_resume(config: &AgentConfig, my: &dongbo_connectors::mysql::MySqlConfig, report: &mut CheckReport) {
+    if !config.spool.path.join("index").exists() {
+        return;
+    }
+    let resume = match crate::spool::Spool::open(&config.spool.path, config.spool.max_bytes) {
+        Ok(spool) => spool.resume_point(),
+        // A running agent holds its spool; its position is its own business then.
+        Err(_) => return,
+    };
+    let Ok(dongbo_connectors::source::ResumePoint {
+        committed_end: Some(dongbo_connectors::model::Position::MySql(pos)),
+        ..
+    }) = resume
+    else {
+        return;
+    };
+    match dongbo_connectors::mysql::check::has_binlog_of(my, pos).await {
+        Ok((file, true)) => report.ok(format!("the binlog the spool resumes from ({file}) is still on the server")),
+        Ok((file, false)) => report.problem(
+            "binlog position",
+            format!(
+                "the spool resumes from {file}, which the server no longer has (purged): the changes since are gone \
+                 from the binlog. Keep binlogs longer (binlog_expire_logs_seconds) and take a new snapshot: move \
+                 the spool directory aside, then start the agent"
+            ),
+        ),
+        Err(e) => report.warn("binlog position", format!("cannot tell whether the server still has it: {e}")),
+    }
 }
 
 async fn postgres(pg: &dongbo_connectors::postgres::PostgresConfig) -> CheckReport {

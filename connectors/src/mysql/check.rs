@@ -253,3 +253,18 @@ async fn one_table(
     }
     Ok(())
 }
+
+/// Whether the server still has the binlog file of `pos` (where an agent's spool resumes): `Err`
+/// with the reason when it cannot be asked.
+pub async fn has_binlog_of(config: &MySqlConfig, pos: crate::model::BinlogPos) -> Result<(String, bool), String> {
+    let opts = config.opts()?;
+    let mut conn = mysql_async::Conn::new(opts).await.map_err(|e| e.to_string())?;
+    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(|e| e.to_string())?;
+    let _ = conn.disconnect().await;
+    let names: Vec<String> = logs.iter().filter_map(|r| r.get::<String, usize>(0)).collect();
+    let first = names.first().ok_or("the server lists no binlogs")?;
+    let files = super::position::BinlogFiles::from_file_name(first).map_err(|e| e.to_string())?;
+    let wanted = files.file_name(pos);
+    let present = names.contains(&wanted);
+    Ok((wanted, present))
+}

@@ -254,7 +254,7 @@ async fn mariadb_snapshot_then_binlog_delivers_every_type_and_change_exactly_onc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_binlog_purged_while_the_agent_was_down_stops_it_with_what_to_do() -> anyhow::Result<()> {
+async fn a_binlog_purged_while_the_agent_was_down_fails_check_and_stops_run_with_what_to_do() -> anyhow::Result<()> {
     let mut d = Deployment::new("mariadbpurged", "SELECT 1", &["public.unused"]).await?;
     let db = MariaDb::start("purged", &[]).await?;
     db.sql("CREATE TABLE province.people (id int PRIMARY KEY, name varchar(50)); INSERT INTO province.people VALUES (1, 'An');")?;
@@ -271,6 +271,15 @@ async fn a_binlog_purged_while_the_agent_was_down_stops_it_with_what_to_do() -> 
         anyhow::ensure!(Instant::now() < deadline, "the agent's binlog dump thread stayed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let check = || -> anyhow::Result<(bool, String)> {
+        let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-agent")?)
+            .args(["check", "--config"])
+            .arg(d.dir.join("agent.toml"))
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let (ok, text) = check()?;
+    assert!(ok && text.contains("the binlog the spool resumes from (binlog.000001) is still on the server"), "{text}");
     db.sql("INSERT INTO province.people VALUES (2, 'Bình'); FLUSH BINARY LOGS;")?;
     // (Nor one InnoDB still needs for recovery until its binlog checkpoint: try until it goes.)
     loop {
@@ -281,6 +290,9 @@ async fn a_binlog_purged_while_the_agent_was_down_stops_it_with_what_to_do() -> 
         anyhow::ensure!(Instant::now() < deadline, "binlog.000001 was not purged");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // check says so before run does.
+    let (ok, text) = check()?;
+    assert!(!ok && text.contains("the spool resumes from binlog.000001, which the server no longer has"), "{text}");
     d.start_agent_from(&config, &[])?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while d.agent.as_mut().expect("agent").is_running() {
