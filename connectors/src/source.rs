@@ -21,10 +21,12 @@
 //!   Postgres slot) tells the server then, one whose server keeps log by time (a MySQL binlog) may
 //!   ignore it.
 
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
 use crate::error::SourceError;
-use crate::model::{ChangeEvent, Position, TableId};
+use crate::model::{ChangeEvent, Operation, Position, Row, TableId, TableSchema};
 
 /// What the spool already holds, so a restart resumes without duplicates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +76,23 @@ pub struct OpenTxn {
     pub spooled: u32,
 }
 
+impl TableProgress {
+    /// The progress of `table` after `rows` rows, the last of key `after_key`.
+    pub fn new(table: TableId, after_key: Option<&Row>, rows: u64) -> Self {
+        Self { table, after_key: after_key.cloned().map(crate::wire::encode_row).unwrap_or_default(), rows }
+    }
+
+    /// The key of the last row spooled, `None` before the first chunk; an error names a damaged spool.
+    pub fn decoded_after_key(&self) -> Result<Option<Row>, SourceError> {
+        if self.after_key.is_empty() {
+            return Ok(None);
+        }
+        crate::wire::decode_row(&self.after_key).map(Some).map_err(|e| {
+            SourceError::Prerequisite(format!("the spool's snapshot progress of {} is damaged: {e}", self.table))
+        })
+    }
+}
+
 /// One item captured from a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Captured {
@@ -112,6 +131,35 @@ pub enum Captured {
         /// The tables.
         tables: Vec<TableId>,
     },
+}
+
+impl Captured {
+    /// A snapshot item, outside any transaction: the TRUNCATE that opens a table's snapshot, or a
+    /// row it read (`after`), at stream position `at`; `order` numbers it within the snapshot.
+    pub fn snapshot(
+        table: &Arc<TableSchema>,
+        op: Operation,
+        after: Option<Row>,
+        at: Position,
+        read_at_us: i64,
+        order: u32,
+    ) -> Self {
+        let key = after.as_ref().map(|r| table.key_of(r)).unwrap_or_default();
+        let change = ChangeEvent {
+            seq: 0,
+            table: table.clone(),
+            op,
+            key,
+            before: None,
+            after,
+            position: at,
+            commit_time_us: read_at_us,
+            txid: 0,
+            txn_order: order,
+            txn_last: false,
+        };
+        Captured::Change { change, txn: None }
+    }
 }
 
 /// A running source.

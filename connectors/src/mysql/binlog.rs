@@ -317,23 +317,8 @@ where
     Fut: std::future::Future<Output = Result<(), SourceError>>,
 {
     let schema = &t.table.schema;
-    let event = |op, after: Option<Row>, order: u32| {
-        let key = after.as_ref().map(|r| schema.key_of(r)).unwrap_or_default();
-        let change = ChangeEvent {
-            seq: 0,
-            table: schema.clone(),
-            op,
-            key,
-            before: None,
-            after,
-            position: Position::MySql(c.at),
-            commit_time_us: 0,
-            txid: 0,
-            txn_order: order,
-            txn_last: false,
-        };
-        Captured::Change { change, txn: None }
-    };
+    let event =
+        |op, after: Option<Row>, order: u32| Captured::snapshot(schema, op, after, Position::MySql(c.at), 0, order);
     let mut order = 0u32;
     if t.rows == 0 && t.after_key.is_none() {
         send(event(Operation::Truncate, None, order)).await?;
@@ -349,11 +334,7 @@ where
     if let Some(last) = last {
         t.after_key = Some(last);
     }
-    let progress = TableProgress {
-        table: schema.table.clone(),
-        after_key: t.after_key.clone().map(crate::wire::encode_row).unwrap_or_default(),
-        rows: t.rows,
-    };
+    let progress = TableProgress::new(schema.table.clone(), t.after_key.as_ref(), t.rows);
     send(Captured::ChunkDone { progress, done }).await?;
     if done {
         info!(table = %schema.table, rows = t.rows, "online snapshot complete");

@@ -100,15 +100,7 @@ impl MySqlSource {
             let by_name = |id: &TableId| tables.iter().find(|t| &t.schema.table == id).cloned();
             if let Some(p) = &resume.snapshotting {
                 if let Some(table) = by_name(&p.table) {
-                    let after_key = match p.after_key.is_empty() {
-                        true => None,
-                        false => Some(crate::wire::decode_row(&p.after_key).map_err(|e| {
-                            SourceError::Prerequisite(format!(
-                                "the spool's snapshot progress of {} is damaged: {e}",
-                                p.table
-                            ))
-                        })?),
-                    };
+                    let after_key = p.decoded_after_key()?;
                     online.push_back(OnlineTable { table, after_key, rows: p.rows });
                 }
             }

@@ -25,7 +25,7 @@ use super::position::BinlogFiles;
 use super::schema::MyTable;
 use super::value::{from_snapshot, ZeroDates};
 use crate::error::SourceError;
-use crate::model::{BinlogPos, ChangeEvent, Operation, Position, TableSchema};
+use crate::model::{BinlogPos, Operation, Position, TableSchema};
 use crate::source::Captured;
 
 /// Backquotes an identifier: the only way a name reaches a statement.
@@ -66,22 +66,9 @@ pub async fn read_tables(
     let mut order = 0u32;
     let mut rows = 0u64;
     let mut event = |schema: &Arc<TableSchema>, op, after: Option<Vec<crate::model::Value>>| {
-        let key = after.as_ref().map(|r| schema.key_of(r)).unwrap_or_default();
-        let change = ChangeEvent {
-            seq: 0,
-            table: schema.clone(),
-            op,
-            key,
-            before: None,
-            after,
-            position: Position::MySql(at),
-            commit_time_us: started_us,
-            txid: 0,
-            txn_order: order,
-            txn_last: false,
-        };
+        let item = Captured::snapshot(schema, op, after, Position::MySql(at), started_us, order);
         order = order.wrapping_add(1);
-        Captured::Change { change, txn: None }
+        item
     };
     for table in tables {
         tx.send(Ok(event(&table.schema, Operation::Truncate, None))).await.map_err(|_| closed())?;

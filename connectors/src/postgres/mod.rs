@@ -223,15 +223,7 @@ impl PostgresSource {
             // Online snapshots: the table under way first, then tables configured since.
             if let Some(p) = &resume.snapshotting {
                 if config.table_ids().contains(&p.table) {
-                    let after_key = match p.after_key.is_empty() {
-                        true => None,
-                        false => Some(crate::wire::decode_row(&p.after_key).map_err(|e| {
-                            SourceError::Prerequisite(format!(
-                                "the spool's snapshot progress of {} is damaged: {e}",
-                                p.table
-                            ))
-                        })?),
-                    };
+                    let after_key = p.decoded_after_key()?;
                     online.push_back(OnlineTable {
                         schema: online_schema(&client, &p.table).await?,
                         after_key,
@@ -567,11 +559,7 @@ impl PostgresSource {
             t.after_key = Some(last);
         }
         let done = t.schema.is_keyless() || c.count < limit;
-        let progress = TableProgress {
-            table: t.schema.table.clone(),
-            after_key: t.after_key.clone().map(crate::wire::encode_row).unwrap_or_default(),
-            rows: t.rows,
-        };
+        let progress = TableProgress::new(t.schema.table.clone(), t.after_key.as_ref(), t.rows);
         if done {
             info!(table = %t.schema.table, rows = t.rows, "online snapshot complete");
             self.online.pop_front();

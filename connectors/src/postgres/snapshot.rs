@@ -17,7 +17,7 @@ use tokio_postgres::{Client, CopyOutStream};
 use tracing::info;
 
 use crate::error::SourceError;
-use crate::model::{ChangeEvent, Lsn, Operation, Position, TableId, TableSchema};
+use crate::model::{Lsn, Operation, Position, TableId, TableSchema};
 use crate::postgres::catalog;
 use crate::postgres::text::{parse_value, split_copy_line};
 use crate::postgres::Captured;
@@ -93,25 +93,9 @@ impl SnapshotReader {
     }
 
     fn event(&mut self, schema: &Arc<TableSchema>, op: Operation, after: Option<Vec<crate::model::Value>>) -> Captured {
-        let key = after.as_ref().map(|r| schema.key_of(r)).unwrap_or_default();
         let order = self.order;
         self.order = self.order.wrapping_add(1);
-        Captured::Change {
-            change: ChangeEvent {
-                seq: 0,
-                table: schema.clone(),
-                op,
-                key,
-                before: None,
-                after,
-                position: Position::Postgres(self.consistent_point),
-                commit_time_us: self.started_us,
-                txid: 0,
-                txn_order: order,
-                txn_last: false,
-            },
-            txn: None,
-        }
+        Captured::snapshot(schema, op, after, Position::Postgres(self.consistent_point), self.started_us, order)
     }
 
     /// The next snapshot item, `Ok(None)` when every table is read, or `Err(Elapsed)`-like `Ok(Some(None))`

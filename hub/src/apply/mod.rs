@@ -15,6 +15,7 @@ pub mod target;
 pub mod types;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dongbo_connectors::error::sqlstate_is_transient;
@@ -330,16 +331,21 @@ impl NdcApplier {
             },
             other => other,
         }?;
+        // Once per run of a table's changes, not per change: this is every change's path.
+        let mut marked: Option<&Arc<TableSchema>> = None;
         for c in batches.iter().flat_map(|b| &b.changes) {
             match c.op {
                 Operation::Truncate => {
                     self.mixed.remove(&c.table.table);
+                    marked = None;
                 }
                 Operation::SnapshotRead => {}
+                _ if marked.is_some_and(|m| Arc::ptr_eq(m, &c.table)) => {}
                 _ => {
                     if !self.mixed.contains(&c.table.table) {
                         self.mixed.insert(c.table.table.clone());
                     }
+                    marked = Some(&c.table);
                 }
             }
         }
