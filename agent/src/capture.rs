@@ -59,12 +59,19 @@ pub struct Capture<'a> {
     spool: &'a Arc<Spool>,
     batch_max_changes: usize,
     batch_max_wait: Duration,
+    compress: bool,
 }
 
 impl<'a> Capture<'a> {
     /// A capture writing into `spool` for `source_id`.
     pub fn new(source_id: &'a str, spool: &'a Arc<Spool>, batch_max_changes: usize, batch_max_wait: Duration) -> Self {
-        Self { source_id, spool, batch_max_changes, batch_max_wait }
+        Self { source_id, spool, batch_max_changes, batch_max_wait, compress: false }
+    }
+
+    /// Spools batches as compressed frames (`spool.compress`).
+    pub fn compressing(mut self, compress: bool) -> Self {
+        self.compress = compress;
+        self
     }
 
     /// Starts the configured source from the spool's resume point and captures until `shutdown`
@@ -231,11 +238,10 @@ impl<'a> Capture<'a> {
             None
         } else {
             let batch = ChangeBatch { source_id: self.source_id.to_string(), changes: std::mem::take(pending) };
-            Some(SpooledBatch {
-                first_seq: batch.first_seq(),
-                last_seq: batch.last_seq(),
-                bytes: wire::encode_batch(batch),
-            })
+            let (first_seq, last_seq) = (batch.first_seq(), batch.last_seq());
+            let encoded = wire::encode_batch(batch);
+            let bytes = if self.compress { wire::compress_batch(&encoded) } else { encoded };
+            Some(SpooledBatch { first_seq, last_seq, bytes })
         };
         let changes = batch.as_ref().map_or(0, |b| b.last_seq - b.first_seq + 1);
         self.spool.append(batch, resume, next_seq).await?;

@@ -50,6 +50,10 @@ pub struct SpoolConfig {
     /// A change waits at most this long in memory before it is spooled, in milliseconds.
     #[serde(default = "default_batch_wait_ms")]
     pub batch_max_wait_ms: u64,
+    /// Spool batches compressed (zstd): about a third of the bytes on disk and on the wire, so
+    /// `max_bytes` lasts three times as long through an outage; shipped as they are.
+    #[serde(default = "default_true")]
+    pub compress: bool,
 }
 
 /// 8 GiB holds days of a provincial database's changes while the link is down.
@@ -80,7 +84,8 @@ pub struct HubLinkConfig {
     /// Batches sent but not yet acknowledged, at most.
     #[serde(default = "default_in_flight")]
     pub max_in_flight_batches: usize,
-    /// Compress batches on the wire with zstd (for weak links).
+    /// Compress on the wire (zstd) the batches the spool holds uncompressed (`spool.compress =
+    /// false`, or spooled by an older agent); compressed ones go as they are.
     #[serde(default = "default_true")]
     pub compress: bool,
     /// Longest wait between reconnection attempts, in milliseconds.

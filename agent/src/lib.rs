@@ -25,6 +25,12 @@ pub mod spool;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The agent's memory budget (50 MiB) holds only with mimalloc's small-footprint options, set
+/// before the first allocation.
+#[used]
+#[link_section = ".init_array"]
+static TUNE_ALLOCATOR: extern "C" fn() = dongbo_connectors::allocator::tune_small_footprint;
+
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoffBuilder;
 use tokio::sync::watch;
@@ -109,7 +115,8 @@ pub async fn run(
         &spool,
         config.spool.batch_max_changes,
         Duration::from_millis(config.spool.batch_max_wait_ms),
-    );
+    )
+    .compressing(config.spool.compress);
     let mut backoff = ExponentialBackoffBuilder::new()
         .with_initial_interval(Duration::from_millis(500))
         .with_max_interval(Duration::from_secs(30))

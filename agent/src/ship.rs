@@ -20,7 +20,6 @@ use dongbo_connectors::wire;
 use dongbo_proto::v1::{agent_message, hub_message, ingest_client::IngestClient, AgentMessage, Hello};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::CompressionEncoding;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
@@ -72,7 +71,8 @@ const MAX_HUB_MESSAGE_BYTES: usize = 1 << 20;
 /// larger. Each piece is a batch of its own seq range; the hub acknowledges by seq, so the spooled
 /// batch is released once its last piece is durable.
 pub fn fit(source_id: &str, b: SpooledBatch, max: usize) -> Result<Vec<SpooledBatch>, ShipError> {
-    if b.bytes.len() <= max {
+    // The hub's limit is on the batch opened, compressed or not.
+    if wire::opened_size(&b.bytes) <= max {
         return Ok(vec![b]);
     }
     let batch = wire::decode_batch(&b.bytes).map_err(|e| ShipError::Undecodable(b.first_seq, e.to_string()))?;
@@ -278,9 +278,6 @@ pub async fn open_stream(
     let mut client = IngestClient::new(channel)
         .max_decoding_message_size(MAX_HUB_MESSAGE_BYTES)
         .max_encoding_message_size(link.max_message_bytes);
-    if link.compress {
-        client = client.send_compressed(CompressionEncoding::Zstd);
-    }
     let (tx, rx) = mpsc::channel(4);
     let hello = AgentMessage {
         kind: Some(agent_message::Kind::Hello(Hello {
@@ -320,8 +317,11 @@ async fn session(
             let room = link.max_in_flight_batches - in_flight.len();
             for spooled in spool.batches_after(sent_upto, room)? {
                 sent_upto = spooled.last_seq;
-                for b in fit(source_id, spooled, link.max_message_bytes)? {
+                for mut b in fit(source_id, spooled, link.max_message_bytes)? {
                     in_flight.push_back(b.last_seq);
+                    if link.compress && !wire::is_compressed(&b.bytes) {
+                        b.bytes = wire::compress_batch(&b.bytes);
+                    }
                     let msg = AgentMessage {
                         kind: Some(agent_message::Kind::Batch(dongbo_proto::v1::SpooledBatch {
                             first_seq: b.first_seq,

@@ -7,7 +7,10 @@
 //! its budget is 50) and its threads serialise on arena locks (capture ran at half the speed).
 //!
 //! mimalloc's defaults commit whole arenas eagerly and keep freed pages for 10 ms, which doubled
-//! the agent's peak RSS under a backlog; both are turned off before the first allocation.
+//! the agent's peak RSS under a backlog. The agent turns both off before its first allocation
+//! ([`tune_small_footprint`], from its own `.init_array`); the hub keeps the defaults, because
+//! giving every freed page back at once cost it a page fault per reuse (a tenth of its CPU in
+//! an initial snapshot) and its memory is not the budget.
 
 /// The process's allocator.
 #[global_allocator]
@@ -18,20 +21,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Commit arenas as their pages are needed, give freed pages back at once. Runs from
-/// `.init_array`, before the Rust runtime's first allocation creates an arena, so the options hold
-/// from the start (set from `main`, the first arena was already committed whole).
-extern "C" fn tune() {
+/// Commit arenas as their pages are needed, give freed pages back at once. For a binary's
+/// `.init_array`, which runs before the Rust runtime's first allocation creates an arena, so the
+/// options hold from the start (set from `main`, the first arena was already committed whole).
+pub extern "C" fn tune_small_footprint() {
     // SAFETY: runs single-threaded before main; mimalloc's option setters take plain integers.
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
     }
 }
-
-#[used]
-#[link_section = ".init_array"]
-static TUNE: extern "C" fn() = tune;
 
 /// Says so in the log if the options did not take (the linker dropped the `.init_array` entry):
 /// the process then runs with mimalloc's defaults, a larger footprint. Also keeps this module's

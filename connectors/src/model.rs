@@ -168,6 +168,13 @@ pub enum Operation {
     SnapshotRead,
 }
 
+impl Operation {
+    /// Whether the change brings a whole new row, whose key is in the row itself.
+    pub fn is_new_row(self) -> bool {
+        matches!(self, Operation::Insert | Operation::SnapshotRead)
+    }
+}
+
 /// A Postgres log sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);

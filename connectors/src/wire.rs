@@ -34,15 +34,95 @@ pub fn encode_batch(batch: ChangeBatch) -> Vec<u8> {
     batch_into_proto(batch).encode_to_vec()
 }
 
-/// Decodes and validates spooled batch bytes.
+/// Decodes and validates batch bytes, plain or compressed (a compressed batch may open to at
+/// most [`MAX_OPENED_BYTES`]; a receiver with a tighter limit calls [`open_batch`] first).
 pub fn decode_batch(bytes: &[u8]) -> Result<ChangeBatch, WireError> {
-    ChangeBatch::try_from(pb::ChangeBatch::decode(bytes)?)
+    let opened = open_batch(bytes, MAX_OPENED_BYTES)?;
+    ChangeBatch::try_from(pb::ChangeBatch::decode(&*opened)?)
+}
+
+/// The magic number that opens a zstd frame. No protobuf `ChangeBatch` can start with its first
+/// byte (0x28 would be field 5, `changes`, as a varint), so the two forms never read as each other.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The most a compressed batch may open to when the caller names no tighter limit.
+pub const MAX_OPENED_BYTES: usize = 256 << 20;
+
+/// zstd's fastest regular level: spooling must keep up with capture.
+const COMPRESSION_LEVEL: i32 = 1;
+
+/// Compresses encoded batch bytes into one zstd frame that states its opened size (so a receiver
+/// can refuse it, or charge its buffer for it, before opening it).
+pub fn compress_batch(bytes: &[u8]) -> Vec<u8> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let compressor = match c.as_mut() {
+            Some(z) => z,
+            None => c.insert(zstd::bulk::Compressor::new(COMPRESSION_LEVEL).expect("zstd compressor")),
+        };
+        // The frame states its content size by default; compression into a Vec cannot fail
+        // short of memory.
+        compressor.compress(bytes).expect("zstd compression of an in-memory batch")
+    })
+}
+
+/// Whether batch bytes are a compressed frame.
+pub fn is_compressed(bytes: &[u8]) -> bool {
+    bytes.starts_with(&ZSTD_MAGIC)
+}
+
+/// The size of batch bytes once opened: what a compressed frame says it holds, or their own length.
+/// A frame that does not say is refused when opened, so its length stands in.
+pub fn opened_size(bytes: &[u8]) -> usize {
+    if !is_compressed(bytes) {
+        return bytes.len();
+    }
+    match zstd::zstd_safe::get_frame_content_size(bytes) {
+        Ok(Some(n)) => usize::try_from(n).unwrap_or(usize::MAX),
+        _ => bytes.len(),
+    }
+}
+
+/// Batch bytes ready to decode: plain ones as they are, a compressed frame opened if it says it
+/// holds at most `max` bytes. A frame that does not say, says more, or holds more than it says
+/// is refused before or while opening, never opened past `max`.
+pub fn open_batch(bytes: &[u8], max: usize) -> Result<std::borrow::Cow<'_, [u8]>, WireError> {
+    if !is_compressed(bytes) {
+        return Ok(std::borrow::Cow::Borrowed(bytes));
+    }
+    let size = match zstd::zstd_safe::get_frame_content_size(bytes) {
+        Ok(Some(n)) => n,
+        _ => return Err(malformed("compressed batch does not state its size")),
+    };
+    if size > max as u64 {
+        return Err(malformed(format!("compressed batch opens to {size} bytes, over the limit of {max}")));
+    }
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let decompressor = match d.as_mut() {
+            Some(z) => z,
+            None => d.insert(zstd::bulk::Decompressor::new().map_err(|e| malformed(format!("zstd: {e}")))?),
+        };
+        // The capacity is the stated size: a frame holding more fails here instead of growing.
+        let opened = decompressor
+            .decompress(bytes, size as usize)
+            .map_err(|e| malformed(format!("compressed batch does not open to its stated size: {e}")))?;
+        Ok(std::borrow::Cow::Owned(opened))
+    })
 }
 
 /// The `ChangeBatch.changes` field number.
 const CHANGES_FIELD: u32 = 5;
 
-/// Counts the changes in encoded batch bytes without decoding them, so a receiver can refuse a
+/// Counts the changes in encoded (opened, see [`open_batch`]) batch bytes without decoding them, so a receiver can refuse a
 /// batch of too many changes before allocating them: ten million tiny deletes fit in 268 MB on the
 /// wire but take gigabytes once decoded.
 pub fn count_changes(mut bytes: &[u8]) -> Result<usize, WireError> {
@@ -91,7 +171,9 @@ pub fn batch_into_proto(batch: ChangeBatch) -> pb::ChangeBatch {
                 seq: c.seq,
                 schema_index,
                 op: op_to_proto(c.op) as i32,
-                key: row_into_proto(Some(c.key).filter(|k| !k.is_empty())),
+                // A new row's key is in the row: the receiver takes it from there (a tenth of a
+                // snapshot's bytes not sent twice).
+                key: row_into_proto(Some(c.key).filter(|k| !k.is_empty() && !c.op.is_new_row())),
                 before: row_into_proto(c.before),
                 after: row_into_proto(c.after),
                 position: Some(match c.position {
@@ -284,13 +366,24 @@ impl TryFrom<pb::ChangeBatch> for ChangeBatch {
                 _ => return Err(malformed(format!("change {seq} has unknown operation {}", c.op))),
             };
             let width = table.columns.len();
-            let key = row_from_proto(c.key, table.key_columns.len(), "key", seq)?.unwrap_or_default();
+            let sent_key = row_from_proto(c.key, table.key_columns.len(), "key", seq)?;
             let before = row_from_proto(c.before, width, "before", seq)?;
             let after = row_from_proto(c.after, width, "after", seq)?;
             let needs_after = matches!(op, Operation::Insert | Operation::Update | Operation::SnapshotRead);
             if needs_after && after.is_none() {
                 return Err(malformed(format!("change {seq} ({op:?}) has no after row")));
             }
+            // A new row's key is its row's: one sent beside it (older agents do) must agree.
+            let key = match (&after, sent_key) {
+                (Some(row), sent) if op.is_new_row() => {
+                    let derived = table.key_of(row);
+                    if sent.is_some_and(|k| k != derived) {
+                        return Err(malformed(format!("change {seq} ({op:?}) sends a key that is not its row's")));
+                    }
+                    derived
+                }
+                (_, sent) => sent.unwrap_or_default(),
+            };
             if op != Operation::Truncate && key.len() != table.key_columns.len() {
                 return Err(malformed(format!("change {seq} ({op:?}) has no key")));
             }
@@ -403,6 +496,52 @@ mod tests {
         assert_eq!(proto.schemas.len(), 1);
         let back = decode_batch(&encode_batch(batch.clone())).unwrap();
         assert_eq!(back, batch);
+    }
+
+    #[test]
+    fn a_compressed_batch_opens_within_its_limit_and_a_lying_or_oversized_frame_is_refused() {
+        let batch = ChangeBatch { source_id: "hcm".into(), changes: (5..200).map(change).collect() };
+        let plain = encode_batch(batch.clone());
+        let packed = compress_batch(&plain);
+        assert!(is_compressed(&packed) && !is_compressed(&plain));
+        assert!(packed.len() * 3 < plain.len(), "{} of {} bytes", packed.len(), plain.len());
+        assert_eq!(opened_size(&packed), plain.len());
+        assert_eq!(decode_batch(&packed).unwrap(), batch);
+        assert_eq!(decode_batch(&plain).unwrap(), batch);
+        assert_eq!(count_changes(&open_batch(&packed, plain.len()).unwrap()).unwrap(), 195);
+
+        let over = open_batch(&packed, plain.len() - 1).unwrap_err().to_string();
+        assert!(over.contains("over the limit"), "{over}");
+        // A frame that does not state its size (zstd's streaming encoder) is not opened at all.
+        let unsized_frame = {
+            let mut e = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+            std::io::Write::write_all(&mut e, &plain).unwrap();
+            e.finish().unwrap()
+        };
+        assert!(open_batch(&unsized_frame, usize::MAX).unwrap_err().to_string().contains("does not state its size"));
+        // A frame that says it holds less than it does fails while opening, at the stated size.
+        let mut lying = packed.clone();
+        let small = compress_batch(&plain[..100]);
+        lying[..small.len().min(6)].copy_from_slice(&small[..small.len().min(6)]);
+        let lied = open_batch(&lying, usize::MAX).unwrap_err().to_string();
+        assert!(lied.contains("does not open to its stated size"), "{lied}");
+    }
+
+    #[test]
+    fn a_new_rows_key_is_taken_from_the_row_and_a_disagreeing_one_refused() {
+        let mut insert = change(5);
+        insert.op = Operation::Insert;
+        insert.after.as_mut().unwrap()[2] = Value::Null;
+        let batch = ChangeBatch { source_id: "hcm".into(), changes: vec![insert.clone()] };
+        let mut p = batch_into_proto(batch.clone());
+        assert!(p.changes[0].key.is_none(), "the key is not sent twice");
+        assert_eq!(ChangeBatch::try_from(p.clone()).unwrap(), batch);
+
+        // An older agent sends it beside the row: the same key is accepted, another refused.
+        p.changes[0].key = row_into_proto(Some(insert.key.clone()));
+        assert_eq!(ChangeBatch::try_from(p.clone()).unwrap(), batch);
+        p.changes[0].key = row_into_proto(Some(vec![Value::Text("079000000000".into())]));
+        assert!(ChangeBatch::try_from(p).unwrap_err().to_string().contains("not its row's"));
     }
 
     #[test]

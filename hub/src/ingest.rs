@@ -159,10 +159,11 @@ impl Ingest for IngestService {
                 acl.id, hello.source_id
             )));
         }
-        if hello.protocol_version != dongbo_proto::PROTOCOL_VERSION {
+        if !(dongbo_proto::OLDEST_PROTOCOL_VERSION..=dongbo_proto::PROTOCOL_VERSION).contains(&hello.protocol_version) {
             return Err(Status::failed_precondition(format!(
-                "agent speaks protocol {}, this hub speaks {}: upgrade one of them",
+                "agent speaks protocol {}, this hub speaks {} to {}: upgrade one of them",
                 hello.protocol_version,
+                dongbo_proto::OLDEST_PROTOCOL_VERSION,
                 dongbo_proto::PROTOCOL_VERSION
             )));
         }
@@ -216,7 +217,7 @@ impl Ingest for IngestService {
                 let size = encoded_len(&msg).min(limits.stream_buffer_bytes);
                 // Waits while the stream's buffer is full: the agent is then held back by flow control.
                 let Ok(permit) = buffer.clone().acquire_many_owned(size as u32).await else { break };
-                let batch = match decode(&source_id, msg, limits.max_changes_per_batch) {
+                let batch = match decode(&source_id, msg, limits.max_changes_per_batch, limits.max_message_bytes) {
                     Ok(b) => b,
                     Err(status) => {
                         warn!(source_id = %source_id, error = %status.message(), "malformed message refused; nothing of it applied");
@@ -287,10 +288,10 @@ impl Ingest for IngestService {
     }
 }
 
-/// The protobuf size of a message: what the stream's buffer is charged for it.
+/// The size of a message's batch once opened: what the stream's buffer is charged for it.
 fn encoded_len(msg: &AgentMessage) -> usize {
     match &msg.kind {
-        Some(agent_message::Kind::Batch(b)) => b.change_batch.len().max(1),
+        Some(agent_message::Kind::Batch(b)) => wire::opened_size(&b.change_batch).max(1),
         _ => 1,
     }
 }
@@ -354,20 +355,33 @@ pub(crate) async fn apply_and_log(
     Ok(logged.min(outcome.applied_seq))
 }
 
-fn decode(source_id: &str, msg: AgentMessage, max_changes: usize) -> Result<(ChangeBatch, Vec<u8>), Status> {
+fn decode(
+    source_id: &str,
+    msg: AgentMessage,
+    max_changes: usize,
+    max_bytes: usize,
+) -> Result<(ChangeBatch, Vec<u8>), Status> {
     let spooled = match msg.kind {
         Some(agent_message::Kind::Batch(b)) => b,
         Some(agent_message::Kind::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice on one stream")),
         None => return Err(Status::invalid_argument("message with no content")),
     };
-    let count = wire::count_changes(&spooled.change_batch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    // A compressed batch is held to the same limit as a plain message, before it is opened.
+    let opened = wire::open_batch(&spooled.change_batch, max_bytes).map_err(|e| match e {
+        e @ wire::WireError::Malformed(_) if wire::opened_size(&spooled.change_batch) > max_bytes => {
+            Status::out_of_range(format!("{e} (limits.max_message_bytes)"))
+        }
+        e => Status::invalid_argument(e.to_string()),
+    })?;
+    let count = wire::count_changes(&opened).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if count > max_changes {
         return Err(Status::invalid_argument(format!(
             "a batch of {count} changes is over the hub's limit of {max_changes} (limits.max_changes_per_batch): \
              lower spool.batch_max_changes in the agent"
         )));
     }
-    let batch = wire::decode_batch(&spooled.change_batch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let batch = wire::decode_batch(&opened).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    drop(opened);
     if batch.source_id != source_id {
         return Err(Status::permission_denied(format!(
             "batch claims source {} on the stream of {source_id}",

@@ -216,7 +216,6 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 builder.init();
             }
-            dongbo_connectors::allocator::warn_if_untuned();
             let config = dongbo_hub::config::HubConfig::load(&config)?;
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await

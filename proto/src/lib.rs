@@ -12,5 +12,10 @@ pub mod v1 {
     tonic::include_proto!("dongbo.v1");
 }
 
-/// The protocol version this build speaks; sent in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks; sent in `Hello`. Version 2: a batch's bytes may be a
+/// zstd frame of the encoded `ChangeBatch` (see `SpooledBatch.change_batch`).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version a hub of this build still accepts: version 1 agents send plain
+/// batches, which version 2 reads as they are.
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;

@@ -98,6 +98,11 @@ impl MariaDb {
         Ok(db)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Runs `statements` as root over the private socket; returns what the client printed (tab
     /// separated, no headers).
     pub fn sql(&self, statements: &str) -> anyhow::Result<String> {

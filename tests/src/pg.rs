@@ -173,6 +173,12 @@ impl PgCluster {
         Ok(Self { port, dir, tls: pki.is_some(), bin })
     }
 
+    /// The postmaster's process id (first line of `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     /// A superuser connection over the private Unix socket.
     pub async fn connect(&self, database: &str) -> anyhow::Result<Client> {
         let mut c = tokio_postgres::Config::new();

@@ -123,3 +123,30 @@ impl Drop for DongboProcess {
         self.kill9();
     }
 }
+
+/// CPU seconds (user + system) a process has used, with those of its children it has reaped
+/// (`cutime`/`cstime`) and of the children still running: a Postgres cluster's whole cost when
+/// given its postmaster, a dongbo process's when given its pid.
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    fn ticks(pid: u32, with_reaped: bool) -> u64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+        // The command name may hold spaces: fields are counted after its closing parenthesis.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };
+        let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        // After ")": state(0) ppid(1) … utime(11) stime(12) cutime(13) cstime(14).
+        let own = f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
+        if with_reaped {
+            own + f.get(13).unwrap_or(&0) + f.get(14).unwrap_or(&0)
+        } else {
+            own
+        }
+    }
+    let children: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let total = ticks(pid, true) + children.iter().map(|&c| ticks(c, true)).sum::<u64>();
+    // USER_HZ is 100 on every Linux this runs on.
+    total as f64 / 100.0
+}

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_postgres::{Client, CopyOutStream};
@@ -31,7 +32,8 @@ struct TableCopy {
     copied: u64,
     estimated: i64,
     partial: Vec<u8>,
-    lines: VecDeque<Vec<u8>>,
+    /// Whole lines not yet read, without their newline: slices of the CopyData they came in.
+    lines: VecDeque<Bytes>,
     /// A chunk: its progress is logged by the source, not here.
     quiet: bool,
 }
@@ -173,14 +175,20 @@ impl SnapshotReader {
                 Err(_) => return Ok(Some(None)),
                 Ok(Some(chunk)) => {
                     let chunk = chunk?;
-                    // Postgres sends one row per CopyData, but nothing in the protocol promises it.
-                    copy.partial.extend_from_slice(&chunk);
-                    while let Some(nl) = copy.partial.iter().position(|&b| b == b'\n') {
-                        let rest = copy.partial.split_off(nl + 1);
-                        let mut line = std::mem::replace(&mut copy.partial, rest);
-                        line.pop();
-                        copy.lines.push_back(line);
+                    // Postgres sends one row per CopyData, but nothing in the protocol promises it:
+                    // whole lines are sliced out of the message, a line split across messages is
+                    // put together in `partial`.
+                    let mut start = 0;
+                    for nl in memchr::memchr_iter(b'\n', &chunk) {
+                        if copy.partial.is_empty() {
+                            copy.lines.push_back(chunk.slice(start..nl));
+                        } else {
+                            copy.partial.extend_from_slice(&chunk[start..nl]);
+                            copy.lines.push_back(Bytes::from(std::mem::take(&mut copy.partial)));
+                        }
+                        start = nl + 1;
                     }
+                    copy.partial.extend_from_slice(&chunk[start..]);
                 }
                 Ok(None) => {
                     if !copy.quiet {

@@ -168,6 +168,60 @@ async fn a_zstd_bomb_is_cut_at_the_message_limit_and_the_hub_stays_small() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_batch_is_held_to_the_message_limit_before_it_is_opened() -> anyhow::Result<()> {
+    let mut d = Deployment::new("batchbomb", CITIZENS_DDL, &["public.citizens"]).await?;
+    d.fanout_toml = "\n[limits]\nmax_message_bytes = 8388608\nstream_buffer_bytes = 16777216\n".into();
+    let agents = format!("{}\n[[agents]]\nid = \"attacker\"\ntoken = \"{ATTACKER_TOKEN}\"\n", d.default_agents_toml());
+    d.start_hub_with(&agents).await?;
+    let pid = d.hub.as_ref().and_then(|h| h.pid()).expect("hub running");
+    let baseline = dongbo_tests::procs::peak_rss_kib(pid).unwrap_or(0) / 1024;
+    let batch = |bytes: Vec<u8>| AgentMessage {
+        kind: Some(agent_message::Kind::Batch(pb::SpooledBatch { first_seq: 1, last_seq: 1, change_batch: bytes })),
+    };
+    // 256 MiB of zeros in a frame that says so (the agent's own format): refused unopened.
+    let stated = zstd::bulk::compress(&vec![0u8; 256 << 20], 1)?;
+    assert!(stated.len() < 1 << 20);
+    let status = attacker_stream(d.hub_port, vec![batch(stated)], Duration::from_secs(30)).await;
+    let status = status.expect("the hub ends the stream");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("over the limit of 8388608"), "{status:?}");
+    // The same zeros in a frame that does not say how much it holds: refused, not opened to see.
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        std::io::Write::write_all(&mut encoder, &zeros)?;
+    }
+    let unstated = encoder.finish()?;
+    let status = attacker_stream(d.hub_port, vec![batch(unstated)], Duration::from_secs(30)).await;
+    let status = status.expect("the hub ends the stream");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("does not state its size"), "{status:?}");
+    let peak = dongbo_tests::procs::peak_rss_kib(pid).unwrap_or(0) / 1024;
+    assert!(peak < baseline + 64, "the compressed batches took the hub from {baseline} to {peak} MiB");
+    // Nothing of either was applied, and a real agent's compressed batches still flow.
+    let ndc = d.ndc().await?;
+    let attacker: i64 = ndc
+        .query_one(
+            "SELECT coalesce(sum(changes_applied + changes_quarantined), 0)::int8 FROM dongbo.applied_position \
+             WHERE source_id = 'attacker'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(attacker, 0);
+    d.start_agent()?;
+    let src = d.source().await?;
+    src.batch_execute(
+        "INSERT INTO citizens (citizen_id, full_name, birth_date, province_code, commune_code, address)
+         VALUES ('079123456789', 'Trần Thị B', '1990-01-01', '79', '26734', 'Số 1')",
+    )
+    .await?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    d.ensure_alive()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_floods_leave_the_hub_up_bounded_and_the_other_agent_flowing() -> anyhow::Result<()> {
     let mut d = Deployment::new("limits", CITIZENS_DDL, &["public.citizens"]).await?;
     let src = d.source().await?;
