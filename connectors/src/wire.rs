@@ -29,9 +29,12 @@ fn malformed(msg: impl Into<String>) -> WireError {
     WireError::Malformed(msg.into())
 }
 
-/// Encodes a batch into the bytes the agent spools and ships, consuming it (no value is copied).
+/// Encodes a batch into the bytes the agent spools and ships: the protobuf `ChangeBatch`,
+/// byte for byte what prost writes for [`batch_into_proto`], but written straight from the domain
+/// model (building the protobuf structs first, then sizing every nested message once per level
+/// of nesting, was a sixth of the agent's CPU in a snapshot).
 pub fn encode_batch(batch: ChangeBatch) -> Vec<u8> {
-    batch_into_proto(batch).encode_to_vec()
+    direct::encode_batch(&batch)
 }
 
 /// Decodes and validates batch bytes, plain or compressed (a compressed batch may open to at
@@ -151,6 +154,226 @@ pub fn count_changes(mut bytes: &[u8]) -> Result<usize, WireError> {
         bytes = &bytes[skip..];
     }
     Ok(n)
+}
+
+/// The `ChangeBatch` encoder that writes the domain model as protobuf without building the
+/// generated structs. Field numbers and proto3 presence rules follow `dongbo.proto`: scalars
+/// outside a oneof are left out at their default, a oneof member and a present message are
+/// always written, fields in number order.
+mod direct {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    use prost::Message;
+
+    use super::*;
+
+    fn key_len(tag: u32) -> usize {
+        prost::encoding::key_len(tag)
+    }
+
+    fn len_delimited_len(tag: u32, body: usize) -> usize {
+        key_len(tag) + encoded_len_varint(body as u64) + body
+    }
+
+    fn put_len_delimited(tag: u32, body: usize, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(body as u64, buf);
+    }
+
+    fn put_bytes(tag: u32, bytes: &[u8], buf: &mut Vec<u8>) {
+        put_len_delimited(tag, bytes.len(), buf);
+        buf.extend_from_slice(bytes);
+    }
+
+    fn put_varint(tag: u32, v: u64, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::Varint, buf);
+        encode_varint(v, buf);
+    }
+
+    /// Protobuf `Value` body length.
+    fn value_len(v: &Value) -> usize {
+        match v {
+            Value::Null | Value::UnchangedToast | Value::Bool(_) => 2,
+            Value::Int(i) => 1 + encoded_len_varint(*i as u64),
+            Value::Float(_) => 9,
+            Value::Numeric(s)
+            | Value::Text(s)
+            | Value::Date(s)
+            | Value::Timestamp(s)
+            | Value::TimestampTz(s)
+            | Value::Json(s)
+            // Their oneof tags (6 to 13) all take a one-byte key.
+            | Value::Uuid(s) => len_delimited_len(7, s.len()),
+            Value::Bytes(b) => len_delimited_len(8, b.len()),
+            Value::Array(items) => len_delimited_len(14, values_len(items)),
+            Value::Other { type_name, text } => len_delimited_len(15, other_len(type_name, text)),
+        }
+    }
+
+    fn other_len(type_name: &str, text: &str) -> usize {
+        let field = |tag, s: &str| if s.is_empty() { 0 } else { len_delimited_len(tag, s.len()) };
+        field(1, type_name) + field(2, text)
+    }
+
+    /// Body length of a message of `repeated Value = 1` (`Row`, `ArrayValue`).
+    fn values_len(values: &[Value]) -> usize {
+        values.iter().map(|v| len_delimited_len(1, value_len(v))).sum()
+    }
+
+    fn put_value(v: &Value, buf: &mut Vec<u8>) {
+        match v {
+            Value::Null => put_varint(1, 1, buf),
+            Value::UnchangedToast => put_varint(2, 1, buf),
+            Value::Bool(b) => put_varint(3, u64::from(*b), buf),
+            Value::Int(i) => put_varint(4, *i as u64, buf),
+            Value::Float(f) => {
+                encode_key(5, WireType::SixtyFourBit, buf);
+                buf.extend_from_slice(&f.to_le_bytes());
+            }
+            Value::Numeric(s) => put_bytes(6, s.as_bytes(), buf),
+            Value::Text(s) => put_bytes(7, s.as_bytes(), buf),
+            Value::Bytes(b) => put_bytes(8, b, buf),
+            Value::Date(s) => put_bytes(9, s.as_bytes(), buf),
+            Value::Timestamp(s) => put_bytes(10, s.as_bytes(), buf),
+            Value::TimestampTz(s) => put_bytes(11, s.as_bytes(), buf),
+            Value::Json(s) => put_bytes(12, s.as_bytes(), buf),
+            Value::Uuid(s) => put_bytes(13, s.as_bytes(), buf),
+            Value::Array(items) => {
+                put_len_delimited(14, values_len(items), buf);
+                put_values(items, buf);
+            }
+            Value::Other { type_name, text } => {
+                put_len_delimited(15, other_len(type_name, text), buf);
+                if !type_name.is_empty() {
+                    put_bytes(1, type_name.as_bytes(), buf);
+                }
+                if !text.is_empty() {
+                    put_bytes(2, text.as_bytes(), buf);
+                }
+            }
+        }
+    }
+
+    fn put_values(values: &[Value], buf: &mut Vec<u8>) {
+        for v in values {
+            put_len_delimited(1, value_len(v), buf);
+            put_value(v, buf);
+        }
+    }
+
+    fn position_len(p: &Position) -> usize {
+        match p {
+            Position::Postgres(lsn) => key_len(1) + encoded_len_varint(lsn.0),
+            Position::MySql(b) => len_delimited_len(2, binlog_len(b)),
+        }
+    }
+
+    fn binlog_len(b: &BinlogPos) -> usize {
+        let field = |tag, v: u64| if v == 0 { 0 } else { key_len(tag) + encoded_len_varint(v) };
+        field(1, u64::from(b.file)) + field(2, b.pos)
+    }
+
+    /// The rows a change carries on the wire (key, before, after), with their body lengths.
+    struct Rows<'a> {
+        rows: [(u32, Option<&'a [Value]>, usize); 3],
+    }
+
+    impl<'a> Rows<'a> {
+        fn of(c: &'a ChangeEvent) -> Self {
+            let key = (!c.key.is_empty() && !c.op.is_new_row()).then_some(c.key.as_slice());
+            let row = |tag, r: Option<&'a [Value]>| (tag, r, r.map_or(0, values_len));
+            Rows { rows: [row(4, key), row(5, c.before.as_deref()), row(6, c.after.as_deref())] }
+        }
+
+        fn len(&self) -> usize {
+            self.rows.iter().filter(|(_, r, _)| r.is_some()).map(|&(tag, _, n)| len_delimited_len(tag, n)).sum()
+        }
+    }
+
+    fn event_len(c: &ChangeEvent, schema_index: u32, rows: &Rows<'_>) -> usize {
+        let varint = |tag, v: u64| if v == 0 { 0 } else { key_len(tag) + encoded_len_varint(v) };
+        varint(1, c.seq)
+            + varint(2, u64::from(schema_index))
+            + varint(3, op_to_proto(c.op) as u64)
+            + rows.len()
+            + len_delimited_len(7, position_len(&c.position))
+            + varint(8, c.commit_time_us as u64)
+            + varint(9, c.txid)
+            + varint(10, u64::from(c.txn_order))
+            + varint(11, u64::from(c.txn_last))
+    }
+
+    fn put_event(c: &ChangeEvent, schema_index: u32, rows: &Rows<'_>, buf: &mut Vec<u8>) {
+        let varint = |tag, v: u64, buf: &mut Vec<u8>| {
+            if v != 0 {
+                put_varint(tag, v, buf);
+            }
+        };
+        varint(1, c.seq, buf);
+        varint(2, u64::from(schema_index), buf);
+        varint(3, op_to_proto(c.op) as u64, buf);
+        for &(tag, row, n) in &rows.rows {
+            if let Some(row) = row {
+                put_len_delimited(tag, n, buf);
+                put_values(row, buf);
+            }
+        }
+        put_len_delimited(7, position_len(&c.position), buf);
+        match &c.position {
+            Position::Postgres(lsn) => put_varint(1, lsn.0, buf),
+            Position::MySql(b) => {
+                put_len_delimited(2, binlog_len(b), buf);
+                varint(1, u64::from(b.file), buf);
+                varint(2, b.pos, buf);
+            }
+        }
+        varint(8, c.commit_time_us as u64, buf);
+        varint(9, c.txid, buf);
+        varint(10, u64::from(c.txn_order), buf);
+        varint(11, u64::from(c.txn_last), buf);
+    }
+
+    pub(super) fn encode_batch(batch: &ChangeBatch) -> Vec<u8> {
+        let (first_seq, last_seq) = (batch.first_seq(), batch.last_seq());
+        // Schemas (field 4) precede changes (field 5): index them in a first pass.
+        let mut index: HashMap<(&TableId, u64), u32> = HashMap::new();
+        let mut schemas = Vec::new();
+        let mut last: Option<(&Arc<TableSchema>, u32)> = None;
+        let indices: Vec<u32> = batch
+            .changes
+            .iter()
+            .map(|c| match last {
+                Some((t, i)) if Arc::ptr_eq(t, &c.table) => i,
+                _ => {
+                    let i = *index.entry((&c.table.table, c.table.version)).or_insert_with(|| {
+                        schemas.push(schema_to_proto(&c.table));
+                        (schemas.len() - 1) as u32
+                    });
+                    last = Some((&c.table, i));
+                    i
+                }
+            })
+            .collect();
+        let mut buf = Vec::with_capacity(64 + batch.changes.len() * 160);
+        if !batch.source_id.is_empty() {
+            put_bytes(1, batch.source_id.as_bytes(), &mut buf);
+        }
+        if first_seq != 0 {
+            put_varint(2, first_seq, &mut buf);
+        }
+        if last_seq != 0 {
+            put_varint(3, last_seq, &mut buf);
+        }
+        for s in &schemas {
+            put_len_delimited(4, s.encoded_len(), &mut buf);
+            s.encode_raw(&mut buf);
+        }
+        for (c, &i) in batch.changes.iter().zip(&indices) {
+            let rows = Rows::of(c);
+            put_len_delimited(5, event_len(c, i, &rows), &mut buf);
+            put_event(c, i, &rows, &mut buf);
+        }
+        buf
+    }
 }
 
 /// Converts a domain batch to its protobuf form, listing each referenced schema once.
@@ -496,6 +719,82 @@ mod tests {
         assert_eq!(proto.schemas.len(), 1);
         let back = decode_batch(&encode_batch(batch.clone())).unwrap();
         assert_eq!(back, batch);
+    }
+
+    #[test]
+    fn the_direct_encoder_writes_what_prost_writes() {
+        let mysql = Arc::new(TableSchema::new(
+            TableId::new("province", "residence_log"),
+            vec![
+                Column { name: "citizen_id".into(), type_name: "char(12)".into(), type_oid: 0 },
+                Column { name: "note".into(), type_name: "text".into(), type_oid: 0 },
+            ],
+            vec![],
+        ));
+        let every_kind = vec![
+            Value::Null,
+            Value::UnchangedToast,
+            Value::Bool(false),
+            Value::Bool(true),
+            Value::Int(0),
+            Value::Int(-1),
+            Value::Int(i64::MAX),
+            Value::Float(0.0),
+            Value::Float(-1.5e300),
+            Value::Numeric("12.50".into()),
+            Value::Text(String::new()),
+            Value::Text("Nguyễn Thị Minh Khai ".repeat(20)),
+            Value::Bytes(vec![0, 255]),
+            Value::Date("2025-07-01".into()),
+            Value::Timestamp("2025-07-01 08:00:00".into()),
+            Value::TimestampTz("2025-07-01 01:00:00+00".into()),
+            Value::Json("{\"a\":1}".into()),
+            Value::Uuid("7c1e0c3a-3f5e-4a43-9d8e-2b1c4d5e6f70".into()),
+            Value::Array(vec![Value::Array(vec![Value::Int(1), Value::Null]), Value::Array(vec![])]),
+            Value::Other { type_name: "interval".into(), text: "1 day".into() },
+            Value::Other { type_name: String::new(), text: String::new() },
+        ];
+        let wide = Arc::new(TableSchema::new(
+            TableId::new("public", "wide"),
+            (0..every_kind.len())
+                .map(|i| Column { name: format!("c{i}"), type_name: "text".into(), type_oid: 25 })
+                .collect(),
+            vec![0],
+        ));
+        let mut changes = Vec::new();
+        for (i, op) in
+            [Operation::Insert, Operation::Update, Operation::Delete, Operation::SnapshotRead, Operation::Truncate]
+                .into_iter()
+                .enumerate()
+        {
+            let mut c = change(10 + i as u64);
+            c.op = op;
+            c.txn_last = i % 2 == 0;
+            c.txid = i as u64;
+            c.txn_order = (i * 300) as u32;
+            c.commit_time_us = if i == 0 { 0 } else { -5 };
+            if op == Operation::Truncate {
+                (c.key, c.before, c.after) = (vec![], None, None);
+            }
+            changes.push(c);
+        }
+        let mut w = ChangeEvent::for_test(20, &wide, Operation::Update, vec![Value::Null], Some(every_kind.clone()));
+        w.before = Some(every_kind.clone());
+        changes.push(w);
+        for (seq, pos) in [(21, BinlogPos { file: 0, pos: 0 }), (22, BinlogPos { file: 3, pos: 1 << 40 })] {
+            let row = vec![Value::Text("079123456789".into()), Value::Null];
+            let mut c = ChangeEvent::for_test(seq, &mysql, Operation::Delete, vec![], None);
+            c.before = Some(row);
+            c.position = Position::MySql(pos);
+            changes.push(c);
+        }
+        changes.push(change(23));
+        for source_id in ["hcm", ""] {
+            let batch = ChangeBatch { source_id: source_id.into(), changes: changes.clone() };
+            assert_eq!(encode_batch(batch.clone()), batch_into_proto(batch.clone()).encode_to_vec());
+        }
+        let empty = ChangeBatch { source_id: "hcm".into(), changes: vec![] };
+        assert_eq!(encode_batch(empty.clone()), batch_into_proto(empty).encode_to_vec());
     }
 
     #[test]

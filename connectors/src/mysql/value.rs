@@ -48,20 +48,72 @@ fn utf8(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-fn fraction(us: u32) -> String {
-    if us == 0 {
-        String::new()
-    } else {
-        format!(".{us:06}")
+/// Appends `n` in decimal, zero-padded to `width` digits. Written by hand: `format!` was a tenth of
+/// the agent's CPU in a MariaDB snapshot of dated rows.
+fn push_padded(out: &mut String, n: u32, width: usize) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for _ in digits.len() - at..width {
+        out.push('0');
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+}
+
+fn push_fraction(out: &mut String, us: u32) {
+    if us != 0 {
+        out.push('.');
+        push_padded(out, us, 6);
     }
 }
 
-fn date_text(y: u16, m: u8, d: u8) -> String {
-    format!("{y:04}-{m:02}-{d:02}")
+fn push_date(out: &mut String, y: u16, m: u8, d: u8) {
+    push_padded(out, u32::from(y), 4);
+    out.push('-');
+    push_padded(out, u32::from(m), 2);
+    out.push('-');
+    push_padded(out, u32::from(d), 2);
 }
 
+fn push_clock(out: &mut String, h: u64, mi: u8, s: u8, us: u32) {
+    push_padded(out, u32::try_from(h).unwrap_or(u32::MAX), 2);
+    out.push(':');
+    push_padded(out, u32::from(mi), 2);
+    out.push(':');
+    push_padded(out, u32::from(s), 2);
+    push_fraction(out, us);
+}
+
+fn date_text(y: u16, m: u8, d: u8) -> String {
+    let mut out = String::with_capacity(10);
+    push_date(&mut out, y, m, d);
+    out
+}
+
+/// `YYYY-MM-DD hh:mm:ss[.ffffff]`, with room for a zone suffix.
 fn datetime_text(y: u16, mo: u8, d: u8, h: u8, mi: u8, s: u8, us: u32) -> String {
-    format!("{} {h:02}:{mi:02}:{s:02}{}", date_text(y, mo, d), fraction(us))
+    let mut out = String::with_capacity(30);
+    push_date(&mut out, y, mo, d);
+    out.push(' ');
+    push_clock(&mut out, u64::from(h), mi, s, us);
+    out
+}
+
+fn time_text(negative: bool, hours: u64, m: u8, s: u8, us: u32) -> String {
+    let mut out = String::with_capacity(18);
+    if negative {
+        out.push('-');
+    }
+    push_clock(&mut out, hours, m, s, us);
+    out
 }
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
@@ -95,7 +147,11 @@ pub fn from_snapshot(kind: &Kind, v: My, zero_dates: ZeroDates) -> Value {
         (Kind::Char(Charset::Binary) | Kind::Text(Charset::Binary) | Kind::Binary | Kind::Bit, My::Bytes(b)) => {
             Value::Bytes(b)
         }
-        (Kind::Char(_), My::Bytes(b)) => Value::Text(utf8(b).trim_end_matches(' ').to_string()),
+        (Kind::Char(_), My::Bytes(b)) => {
+            let mut text = utf8(b);
+            text.truncate(text.trim_end_matches(' ').len());
+            Value::Text(text)
+        }
         (Kind::Text(_) | Kind::Enum(_) | Kind::Set(_), My::Bytes(b)) => Value::Text(utf8(b)),
         (Kind::Json, My::Bytes(b)) => Value::Json(utf8(b)),
         (Kind::Date, My::Date(y, m, d, ..)) if y == 0 || m == 0 || d == 0 => zero(date_text(y, m, d)),
@@ -105,16 +161,13 @@ pub fn from_snapshot(kind: &Kind, v: My, zero_dates: ZeroDates) -> Value {
         }
         (Kind::DateTime, My::Date(y, mo, d, h, mi, s, us)) => Value::Timestamp(datetime_text(y, mo, d, h, mi, s, us)),
         (Kind::Timestamp, My::Date(y, mo, d, h, mi, s, us)) => {
-            Value::TimestampTz(format!("{}+00", datetime_text(y, mo, d, h, mi, s, us)))
+            let mut text = datetime_text(y, mo, d, h, mi, s, us);
+            text.push_str("+00");
+            Value::TimestampTz(text)
         }
         (Kind::Time, My::Time(negative, days, h, m, s, us)) => Value::Other {
             type_name: "time".into(),
-            text: format!(
-                "{}{:02}:{m:02}:{s:02}{}",
-                if negative { "-" } else { "" },
-                u64::from(days) * 24 + u64::from(h),
-                fraction(us)
-            ),
+            text: time_text(negative, u64::from(days) * 24 + u64::from(h), m, s, us),
         },
         // A value of a shape the column's kind does not expect travels as text, never dropped.
         (kind, v) => Value::Other { type_name: format!("{kind:?}"), text: v.as_sql(true) },
@@ -211,6 +264,24 @@ mod tests {
             from_snapshot(&Kind::Time, My::Time(true, 1, 2, 3, 4, 5), q),
             Value::Other { type_name: "time".into(), text: "-26:03:04.000005".into() }
         );
+    }
+
+    #[test]
+    fn dates_and_times_print_as_the_ndc_reads_them() {
+        let q = ZeroDates::Quarantine;
+        assert_eq!(from_snapshot(&Kind::Date, My::Date(987, 3, 9, 0, 0, 0, 0), q), Value::Date("0987-03-09".into()));
+        assert_eq!(
+            from_snapshot(&Kind::DateTime, My::Date(2025, 7, 1, 8, 5, 0, 0), q),
+            Value::Timestamp("2025-07-01 08:05:00".into())
+        );
+        assert_eq!(
+            from_snapshot(&Kind::Timestamp, My::Date(2025, 12, 31, 23, 59, 59, 120), q),
+            Value::TimestampTz("2025-12-31 23:59:59.000120+00".into())
+        );
+        let time = from_snapshot(&Kind::Time, My::Time(true, 34, 22, 0, 7, 500_000), q);
+        assert_eq!(time, Value::Other { type_name: "time".into(), text: "-838:00:07.500000".into() });
+        let char_padded = from_snapshot(&Kind::Char(Charset::Utf8), My::Bytes("Huế  ".as_bytes().to_vec()), q);
+        assert_eq!(char_padded, Value::Text("Huế".into()));
     }
 
     #[test]
