@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dongbo_connectors::error::SourceError;
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableId};
 use dongbo_connectors::mysql::MySqlSource;
 use dongbo_connectors::postgres::PostgresSource;
 use dongbo_connectors::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable, Source};
@@ -182,8 +182,15 @@ impl<'a> Capture<'a> {
                     resume.snapshot_done = true;
                     resume.committed_end = Some(at);
                     resume.open_txn = None;
-                    resume.snapshotted =
-                        Some(tables.into_iter().map(|table| SnapshottedTable { table, taken_at: None }).collect());
+                    // A table read in a later view of a parallel snapshot keeps that view's position.
+                    let later = resume.snapshotted.take().unwrap_or_default();
+                    let taken_at = |t: &TableId| later.iter().find(|s| &s.table == t).and_then(|s| s.taken_at);
+                    resume.snapshotted = Some(
+                        tables
+                            .into_iter()
+                            .map(|table| SnapshottedTable { taken_at: taken_at(&table), table })
+                            .collect(),
+                    );
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
                     info!(at = %at, "snapshot spooled");
@@ -212,6 +219,7 @@ impl<'a> Capture<'a> {
                     // Spooled with the rows before it, atomically: a crash before this write takes
                     // the snapshot of these tables again.
                     let known = resume.snapshotted.get_or_insert_with(Vec::new);
+                    known.retain(|s| !tables.contains(&s.table));
                     known.extend(tables.into_iter().map(|table| SnapshottedTable { table, taken_at: Some(at) }));
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;

@@ -43,10 +43,18 @@ pub struct MySqlConfig {
     /// short read, resumed after on restart.
     #[serde(default = "default_chunk_rows")]
     pub snapshot_chunk_rows: u64,
+    /// Connections the initial snapshot reads tables on at once, each in a read view of its own
+    /// (whose binlog position the stream then honours per table).
+    #[serde(default = "default_parallel_tables")]
+    pub snapshot_parallel_tables: usize,
 }
 
 fn default_chunk_rows() -> u64 {
     20_000
+}
+
+fn default_parallel_tables() -> usize {
+    2
 }
 
 fn default_port() -> u16 {
@@ -70,6 +78,7 @@ impl fmt::Debug for MySqlConfig {
             .field("tls", &self.tls)
             .field("zero_dates", &self.zero_dates)
             .field("snapshot_chunk_rows", &self.snapshot_chunk_rows)
+            .field("snapshot_parallel_tables", &self.snapshot_parallel_tables)
             .finish_non_exhaustive()
     }
 }

@@ -116,18 +116,51 @@ impl MySqlSource {
             let run = async {
                 let from = match committed.filter(|_| resume.snapshot_done) {
                     None => {
-                        let at = snapshot::begin(&mut conn, &files).await?;
-                        info!(at = %files.file_name(at), pos = at.pos, tables = tables.len(), "snapshot started");
-                        let rows = snapshot::read_tables(&mut conn, &tables, at, config.zero_dates, &tx).await?;
+                        // Positions of an interrupted attempt are not this one's.
+                        snapshotted_at.clear();
+                        let n = config.snapshot_parallel_tables.clamp(1, tables.len().max(1));
+                        let mut conns = vec![conn];
+                        for _ in 1..n {
+                            conns.push(mysql_async::Conn::new(opts.clone()).await?);
+                        }
+                        let views = snapshot::begin_parallel(&mut conns, &tables, &files).await?;
+                        let from = views.iter().map(|v| v.at).min().expect("at least one read view");
+                        info!(at = %files.file_name(from), pos = from.pos, tables = tables.len(), connections = n, "snapshot started");
+                        let reads = views.into_iter().zip(conns).map(|(view, mut c)| {
+                            let (tx, zero_dates) = (tx.clone(), config.zero_dates);
+                            tokio::spawn(async move {
+                                let rows =
+                                    snapshot::read_tables(&mut c, &view.tables, view.at, zero_dates, &tx).await?;
+                                let _ = c.disconnect().await;
+                                Ok::<_, SourceError>((rows, view))
+                            })
+                        });
+                        let mut rows = 0;
+                        for read in futures::future::join_all(reads).await {
+                            let (n, view) = read.map_err(|e| SourceError::Io(std::io::Error::other(e)))??;
+                            rows += n;
+                            // A read view opened after the stream's start: its tables' changes in
+                            // transactions begun before its position are in its rows already. Spooled
+                            // before SnapshotDone, so a crash between the two takes the snapshot again.
+                            if view.at != from {
+                                let ids: Vec<TableId> = view.tables.iter().map(|t| t.schema.table.clone()).collect();
+                                snapshotted_at.extend(ids.iter().map(|id| (id.clone(), view.at)));
+                                tx.send(Ok(Captured::TablesSnapshotted { at: Position::MySql(view.at), tables: ids }))
+                                    .await
+                                    .map_err(|_| snapshot::closed())?;
+                            }
+                        }
                         info!(rows, "snapshot read");
-                        tx.send(Ok(Captured::SnapshotDone { at: Position::MySql(at), tables: configured.clone() }))
+                        tx.send(Ok(Captured::SnapshotDone { at: Position::MySql(from), tables: configured.clone() }))
                             .await
                             .map_err(|_| snapshot::closed())?;
-                        at
+                        from
                     }
-                    Some(committed) => committed,
+                    Some(committed) => {
+                        let _ = conn.disconnect().await;
+                        committed
+                    }
                 };
-                let _ = conn.disconnect().await;
                 let start = binlog::StreamStart {
                     tables: tables.into_iter().map(|t| (t.schema.table.clone(), t)).collect(),
                     from,

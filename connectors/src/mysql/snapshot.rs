@@ -53,6 +53,31 @@ pub async fn begin(conn: &mut mysql_async::Conn, files: &BinlogFiles) -> Result<
     }
 }
 
+/// One connection's share of a parallel initial snapshot: its tables and the binlog position of
+/// its read view.
+pub struct ReadView {
+    /// The tables read in this view.
+    pub tables: Vec<MyTable>,
+    /// The binlog position the view matches.
+    pub at: BinlogPos,
+}
+
+/// Opens a read view on each of `conns` (one after another, so their positions differ only by what
+/// committed in between) and deals `tables` out among them, round robin.
+pub async fn begin_parallel(
+    conns: &mut [mysql_async::Conn],
+    tables: &[MyTable],
+    files: &BinlogFiles,
+) -> Result<Vec<ReadView>, SourceError> {
+    let n = conns.len();
+    let mut views = Vec::with_capacity(n);
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let at = begin(conn, files).await?;
+        views.push(ReadView { tables: tables.iter().skip(i).step_by(n).cloned().collect(), at });
+    }
+    Ok(views)
+}
+
 /// Reads every row of `tables` in the open read view into `tx`, each table opened by a TRUNCATE;
 /// then ends the transaction. Returns the number of rows read.
 pub async fn read_tables(
