@@ -193,6 +193,7 @@ impl<'a> Capture<'a> {
                     );
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
+                    dongbo_connectors::fault::crash_at("snapshot-spooled");
                     info!(at = %at, "snapshot spooled");
                 }
                 Some(Captured::ChunkDone { progress, done }) => {

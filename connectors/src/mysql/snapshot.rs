@@ -72,8 +72,16 @@ pub async fn begin_parallel(
     let n = conns.len();
     let mut views = Vec::with_capacity(n);
     for (i, conn) in conns.iter_mut().enumerate() {
+        if i > 0 && crate::fault::armed_at("mysql-pause-between-read-views") {
+            // Lets a test commit changes between two views' positions.
+            tracing::warn!("fault injection: pausing 3 s between read views");
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
         let at = begin(conn, files).await?;
-        views.push(ReadView { tables: tables.iter().skip(i).step_by(n).cloned().collect(), at });
+        let view = ReadView { tables: tables.iter().skip(i).step_by(n).cloned().collect(), at };
+        let names: Vec<String> = view.tables.iter().map(|t| t.schema.table.to_string()).collect();
+        tracing::info!(view = i, file = %files.file_name(at), pos = at.pos, tables = %names.join(" "), "read view opened");
+        views.push(view);
     }
     Ok(views)
 }

@@ -307,3 +307,55 @@ async fn a_binlog_purged_while_the_agent_was_down_fails_check_and_stops_run_with
     assert_eq!(applied, 2, "nothing was applied from a binlog with a hole in it");
     Ok(())
 }
+
+/// A parallel initial snapshot reads each table in a read view of its own: the later view's table
+/// must not take again, from the binlog, the transactions committed between the two views (they
+/// are in its rows), and the earlier view's table must take them. Both hold across a `kill -9`
+/// just after the snapshot is spooled, when the stream restarts at the earlier view's position
+/// and meets those transactions again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_snapshot_takes_each_change_once_across_read_views_and_a_crash() -> anyhow::Result<()> {
+    let mut d = Deployment::new("mariadb-views", "SELECT 1", &["public.unused"]).await?;
+    let db = MariaDb::start("views", &[]).await?;
+    db.sql(SETUP)?;
+    db.sql(&insert_citizens(1, 1000))?;
+    db.sql("INSERT INTO province.residence_log VALUES ('079000000001', '26734'), ('079000000001', '26734')")?;
+    d.start_hub().await?;
+    let tables = ["province.citizens", "province.residence_log"];
+    let config = db.agent_config(&d, &tables, "snapshot_parallel_tables = 2");
+    d.start_agent_from(&config, &[("DONGBO_FAULT", "mysql-pause-between-read-views,snapshot-spooled")])?;
+    d.agent.as_ref().expect("agent").wait_for_log("pausing 3 s between read views", Duration::from_secs(30)).await?;
+    // Between the views: one table is in the first (these changes come from the binlog), the other
+    // in the second (they are in its rows). A keyless table taken twice would hold duplicates.
+    db.sql(&format!(
+        "{}; INSERT INTO province.residence_log VALUES ('079000000001', '26734'), ('079000000003', '00004');
+         BEGIN; UPDATE province.citizens SET note = 'giữa hai lần đọc' WHERE id <= 100;
+         INSERT INTO province.residence_log VALUES ('079000000004', '26734'); COMMIT;",
+        insert_citizens(1001, 1100)
+    ))?;
+    let crashed = d.agent.as_mut().expect("agent").wait_exit(Duration::from_secs(60));
+    assert!(crashed.is_some_and(|s| !s.success()), "the agent did not stop at snapshot-spooled");
+    let log = d.agent.as_ref().expect("agent").log_text();
+    // Views open in order: the first line is the first view's.
+    let first_view = log.lines().find(|l| l.contains("read view opened")).unwrap_or_default();
+    let first_view = first_view.to_string();
+    // After the crash, more changes to both; then the agent restarts at the first view's position.
+    db.sql(
+        "DELETE FROM province.residence_log WHERE citizen_id = '079000000003';
+         UPDATE province.citizens SET amount = 1.5 WHERE id BETWEEN 1001 AND 1010;",
+    )?;
+    d.start_agent_from(&config, &[])?;
+    assert_eq!(wait_same(&d, &db, "citizens", COLUMNS, Duration::from_secs(60)).await?, 1100);
+    assert_eq!(wait_same(&d, &db, "residence_log", LOG_COLUMNS, Duration::from_secs(30)).await?, 4);
+    // Exactly: two truncates; the first view's table takes its rows then the window's changes from
+    // the binlog; the second view's table takes its rows, window included, and none of the
+    // window's changes again; then the delete and the 10 updates.
+    let expected = if first_view.contains("province.citizens") {
+        2 + (1000 + 100 + 100) + 5 + 1 + 10
+    } else {
+        assert!(first_view.contains("province.residence_log"), "no first read view in the log:\n{log}");
+        2 + 1100 + 5 + 1 + 10
+    };
+    d.wait_applied(expected, Duration::from_secs(30)).await?;
+    Ok(())
+}
