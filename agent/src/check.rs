@@ -105,10 +105,13 @@ async fn link(config: &AgentConfig, report: &mut CheckReport) {
     }
     if let Some(k) = &config.kafka {
         let what = format!("Kafka brokers {}", k.brokers);
+        #[cfg(feature = "kafka")]
         match crate::kafka::reachable(k).await {
             Ok(n) => report.push(CheckItem { what: format!("{what} reachable ({n} brokers)"), problem: None }),
             Err(e) => report.push(CheckItem { what, problem: Some(e.to_string()) }),
         }
+        #[cfg(not(feature = "kafka"))]
+        report.push(CheckItem { what, problem: Some(crate::config::NO_KAFKA.into()) });
     }
 }
 

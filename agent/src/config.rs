@@ -143,6 +143,10 @@ impl HubLinkConfig {
     }
 }
 
+/// Why a `[kafka]` section is refused by an agent built without the Kafka transport.
+pub const NO_KAFKA: &str = "this agent is built without the Kafka transport (the legacy build for old servers): \
+     ship over gRPC with a [hub] section, or install the standard build";
+
 /// The link to a Kafka cluster.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,6 +300,9 @@ impl Validate for AgentConfig {
                 p.push("hub.cert_file and hub.key_file go together".into());
             }
         }
+        if cfg!(not(feature = "kafka")) && self.kafka.is_some() {
+            p.push(NO_KAFKA.into());
+        }
         if let Some(k) = &self.kafka {
             if k.brokers.trim().is_empty() {
                 p.push("kafka.brokers is empty".into());
@@ -371,6 +378,7 @@ token = "tok"
     }
 
     #[test]
+    #[cfg(feature = "kafka")]
     fn kafka_instead_of_the_hub_and_never_both() {
         let kafka = "[kafka]\nbrokers = \"127.0.0.1:9092\"\ninsecure_plaintext_demo = true\n";
         let only_kafka = GOOD.replace("[hub]\nurl = \"http://127.0.0.1:7443\"\ntoken = \"tok\"\n", kafka);

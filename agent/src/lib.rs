@@ -18,6 +18,7 @@
 pub mod capture;
 pub mod check;
 pub mod config;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod ship;
 pub mod spool;
@@ -105,9 +106,13 @@ pub async fn run(
         (Some(hub), _) => {
             tokio::spawn(ship::run(config.source_id.clone(), hub.clone(), spool.clone(), shutdown.clone()))
         }
+        #[cfg(feature = "kafka")]
         (None, Some(k)) => {
             tokio::spawn(kafka::run(config.source_id.clone(), k.clone(), spool.clone(), shutdown.clone()))
         }
+        // Refused when the config is read; kept for the match.
+        #[cfg(not(feature = "kafka"))]
+        (None, Some(_)) => return Err(AgentError::NoLink),
         (None, None) => return Err(AgentError::NoLink),
     };
     let capture = Capture::new(

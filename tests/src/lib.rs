@@ -37,6 +37,8 @@ pub struct Deployment {
     pub hub: Option<DongboProcess>,
     /// The agent process, when running.
     pub agent: Option<DongboProcess>,
+    /// The agent executable to start instead of the workspace's (the legacy build, say).
+    pub agent_binary: Option<PathBuf>,
     /// Extra lines for the agent's `[spool]` section.
     pub spool_extra: String,
     /// Fan-out declarations appended to hub.toml (dictionary, events, purposes, subscribers,
@@ -89,6 +91,7 @@ impl Deployment {
             tables: tables.iter().map(|t| t.to_string()).collect(),
             hub: None,
             agent: None,
+            agent_binary: None,
             spool_extra: String::new(),
             fanout_toml: String::new(),
             kafka: None,
@@ -224,12 +227,12 @@ impl Deployment {
     pub fn start_agent_from(&mut self, config: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let path = self.dir.join("agent.toml");
         std::fs::write(&path, config)?;
-        self.agent = Some(DongboProcess::spawn_with_env(
-            "dongbo-agent",
-            &["run", "--config", &path.to_string_lossy()],
-            &self.dir.join("agent.log"),
-            env,
-        )?);
+        let args = ["run", "--config", &path.to_string_lossy()];
+        let log = self.dir.join("agent.log");
+        self.agent = Some(match &self.agent_binary {
+            Some(exe) => DongboProcess::spawn_path(exe, &args, &log, env)?,
+            None => DongboProcess::spawn_with_env("dongbo-agent", &args, &log, env)?,
+        });
         Ok(())
     }
 

@@ -39,8 +39,14 @@ impl DongboProcess {
 
     /// Starts `binary args...` with extra environment variables (a `DONGBO_FAULT`, say).
     pub fn spawn_with_env(binary_name: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_path(&binary(binary_name)?, args, log, env)
+    }
+
+    /// Starts the executable at `exe` with `args`, logging to `log`, with extra environment variables.
+    pub fn spawn_path(exe: &Path, args: &[&str], log: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let binary_name = exe.display();
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let child = Command::new(binary(binary_name)?)
+        let child = Command::new(exe)
             .args(args)
             .env("DONGBO_LOG", std::env::var("DONGBO_LOG").unwrap_or_else(|_| "info".into()))
             .envs(env.iter().copied())

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+#[cfg(feature = "kafka")]
 use rdkafka::config::ClientConfig;
 use serde::Deserialize;
 
@@ -118,6 +119,7 @@ impl KafkaSecurity<'_> {
 
     /// Adds the librdkafka settings to `c`, reading the SASL password file now. Call after
     /// `validate`.
+    #[cfg(feature = "kafka")]
     pub fn apply(&self, c: &mut ClientConfig) -> Result<(), String> {
         let protocol = match (self.tls.is_some(), self.sasl.is_some()) {
             (true, true) => "SASL_SSL",
@@ -177,6 +179,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "kafka")]
     fn sasl_over_tls_becomes_sasl_ssl_with_the_password_from_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");

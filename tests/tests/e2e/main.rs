@@ -13,6 +13,7 @@ mod hub_limits;
 mod identities;
 mod kafka;
 mod keyless;
+mod legacy_build;
 mod mariadb_capture;
 mod mixed_workload;
 mod mutual_tls;
