@@ -4,7 +4,8 @@
 # `postgres` OS user (initdb refuses to run as root), pg_recvlogical (the capture benchmark's floor),
 # OpenSSL headers and pkg-config (the bundled librdkafka is built with TLS and SASL/SCRAM) and the
 # openssl tool (the tests make a CSR with it, as the README's enrolment steps do),
-# MariaDB server and client (the harness makes throw-away servers for the MySQL/MariaDB source).
+# MariaDB server and client (the harness makes throw-away servers for the MySQL/MariaDB source),
+# rpm and cpio (the legacy agent's .rpm is built and unpacked by the tests).
 # tansu, the Kafka-API broker of the Kafka tests (with --kafka-broker).
 # Rust itself must already be installed (https://rustup.rs).
 set -euo pipefail
@@ -34,6 +35,14 @@ if ! command -v mariadb-install-db >/dev/null 2>&1 || ! command -v mariadbd >/de
   echo "== installing MariaDB server and client (apt-get)"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mariadb-server mariadb-client >/dev/null
+fi
+
+if ! command -v rpmbuild >/dev/null 2>&1 || ! command -v rpm2cpio >/dev/null 2>&1 || ! command -v cpio >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing rpm and cpio (the legacy agent's .rpm is built and unpacked in the tests) (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rpm cpio >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -10,6 +10,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The scenarios start the real binaries, so build them first, and the legacy agent (glibc 2.17).
 cargo build --workspace --bins
 ./deploy/build-legacy.sh
+./deploy/package-legacy.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

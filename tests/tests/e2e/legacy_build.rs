@@ -87,3 +87,64 @@ async fn the_legacy_agent_carries_the_postgres_scenario_exactly_once() -> anyhow
     d.wait_applied(changes as i64, Duration::from_secs(30)).await?;
     Ok(())
 }
+
+/// Runs `program args` and returns its standard output, failing with its standard error.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(program).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What an unpacked package must hold: the agent that runs, its unit pointing at it, the example
+/// config, the spool directory.
+fn assert_installed_tree(root: &std::path::Path, exe: &std::path::Path) -> anyhow::Result<()> {
+    let agent = root.join("usr/bin/dongbo-agent");
+    assert_eq!(std::fs::read(&agent)?, std::fs::read(exe)?, "the packaged agent is the legacy build");
+    assert!(run(&agent.to_string_lossy(), &["--help"])?.contains("dongbo hub"));
+    let unit = std::fs::read_to_string(root.join("lib/systemd/system/dongbo-agent.service"))?;
+    assert!(unit.contains("ExecStart=/usr/bin/dongbo-agent run --config /etc/dongbo/agent.toml"), "{unit}");
+    assert!(!unit.contains("/usr/local/"), "{unit}");
+    let example =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/agent.toml"))?;
+    assert_eq!(std::fs::read_to_string(root.join("etc/dongbo/agent.toml"))?, example);
+    assert!(root.join("var/lib/dongbo").is_dir());
+    Ok(())
+}
+
+#[test]
+fn the_deb_and_the_rpm_unpack_into_a_throw_away_root_with_the_agent_its_unit_and_config() -> anyhow::Result<()> {
+    let exe = legacy_agent()?;
+    let dir = exe.parent().expect("target/legacy").to_path_buf();
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = dir.join(format!("dongbo-agent_{version}_amd64.deb"));
+    let rpm = dir.join(format!("dongbo-agent-{version}-1.x86_64.rpm"));
+    anyhow::ensure!(deb.is_file() && rpm.is_file(), "packages missing: run ./deploy/package-legacy.sh first");
+    let scratch = tempfile_dir()?;
+
+    let deb_s = deb.to_string_lossy();
+    assert_eq!(run("dpkg-deb", &["-f", &deb_s, "Package"])?.trim(), "dongbo-agent");
+    assert!(run("dpkg-deb", &["-f", &deb_s, "Depends"])?.contains("libc6 (>= 2.17)"));
+    let root = scratch.join("deb-root");
+    run("dpkg-deb", &["-x", &deb_s, &root.to_string_lossy()])?;
+    assert_installed_tree(&root, &exe)?;
+    let control = scratch.join("deb-control");
+    run("dpkg-deb", &["-e", &deb_s, &control.to_string_lossy()])?;
+    assert_eq!(std::fs::read_to_string(control.join("conffiles"))?.trim(), "/etc/dongbo/agent.toml");
+    assert!(std::fs::read_to_string(control.join("postinst"))?.contains("useradd --system"));
+
+    let rpm_s = rpm.to_string_lossy();
+    assert_eq!(run("rpm", &["-qp", "--qf", "%{NAME} %{VERSION}", &rpm_s])?.trim(), format!("dongbo-agent {version}"));
+    assert_eq!(run("rpm", &["-qpc", &rpm_s])?.trim(), "/etc/dongbo/agent.toml", "agent.toml is kept on upgrade");
+    assert!(run("rpm", &["-qp", "--scripts", &rpm_s])?.contains("useradd --system"));
+    let root = scratch.join("rpm-root");
+    std::fs::create_dir_all(&root)?;
+    let unpacked = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("rpm2cpio '{rpm_s}' | cpio -idm --quiet"))
+        .current_dir(&root)
+        .status()?;
+    assert!(unpacked.success());
+    assert_installed_tree(&root, &exe)?;
+    std::fs::remove_dir_all(&scratch)?;
+    Ok(())
+}
