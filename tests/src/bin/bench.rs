@@ -114,17 +114,27 @@ async fn main() -> anyhow::Result<()> {
     let hub_port = pg::free_port();
     let hub_cfg = hub_config(&dir, ndc_pg.port, hub_port)?;
 
-    // Create both agents' slots (and the NDC table) before the load, so all decode the same backlog.
+    // Create the agents' slots (and the NDC table) before the load, so all decode the same backlog.
+    // The legacy agent (deploy/build-legacy.sh), when built, captures the same backlog too.
     let capture_cfg = agent_config(&dir, "capture", province.port, pg::free_port())?;
     let e2e_cfg = agent_config(&dir, "e2e", province.port, hub_port)?;
+    let legacy_cfg = agent_config(&dir, "legacy", province.port, pg::free_port())?;
+    let legacy = binary("dongbo-agent")?.parent().and_then(|d| d.parent()).map(|t| t.join("legacy/dongbo-agent"));
+    let legacy = legacy.filter(|p| p.is_file());
     let mut hub =
         DongboProcess::spawn("dongbo-hub", &["serve", "--config", &hub_cfg.to_string_lossy()], &dir.join("hub.log"))?;
     wait_hub(hub_port).await?;
-    for (name, cfg) in [("capture", &capture_cfg), ("e2e", &e2e_cfg)] {
-        let mut agent = DongboProcess::spawn(
-            "dongbo-agent",
+    let mut agents =
+        vec![("capture", &capture_cfg, binary("dongbo-agent")?), ("e2e", &e2e_cfg, binary("dongbo-agent")?)];
+    if let Some(exe) = &legacy {
+        agents.push(("legacy", &legacy_cfg, exe.clone()));
+    }
+    for (name, cfg, exe) in agents {
+        let mut agent = DongboProcess::spawn_path(
+            &exe,
             &["run", "--config", &cfg.to_string_lossy()],
             &dir.join(format!("{name}.log")),
+            &[],
         )?;
         let slot = format!(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}' AND confirmed_flush_lsn IS NOT NULL"
@@ -199,6 +209,30 @@ async fn main() -> anyhow::Result<()> {
     let rss = agent.pid().and_then(peak_rss_kib).unwrap_or(0);
     agent.stop();
     src.batch_execute("SELECT pg_drop_replication_slot('floor'); SELECT pg_drop_replication_slot('capture')").await?;
+    // The legacy build on the same backlog.
+    let legacy_captured = match &legacy {
+        Some(exe) => {
+            let mut agent = DongboProcess::spawn_path(
+                exe,
+                &["run", "--config", &legacy_cfg.to_string_lossy()],
+                &dir.join("legacy.log"),
+                &[],
+            )?;
+            let took = wait_for("legacy agent capture", Duration::from_secs(600), || async {
+                Ok(lsn(
+                    &src,
+                    "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'legacy'",
+                )
+                .await?
+                    >= end_lsn)
+            })
+            .await?;
+            agent.stop();
+            src.batch_execute("SELECT pg_drop_replication_slot('legacy')").await?;
+            Some(took)
+        }
+        None => None,
+    };
     let agent_size = std::fs::metadata(binary("dongbo-agent")?)?.len();
 
     // 2. End to end: backlog through agent, gRPC, hub, NDC; floor: staged upsert of the same rows.
@@ -340,6 +374,15 @@ async fn main() -> anyhow::Result<()> {
         captured.as_secs_f64(),
         cap_r / floor_r
     );
+    match legacy_captured {
+        Some(took) => println!(
+            "  legacy agent (glibc 2.17) {:>7.0} changes/s  ({:.2} s)   ratio {:.2} of the normal build",
+            rate(changes, took),
+            took.as_secs_f64(),
+            rate(changes, took) / cap_r
+        ),
+        None => println!("  legacy agent: not built (./deploy/build-legacy.sh)"),
+    }
     println!(
         "  agent peak RSS         {:>10.1} MiB (capture), {:.1} MiB (end to end)   (target < 50)",
         rss as f64 / 1024.0,
