@@ -294,14 +294,16 @@ pub fn push_copy_value(v: &Value, out: &mut Vec<u8>, scratch: &mut String) -> bo
 /// `\N`, undoing COPY's escapes.
 pub fn split_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, String> {
     let mut fields = Vec::with_capacity(16);
-    for raw in line.split(|&b| b == b'\t') {
-        if raw == b"\\N" {
+    // Validated once for the line: cut at its ASCII tabs, valid UTF-8 stays valid in every field.
+    let line = std::str::from_utf8(line).map_err(|e| format!("COPY line is not UTF-8: {e}"))?;
+    for field in line.split('\t') {
+        if field == "\\N" {
             fields.push(None);
             continue;
         }
+        let raw = field.as_bytes();
         if memchr::memchr(b'\\', raw).is_none() {
-            let text = std::str::from_utf8(raw).map_err(|e| format!("COPY field is not UTF-8: {e}"))?;
-            fields.push(Some(text.to_owned()));
+            fields.push(Some(field.to_owned()));
             continue;
         }
         let mut bytes = Vec::with_capacity(raw.len());
