@@ -23,6 +23,14 @@ pub enum WireError {
     /// A field is missing or out of range.
     #[error("malformed batch: {0}")]
     Malformed(String),
+    /// A compressed batch says it opens to more than the receiver's limit.
+    #[error("compressed batch opens to {size} bytes, over the limit of {max}")]
+    TooLarge {
+        /// The size the frame states.
+        size: u64,
+        /// The receiver's limit.
+        max: usize,
+    },
 }
 
 fn malformed(msg: impl Into<String>) -> WireError {
@@ -102,7 +110,7 @@ pub fn open_batch(bytes: &[u8], max: usize) -> Result<std::borrow::Cow<'_, [u8]>
         _ => return Err(malformed("compressed batch does not state its size")),
     };
     if size > max as u64 {
-        return Err(malformed(format!("compressed batch opens to {size} bytes, over the limit of {max}")));
+        return Err(WireError::TooLarge { size, max });
     }
     thread_local! {
         static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =

@@ -214,7 +214,7 @@ impl Ingest for IngestService {
                         break;
                     }
                 };
-                let size = encoded_len(&msg).min(limits.stream_buffer_bytes);
+                let size = opened_len(&msg).min(limits.stream_buffer_bytes);
                 // Waits while the stream's buffer is full: the agent is then held back by flow control.
                 let Ok(permit) = buffer.clone().acquire_many_owned(size as u32).await else { break };
                 let batch = match decode(&source_id, msg, limits.max_changes_per_batch, limits.max_message_bytes) {
@@ -289,7 +289,7 @@ impl Ingest for IngestService {
 }
 
 /// The size of a message's batch once opened: what the stream's buffer is charged for it.
-fn encoded_len(msg: &AgentMessage) -> usize {
+fn opened_len(msg: &AgentMessage) -> usize {
     match &msg.kind {
         Some(agent_message::Kind::Batch(b)) => wire::opened_size(&b.change_batch).max(1),
         _ => 1,
@@ -368,9 +368,7 @@ fn decode(
     };
     // A compressed batch is held to the same limit as a plain message, before it is opened.
     let opened = wire::open_batch(&spooled.change_batch, max_bytes).map_err(|e| match e {
-        e @ wire::WireError::Malformed(_) if wire::opened_size(&spooled.change_batch) > max_bytes => {
-            Status::out_of_range(format!("{e} (limits.max_message_bytes)"))
-        }
+        e @ wire::WireError::TooLarge { .. } => Status::out_of_range(format!("{e} (limits.max_message_bytes)")),
         e => Status::invalid_argument(e.to_string()),
     })?;
     let count = wire::count_changes(&opened).map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -73,6 +73,29 @@ pub async fn applied(ndc: &Client, id: &str) -> anyhow::Result<i64> {
     }
 }
 
+/// Writes `dir/hub.toml` for a benchmark's hub: clear text on `hub_port`, its fan-out log in
+/// `dir/hub-data`, the NDC database `ndc` on `ndc_port`, and one agent per id (token `<id>-token`).
+pub fn write_hub_config(
+    dir: &std::path::Path,
+    ndc_port: u16,
+    hub_port: u16,
+    agents: &[&str],
+) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("hub.toml");
+    let agents: String =
+        agents.iter().map(|id| format!("[[agents]]\nid = \"{id}\"\ntoken = \"{id}-token\"\n")).collect();
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{hub_port}\"\ninsecure_plaintext_demo = true\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n{agents}",
+            role = crate::pg::ROLE,
+            pw = crate::pg::PASSWORD,
+            data = dir.join("hub-data").display(),
+        ),
+    )?;
+    Ok(path)
+}
+
 /// Waits until something listens on 127.0.0.1:`port`.
 pub async fn wait_listening(port: u16) -> anyhow::Result<()> {
     wait_for("listener", Duration::from_secs(30), || async move {

@@ -107,6 +107,7 @@ async fn session(
     seek(shared, topic, partition, start).await?;
     info!(topic, partition, applied_seq = applied, next_offset = ?ndc_offset, "partition resumed from the NDC's offset");
     let max_changes = shared.config.apply.max_changes_per_txn;
+    let max_bytes = shared.config.limits.max_message_bytes;
     // Messages below this offset were applied already (or are being re-read from before the seek).
     let mut expect = ndc_offset.unwrap_or(0);
     // The highest seq taken in this session: a re-produced message repeats seqs.
@@ -125,7 +126,7 @@ async fn session(
         let mut last_offset = None;
         for m in run.into_iter().filter(|m| m.offset() >= expect) {
             last_offset = Some(m.offset());
-            match decode(&acl.id, &m) {
+            match decode(&acl.id, &m, max_bytes) {
                 Ok(mut batch) => {
                     let whole = batch.changes.len();
                     batch.changes.retain(|c| c.seq > high);
@@ -179,10 +180,12 @@ async fn seek(shared: &Shared, topic: &str, partition: i32, offset: Offset) -> R
     Err(Status::unavailable(format!("cannot seek {topic}/{partition} to {offset:?}: {last:?}")))
 }
 
-/// The change batch a message holds, or why it is not a valid one of agent `source_id`.
-pub fn decode(source_id: &str, m: &OwnedMessage) -> Result<ChangeBatch, String> {
+/// The change batch a message holds, or why it is not a valid one of agent `source_id`; a compressed
+/// one is opened only if it says it holds at most `max_bytes` (`limits.max_message_bytes`).
+pub fn decode(source_id: &str, m: &OwnedMessage, max_bytes: usize) -> Result<ChangeBatch, String> {
     let payload = m.payload().ok_or("the message has no value")?;
-    let batch = wire::decode_batch(payload).map_err(|e| format!("not a dongbo change batch: {e}"))?;
+    let opened = wire::open_batch(payload, max_bytes).map_err(|e| format!("not a dongbo change batch: {e}"))?;
+    let batch = wire::decode_batch(&opened).map_err(|e| format!("not a dongbo change batch: {e}"))?;
     if batch.source_id != source_id {
         return Err(format!("the message claims source {:?} on the topic of agent {source_id}", batch.source_id));
     }

@@ -14,7 +14,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dongbo_tests::backlog::{applied, load, lsn, send_all, wait_for, wait_listening as wait_hub, BenchArgs, TABLE};
+use dongbo_tests::backlog::{
+    applied, load, lsn, send_all, wait_for, wait_listening as wait_hub, write_hub_config, BenchArgs, TABLE,
+};
 use dongbo_tests::pg::{self, PgCluster};
 use dongbo_tests::procs::{binary, peak_rss_kib, DongboProcess};
 use tokio_postgres::Client;
@@ -32,21 +34,6 @@ fn agent_config(dir: &std::path::Path, name: &str, src_port: u16, hub_port: u16)
             pw = pg::PASSWORD,
             slot = name.replace('-', "_"),
             spool = dir.join(format!("{name}-spool")).display(),
-        ),
-    )?;
-    Ok(path)
-}
-
-fn hub_config(dir: &std::path::Path, ndc_port: u16, hub_port: u16) -> anyhow::Result<std::path::PathBuf> {
-    let path = dir.join("hub.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{hub_port}\"\ninsecure_plaintext_demo = true\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
-             [[agents]]\nid = \"e2e\"\ntoken = \"e2e-token\"\n[[agents]]\nid = \"snap\"\ntoken = \"snap-token\"\n",
-            role = pg::ROLE,
-            pw = pg::PASSWORD,
-            data = dir.join("hub-data").display(),
         ),
     )?;
     Ok(path)
@@ -112,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
     src.batch_execute("SELECT pg_create_logical_replication_slot('floor', 'pgoutput')").await?;
     let ndc = ndc_pg.connect("ndc").await?;
     let hub_port = pg::free_port();
-    let hub_cfg = hub_config(&dir, ndc_pg.port, hub_port)?;
+    let hub_cfg = write_hub_config(&dir, ndc_pg.port, hub_port, &["e2e", "snap"])?;
 
     // Create the agents' slots (and the NDC table) before the load, so all decode the same backlog.
     // The legacy agent (deploy/build-legacy.sh), when built, captures the same backlog too.

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dongbo_tests::backlog::{applied, send_all, wait_for, wait_listening, BenchArgs, TABLE};
+use dongbo_tests::backlog::{applied, send_all, wait_for, wait_listening, write_hub_config, BenchArgs, TABLE};
 use dongbo_tests::mariadb::{MariaDb, PASSWORD, ROLE};
 use dongbo_tests::pg::{self, PgCluster};
 use dongbo_tests::procs::{peak_rss_kib, DongboProcess};
@@ -120,19 +120,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = db.dir.join("bench");
     std::fs::create_dir_all(&dir)?;
     let hub_port = pg::free_port();
-    let hub_cfg = dir.join("hub.toml");
-    std::fs::write(
-        &hub_cfg,
-        format!(
-            "listen = \"127.0.0.1:{hub_port}\"\ninsecure_plaintext_demo = true\n[fanout]\ndata_dir = \"{data}\"\n[ndc]\nhost = \"127.0.0.1\"\nport = {ndc_port}\ndatabase = \"ndc\"\nuser = \"{role}\"\npassword = \"{pw}\"\n\
-             [[agents]]\nid = \"e2e\"\ntoken = \"e2e-token\"\n[[agents]]\nid = \"snap\"\ntoken = \"snap-token\"\n\
-             [[agents]]\nid = \"capture\"\ntoken = \"capture-token\"\n",
-            data = dir.join("hub-data").display(),
-            ndc_port = ndc_pg.port,
-            role = pg::ROLE,
-            pw = pg::PASSWORD,
-        ),
-    )?;
+    let hub_cfg = write_hub_config(&dir, ndc_pg.port, hub_port, &["e2e", "snap", "capture"])?;
     let mut hub =
         DongboProcess::spawn("dongbo-hub", &["serve", "--config", &hub_cfg.to_string_lossy()], &dir.join("hub.log"))?;
     wait_listening(hub_port).await?;
