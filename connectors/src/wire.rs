@@ -45,9 +45,19 @@ pub fn encode_batch(batch: ChangeBatch) -> Vec<u8> {
     direct::encode_batch(&batch)
 }
 
+mod decode;
+
 /// Decodes and validates batch bytes, plain or compressed (a compressed batch may open to at
 /// most [`MAX_OPENED_BYTES`]; a receiver with a tighter limit calls [`open_batch`] first).
+/// Reads the protobuf straight into the domain model; see [`decode_batch_with_prost`].
 pub fn decode_batch(bytes: &[u8]) -> Result<ChangeBatch, WireError> {
+    let opened = open_batch(bytes, MAX_OPENED_BYTES)?;
+    decode::decode_batch(&opened)
+}
+
+/// The reference decoder [`decode_batch`] is held to (tests and the `wire_decoders` fuzz
+/// target): prost's generated structs, then `TryFrom`. Accepts and yields exactly the same.
+pub fn decode_batch_with_prost(bytes: &[u8]) -> Result<ChangeBatch, WireError> {
     let opened = open_batch(bytes, MAX_OPENED_BYTES)?;
     ChangeBatch::try_from(pb::ChangeBatch::decode(&*opened)?)
 }
@@ -561,112 +571,154 @@ impl TryFrom<pb::TableSchema> for TableSchema {
     }
 }
 
-fn row_from_proto(row: Option<pb::Row>, width: usize, what: &str, seq: u64) -> Result<Option<Row>, WireError> {
-    let Some(row) = row else { return Ok(None) };
-    if row.values.len() != width {
-        return Err(malformed(format!("change {seq}: {what} row has {} values, expected {width}", row.values.len())));
+fn row_from_proto(row: Option<pb::Row>) -> Result<Option<Row>, WireError> {
+    row.map(|r| r.values.into_iter().map(Value::try_from).collect::<Result<_, _>>()).transpose()
+}
+
+/// One change as read off the wire, before it is checked against its schema.
+pub(crate) struct WireChange {
+    seq: u64,
+    schema_index: u32,
+    op: i32,
+    key: Option<Row>,
+    before: Option<Row>,
+    after: Option<Row>,
+    position: Option<Position>,
+    commit_time_us: i64,
+    txid: u64,
+    txn_order: u32,
+    txn_last: bool,
+}
+
+/// Checks a batch read off the wire (by prost or by [`decode`]) and builds its domain form: every
+/// rule a hostile peer could break is checked here, once for both decoders.
+pub(crate) fn batch_from_wire(
+    source_id: String,
+    first_seq: u64,
+    last_seq: u64,
+    schemas: Vec<pb::TableSchema>,
+    wire_changes: impl ExactSizeIterator<Item = Result<WireChange, WireError>>,
+) -> Result<ChangeBatch, WireError> {
+    if source_id.is_empty() {
+        return Err(malformed("batch has no source_id"));
     }
-    Ok(Some(row.values.into_iter().map(Value::try_from).collect::<Result<_, _>>()?))
+    let schemas: Vec<Arc<TableSchema>> =
+        schemas.into_iter().map(|s| TableSchema::try_from(s).map(Arc::new)).collect::<Result<_, _>>()?;
+    let mut prev_seq = None;
+    let mut changes = Vec::with_capacity(wire_changes.len());
+    for c in wire_changes {
+        let c = c?;
+        let seq = c.seq;
+        if prev_seq.is_some_and(|p| seq <= p) || seq == 0 {
+            return Err(malformed(format!("change seq {seq} is zero or not above the previous one")));
+        }
+        prev_seq = Some(seq);
+        let table = schemas.get(c.schema_index as usize).cloned().ok_or_else(|| {
+            malformed(format!("change {seq} references schema {} of {}", c.schema_index, schemas.len()))
+        })?;
+        let op = match pb::Operation::try_from(c.op) {
+            Ok(pb::Operation::Insert) => Operation::Insert,
+            Ok(pb::Operation::Update) => Operation::Update,
+            Ok(pb::Operation::Delete) => Operation::Delete,
+            Ok(pb::Operation::Truncate) => Operation::Truncate,
+            Ok(pb::Operation::SnapshotRead) => Operation::SnapshotRead,
+            _ => return Err(malformed(format!("change {seq} has unknown operation {}", c.op))),
+        };
+        let width = table.columns.len();
+        let sized = |row: Option<Row>, width: usize, what: &str| match row {
+            Some(r) if r.len() != width => {
+                Err(malformed(format!("change {seq}: {what} row has {} values, expected {width}", r.len())))
+            }
+            row => Ok(row),
+        };
+        let sent_key = sized(c.key, table.key_columns.len(), "key")?;
+        let before = sized(c.before, width, "before")?;
+        let after = sized(c.after, width, "after")?;
+        let needs_after = matches!(op, Operation::Insert | Operation::Update | Operation::SnapshotRead);
+        if needs_after && after.is_none() {
+            return Err(malformed(format!("change {seq} ({op:?}) has no after row")));
+        }
+        // A new row's key is its row's: one sent beside it (older agents do) must agree.
+        let key = match (&after, sent_key) {
+            (Some(row), sent) if op.is_new_row() => {
+                let derived = table.key_of(row);
+                if sent.is_some_and(|k| k != derived) {
+                    return Err(malformed(format!("change {seq} ({op:?}) sends a key that is not its row's")));
+                }
+                derived
+            }
+            (_, sent) => sent.unwrap_or_default(),
+        };
+        if op != Operation::Truncate && key.len() != table.key_columns.len() {
+            return Err(malformed(format!("change {seq} ({op:?}) has no key")));
+        }
+        // A keyless table's update or delete says which row it changes only by its old row.
+        let whole_before = before.as_ref().is_some_and(|b| !b.contains(&Value::UnchangedToast));
+        if table.is_keyless() && matches!(op, Operation::Update | Operation::Delete) && !whole_before {
+            return Err(malformed(format!(
+                "change {seq} ({op:?}) of keyless table {} has no whole before row",
+                table.table
+            )));
+        }
+        // A new row's key must be known: an "unchanged" key would read as a key change to
+        // nowhere, and the row would be deleted.
+        let unknown_key = |row: &Option<Row>| {
+            row.as_ref().is_some_and(|r| table.key_columns.iter().any(|&k| r[k] == Value::UnchangedToast))
+        };
+        if unknown_key(&after) || key.contains(&Value::UnchangedToast) {
+            return Err(malformed(format!(
+                "change {seq} ({op:?}) of {} leaves a key column unchanged-unknown",
+                table.table
+            )));
+        }
+        let position = c.position.ok_or_else(|| malformed(format!("change {seq} has no source position")))?;
+        changes.push(ChangeEvent {
+            seq,
+            table,
+            op,
+            key,
+            before,
+            after,
+            position,
+            commit_time_us: c.commit_time_us,
+            txid: c.txid,
+            txn_order: c.txn_order,
+            txn_last: c.txn_last,
+        });
+    }
+    let batch = ChangeBatch { source_id, changes };
+    if batch.first_seq() != first_seq || batch.last_seq() != last_seq {
+        return Err(malformed(format!(
+            "batch says seqs {first_seq}..={last_seq} but carries {}..={}",
+            batch.first_seq(),
+            batch.last_seq()
+        )));
+    }
+    Ok(batch)
 }
 
 impl TryFrom<pb::ChangeBatch> for ChangeBatch {
     type Error = WireError;
     fn try_from(b: pb::ChangeBatch) -> Result<Self, WireError> {
-        if b.source_id.is_empty() {
-            return Err(malformed("batch has no source_id"));
-        }
-        let schemas: Vec<Arc<TableSchema>> =
-            b.schemas.into_iter().map(|s| TableSchema::try_from(s).map(Arc::new)).collect::<Result<_, _>>()?;
-        let mut prev_seq = None;
-        let mut changes = Vec::with_capacity(b.changes.len());
-        for c in b.changes {
-            let seq = c.seq;
-            if prev_seq.is_some_and(|p| seq <= p) || seq == 0 {
-                return Err(malformed(format!("change seq {seq} is zero or not above the previous one")));
-            }
-            prev_seq = Some(seq);
-            let table = schemas.get(c.schema_index as usize).cloned().ok_or_else(|| {
-                malformed(format!("change {seq} references schema {} of {}", c.schema_index, schemas.len()))
-            })?;
-            let op = match pb::Operation::try_from(c.op) {
-                Ok(pb::Operation::Insert) => Operation::Insert,
-                Ok(pb::Operation::Update) => Operation::Update,
-                Ok(pb::Operation::Delete) => Operation::Delete,
-                Ok(pb::Operation::Truncate) => Operation::Truncate,
-                Ok(pb::Operation::SnapshotRead) => Operation::SnapshotRead,
-                _ => return Err(malformed(format!("change {seq} has unknown operation {}", c.op))),
-            };
-            let width = table.columns.len();
-            let sent_key = row_from_proto(c.key, table.key_columns.len(), "key", seq)?;
-            let before = row_from_proto(c.before, width, "before", seq)?;
-            let after = row_from_proto(c.after, width, "after", seq)?;
-            let needs_after = matches!(op, Operation::Insert | Operation::Update | Operation::SnapshotRead);
-            if needs_after && after.is_none() {
-                return Err(malformed(format!("change {seq} ({op:?}) has no after row")));
-            }
-            // A new row's key is its row's: one sent beside it (older agents do) must agree.
-            let key = match (&after, sent_key) {
-                (Some(row), sent) if op.is_new_row() => {
-                    let derived = table.key_of(row);
-                    if sent.is_some_and(|k| k != derived) {
-                        return Err(malformed(format!("change {seq} ({op:?}) sends a key that is not its row's")));
-                    }
-                    derived
-                }
-                (_, sent) => sent.unwrap_or_default(),
-            };
-            if op != Operation::Truncate && key.len() != table.key_columns.len() {
-                return Err(malformed(format!("change {seq} ({op:?}) has no key")));
-            }
-            // A keyless table's update or delete says which row it changes only by its old row.
-            let whole_before = before.as_ref().is_some_and(|b| !b.contains(&Value::UnchangedToast));
-            if table.is_keyless() && matches!(op, Operation::Update | Operation::Delete) && !whole_before {
-                return Err(malformed(format!(
-                    "change {seq} ({op:?}) of keyless table {} has no whole before row",
-                    table.table
-                )));
-            }
-            // A new row's key must be known: an "unchanged" key would read as a key change to
-            // nowhere, and the row would be deleted.
-            let unknown_key = |row: &Option<Row>| {
-                row.as_ref().is_some_and(|r| table.key_columns.iter().any(|&k| r[k] == Value::UnchangedToast))
-            };
-            if unknown_key(&after) || key.contains(&Value::UnchangedToast) {
-                return Err(malformed(format!(
-                    "change {seq} ({op:?}) of {} leaves a key column unchanged-unknown",
-                    table.table
-                )));
-            }
-            let position = match c.position.and_then(|p| p.kind) {
-                Some(pb::source_position::Kind::PgLsn(l)) => Position::Postgres(Lsn(l)),
-                Some(pb::source_position::Kind::Binlog(b)) => Position::MySql(BinlogPos { file: b.file, pos: b.pos }),
-                None => return Err(malformed(format!("change {seq} has no source position"))),
-            };
-            changes.push(ChangeEvent {
-                seq,
-                table,
-                op,
-                key,
-                before,
-                after,
-                position,
+        let changes = b.changes.into_iter().map(|c| {
+            Ok(WireChange {
+                seq: c.seq,
+                schema_index: c.schema_index,
+                op: c.op,
+                key: row_from_proto(c.key)?,
+                before: row_from_proto(c.before)?,
+                after: row_from_proto(c.after)?,
+                position: c.position.and_then(|p| p.kind).map(|k| match k {
+                    pb::source_position::Kind::PgLsn(l) => Position::Postgres(Lsn(l)),
+                    pb::source_position::Kind::Binlog(b) => Position::MySql(BinlogPos { file: b.file, pos: b.pos }),
+                }),
                 commit_time_us: c.commit_time_us,
                 txid: c.txid,
                 txn_order: c.txn_order,
                 txn_last: c.txn_last,
-            });
-        }
-        let batch = ChangeBatch { source_id: b.source_id, changes };
-        if batch.first_seq() != b.first_seq || batch.last_seq() != b.last_seq {
-            return Err(malformed(format!(
-                "batch says seqs {}..={} but carries {}..={}",
-                b.first_seq,
-                b.last_seq,
-                batch.first_seq(),
-                batch.last_seq()
-            )));
-        }
-        Ok(batch)
+            })
+        });
+        batch_from_wire(b.source_id, b.first_seq, b.last_seq, b.schemas, changes)
     }
 }
 
@@ -803,6 +855,94 @@ mod tests {
         }
         let empty = ChangeBatch { source_id: "hcm".into(), changes: vec![] };
         assert_eq!(encode_batch(empty.clone()), batch_into_proto(empty).encode_to_vec());
+    }
+
+    /// Both decoders' verdicts on the same bytes, compared by re-encoding (a NaN float equals
+    /// itself only as bytes).
+    fn verdicts(bytes: &[u8]) -> (Result<Vec<u8>, String>, Result<Vec<u8>, String>) {
+        let verdict = |r: Result<ChangeBatch, WireError>| r.map(encode_batch).map_err(|e| e.to_string());
+        (verdict(decode_batch(bytes)), verdict(decode_batch_with_prost(bytes)))
+    }
+
+    #[test]
+    fn the_direct_decoder_agrees_with_prost_on_valid_merged_and_mutated_bytes() {
+        let batch = ChangeBatch { source_id: "hcm".into(), changes: (5..9).map(change).collect() };
+        let plain = encode_batch(batch.clone());
+        assert_eq!(decode_batch(&plain).unwrap(), batch);
+
+        // What protobuf allows and no agent of ours writes: an unknown field and an unknown group
+        // (skipped), a scalar sent twice (the last wins), a row sent twice (merged).
+        let mut p = batch_into_proto(batch.clone());
+        p.changes[0].after.as_mut().unwrap().values.truncate(1);
+        let mut odd = p.encode_to_vec();
+        odd.extend_from_slice(&[0xa0, 0x06, 0x01]); // field 100, varint
+        odd.extend_from_slice(&[0xa3, 0x06, 0x08, 0x01, 0xa4, 0x06]); // group 100 holding a varint
+        odd.extend_from_slice(&[0x08 | 2, 3, b'd', b'n', b'g']); // source_id again
+        let short = verdicts(&odd);
+        assert!(short.0.is_err() && short.1.is_err(), "the first change's after row is one value short");
+        // The same change's field 6 (after) again, as a second change message would not do:
+        // rebuild the first change with its after row split in two.
+        let mut first = p.changes[0].encode_to_vec();
+        let rest =
+            pb::Row { values: batch_into_proto(batch.clone()).changes[0].after.clone().unwrap().values[1..].to_vec() };
+        prost::encoding::message::encode(6, &rest, &mut first);
+        let mut rebuilt = pb::ChangeBatch { changes: vec![], ..p.clone() }.encode_to_vec();
+        prost::encoding::encode_key(5, prost::encoding::WireType::LengthDelimited, &mut rebuilt);
+        prost::encoding::encode_varint(first.len() as u64, &mut rebuilt);
+        rebuilt.extend_from_slice(&first);
+        for c in &p.changes[1..] {
+            prost::encoding::message::encode(5, c, &mut rebuilt);
+        }
+        let (direct, reference) = verdicts(&rebuilt);
+        assert_eq!(direct, reference);
+        assert_eq!(decode_batch(&rebuilt).unwrap(), batch, "the split row is merged back");
+
+        // Arrays nested to prost's depth limit and one past it.
+        let nested = |depth: usize| {
+            let mut v = Value::Int(1);
+            for _ in 0..depth {
+                v = Value::Array(vec![v]);
+            }
+            let mut c = change(5);
+            c.after.as_mut().unwrap()[1] = v;
+            encode_batch(ChangeBatch { source_id: "hcm".into(), changes: vec![c] })
+        };
+        let (ok, too_deep) = (verdicts(&nested(48)), verdicts(&nested(49)));
+        assert_eq!(ok.0, ok.1);
+        assert!(ok.0.is_ok());
+        assert!(too_deep.0.is_err() && too_deep.1.is_err(), "{too_deep:?}");
+
+        // Random mutations: flipped, dropped and inserted bytes.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut agreed_ok, mut agreed_err) = (0, 0);
+        for _ in 0..20_000 {
+            let mut m = plain.clone();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() as usize) % m.len();
+                match next() % 3 {
+                    0 => m[at] ^= 1 << (next() % 8),
+                    1 => {
+                        m.remove(at);
+                    }
+                    _ => m.insert(at, next() as u8),
+                }
+            }
+            let (direct, reference) = verdicts(&m);
+            assert_eq!(direct.is_ok(), reference.is_ok(), "{m:?}: {direct:?} vs {reference:?}");
+            if let (Ok(d), Ok(r)) = (&direct, &reference) {
+                assert_eq!(d, r, "{m:?}");
+                agreed_ok += 1;
+            } else {
+                agreed_err += 1;
+            }
+        }
+        assert!(agreed_ok > 100 && agreed_err > 100, "{agreed_ok} accepted, {agreed_err} refused");
     }
 
     #[test]
