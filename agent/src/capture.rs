@@ -8,6 +8,9 @@ use std::time::Duration;
 use dongbo_connectors::error::SourceError;
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableId};
 use dongbo_connectors::mysql::MySqlSource;
+use dongbo_connectors::poll::mysql::MyPoller;
+use dongbo_connectors::poll::postgres::PgPoller;
+use dongbo_connectors::poll::{self, PollSource};
 use dongbo_connectors::postgres::PostgresSource;
 use dongbo_connectors::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable, Source};
 use dongbo_connectors::wire;
@@ -91,6 +94,20 @@ impl<'a> Capture<'a> {
             SourceConfig::MySql(my) => {
                 let source = MySqlSource::start(my.clone(), resume.clone()).await?;
                 self.capture(source, resume, shutdown, reload).await
+            }
+            SourceConfig::Poll(poll) => {
+                let shadow = self.spool.shadow();
+                if let Some(pg) = &poll.postgres {
+                    let engine = PgPoller::connect(pg).await?;
+                    let source = PollSource::start(engine, (**poll).clone(), resume.clone(), shadow).await?;
+                    self.capture(source, resume, shutdown, reload).await
+                } else if let Some(my) = &poll.mysql {
+                    let engine = MyPoller::connect(my).await?;
+                    let source = PollSource::start(engine, (**poll).clone(), resume.clone(), shadow).await?;
+                    self.capture(source, resume, shutdown, reload).await
+                } else {
+                    Err(SourceError::Prerequisite("kind = \"poll\" names no server".into()).into())
+                }
             }
         }
     }
@@ -216,6 +233,17 @@ impl<'a> Capture<'a> {
                         debug!(%table, rows, "snapshot chunk spooled");
                     }
                 }
+                Some(Captured::Polled { end, marks }) => {
+                    // Spooled no earlier than the changes before it: a watermark never runs ahead
+                    // of what is durable.
+                    if pending.is_empty() && !dirty {
+                        first_pending_at = Instant::now();
+                    }
+                    resume.snapshot_done = true;
+                    resume.committed_end = Some(end);
+                    resume.poll_marks = marks;
+                    dirty = true;
+                }
                 Some(Captured::TablesSnapshotted { at, tables }) => {
                     // Spooled with the rows before it, atomically: a crash before this write takes
                     // the snapshot of these tables again.
@@ -243,6 +271,9 @@ impl<'a> Capture<'a> {
         resume: &ResumePoint,
         next_seq: u64,
     ) -> Result<(), CaptureError> {
+        // Computed before the changes are encoded: written in the same atomic write as them.
+        let shadow: Vec<_> =
+            if source.keeps_shadow() { pending.iter().filter_map(poll::shadow_entry).collect() } else { Vec::new() };
         let batch = if pending.is_empty() {
             None
         } else {
@@ -253,7 +284,7 @@ impl<'a> Capture<'a> {
             Some(SpooledBatch { first_seq, last_seq, bytes })
         };
         let changes = batch.as_ref().map_or(0, |b| b.last_seq - b.first_seq + 1);
-        self.spool.append(batch, resume, next_seq).await?;
+        self.spool.append_with_shadow(batch, resume, next_seq, shadow).await?;
         if let Some(end) = resume.committed_end {
             debug!(upto = %end, changes, "spooled");
             source.release(end);

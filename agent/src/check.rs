@@ -10,6 +10,7 @@ pub async fn run(config: &AgentConfig) -> CheckReport {
     let mut report = match &config.source {
         SourceConfig::Postgres(pg) => postgres(pg).await,
         SourceConfig::MySql(my) => dongbo_connectors::mysql::check::run(my).await,
+        SourceConfig::Poll(poll) => dongbo_connectors::poll::check::run(poll).await,
     };
     if let SourceConfig::MySql(my) = &config.source {
         binlog_resume(config, my, &mut report).await;

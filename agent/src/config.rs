@@ -30,9 +30,22 @@ pub struct AgentConfig {
 pub enum SourceConfig {
     /// PostgreSQL logical replication.
     Postgres(PostgresConfig),
-    /// MySQL/MariaDB binlog (`check` only, for now).
+    /// MySQL/MariaDB binlog.
     #[serde(rename = "mysql")]
     MySql(dongbo_connectors::mysql::MySqlConfig),
+    /// Query polling, where no change log can be read (boxed: it holds a server's settings).
+    Poll(Box<dongbo_connectors::poll::PollConfig>),
+}
+
+impl SourceConfig {
+    /// The tables captured.
+    pub fn table_ids(&self) -> Vec<dongbo_connectors::model::TableId> {
+        match self {
+            SourceConfig::Postgres(pg) => pg.table_ids(),
+            SourceConfig::MySql(my) => my.table_ids(),
+            SourceConfig::Poll(poll) => poll.table_ids(),
+        }
+    }
 }
 
 /// The spool on local disk.
@@ -264,6 +277,7 @@ impl Validate for AgentConfig {
         match &self.source {
             SourceConfig::Postgres(pg) => p.extend(pg.validate()),
             SourceConfig::MySql(my) => p.extend(my.validate()),
+            SourceConfig::Poll(poll) => p.extend(poll.validate()),
         }
         if self.spool.batch_max_changes == 0 {
             p.push("spool.batch_max_changes must be at least 1".into());
@@ -411,6 +425,23 @@ mod example_tests {
         let c: AgentConfig = toml::from_str(include_str!("../../deploy/examples/agent-mysql.toml")).unwrap();
         assert_eq!(c.validate(), Vec::<String>::new());
         assert!(matches!(c.source, SourceConfig::MySql(_)));
+    }
+
+    #[test]
+    fn the_shipped_polling_example_config_is_valid_and_a_table_without_a_cursor_is_refused() {
+        let text = include_str!("../../deploy/examples/agent-poll.toml");
+        let c: AgentConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.validate(), Vec::<String>::new());
+        let SourceConfig::Poll(poll) = &c.source else { panic!("not a polled source") };
+        assert_eq!(poll.tables().unwrap()[1].1, "changed_at");
+
+        let no_cursor: AgentConfig = toml::from_str(&text.replace(", \"public.visits\" = \"changed_at\"", "")).unwrap();
+        let problems = no_cursor.validate();
+        assert!(problems.iter().any(|p| p.contains("polled table public.visits has no cursor")), "{problems:?}");
+        let two_servers =
+            text.replace("[spool]", "[source.mysql]\nhost = \"h\"\nuser = \"u\"\ntables = [\"a.b\"]\n\n[spool]");
+        let c: AgentConfig = toml::from_str(&two_servers).unwrap();
+        assert!(c.validate().iter().any(|p| p.contains("exactly one of")), "{:?}", c.validate());
     }
 
     #[test]

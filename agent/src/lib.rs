@@ -62,10 +62,10 @@ pub enum AgentError {
 /// on from where it is (the table's NDC copy is replaced by the snapshot, then follows the stream).
 /// For a table that drifted in the NDC, or whose rows were quarantined and since repaired.
 pub async fn resnapshot(config: &AgentConfig, tables: &[String]) -> Result<Vec<String>, ResnapshotError> {
-    let configured = match &config.source {
-        SourceConfig::Postgres(pg) => pg.table_ids(),
-        SourceConfig::MySql(my) => my.table_ids(),
-    };
+    if matches!(config.source, SourceConfig::Poll(_)) {
+        return Err(ResnapshotError::Polled);
+    }
+    let configured = config.source.table_ids();
     let mut wanted = Vec::new();
     for t in tables {
         let id = dongbo_connectors::model::TableId::parse(t)
@@ -90,6 +90,12 @@ pub enum ResnapshotError {
     /// Writing the spool failed.
     #[error(transparent)]
     Spool(SpoolError),
+    /// A polled source repairs drift itself.
+    #[error(
+        "a polled source needs no re-snapshot: its diff compares every row with what was shipped every \
+         source.diff_interval_s and ships what differs"
+    )]
+    Polled,
 }
 
 /// Runs capture and shipping until `shutdown` turns true or capture meets a definite error. A new

@@ -8,6 +8,7 @@
 //! exactly-once.
 //!
 //! - [`model`] — the domain types (`Value`, `Row`, `TableSchema`, `ChangeEvent`, `Lsn`).
+//! - [`poll`] — the polling source, for servers whose change log cannot be read.
 //! - [`wire`] — conversion between the domain types and the `dongbo.v1` protobuf contract.
 //! - [`postgres`] — the Postgres source (pgoutput logical replication and a consistent snapshot).
 //! - [`kafka`] — Kafka helpers shared by the agent and the hub.
@@ -26,6 +27,7 @@ pub mod fault;
 pub mod kafka;
 pub mod model;
 pub mod mysql;
+pub mod poll;
 pub mod postgres;
 pub mod segments;
 pub mod source;

@@ -220,6 +220,29 @@ pub enum Position {
     /// MySQL/MariaDB: just past the transaction's commit event, or the snapshot's binlog position
     /// for snapshot rows.
     MySql(BinlogPos),
+    /// A polled source (no readable log): the poll cycle that read the row, counted by the agent
+    /// from 1 and rising with every cycle of the same spool.
+    Poll(u64),
+}
+
+impl Position {
+    /// What kind of position this is, in words: names the source kind a spool belongs to.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Position::Postgres(_) => "Postgres LSNs",
+            Position::MySql(_) => "MySQL binlog positions",
+            Position::Poll(_) => "poll cycles",
+        }
+    }
+
+    /// The refusal when a spool holds positions of another source kind than the configured one.
+    pub fn of_another_source(&self, configured: &str) -> crate::error::SourceError {
+        crate::error::SourceError::Prerequisite(format!(
+            "the spool holds {} but source.kind is {configured}: a spool belongs to one source; point spool.path \
+             at a new directory for this source",
+            self.kind_name()
+        ))
+    }
 }
 
 impl fmt::Display for Position {
@@ -227,6 +250,7 @@ impl fmt::Display for Position {
         match self {
             Position::Postgres(lsn) => write!(f, "{lsn}"),
             Position::MySql(p) => write!(f, "binlog {p}"),
+            Position::Poll(cycle) => write!(f, "poll cycle {cycle}"),
         }
     }
 }

@@ -43,6 +43,18 @@ pub struct ResumePoint {
     pub snapshotted: Option<Vec<SnapshottedTable>>,
     /// A table whose online snapshot is under way, with the chunks spooled so far.
     pub snapshotting: Option<TableProgress>,
+    /// A polled source's watermarks, one per table whose first full read is spooled.
+    pub poll_marks: Vec<PollMark>,
+}
+
+/// A polled table's watermark: the highest cursor value its reads have returned. The next poll
+/// reads from it less the safety window. Spooled only after every change read up to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollMark {
+    /// The table.
+    pub table: TableId,
+    /// The cursor value, encoded by [`crate::wire::encode_row`] as a one-value row.
+    pub cursor: Vec<u8>,
 }
 
 /// An online snapshot under way: its chunks up to `after_key` are spooled, in stream order.
@@ -124,6 +136,14 @@ pub enum Captured {
         /// The table is complete.
         done: bool,
     },
+    /// A poll cycle is complete: every change it read came before. Spool `marks` (the watermarks
+    /// of every table polled so far) with them, and `end` as the committed end.
+    Polled {
+        /// The cycle, as a position.
+        end: Position,
+        /// The watermarks.
+        marks: Vec<PollMark>,
+    },
     /// Tables added to the configuration are snapshotted (at `at`); the stream resumes where it was.
     TablesSnapshotted {
         /// Where their snapshot was taken.
@@ -174,4 +194,10 @@ pub trait Source: Send {
 
     /// Everything up to `upto` is durable in the spool.
     fn release(&self, upto: Position);
+
+    /// Whether the spool keeps, atomically with each batch, the shadow entry of each change
+    /// ([`crate::poll::shadow_entry`]): a polled source finds what changed by comparing with it.
+    fn keeps_shadow(&self) -> bool {
+        false
+    }
 }

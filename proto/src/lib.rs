@@ -13,9 +13,10 @@ pub mod v1 {
 }
 
 /// The protocol version this build speaks; sent in `Hello`. Version 2: a batch's bytes may be a
-/// zstd frame of the encoded `ChangeBatch` (see `SpooledBatch.change_batch`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// zstd frame of the encoded `ChangeBatch` (see `SpooledBatch.change_batch`). Version 3: a
+/// change's position may be a poll cycle (`SourcePosition.poll_cycle`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest protocol version a hub of this build still accepts: version 1 agents send plain
-/// batches, which version 2 reads as they are.
+/// batches and version 2 agents no poll positions, which version 3 reads as they are.
 pub const OLDEST_PROTOCOL_VERSION: u32 = 1;

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use dongbo_connectors::error::SourceError;
 use dongbo_connectors::model::TableId;
+use dongbo_connectors::poll::{RowHash, Shadow};
 use dongbo_connectors::source::{ResumePoint, SnapshottedTable};
 
 use self::resume::{decode_resume, encode_resume};
@@ -48,6 +50,40 @@ pub enum SpoolError {
     /// A stored record does not decode: the spool directory was damaged or written by another program.
     #[error("spool record {0} is damaged")]
     Corrupt(&'static str),
+}
+
+/// The shadow entries in the spool's sled tree, under their own prefix (`p:`, see
+/// [`dongbo_connectors::poll::shadow`]).
+struct SpoolShadow(sled::Db);
+
+fn shadow_error(e: sled::Error) -> SourceError {
+    SourceError::Io(std::io::Error::other(format!("the spool's shadow cannot be read: {e}")))
+}
+
+impl Shadow for SpoolShadow {
+    fn get(&self, key: &[u8]) -> Result<Option<RowHash>, SourceError> {
+        let Some(v) = self.0.get(key).map_err(shadow_error)? else { return Ok(None) };
+        let hash: RowHash = v.as_ref().try_into().map_err(|_| {
+            SourceError::Prerequisite("the spool's shadow holds a damaged entry; move the spool aside".into())
+        })?;
+        Ok(Some(hash))
+    }
+
+    fn keys_after(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, SourceError> {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let range = match after {
+            Some(a) => self.0.range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.0.range::<&[u8], _>(prefix..),
+        };
+        for entry in range {
+            let (k, _) = entry.map_err(shadow_error)?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(k.to_vec());
+        }
+        Ok(out)
+    }
 }
 
 /// A spooled batch as stored.
@@ -177,7 +213,25 @@ impl Spool {
         resume: &ResumePoint,
         next_seq: u64,
     ) -> Result<(), SpoolError> {
+        self.append_with_shadow(batch, resume, next_seq, Vec::new()).await
+    }
+
+    /// [`Spool::append`], writing the shadow entries of a polled source's changes (key and row
+    /// hash, or `None` to remove) in the same atomic write.
+    pub async fn append_with_shadow(
+        &self,
+        batch: Option<SpooledBatch>,
+        resume: &ResumePoint,
+        next_seq: u64,
+        shadow: Vec<(Vec<u8>, Option<RowHash>)>,
+    ) -> Result<(), SpoolError> {
         let mut b = sled::Batch::default();
+        for (key, hash) in shadow {
+            match hash {
+                Some(h) => b.insert(key, &h[..]),
+                None => b.remove(key),
+            }
+        }
         let mut added = None;
         if let Some(batch) = batch {
             let segments = self.segments.clone();
@@ -202,6 +256,11 @@ impl Spool {
             self.last_appended.send_replace(last_seq);
         }
         Ok(())
+    }
+
+    /// The shadow of a polled source, read from this spool.
+    pub fn shadow(&self) -> Arc<dyn Shadow> {
+        Arc::new(SpoolShadow(self.db.clone()))
     }
 
     /// Removes every batch whose last seq is at or below `durable_seq`.
@@ -302,6 +361,7 @@ mod tests {
                 },
             ]),
             snapshotting: None,
+            poll_marks: Vec::new(),
         };
         {
             let s = Spool::open(dir.path(), 1 << 30).unwrap();
@@ -372,5 +432,37 @@ mod tests {
         assert!(s.is_full());
         s.ack(2).unwrap();
         assert!(!s.is_full());
+    }
+
+    #[tokio::test]
+    async fn the_shadow_is_written_with_its_batch_and_read_in_key_order() {
+        use dongbo_connectors::model::Value;
+        use dongbo_connectors::poll::{row_hash, shadow_key, shadow_prefix};
+        let dir = tempfile::tempdir().unwrap();
+        let t = TableId::new("public", "residents");
+        let key = |i: i64| shadow_key(&t, &vec![Value::Int(i)]);
+        let hash = row_hash(&vec![Value::Int(1)]);
+        {
+            let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+            let entries = (1..=5).map(|i| (key(i), Some(hash))).collect();
+            spool.append_with_shadow(Some(batch(10, 14)), &ResumePoint::default(), 15, entries).await.unwrap();
+            // A delete removes its entry, in the write of its own batch.
+            spool
+                .append_with_shadow(Some(batch(15, 15)), &ResumePoint::default(), 16, vec![(key(3), None)])
+                .await
+                .unwrap();
+        }
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let shadow = spool.shadow();
+        assert_eq!(shadow.get(&key(1)).unwrap(), Some(hash));
+        assert_eq!(shadow.get(&key(3)).unwrap(), None);
+        let prefix = shadow_prefix(&t);
+        let first = shadow.keys_after(&prefix, None, 2).unwrap();
+        assert_eq!(first.len(), 2);
+        let rest = shadow.keys_after(&prefix, Some(&first[1]), 10).unwrap();
+        assert_eq!(first.len() + rest.len(), 4, "keys 1, 2, 4, 5 in two pages");
+        assert!(shadow.keys_after(&shadow_prefix(&TableId::new("public", "other")), None, 10).unwrap().is_empty());
+        // The spool's own records are not shadow entries.
+        assert_eq!(spool.batch_count(), 2);
     }
 }

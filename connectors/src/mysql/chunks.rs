@@ -60,7 +60,7 @@ impl Chunk {
 }
 
 /// A key value as a statement parameter, in the session's terms (UTC, utf8mb4).
-fn key_param(v: &Value) -> My {
+pub(crate) fn key_param(v: &Value) -> My {
     match v {
         Value::Null | Value::UnchangedToast => My::NULL,
         Value::Bool(b) => My::Int(i64::from(*b)),

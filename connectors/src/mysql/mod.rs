@@ -58,11 +58,7 @@ fn binlog_pos(p: Option<Position>) -> Result<Option<BinlogPos>, SourceError> {
     match p {
         None => Ok(None),
         Some(Position::MySql(b)) => Ok(Some(b)),
-        Some(Position::Postgres(_)) => Err(SourceError::Prerequisite(
-            "the spool holds Postgres positions but source.kind is mysql: a spool belongs to one source; point \
-             spool.path at a new directory for this source"
-                .into(),
-        )),
+        Some(other) => Err(other.of_another_source("mysql")),
     }
 }
 

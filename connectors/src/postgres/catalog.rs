@@ -22,8 +22,22 @@ pub struct CatalogTable {
     pub replica_identity: char,
 }
 
-/// Looks a table up by name; `Ok(None)` when it does not exist.
-pub async fn find_table(client: &Client, table: &TableId) -> Result<Option<CatalogTable>, SourceError> {
+/// A table's columns and primary key as the catalog has them, before any replication rule.
+pub struct TableShape {
+    /// Table oid.
+    pub oid: u32,
+    /// Its columns (generated ones excluded: pgoutput does not send them).
+    pub columns: Vec<Column>,
+    /// The primary key's column names, in key order; empty without one.
+    pub key: Vec<String>,
+    /// The planner's row estimate.
+    pub estimated_rows: i64,
+    /// pg_class.relreplident.
+    pub replica_identity: char,
+}
+
+/// Reads a table's shape; `Ok(None)` when it does not exist (or the role may not see it).
+pub async fn table_shape(client: &Client, table: &TableId) -> Result<Option<TableShape>, SourceError> {
     let Some(row) = client
         .query_opt(
             "SELECT c.oid, c.reltuples::int8, c.relreplident::text FROM pg_class c \
@@ -47,10 +61,26 @@ pub async fn find_table(client: &Client, table: &TableId) -> Result<Option<Catal
         rows.iter().map(|r| Column { name: r.get(0), type_oid: r.get(1), type_name: r.get(2) }).collect();
     let key = primary_key(client, oid).await?;
     let identity: String = row.get(2);
-    let replica_identity = identity.chars().next().unwrap_or('d');
-    let schema =
-        TableSchema::new(table.clone(), columns.clone(), key_indexes(table, &columns, &key, replica_identity)?);
-    Ok(Some(CatalogTable { oid, schema, estimated_rows: row.get::<_, i64>(1).max(0), replica_identity }))
+    Ok(Some(TableShape {
+        oid,
+        columns,
+        key,
+        estimated_rows: row.get::<_, i64>(1).max(0),
+        replica_identity: identity.chars().next().unwrap_or('d'),
+    }))
+}
+
+/// Looks a table up by name; `Ok(None)` when it does not exist.
+pub async fn find_table(client: &Client, table: &TableId) -> Result<Option<CatalogTable>, SourceError> {
+    let Some(shape) = table_shape(client, table).await? else { return Ok(None) };
+    let key = key_indexes(table, &shape.columns, &shape.key, shape.replica_identity)?;
+    let schema = TableSchema::new(table.clone(), shape.columns, key);
+    Ok(Some(CatalogTable {
+        oid: shape.oid,
+        schema,
+        estimated_rows: shape.estimated_rows,
+        replica_identity: shape.replica_identity,
+    }))
 }
 
 /// Builds the schema of a table announced by a pgoutput Relation message.

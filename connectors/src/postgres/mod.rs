@@ -72,11 +72,7 @@ pub use crate::source::{Captured, OpenTxn, ResumePoint, SnapshottedTable, TableP
 fn lsn_of(p: Position) -> Result<Lsn, SourceError> {
     match p {
         Position::Postgres(lsn) => Ok(lsn),
-        Position::MySql(_) => Err(SourceError::Prerequisite(
-            "the spool holds MySQL binlog positions but source.kind is postgres: a spool belongs to one \
-             source; point spool.path at a new directory for this source"
-                .into(),
-        )),
+        other => Err(other.of_another_source("postgres")),
     }
 }
 

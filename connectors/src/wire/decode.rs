@@ -224,6 +224,7 @@ fn merge_position(position: &mut Option<Position>, mut buf: &[u8], depth: Depth)
                 merge_binlog(&mut pos, inner, depth - 1)?;
                 *position = Some(Position::MySql(pos));
             }
+            3 => *position = Some(Position::Poll(varint(wt, &mut buf)?)),
             _ => skip(wt, tag, &mut buf, depth)?,
         }
     }

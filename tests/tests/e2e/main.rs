@@ -19,6 +19,7 @@ mod mixed_workload;
 mod mutual_tls;
 mod mysql_check;
 mod online_snapshot;
+mod polling;
 mod postgres_tls;
 mod schema_drift;
 mod snapshot_and_stream;
