@@ -47,13 +47,13 @@ pub struct ResumePoint {
     pub poll_marks: Vec<PollMark>,
 }
 
-/// A polled table's watermark: the highest cursor value its reads have returned. The next poll
-/// reads from it less the safety window. Spooled only after every change read up to it.
+/// A polled table's watermarks (the highest cursor value read, and where the settled sweep goes
+/// on from; see [`crate::poll`]). Spooled only after every change read up to them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollMark {
     /// The table.
     pub table: TableId,
-    /// The cursor value, encoded by [`crate::wire::encode_row`] as a one-value row.
+    /// The marks, encoded by [`crate::wire::encode_row`] as one row.
     pub cursor: Vec<u8>,
 }
 

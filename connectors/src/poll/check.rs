@@ -69,10 +69,11 @@ async fn tables<E: Engine>(mut engine: E, config: &PollConfig, report: &mut Chec
             t.estimated_rows,
         ));
         report.ok(format!(
-            "blind spots of {id}: a change committed within {}{unit} of its cursor value reaches the NDC within one \
-             cycle ({interval:.1} s); a later commit, an update that leaves {cursor} alone, and a delete are found by \
-             the diff, within {} s (diff_interval_s) plus one pass (about {pass_s:.0} s at {} rows a cycle)",
-            config.safety_window, config.diff_interval_s, config.chunk_rows
+            "blind spots of {id}: a write reaches the NDC within one cycle ({interval:.1} s); one committed late \
+             but within {}{unit} of its cursor value, about {}{unit} after that value; a later commit, an update \
+             that leaves {cursor} alone, and a delete are found by the diff, within {} s (diff_interval_s) plus one \
+             pass (about {pass_s:.0} s at {} rows a cycle)",
+            config.safety_window, config.safety_window, config.diff_interval_s, config.chunk_rows
         ));
     }
     if any_time_cursor {

@@ -20,6 +20,16 @@ pub struct PolledTable<T> {
     pub engine: T,
 }
 
+/// A cursor bound: a value read from the table, less `minus` (seconds for a date or time
+/// cursor, values for a number).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bound {
+    /// The value.
+    pub value: Value,
+    /// What to take off it.
+    pub minus: u64,
+}
+
 /// A server the polling source reads.
 #[allow(async_fn_in_trait)] // used generically, never as a trait object
 pub trait Engine: Send {
@@ -33,13 +43,13 @@ pub trait Engine: Send {
     /// The cursor's highest value now (`None` when the table has no row with one).
     async fn max_cursor(&mut self, t: &PolledTable<Self::Table>) -> Result<Option<Value>, SourceError>;
 
-    /// Up to `limit` rows whose cursor is at or above `mark` less `window` (every row with a
-    /// cursor when `mark` is NULL), after `after` in (cursor, key) order.
-    async fn since(
+    /// Up to `limit` rows whose cursor is at or above `lower` (every row with a cursor when it is
+    /// `None`) and below `upper`, if given, after `after` in (cursor, key) order.
+    async fn range(
         &mut self,
         t: &PolledTable<Self::Table>,
-        mark: &Value,
-        window: u64,
+        lower: Option<&Bound>,
+        upper: Option<&Bound>,
         after: Option<(&Value, &[Value])>,
         limit: u64,
     ) -> Result<Vec<Row>, SourceError>;

@@ -7,11 +7,16 @@
 //! - **First, each table whole** in key order, a chunk of `chunk_rows` at a time (opened by a
 //!   TRUNCATE when the shadow holds nothing of the table, as a log source's snapshot is). The
 //!   cursor's highest value is taken before the read starts: it is where polling starts.
-//! - **Every `interval_ms`**, the rows whose cursor column is at or above the watermark less
-//!   `safety_window`, in (cursor, key) order, page by page. A row whose hash equals the shadow's is
-//!   not shipped again; so rows sharing a cursor value are all read, and a row committed late with
-//!   an older cursor value is still caught while it is inside the window. The watermark becomes
-//!   the highest cursor value read.
+//! - **Every `interval_ms`**, two sweeps by the cursor column, each in (cursor, key) pages:
+//!   - *fresh*: the rows at or above the highest cursor value read so far (new writes, at once; rows
+//!     sharing that value are read again, so none written later with the same value is missed);
+//!   - *settled*: the rows from the settled mark up to the fresh mark less `safety_window`, so each
+//!     row is read once more when it is a window old. A row committed late, with a cursor value
+//!     older than what the fresh sweep had passed (a long transaction: `now()` is its start), is
+//!     read then, as long as it committed within the window of its value.
+//!
+//!   A row whose hash equals the shadow's is not shipped again. Each changed row is read about
+//!   twice, instead of every cycle for the length of the window.
 //! - **Every `diff_interval_s`**, a diff, one chunk per poll cycle: every row in key order against
 //!   the shadow (catches an update that left the cursor alone, or a row committed later than the
 //!   window), then every key of the shadow against the table (catches deletes: polling alone never
@@ -29,9 +34,14 @@
 //! and nothing lost: what was not spooled differs from the shadow and is shipped.
 //!
 //! # What polling can miss, and for how long
+//! - A row committed within `safety_window` of its cursor value but after the fresh sweep passed
+//!   that value arrives when the settled sweep reaches it: once writes with values a window
+//!   newer have been read (about `safety_window` later while the table is written to; in a quiet
+//!   spell, at the next diff).
 //! - A row committed more than `safety_window` after the time its cursor says (a transaction open
 //!   longer than the window, or a writer whose clock lags) is missed by polling and found by the
-//!   next diff: up to `diff_interval_s` plus one diff pass late.
+//!   next diff: up to `diff_interval_s` plus one diff pass late. While the server shows the role
+//!   an older open transaction, the settled sweep holds back by that transaction's age instead.
 //! - A delete is found only by the diff: up to `diff_interval_s` plus one diff pass late.
 //! - A row changed twice between two reads is shipped once, in its latest state: the states in
 //!   between never existed for the NDC, and events see one change.
@@ -54,7 +64,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 pub use self::config::PollConfig;
-pub use self::engine::{Engine, PolledTable};
+pub use self::engine::{Bound, Engine, PolledTable};
 pub use self::shadow::{row_hash, shadow_entry, shadow_key, shadow_prefix, RowHash, Shadow};
 use crate::error::SourceError;
 use crate::model::{ChangeEvent, Operation, Position, Row, Value};
@@ -69,8 +79,28 @@ enum Phase {
     Initial { table: usize, after: Option<Row>, start_mark: Option<Value> },
     /// Waiting for the next cycle.
     Idle,
-    /// Polling table `table` by cursor, after the (cursor, key) `after`.
-    Cursor { table: usize, after: Option<(Value, Row)>, last: Option<Value> },
+    /// Polling table `table` by cursor in one of its two sweeps, after the (cursor, key) `after`;
+    /// `last` is the highest cursor value this sweep has read.
+    Cursor { table: usize, sweep: Sweep, after: Option<(Value, Row)>, last: Option<Value> },
+}
+
+/// The two reads of a table's cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sweep {
+    /// Rows at or above the highest cursor value read: new writes, at once.
+    Fresh,
+    /// Rows between the settled mark and the fresh mark less the window: each row once more when
+    /// it is a window old, which catches those committed late with an older value.
+    Settled,
+}
+
+/// A table's marks once it has been read whole.
+#[derive(Debug, Clone, PartialEq)]
+struct Marks {
+    /// The highest cursor value read (NULL: none yet).
+    fresh: Value,
+    /// Where the settled sweep goes on from.
+    settled: Bound,
 }
 
 /// How far the diff is.
@@ -104,7 +134,7 @@ pub struct PollSource<E: Engine> {
     engine: E,
     config: PollConfig,
     tables: Vec<PolledTable<E::Table>>,
-    marks: Vec<Option<Value>>,
+    marks: Vec<Option<Marks>>,
     shadow: Arc<dyn Shadow>,
     overlay: Arc<Mutex<Overlay>>,
     queue: VecDeque<Captured>,
@@ -137,7 +167,7 @@ impl<E: Engine> PollSource<E> {
         for (id, cursor) in config.tables()? {
             let t = engine.table(&id, &cursor).await?;
             let mark = match resume.poll_marks.iter().find(|m| m.table == id) {
-                Some(m) => Some(decode_mark(&m.cursor)?),
+                Some(m) => Some(decode_marks(&m.cursor)?),
                 None => None,
             };
             tables.push(t);
@@ -231,7 +261,9 @@ impl<E: Engine> PollSource<E> {
             .tables
             .iter()
             .zip(&self.marks)
-            .filter_map(|(t, m)| m.as_ref().map(|m| PollMark { table: t.schema.table.clone(), cursor: encode_mark(m) }))
+            .filter_map(|(t, m)| {
+                m.as_ref().map(|m| PollMark { table: t.schema.table.clone(), cursor: encode_marks(m) })
+            })
             .collect();
         self.queue.push_back(Captured::Polled { end: Position::Poll(self.cycle), marks });
     }
@@ -272,7 +304,11 @@ impl<E: Engine> PollSource<E> {
                     Phase::Initial { table, after: last, start_mark: Some(start_mark) }
                 } else {
                     info!(table = %self.tables[table].schema.table, "polled table read whole: polling it from now on");
-                    self.marks[table] = Some(start_mark);
+                    // Rows committed late during the read, with values below its start, are
+                    // the settled sweep's.
+                    let minus = if start_mark == Value::Null { 0 } else { self.config.safety_window };
+                    let settled = Bound { value: start_mark.clone(), minus };
+                    self.marks[table] = Some(Marks { fresh: start_mark, settled });
                     match self.marks.iter().position(Option::is_none) {
                         Some(next) => Phase::Initial { table: next, after: None, start_mark: None },
                         None => Phase::Idle,
@@ -282,43 +318,67 @@ impl<E: Engine> PollSource<E> {
             Phase::Idle => {
                 self.next_poll = Instant::now() + self.config.interval();
                 self.widen_window().await;
-                self.phase = Phase::Cursor { table: 0, after: None, last: None };
+                self.phase = Phase::Cursor { table: 0, sweep: Sweep::Fresh, after: None, last: None };
                 return Ok(());
             }
-            Phase::Cursor { table, after, last } => {
-                let mark = self.marks[table].clone().unwrap_or(Value::Null);
+            Phase::Cursor { table, sweep, after, last } => {
+                let marks = self.marks[table].clone().expect("a table is polled once read whole");
                 let window = if self.tables[table].time_cursor { self.window_s } else { self.config.safety_window };
+                let (lower, upper) = match sweep {
+                    Sweep::Fresh => (Bound { value: marks.fresh.clone(), minus: 0 }, None),
+                    Sweep::Settled => {
+                        (marks.settled.clone(), Some(Bound { value: marks.fresh.clone(), minus: window }))
+                    }
+                };
+                // Nothing is settled before anything was read.
+                if sweep == Sweep::Settled && marks.fresh == Value::Null {
+                    self.phase = self.after_sweep(table, sweep);
+                    if matches!(self.phase, Phase::Idle) {
+                        self.diff_step().await?;
+                    }
+                    self.end_step();
+                    return Ok(());
+                }
                 self.stats.queries += 1;
-                let rows = self
-                    .engine
-                    .since(&self.tables[table], &mark, window, after.as_ref().map(|(c, k)| (c, k.as_slice())), limit)
-                    .await?;
+                let paging = after.as_ref().map(|(c, k)| (c, k.as_slice()));
+                let rows = self.engine.range(&self.tables[table], Some(&lower), upper.as_ref(), paging, limit).await?;
                 self.stats.rows_read += rows.len() as u64;
-                debug!(table = %self.tables[table].schema.table, rows = rows.len(), mark = ?mark, after = ?after, "cursor page read");
+                debug!(table = %self.tables[table].schema.table, ?sweep, rows = rows.len(), ?lower, ?upper, "cursor page read");
                 let full = rows.len() as u64 == limit;
                 let t = &self.tables[table];
                 let tail = rows.last().map(|r| (r[t.cursor].clone(), t.schema.key_of(r)));
                 self.compare(table, rows)?;
                 let last = tail.as_ref().map(|(c, _)| c.clone()).or(last);
                 if full {
-                    self.phase = Phase::Cursor { table, after: tail, last };
+                    self.phase = Phase::Cursor { table, sweep, after: tail, last };
                 } else {
-                    // The highest cursor value read (rows come in cursor order). It may be below
-                    // the old watermark only if that row went away: reading from lower is safe.
-                    if let Some(last) = last {
-                        self.marks[table] = Some(last);
+                    // Rows come in cursor order: `last` is the highest value this sweep read.
+                    if let (Some(last), Some(m)) = (last, self.marks[table].as_mut()) {
+                        match sweep {
+                            Sweep::Fresh => m.fresh = last,
+                            Sweep::Settled => m.settled = Bound { value: last, minus: 0 },
+                        }
                     }
-                    self.phase = if table + 1 < self.tables.len() {
-                        Phase::Cursor { table: table + 1, after: None, last: None }
-                    } else {
+                    self.phase = self.after_sweep(table, sweep);
+                    if matches!(self.phase, Phase::Idle) {
                         self.diff_step().await?;
-                        Phase::Idle
-                    };
+                    }
                 }
             }
         }
         self.end_step();
         Ok(())
+    }
+
+    /// What follows a table's sweep: its settled sweep, the next table, or the end of the cycle.
+    fn after_sweep(&self, table: usize, sweep: Sweep) -> Phase {
+        match sweep {
+            Sweep::Fresh => Phase::Cursor { table, sweep: Sweep::Settled, after: None, last: None },
+            Sweep::Settled if table + 1 < self.tables.len() => {
+                Phase::Cursor { table: table + 1, sweep: Sweep::Fresh, after: None, last: None }
+            }
+            Sweep::Settled => Phase::Idle,
+        }
     }
 
     /// Sizes the window of time cursors for this cycle: at least the configured one, and wide
@@ -417,16 +477,20 @@ impl<E: Engine> PollSource<E> {
     }
 }
 
-fn encode_mark(v: &Value) -> Vec<u8> {
-    wire::encode_row(vec![v.clone()])
+/// A table's marks as the spool keeps them: a row of the fresh mark, the settled mark's value and
+/// what the settled mark takes off it.
+fn encode_marks(m: &Marks) -> Vec<u8> {
+    wire::encode_row(vec![m.fresh.clone(), m.settled.value.clone(), Value::Int(m.settled.minus as i64)])
 }
 
-fn decode_mark(bytes: &[u8]) -> Result<Value, SourceError> {
-    let mut row = wire::decode_row(bytes)
+fn decode_marks(bytes: &[u8]) -> Result<Marks, SourceError> {
+    let row = wire::decode_row(bytes)
         .map_err(|e| SourceError::Prerequisite(format!("the spool's poll watermark is damaged: {e}")))?;
-    match row.len() {
-        1 => Ok(row.remove(0)),
-        n => Err(SourceError::Prerequisite(format!("the spool's poll watermark holds {n} values, not 1"))),
+    match <[Value; 3]>::try_from(row) {
+        Ok([fresh, value, Value::Int(minus)]) if minus >= 0 => {
+            Ok(Marks { fresh, settled: Bound { value, minus: minus as u64 } })
+        }
+        _ => Err(SourceError::Prerequisite("the spool's poll watermark is not three values".into())),
     }
 }
 

@@ -5,7 +5,7 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::Value as My;
 
-use super::engine::{bad_cursor, keyless, Engine, PolledTable};
+use super::engine::{bad_cursor, keyless, Bound, Engine, PolledTable};
 use crate::error::SourceError;
 use crate::model::{Row, TableId, Value};
 use crate::mysql::chunks::key_param;
@@ -97,38 +97,47 @@ impl Engine for MyPoller {
         Ok(rows.into_iter().next().and_then(|mut r| r.pop()).filter(|v| *v != Value::Null))
     }
 
-    async fn since(
+    async fn range(
         &mut self,
         t: &PolledTable<MyPolled>,
-        mark: &Value,
-        window: u64,
+        lower: Option<&Bound>,
+        upper: Option<&Bound>,
         after: Option<(&Value, &[Value])>,
         limit: u64,
     ) -> Result<Vec<Row>, SourceError> {
         let e = &t.engine;
         let mut params = Vec::new();
-        let lower = match mark {
-            Value::Null => format!("{} IS NOT NULL", e.cursor),
-            m => {
-                params.push(key_param(m));
-                if t.time_cursor {
-                    format!("{} >= ? - INTERVAL {window} SECOND", e.cursor)
-                } else {
-                    format!("{} >= ? - {window}", e.cursor)
-                }
+        let mut bound = |b: &Bound| {
+            params.push(key_param(&b.value));
+            match (b.minus, t.time_cursor) {
+                (0, _) => "?".to_string(),
+                (m, true) => format!("? - INTERVAL {m} SECOND"),
+                (m, false) => format!("? - {m}"),
             }
         };
-        let paging = match after {
-            Some((c, k)) => {
-                params.push(key_param(c));
-                params.extend(k.iter().map(key_param));
-                format!(" AND ({}, {}) > ({})", e.cursor, e.key, marks(1 + k.len()))
-            }
-            None => String::new(),
-        };
+        let mut conditions = vec![match lower {
+            Some(b) if b.value != Value::Null => format!("{} >= {}", e.cursor, bound(b)),
+            _ => format!("{} IS NOT NULL", e.cursor),
+        }];
+        if let Some(b) = upper.filter(|b| b.value != Value::Null) {
+            conditions.push(format!("{} < {}", e.cursor, bound(b)));
+        }
+        if let Some((c, k)) = after {
+            // The plain bound lets an index on the cursor start at the page instead of the sweep's
+            // start; the row comparison then skips the ties already read.
+            params.push(key_param(c));
+            params.push(key_param(c));
+            params.extend(k.iter().map(key_param));
+            conditions.push(format!("{} >= ?", e.cursor));
+            conditions.push(format!("({}, {}) > ({})", e.cursor, e.key, marks(1 + k.len())));
+        }
         let sql = format!(
-            "SELECT {} FROM {} WHERE {lower}{paging} ORDER BY {}, {} LIMIT {limit}",
-            e.columns, e.from, e.cursor, e.key
+            "SELECT {} FROM {} WHERE {} ORDER BY {}, {} LIMIT {limit}",
+            e.columns,
+            e.from,
+            conditions.join(" AND "),
+            e.cursor,
+            e.key
         );
         let kinds: Vec<&Kind> = e.table.kinds.iter().collect();
         self.rows(sql, params, &kinds).await

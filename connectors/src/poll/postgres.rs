@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::engine::{bad_cursor, keyless, Engine, PolledTable};
+use super::engine::{bad_cursor, keyless, Bound, Engine, PolledTable};
 use crate::error::SourceError;
 use crate::model::{Column, Row, TableId, TableSchema, Value};
 use crate::postgres::catalog::table_shape;
@@ -120,33 +120,41 @@ impl Engine for PgPoller {
         Ok(rows.into_iter().next().and_then(|mut r| r.pop()).filter(|v| *v != Value::Null))
     }
 
-    async fn since(
+    async fn range(
         &mut self,
         t: &PolledTable<PgTable>,
-        mark: &Value,
-        window: u64,
+        lower: Option<&Bound>,
+        upper: Option<&Bound>,
         after: Option<(&Value, &[Value])>,
         limit: u64,
     ) -> Result<Vec<Row>, SourceError> {
         let (e, cursor_type) = (&t.engine, &t.schema.columns[t.cursor].type_name);
-        let lower = match mark {
-            Value::Null => format!("{} IS NOT NULL", e.cursor),
-            m if t.time_cursor => format!("{} >= {} - interval '{window} seconds'", e.cursor, literal(m, cursor_type)),
-            m => format!("{} >= {} - {window}", e.cursor, literal(m, cursor_type)),
+        let bound = |b: &Bound| match (b.minus, t.time_cursor) {
+            (0, _) => literal(&b.value, cursor_type),
+            (m, true) => format!("{} - interval '{m} seconds'", literal(&b.value, cursor_type)),
+            (m, false) => format!("{} - {m}", literal(&b.value, cursor_type)),
         };
-        let paging = match after {
-            Some((c, k)) => format!(
-                " AND ({}, {}) > ({}, {})",
-                e.cursor,
-                e.key,
-                literal(c, cursor_type),
-                key_literals(&t.schema, k)
-            ),
-            None => String::new(),
-        };
+        let mut conditions = vec![match lower {
+            Some(b) if b.value != Value::Null => format!("{} >= {}", e.cursor, bound(b)),
+            _ => format!("{} IS NOT NULL", e.cursor),
+        }];
+        if let Some(b) = upper.filter(|b| b.value != Value::Null) {
+            conditions.push(format!("{} < {}", e.cursor, bound(b)));
+        }
+        if let Some((c, k)) = after {
+            // The plain bound lets an index on the cursor start at the page instead of the sweep's
+            // start; the row comparison then skips the ties already read.
+            let c = literal(c, cursor_type);
+            conditions.push(format!("{} >= {c}", e.cursor));
+            conditions.push(format!("({}, {}) > ({c}, {})", e.cursor, e.key, key_literals(&t.schema, k)));
+        }
         let sql = format!(
-            "SELECT {} FROM {} WHERE {lower}{paging} ORDER BY {}, {} LIMIT {limit}",
-            e.columns, e.from, e.cursor, e.key
+            "SELECT {} FROM {} WHERE {} ORDER BY {}, {} LIMIT {limit}",
+            e.columns,
+            e.from,
+            conditions.join(" AND "),
+            e.cursor,
+            e.key
         );
         self.rows(&sql, &all_columns(&t.schema)).await
     }

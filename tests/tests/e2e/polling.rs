@@ -17,11 +17,15 @@ const BULK: i64 = 20_000;
 const POLLER: &str = "poller";
 const POLLER_PASSWORD: &str = "poller-secret";
 
-/// The `[source]` of a polled table `table` on a server described by `server` (its section).
-fn poll_config(d: &Deployment, table: &str, server: &str) -> String {
+/// The safety window of the scenario, in seconds.
+const WINDOW_S: u64 = 8;
+
+/// The `[source]` of a polled table `table` on a server described by `server` (its section),
+/// with a diff every `diff_s` seconds.
+fn poll_config(d: &Deployment, table: &str, server: &str, diff_s: u64) -> String {
     format!(
-        "source_id = \"{id}\"\n\n[source]\nkind = \"poll\"\ninterval_ms = 200\nsafety_window = 60\n\
-         diff_interval_s = 2\nchunk_rows = 50\ncursors = {{ \"{table}\" = \"updated_at\" }}\n\n{server}\n\
+        "source_id = \"{id}\"\n\n[source]\nkind = \"poll\"\ninterval_ms = 200\nsafety_window = {WINDOW_S}\n\
+         diff_interval_s = {diff_s}\nchunk_rows = 50\ncursors = {{ \"{table}\" = \"updated_at\" }}\n\n{server}\n\
          [spool]\npath = \"{spool}\"\n\n[hub]\nurl = \"http://127.0.0.1:{hub}\"\ntoken = \"{token}\"\n\
          max_backoff_ms = 1000\n",
         id = d.source_id,
@@ -158,10 +162,18 @@ async fn settle(d: &Deployment, s: &impl Server, table: &str, expected: i64, wha
     }
 }
 
-/// The scenario after the table and the role exist; `now` is the server's current-time function.
-async fn scenario(d: &mut Deployment, s: &impl Server, table: &str, config: &str, now: &str) -> anyhow::Result<()> {
+/// The scenario after the table and the role exist; `config` makes the agent's config with a
+/// diff every so many seconds; `now` is the server's current-time function.
+async fn scenario(
+    d: &mut Deployment,
+    s: &impl Server,
+    table: &str,
+    config: impl Fn(&Deployment, u64) -> String,
+    now: &str,
+) -> anyhow::Result<()> {
     d.start_hub().await?;
-    d.start_agent_from(config, &[])?;
+    // No diff at first: what these steps catch, polling alone must.
+    d.start_agent_from(&config(d, 3_600), &[])?;
     // The first read: a TRUNCATE, then every row.
     let mut expected = 1 + ROWS;
     settle(d, s, table, expected, "first read").await?;
@@ -179,19 +191,26 @@ async fn scenario(d: &mut Deployment, s: &impl Server, table: &str, config: &str
     expected += 2;
     settle(d, s, table, expected, "two rows with the same cursor value").await?;
 
-    // A transaction open for 4 s: while it is open, later writes are polled and move the
-    // watermark past its cursor value; committed, it is still inside the safety window.
-    let late = s.late_update(7, Duration::from_secs(4));
+    // A transaction open for 3 s: while it is open, later writes are polled and move the
+    // watermark past its cursor value. Committed within the safety window of that value, it is
+    // read when the settled sweep passes it, once later writes have moved the watermark a window
+    // further (no diff runs yet: polling alone must catch it).
+    let late = s.late_update(7, Duration::from_secs(3));
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.exec(&format!("UPDATE residents SET version = version + 1, updated_at = {now} WHERE id BETWEEN 100 AND 104"))
         .await?;
     expected += 5;
     d.wait_applied(expected, Duration::from_secs(30)).await?;
     late.join().expect("late writer")?;
-    expected += 1;
+    tokio::time::sleep(Duration::from_secs(WINDOW_S + 1)).await;
+    s.exec(&format!("UPDATE residents SET version = version + 1, updated_at = {now} WHERE id = 105")).await?;
+    expected += 2;
     settle(d, s, table, expected, "a row committed late with an older cursor value").await?;
 
-    // What polling cannot see, the diff finds: deletes, and an update that leaves the cursor alone.
+    // What polling cannot see, the diff finds: deletes, and an update that leaves the cursor
+    // alone. The agent restarts with a diff every 2 s (and resumes from its spool).
+    d.agent.as_mut().expect("agent").stop();
+    d.start_agent_from(&config(d, 2), &[])?;
     s.exec("DELETE FROM residents WHERE id BETWEEN 200 AND 209").await?;
     s.exec("UPDATE residents SET name = 'Lê Thị Cursor Không Đổi' WHERE id = 300").await?;
     expected += 11;
@@ -219,7 +238,7 @@ async fn scenario(d: &mut Deployment, s: &impl Server, table: &str, config: &str
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     d.agent.as_mut().expect("agent").kill9();
-    d.start_agent_from(config, &[])?;
+    d.start_agent_from(&config(d, 2), &[])?;
     expected += BULK;
     settle(d, s, table, expected, "kill -9 mid-poll").await?;
     Ok(())
@@ -249,11 +268,11 @@ async fn postgres_polled_by_a_select_only_role_loses_and_doubles_nothing() -> an
          password = \"{POLLER_PASSWORD}\"\ntables = [\"public.residents\"]\n",
         d.pg.port
     );
-    let config = poll_config(&d, "public.residents", &server);
+    let config = |d: &Deployment, diff_s| poll_config(d, "public.residents", &server, diff_s);
 
     // check: readable, keyed, a usable cursor, and the blind spots in figures.
     let path = d.dir.join("check.toml");
-    std::fs::write(&path, &config)?;
+    std::fs::write(&path, config(&d, 600))?;
     let out = Command::new(binary("dongbo-agent")?).args(["check", "--config"]).arg(&path).output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("polled table public.residents: key (id), cursor updated_at"), "{text}");
@@ -262,7 +281,7 @@ async fn postgres_polled_by_a_select_only_role_loses_and_doubles_nothing() -> an
     assert!(!text.contains("publication") && !text.contains("slot"), "{text}");
 
     let s = Postgres { port: d.pg.port };
-    scenario(&mut d, &s, "residents", &config, "now()").await
+    scenario(&mut d, &s, "residents", config, "now()").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +301,7 @@ async fn mariadb_without_a_binlog_polled_by_a_select_only_user_loses_and_doubles
          tables = [\"province.residents\"]\n",
         db.port
     );
-    let config = poll_config(&d, "province.residents", &server);
+    let config = |d: &Deployment, diff_s| poll_config(d, "province.residents", &server, diff_s);
     let s = Maria { db: &db };
-    scenario(&mut d, &s, "province.residents", &config, "NOW(6)").await
+    scenario(&mut d, &s, "province.residents", config, "NOW(6)").await
 }
