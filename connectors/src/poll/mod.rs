@@ -112,7 +112,7 @@ enum Diff {
     Keys { table: usize, after: Option<Vec<u8>> },
 }
 
-/// Reads and changes counted since the source started (the benchmark's and `check`'s figures).
+/// Reads and changes counted since the source started, logged at the end of each diff pass.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PollStats {
     /// Statements run against the source.
