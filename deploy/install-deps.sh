@@ -5,7 +5,8 @@
 # OpenSSL headers and pkg-config (the bundled librdkafka is built with TLS and SASL/SCRAM) and the
 # openssl tool (the tests make a CSR with it, as the README's enrolment steps do),
 # MariaDB server and client (the harness makes throw-away servers for the MySQL/MariaDB source),
-# rpm and cpio (the legacy agent's .rpm is built and unpacked by the tests).
+# rpm and cpio (the legacy agent's .rpm is built and unpacked by the tests),
+# unixODBC and Debian's MariaDB and PostgreSQL ODBC drivers (the ODBC polling test and build).
 # tansu, the Kafka-API broker of the Kafka tests (with --kafka-broker).
 # Rust itself must already be installed (https://rustup.rs).
 set -euo pipefail
@@ -43,6 +44,14 @@ if ! command -v rpmbuild >/dev/null 2>&1 || ! command -v rpm2cpio >/dev/null 2>&
   echo "== installing rpm and cpio (the legacy agent's .rpm is built and unpacked in the tests) (apt-get)"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rpm cpio >/dev/null
+fi
+
+if ! command -v odbcinst >/dev/null 2>&1 || ! pkg-config --exists odbc 2>/dev/null || ! odbcinst -q -d 2>/dev/null | grep -q "MariaDB Unicode"; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing unixODBC and the MariaDB and PostgreSQL ODBC drivers (the ODBC polling test) (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq unixodbc unixodbc-dev odbc-mariadb odbc-postgresql >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

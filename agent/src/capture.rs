@@ -106,10 +106,40 @@ impl<'a> Capture<'a> {
                     let source = PollSource::start(engine, (**poll).clone(), resume.clone(), shadow).await?;
                     self.capture(source, resume, shutdown, reload).await
                 } else {
-                    Err(SourceError::Prerequisite("kind = \"poll\" names no server".into()).into())
+                    self.capture_odbc(poll, resume, shadow, shutdown, reload).await
                 }
             }
         }
+    }
+
+    #[cfg(feature = "odbc")]
+    async fn capture_odbc(
+        &self,
+        poll: &dongbo_connectors::poll::PollConfig,
+        resume: ResumePoint,
+        shadow: std::sync::Arc<dyn dongbo_connectors::poll::Shadow>,
+        shutdown: &mut watch::Receiver<bool>,
+        reload: &mut watch::Receiver<SourceConfig>,
+    ) -> Result<Stopped, CaptureError> {
+        let Some(odbc) = &poll.odbc else {
+            return Err(SourceError::Prerequisite("kind = \"poll\" names no server".into()).into());
+        };
+        let engine = dongbo_connectors::poll::odbc::OdbcPoller::connect(odbc).await?;
+        let source = PollSource::start(engine, poll.clone(), resume.clone(), shadow).await?;
+        self.capture(source, resume, shutdown, reload).await
+    }
+
+    /// Without the `odbc` feature, `[source.odbc]` is refused when the config is read.
+    #[cfg(not(feature = "odbc"))]
+    async fn capture_odbc(
+        &self,
+        _: &dongbo_connectors::poll::PollConfig,
+        _: ResumePoint,
+        _: std::sync::Arc<dyn dongbo_connectors::poll::Shadow>,
+        _: &mut watch::Receiver<bool>,
+        _: &mut watch::Receiver<SourceConfig>,
+    ) -> Result<Stopped, CaptureError> {
+        Err(SourceError::Prerequisite("this agent was built without ODBC (the odbc feature)".into()).into())
     }
 
     async fn capture<S: Source>(

@@ -442,6 +442,20 @@ mod example_tests {
             text.replace("[spool]", "[source.mysql]\nhost = \"h\"\nuser = \"u\"\ntables = [\"a.b\"]\n\n[spool]");
         let c: AgentConfig = toml::from_str(&two_servers).unwrap();
         assert!(c.validate().iter().any(|p| p.contains("exactly one of")), "{:?}", c.validate());
+
+        // ODBC: a password in the connection string is refused, and so is [source.odbc] in an
+        // agent built without the feature.
+        let start = text.find("[source.postgres]").unwrap();
+        let end = text.find("[spool]").unwrap();
+        let odbc = format!(
+            "{}[source.odbc]\nconnection_string = \"Driver={{X}};UID=u;PWD=secret\"\ntables = [\"public.patients\", \"public.visits\"]\n\n{}",
+            &text[..start],
+            &text[end..]
+        );
+        let c: AgentConfig = toml::from_str(&odbc).unwrap();
+        let problems = c.validate();
+        assert!(problems.iter().any(|p| p.contains("holds a password")), "{problems:?}");
+        assert_eq!(problems.iter().any(|p| p.contains("built without ODBC")), !cfg!(feature = "odbc"), "{problems:?}");
     }
 
     #[test]

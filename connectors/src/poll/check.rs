@@ -29,6 +29,19 @@ pub async fn run(config: &PollConfig) -> CheckReport {
             }
             Err(e) => report.problem(what, format!("cannot connect: {e}; check host, port, user, password")),
         }
+    } else if let Some(_odbc) = &config.odbc {
+        #[cfg(feature = "odbc")]
+        match super::odbc::OdbcPoller::connect(_odbc).await {
+            Ok(engine) => {
+                report.ok("source reachable through ODBC");
+                tables(engine, config, &mut report, "(ODBC shows no open transactions)").await;
+            }
+            Err(e) => {
+                report.problem("source through ODBC", format!("cannot connect: {e}; check the connection string"))
+            }
+        }
+        #[cfg(not(feature = "odbc"))]
+        report.problem("source through ODBC", "this agent was built without ODBC (the odbc feature)");
     }
     report
 }

@@ -1,5 +1,6 @@
 //! `[source]` with `kind = "poll"`: the engine's connection (`[source.postgres]` or
-//! `[source.mysql]`, the same settings as those source kinds; their `tables` are the polled ones),
+//! `[source.mysql]`, the same settings as those source kinds, or `[source.odbc]`; their `tables`
+//! are the polled ones),
 //! each table's cursor column, and the poller's periods.
 
 use std::collections::BTreeMap;
@@ -38,6 +39,66 @@ pub struct PollConfig {
     /// A MySQL or MariaDB server.
     #[serde(default)]
     pub mysql: Option<MySqlConfig>,
+    /// Any server with an ODBC driver (an agent built with the `odbc` feature).
+    #[serde(default)]
+    pub odbc: Option<OdbcConfig>,
+}
+
+/// A server reached through ODBC (unixODBC and the server's driver).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OdbcConfig {
+    /// The connection string without the password, e.g.
+    /// `Driver={ODBC Driver 18 for SQL Server};Server=10.0.0.5;Database=hotich;UID=dongbo_reader`.
+    pub connection_string: String,
+    /// A file holding the password, added to the connection string as `PWD`.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// The polled tables, `schema.table`.
+    pub tables: Vec<String>,
+    /// What the first part of a table name is to the driver's catalog functions: `schema` (SQL
+    /// Server, Oracle, PostgreSQL) or `catalog` (MySQL, MariaDB: a database).
+    #[serde(default)]
+    pub namespace: Namespace,
+    /// How a statement asks for at most n rows: `limit` (`LIMIT n`: MySQL, MariaDB, PostgreSQL,
+    /// SQLite), `top` (`SELECT TOP n`: SQL Server) or `fetch_first` (`FETCH FIRST n ROWS ONLY`:
+    /// Oracle 12c, DB2, SQL:2008).
+    #[serde(default)]
+    pub row_limit: RowLimit,
+}
+
+impl std::fmt::Debug for OdbcConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection string may hold a password after all: never printed.
+        f.debug_struct("OdbcConfig")
+            .field("tables", &self.tables)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// See [`OdbcConfig::namespace`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Namespace {
+    /// A schema.
+    #[default]
+    Schema,
+    /// A catalog (a MySQL database).
+    Catalog,
+}
+
+/// See [`OdbcConfig::row_limit`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowLimit {
+    /// `LIMIT n`.
+    #[default]
+    Limit,
+    /// `SELECT TOP n`.
+    Top,
+    /// `FETCH FIRST n ROWS ONLY`.
+    FetchFirst,
 }
 
 fn default_interval_ms() -> u64 {
@@ -57,18 +118,36 @@ impl PollConfig {
     /// What is wrong with the settings, in words.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let tables = match (&self.postgres, &self.mysql) {
-            (Some(pg), None) => {
+        let tables = match (&self.postgres, &self.mysql, &self.odbc) {
+            (None, None, Some(odbc)) => {
+                if !cfg!(feature = "odbc") {
+                    problems.push(
+                        "[source.odbc]: this agent was built without ODBC; install the agent built with the odbc \
+                         feature (cargo build --release -p dongbo-agent --features odbc)"
+                            .into(),
+                    );
+                }
+                if odbc.connection_string.to_ascii_lowercase().contains("pwd=") {
+                    problems.push(
+                        "source.odbc.connection_string holds a password (PWD=): put it in source.odbc.password_file"
+                            .into(),
+                    );
+                }
+                &odbc.tables
+            }
+            (Some(pg), None, None) => {
                 // The replication settings do not apply; the connection's do.
                 problems.extend(pg.validate().into_iter().map(|p| p.replacen("source.", "source.postgres.", 1)));
                 &pg.tables
             }
-            (None, Some(my)) => {
+            (None, Some(my), None) => {
                 problems.extend(my.validate().into_iter().map(|p| p.replacen("source.", "source.mysql.", 1)));
                 &my.tables
             }
             _ => {
-                problems.push("kind = \"poll\" needs exactly one of [source.postgres] or [source.mysql]".into());
+                problems.push(
+                    "kind = \"poll\" needs exactly one of [source.postgres], [source.mysql] or [source.odbc]".into(),
+                );
                 return problems;
             }
         };
@@ -101,9 +180,10 @@ impl PollConfig {
 
     /// The polled tables with their cursor columns, in configuration order.
     pub fn tables(&self) -> Result<Vec<(TableId, String)>, SourceError> {
-        let names = match (&self.postgres, &self.mysql) {
-            (Some(pg), _) => &pg.tables,
-            (_, Some(my)) => &my.tables,
+        let names = match (&self.postgres, &self.mysql, &self.odbc) {
+            (Some(pg), _, _) => &pg.tables,
+            (_, Some(my), _) => &my.tables,
+            (_, _, Some(odbc)) => &odbc.tables,
             _ => return Err(SourceError::Prerequisite("kind = \"poll\" names no server".into())),
         };
         names

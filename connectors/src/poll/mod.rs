@@ -53,6 +53,8 @@ pub mod check;
 pub mod config;
 mod engine;
 pub mod mysql;
+#[cfg(feature = "odbc")]
+pub mod odbc;
 pub mod postgres;
 pub mod shadow;
 

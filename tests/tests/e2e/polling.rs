@@ -144,6 +144,12 @@ async fn settle(d: &Deployment, s: &impl Server, table: &str, expected: i64, wha
         let (ndc, source) = (ndc_rows(d, table).await?.len(), s.rows().await?.len());
         anyhow::bail!("{what}: {e}; NDC rows {ndc}, source rows {source}; the agent's log:\n{log}\nthe hub's:\n{hub}");
     }
+    let (_, _, quarantined) = d.applied().await?;
+    if quarantined > 0 {
+        let reasons = d.ndc().await?.query("SELECT reason FROM dongbo.quarantine LIMIT 3", &[]).await?;
+        let reasons: Vec<String> = reasons.iter().map(|r| r.get(0)).collect();
+        anyhow::bail!("{what}: {quarantined} changes quarantined: {reasons:?}");
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (source, ndc) = (s.rows().await?, ndc_rows(d, table).await?);
@@ -300,6 +306,39 @@ async fn mariadb_without_a_binlog_polled_by_a_select_only_user_loses_and_doubles
         "[source.mysql]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{POLLER}\"\npassword = \"{POLLER_PASSWORD}\"\n\
          tables = [\"province.residents\"]\n",
         db.port
+    );
+    let config = |d: &Deployment, diff_s| poll_config(d, "province.residents", &server, diff_s);
+    let s = Maria { db: &db };
+    scenario(&mut d, &s, "province.residents", config, "NOW(6)").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_polled_through_odbc_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    // The agent built with the odbc feature (tests/run-all.sh builds it beside the default one).
+    let odbc_agent = binary("dongbo-agent-odbc")?;
+    let drivers = Command::new("odbcinst").args(["-q", "-d"]).output()?;
+    anyhow::ensure!(
+        String::from_utf8_lossy(&drivers.stdout).contains("[MariaDB Unicode]"),
+        "Debian's MariaDB ODBC driver is not installed: run ./deploy/install-deps.sh"
+    );
+    let mut d = Deployment::new("poll-odbc", "SELECT 1", &["province.residents"]).await?;
+    d.agent_binary = Some(odbc_agent);
+    let db = MariaDb::start("poll-odbc", &["--skip-log-bin"]).await?;
+    db.sql(&format!(
+        "CREATE TABLE province.residents (id int PRIMARY KEY, name varchar(100) NOT NULL, version int NOT NULL, \
+           updated_at datetime(6) NOT NULL) CHARACTER SET utf8mb4;
+         INSERT INTO province.residents SELECT seq, CONCAT('Nguyễn Văn ', seq), 1, NOW(6) - INTERVAL 1 DAY \
+           FROM province.seq_1_to_{ROWS};
+         CREATE USER '{POLLER}'@'%' IDENTIFIED BY '{POLLER_PASSWORD}';
+         GRANT SELECT ON province.residents TO '{POLLER}'@'%';"
+    ))?;
+    let password = d.dir.join("odbc.password");
+    std::fs::write(&password, POLLER_PASSWORD)?;
+    let server = format!(
+        "[source.odbc]\nconnection_string = \"Driver={{MariaDB Unicode}};Server=127.0.0.1;Port={};Database=province;\
+         UID={POLLER}\"\npassword_file = \"{}\"\ntables = [\"province.residents\"]\nnamespace = \"catalog\"\n",
+        db.port,
+        password.display()
     );
     let config = |d: &Deployment, diff_s| poll_config(d, "province.residents", &server, diff_s);
     let s = Maria { db: &db };
