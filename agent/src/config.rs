@@ -455,7 +455,11 @@ mod example_tests {
         let c: AgentConfig = toml::from_str(&odbc).unwrap();
         let problems = c.validate();
         assert!(problems.iter().any(|p| p.contains("holds a password")), "{problems:?}");
-        assert_eq!(problems.iter().any(|p| p.contains("built without ODBC")), !cfg!(feature = "odbc"), "{problems:?}");
+        assert_eq!(
+            problems.iter().any(|p| p.contains("built without ODBC")),
+            !dongbo_connectors::poll::ODBC_BUILT,
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -352,6 +352,12 @@ mod direct {
         varint(11, u64::from(c.txn_last), buf);
     }
 
+    pub(super) fn encode_values(values: &[Value]) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(values_len(values));
+        put_values(values, &mut buf);
+        buf
+    }
+
     pub(super) fn encode_batch(batch: &ChangeBatch) -> Vec<u8> {
         let (first_seq, last_seq) = (batch.first_seq(), batch.last_seq());
         // Schemas (field 4) precede changes (field 5): index them in a first pass.
@@ -473,7 +479,13 @@ fn row_into_proto(row: Option<Row>) -> Option<pb::Row> {
 
 /// Encodes a row on its own (a snapshot's progress key, kept in the spool).
 pub fn encode_row(row: Row) -> Vec<u8> {
-    prost::Message::encode_to_vec(&pb::Row { values: row.into_iter().map(value_into_proto).collect() })
+    encode_values(&row)
+}
+
+/// Encodes values as the protobuf `Row` [`encode_row`] writes, without taking them (the polling
+/// source's shadow keys and row hashes, one per row read).
+pub fn encode_values(values: &[Value]) -> Vec<u8> {
+    direct::encode_values(values)
 }
 
 /// Decodes a row written by [`encode_row`].
@@ -871,6 +883,10 @@ mod tests {
         assert_eq!(decode_batch_with_prost(&bytes).unwrap(), batch);
         let empty = ChangeBatch { source_id: "hcm".into(), changes: vec![] };
         assert_eq!(encode_batch(empty.clone()), batch_into_proto(empty).encode_to_vec());
+        // A row on its own, as the spool keeps snapshot progress and the poller its shadow.
+        let row = pb::Row { values: every_kind.iter().cloned().map(value_into_proto).collect() };
+        assert_eq!(encode_row(every_kind.clone()), row.encode_to_vec());
+        assert_eq!(decode_row(&encode_values(&every_kind)).unwrap(), every_kind);
     }
 
     /// Both decoders' verdicts on the same bytes, compared by re-encoding (a NaN float equals

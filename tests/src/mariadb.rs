@@ -29,6 +29,15 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
+/// A benchmark's `--source` value: `postgres` (false) or `mariadb`/`mysql` (true).
+pub fn is_mariadb_source(value: &str) -> anyhow::Result<bool> {
+    match value {
+        "postgres" => Ok(false),
+        "mariadb" | "mysql" => Ok(true),
+        other => bail!("unknown source {other}; use postgres or mariadb"),
+    }
+}
+
 impl MariaDb {
     /// Creates and starts a server named `name` with `extra` server options (e.g.
     /// `--binlog-format=MIXED`, to see `check` refuse it).

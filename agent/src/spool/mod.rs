@@ -440,8 +440,8 @@ mod tests {
         use dongbo_connectors::poll::{row_hash, shadow_key, shadow_prefix};
         let dir = tempfile::tempdir().unwrap();
         let t = TableId::new("public", "residents");
-        let key = |i: i64| shadow_key(&t, &vec![Value::Int(i)]);
-        let hash = row_hash(&vec![Value::Int(1)]);
+        let key = |i: i64| shadow_key(&t, &[Value::Int(i)]);
+        let hash = row_hash(&[Value::Int(1)]);
         {
             let spool = Spool::open(dir.path(), 1 << 30).unwrap();
             let entries = (1..=5).map(|i| (key(i), Some(hash))).collect();

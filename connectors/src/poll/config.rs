@@ -120,7 +120,7 @@ impl PollConfig {
         let mut problems = Vec::new();
         let tables = match (&self.postgres, &self.mysql, &self.odbc) {
             (None, None, Some(odbc)) => {
-                if !cfg!(feature = "odbc") {
+                if !super::ODBC_BUILT {
                     problems.push(
                         "[source.odbc]: this agent was built without ODBC; install the agent built with the odbc \
                          feature (cargo build --release -p dongbo-agent --features odbc)"

@@ -70,6 +70,31 @@ pub trait Engine: Send {
     async fn oldest_transaction_s(&mut self) -> Result<u64, SourceError>;
 }
 
+/// The cursor conditions of [`Engine::range`] every engine writes the same way: the lower bound
+/// (or `IS NOT NULL`), the upper bound, and, on a later page, the plain bound at the page's cursor
+/// value, which lets an index on the cursor start at the page instead of the sweep's start (the
+/// engine adds the (cursor, key) comparison that skips the ties already read). `bound` writes a
+/// bound as the engine's SQL, a literal or a parameter it records, in the order called.
+pub(crate) fn cursor_conditions(
+    cursor: &str,
+    lower: Option<&Bound>,
+    upper: Option<&Bound>,
+    page_from: Option<&Value>,
+    mut bound: impl FnMut(&Bound) -> Result<String, SourceError>,
+) -> Result<Vec<String>, SourceError> {
+    let mut conditions = vec![match lower {
+        Some(b) if b.value != Value::Null => format!("{cursor} >= {}", bound(b)?),
+        _ => format!("{cursor} IS NOT NULL"),
+    }];
+    if let Some(b) = upper.filter(|b| b.value != Value::Null) {
+        conditions.push(format!("{cursor} < {}", bound(b)?));
+    }
+    if let Some(v) = page_from {
+        conditions.push(format!("{cursor} >= {}", bound(&Bound { value: v.clone(), minus: 0 })?));
+    }
+    Ok(conditions)
+}
+
 /// The refusal of a table without a primary key: polling compares rows by key.
 pub(crate) fn keyless(table: &TableId) -> SourceError {
     SourceError::Prerequisite(format!(

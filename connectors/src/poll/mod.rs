@@ -73,6 +73,9 @@ use crate::model::{ChangeEvent, Operation, Position, Row, Value};
 use crate::source::{Captured, PollMark, ResumePoint, Source};
 use crate::wire;
 
+/// Whether this build polls through ODBC (the `odbc` feature of this crate).
+pub const ODBC_BUILT: bool = cfg!(feature = "odbc");
+
 /// Where the source is in its work.
 #[derive(Debug, Clone)]
 enum Phase {
@@ -220,9 +223,17 @@ impl<E: Engine> PollSource<E> {
         self.shadow.get(key)
     }
 
-    fn push_change(&mut self, table: usize, op: Operation, key: Row, after: Option<Row>, shadow_key: Vec<u8>) {
+    /// Queues a change whose row (`after`, hashed `hash`; none for a delete) the NDC will hold.
+    fn push_change(
+        &mut self,
+        table: usize,
+        op: Operation,
+        key: Row,
+        after: Option<(Row, RowHash)>,
+        shadow_key: Vec<u8>,
+    ) {
         let schema = self.tables[table].schema.clone();
-        let hash = after.as_ref().map(row_hash);
+        let (after, hash) = after.map_or((None, None), |(row, hash)| (Some(row), Some(hash)));
         self.overlay.lock().expect("overlay lock").insert(shadow_key, (hash, self.cycle + 1));
         let change = ChangeEvent {
             seq: 0,
@@ -246,13 +257,31 @@ impl<E: Engine> PollSource<E> {
         for row in rows {
             let key = self.tables[table].schema.key_of(&row);
             let skey = shadow_key(&self.tables[table].schema.table, &key);
+            let hash = row_hash(&row);
             match self.known(&skey)? {
-                Some(h) if h == row_hash(&row) => {}
-                Some(_) => self.push_change(table, Operation::Update, key, Some(row), skey),
-                None => self.push_change(table, Operation::Insert, key, Some(row), skey),
+                Some(h) if h == hash => {}
+                Some(_) => self.push_change(table, Operation::Update, key, Some((row, hash)), skey),
+                None => self.push_change(table, Operation::Insert, key, Some((row, hash)), skey),
             }
         }
         Ok(())
+    }
+
+    /// Reads the next chunk of `table` in key order after `after` and compares it with what the
+    /// NDC holds; returns whether the chunk was full (more may follow) and its last key.
+    async fn compare_key_chunk(
+        &mut self,
+        table: usize,
+        after: Option<&[Value]>,
+    ) -> Result<(bool, Option<Row>), SourceError> {
+        let limit = self.config.chunk_rows;
+        self.stats.queries += 1;
+        let rows = self.engine.after_key(&self.tables[table], after, limit).await?;
+        self.stats.rows_read += rows.len() as u64;
+        let full = rows.len() as u64 == limit;
+        let last = rows.last().map(|r| self.tables[table].schema.key_of(r));
+        self.compare(table, rows)?;
+        Ok((full, last))
     }
 
     /// Ends a step: the cycle's changes are queued, then the item that spools them with the
@@ -296,12 +325,7 @@ impl<E: Engine> PollSource<E> {
                     (Some(_), Some(m)) => m,
                     (Some(_), None) => Value::Null,
                 };
-                self.stats.queries += 1;
-                let rows = self.engine.after_key(&self.tables[table], after.as_deref(), limit).await?;
-                self.stats.rows_read += rows.len() as u64;
-                let full = rows.len() as u64 == limit;
-                let last = rows.last().map(|r| self.tables[table].schema.key_of(r));
-                self.compare(table, rows)?;
+                let (full, last) = self.compare_key_chunk(table, after.as_deref()).await?;
                 self.phase = if full {
                     Phase::Initial { table, after: last, start_mark: Some(start_mark) }
                 } else {
@@ -423,12 +447,7 @@ impl<E: Engine> PollSource<E> {
         let limit = self.config.chunk_rows;
         match self.diff.clone().expect("a diff is under way") {
             Diff::Rows { table, after } => {
-                self.stats.queries += 1;
-                let rows = self.engine.after_key(&self.tables[table], after.as_deref(), limit).await?;
-                self.stats.rows_read += rows.len() as u64;
-                let full = rows.len() as u64 == limit;
-                let last = rows.last().map(|r| self.tables[table].schema.key_of(r));
-                self.compare(table, rows)?;
+                let (full, last) = self.compare_key_chunk(table, after.as_deref()).await?;
                 self.diff =
                     Some(if full { Diff::Rows { table, after: last } } else { Diff::Keys { table, after: None } });
             }

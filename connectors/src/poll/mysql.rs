@@ -5,7 +5,7 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::Value as My;
 
-use super::engine::{bad_cursor, keyless, Bound, Engine, PolledTable};
+use super::engine::{bad_cursor, cursor_conditions, keyless, Bound, Engine, PolledTable};
 use crate::error::SourceError;
 use crate::model::{Row, TableId, Value};
 use crate::mysql::chunks::key_param;
@@ -107,28 +107,18 @@ impl Engine for MyPoller {
     ) -> Result<Vec<Row>, SourceError> {
         let e = &t.engine;
         let mut params = Vec::new();
-        let mut bound = |b: &Bound| {
+        let bound = |b: &Bound| {
             params.push(key_param(&b.value));
-            match (b.minus, t.time_cursor) {
+            Ok(match (b.minus, t.time_cursor) {
                 (0, _) => "?".to_string(),
                 (m, true) => format!("? - INTERVAL {m} SECOND"),
                 (m, false) => format!("? - {m}"),
-            }
+            })
         };
-        let mut conditions = vec![match lower {
-            Some(b) if b.value != Value::Null => format!("{} >= {}", e.cursor, bound(b)),
-            _ => format!("{} IS NOT NULL", e.cursor),
-        }];
-        if let Some(b) = upper.filter(|b| b.value != Value::Null) {
-            conditions.push(format!("{} < {}", e.cursor, bound(b)));
-        }
+        let mut conditions = cursor_conditions(&e.cursor, lower, upper, after.map(|(c, _)| c), bound)?;
         if let Some((c, k)) = after {
-            // The plain bound lets an index on the cursor start at the page instead of the sweep's
-            // start; the row comparison then skips the ties already read.
-            params.push(key_param(c));
             params.push(key_param(c));
             params.extend(k.iter().map(key_param));
-            conditions.push(format!("{} >= ?", e.cursor));
             conditions.push(format!("({}, {}) > ({})", e.cursor, e.key, marks(1 + k.len())));
         }
         let sql = format!(

@@ -19,7 +19,7 @@ use odbc_api::buffers::TextRowSet;
 use odbc_api::{Connection, ConnectionOptions, Cursor, IntoParameter, ResultSetMetadata};
 
 use super::config::{Namespace, OdbcConfig, RowLimit};
-use super::engine::{bad_cursor, keyless, Bound, Engine, PolledTable};
+use super::engine::{bad_cursor, cursor_conditions, keyless, Bound, Engine, PolledTable};
 use crate::error::SourceError;
 use crate::model::{Column, Row, TableId, TableSchema, Value};
 use crate::postgres::text::parse_value;
@@ -371,20 +371,12 @@ impl Engine for OdbcPoller {
     ) -> Result<Vec<Row>, SourceError> {
         let e = &t.engine;
         let mut params = Vec::new();
-        let mut conditions = vec![match lower {
-            Some(b) if b.value != Value::Null => {
-                params.push(Self::bound_text(t, b)?);
-                format!("{} >= ?", e.cursor)
-            }
-            _ => format!("{} IS NOT NULL", e.cursor),
-        }];
-        if let Some(b) = upper.filter(|b| b.value != Value::Null) {
+        let bound = |b: &Bound| {
             params.push(Self::bound_text(t, b)?);
-            conditions.push(format!("{} < ?", e.cursor));
-        }
+            Ok("?".to_string())
+        };
+        let mut conditions = cursor_conditions(&e.cursor, lower, upper, after.map(|(c, _)| c), bound)?;
         if let Some((c, k)) = after {
-            params.push(param(c));
-            conditions.push(format!("{} >= ?", e.cursor));
             let mut columns = vec![e.cursor.clone()];
             columns.extend(e.key.iter().cloned());
             let mut values = vec![param(c)];

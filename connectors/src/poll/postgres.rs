@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::engine::{bad_cursor, keyless, Bound, Engine, PolledTable};
+use super::engine::{bad_cursor, cursor_conditions, keyless, Bound, Engine, PolledTable};
 use crate::error::SourceError;
 use crate::model::{Column, Row, TableId, TableSchema, Value};
 use crate::postgres::catalog::table_shape;
@@ -129,23 +129,16 @@ impl Engine for PgPoller {
         limit: u64,
     ) -> Result<Vec<Row>, SourceError> {
         let (e, cursor_type) = (&t.engine, &t.schema.columns[t.cursor].type_name);
-        let bound = |b: &Bound| match (b.minus, t.time_cursor) {
-            (0, _) => literal(&b.value, cursor_type),
-            (m, true) => format!("{} - interval '{m} seconds'", literal(&b.value, cursor_type)),
-            (m, false) => format!("{} - {m}", literal(&b.value, cursor_type)),
+        let bound = |b: &Bound| {
+            Ok(match (b.minus, t.time_cursor) {
+                (0, _) => literal(&b.value, cursor_type),
+                (m, true) => format!("{} - interval '{m} seconds'", literal(&b.value, cursor_type)),
+                (m, false) => format!("{} - {m}", literal(&b.value, cursor_type)),
+            })
         };
-        let mut conditions = vec![match lower {
-            Some(b) if b.value != Value::Null => format!("{} >= {}", e.cursor, bound(b)),
-            _ => format!("{} IS NOT NULL", e.cursor),
-        }];
-        if let Some(b) = upper.filter(|b| b.value != Value::Null) {
-            conditions.push(format!("{} < {}", e.cursor, bound(b)));
-        }
+        let mut conditions = cursor_conditions(&e.cursor, lower, upper, after.map(|(c, _)| c), bound)?;
         if let Some((c, k)) = after {
-            // The plain bound lets an index on the cursor start at the page instead of the sweep's
-            // start; the row comparison then skips the ties already read.
             let c = literal(c, cursor_type);
-            conditions.push(format!("{} >= {c}", e.cursor));
             conditions.push(format!("({}, {}) > ({c}, {})", e.cursor, e.key, key_literals(&t.schema, k)));
         }
         let sql = format!(

@@ -38,13 +38,7 @@ fn parse() -> anyhow::Result<Args> {
     while let Some(flag) = it.next() {
         let value = it.next().context("flag without value")?;
         match flag.as_str() {
-            "--source" => {
-                a.mariadb = match value.as_str() {
-                    "postgres" => false,
-                    "mariadb" | "mysql" => true,
-                    other => bail!("unknown source {other}; use postgres or mariadb"),
-                }
-            }
+            "--source" => a.mariadb = dongbo_tests::mariadb::is_mariadb_source(&value)?,
             "--rows" => a.rows = value.parse()?,
             "--changes" => a.changes = value.parse()?,
             other => bail!("unknown flag {other}; use --source, --rows, --changes"),

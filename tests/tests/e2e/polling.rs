@@ -290,10 +290,8 @@ async fn postgres_polled_by_a_select_only_role_loses_and_doubles_nothing() -> an
     scenario(&mut d, &s, "residents", config, "now()").await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mariadb_without_a_binlog_polled_by_a_select_only_user_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let mut d = Deployment::new("poll-maria", "SELECT 1", &["province.residents"]).await?;
-    let db = MariaDb::start("poll", &["--skip-log-bin"]).await?;
+/// The scenario's table on a MariaDB server, and the user that may only SELECT it.
+fn residents_on(db: &MariaDb) -> anyhow::Result<()> {
     db.sql(&format!(
         "CREATE TABLE province.residents (id int PRIMARY KEY, name varchar(100) NOT NULL, version int NOT NULL, \
            updated_at datetime(6) NOT NULL) CHARACTER SET utf8mb4;
@@ -302,6 +300,14 @@ async fn mariadb_without_a_binlog_polled_by_a_select_only_user_loses_and_doubles
          CREATE USER '{POLLER}'@'%' IDENTIFIED BY '{POLLER_PASSWORD}';
          GRANT SELECT ON province.residents TO '{POLLER}'@'%';"
     ))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_without_a_binlog_polled_by_a_select_only_user_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let mut d = Deployment::new("poll-maria", "SELECT 1", &["province.residents"]).await?;
+    let db = MariaDb::start("poll", &["--skip-log-bin"]).await?;
+    residents_on(&db)?;
     let server = format!(
         "[source.mysql]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{POLLER}\"\npassword = \"{POLLER_PASSWORD}\"\n\
          tables = [\"province.residents\"]\n",
@@ -324,14 +330,7 @@ async fn mariadb_polled_through_odbc_loses_and_doubles_nothing() -> anyhow::Resu
     let mut d = Deployment::new("poll-odbc", "SELECT 1", &["province.residents"]).await?;
     d.agent_binary = Some(odbc_agent);
     let db = MariaDb::start("poll-odbc", &["--skip-log-bin"]).await?;
-    db.sql(&format!(
-        "CREATE TABLE province.residents (id int PRIMARY KEY, name varchar(100) NOT NULL, version int NOT NULL, \
-           updated_at datetime(6) NOT NULL) CHARACTER SET utf8mb4;
-         INSERT INTO province.residents SELECT seq, CONCAT('Nguyễn Văn ', seq), 1, NOW(6) - INTERVAL 1 DAY \
-           FROM province.seq_1_to_{ROWS};
-         CREATE USER '{POLLER}'@'%' IDENTIFIED BY '{POLLER_PASSWORD}';
-         GRANT SELECT ON province.residents TO '{POLLER}'@'%';"
-    ))?;
+    residents_on(&db)?;
     let password = d.dir.join("odbc.password");
     std::fs::write(&password, POLLER_PASSWORD)?;
     let server = format!(
