@@ -46,6 +46,17 @@ impl Segments {
 
     /// Appends `payload` (starting a segment named `first_seq` if needed) and syncs it to disk.
     pub fn append(&mut self, first_seq: u64, payload: &[u8]) -> std::io::Result<Location> {
+        let [at] = self.append_parts(first_seq, [payload])?;
+        Ok(at)
+    }
+
+    /// Appends payloads one after the other in one segment with one sync: they become durable
+    /// together (a batch and what goes with it).
+    pub fn append_parts<const N: usize>(
+        &mut self,
+        first_seq: u64,
+        parts: [&[u8]; N],
+    ) -> std::io::Result<[Location; N]> {
         if self.current.as_ref().is_none_or(|(_, _, size)| *size >= self.segment_bytes) {
             let file = OpenOptions::new().create(true).append(true).open(self.path(first_seq))?;
             // The new file's directory entry must be durable too.
@@ -53,11 +64,20 @@ impl Segments {
             self.current = Some((first_seq, file, 0));
         }
         let (segment, file, size) = self.current.as_mut().ok_or_else(|| std::io::Error::other("no segment"))?;
-        file.write_all(payload)?;
-        file.sync_data()?;
-        let location = Location { segment: *segment, offset: *size, len: payload.len() as u32 };
-        *size += payload.len() as u64;
-        Ok(location)
+        let mut at = [Location { segment: *segment, offset: 0, len: 0 }; N];
+        let written = (|| {
+            for (part, at) in parts.iter().zip(&mut at) {
+                file.write_all(part)?;
+                *at = Location { segment: *segment, offset: *size, len: part.len() as u32 };
+                *size += part.len() as u64;
+            }
+            file.sync_data()
+        })();
+        if written.is_err() {
+            // The file's tail is unknown now: later appends go to a fresh segment.
+            self.current = None;
+        }
+        written.map(|()| at)
     }
 
     /// Reads a payload back.

@@ -1,7 +1,9 @@
 //! The durable local spool: captured batches wait here until the hub has made them durable.
 //!
 //! Payloads go to append-only segment files ([`dongbo_connectors::segments`]); sled holds the index (seq range →
-//! segment, offset, length), the source's [`ResumePoint`] and the next seq, updated atomically.
+//! segment, offset, length), the source's [`ResumePoint`] and the next seq, updated atomically. A
+//! polled source's shadow is kept in its own store ([`shadow`]), fed from deltas spooled with
+//! each batch.
 //!
 //! # Contract
 //! - [`Spool::append`] syncs the payload to its segment, then writes its index entry and the resume
@@ -13,23 +15,26 @@
 //!   which is above every seq an earlier spool could have handed out (that would take more than one
 //!   change per microsecond since it started), so a wiped spool cannot collide with what the hub
 //!   already applied.
+//! - A batch's shadow delta is synced with its payload, and applied to the shadow store before
+//!   [`Spool::append_with_shadow`] returns (again on open after a crash in between).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dongbo_connectors::error::SourceError;
 use dongbo_connectors::model::TableId;
 use dongbo_connectors::poll::{RowHash, Shadow};
 use dongbo_connectors::source::{ResumePoint, SnapshottedTable};
 
 use self::resume::{decode_resume, encode_resume};
+use self::shadow::{encode_delta, ShadowError, ShadowStore};
 use tokio::sync::watch;
 
 use dongbo_connectors::segments::{self, Location, Segments};
 
 mod resume;
+pub mod shadow;
 
 const BATCH_PREFIX: u8 = b'b';
 /// sled's page cache defaults to 1 GiB; the spool is written once and read once in order, so a small
@@ -37,6 +42,8 @@ const BATCH_PREFIX: u8 = b'b';
 const CACHE_BYTES: u64 = 8 << 20;
 const KEY_RESUME: &[u8] = b"m:resume";
 const KEY_NEXT_SEQ: &[u8] = b"m:next_seq";
+/// Where spools before the shadow store kept shadow entries, in sled: moved out on open.
+const OLD_SHADOW_PREFIX: &[u8] = b"p:";
 
 /// The spool failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,40 +57,9 @@ pub enum SpoolError {
     /// A stored record does not decode: the spool directory was damaged or written by another program.
     #[error("spool record {0} is damaged")]
     Corrupt(&'static str),
-}
-
-/// The shadow entries in the spool's sled tree, under their own prefix (`p:`, see
-/// [`dongbo_connectors::poll::shadow`]).
-struct SpoolShadow(sled::Db);
-
-fn shadow_error(e: sled::Error) -> SourceError {
-    SourceError::Io(std::io::Error::other(format!("the spool's shadow cannot be read: {e}")))
-}
-
-impl Shadow for SpoolShadow {
-    fn get(&self, key: &[u8]) -> Result<Option<RowHash>, SourceError> {
-        let Some(v) = self.0.get(key).map_err(shadow_error)? else { return Ok(None) };
-        let hash: RowHash = v.as_ref().try_into().map_err(|_| {
-            SourceError::Prerequisite("the spool's shadow holds a damaged entry; move the spool aside".into())
-        })?;
-        Ok(Some(hash))
-    }
-
-    fn keys_after(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, SourceError> {
-        let mut out = Vec::with_capacity(limit.min(4096));
-        let range = match after {
-            Some(a) => self.0.range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
-            None => self.0.range::<&[u8], _>(prefix..),
-        };
-        for entry in range {
-            let (k, _) = entry.map_err(shadow_error)?;
-            if !k.starts_with(prefix) || out.len() >= limit {
-                break;
-            }
-            out.push(k.to_vec());
-        }
-        Ok(out)
-    }
+    /// The shadow store failed.
+    #[error(transparent)]
+    Shadow(#[from] ShadowError),
 }
 
 /// A spooled batch as stored.
@@ -100,6 +76,7 @@ pub struct SpooledBatch {
 /// The spool.
 pub struct Spool {
     db: sled::Db,
+    shadow: Arc<ShadowStore>,
     segments: Arc<Mutex<Segments>>,
     bytes: AtomicU64,
     batches: AtomicU64,
@@ -114,21 +91,83 @@ fn batch_key(first_seq: u64) -> [u8; 9] {
     k
 }
 
-/// Index entry: last seq, then where the payload is.
-fn encode_index(last_seq: u64, at: Location) -> Vec<u8> {
-    let mut v = Vec::with_capacity(28);
-    v.extend_from_slice(&last_seq.to_be_bytes());
-    v.extend_from_slice(&at.segment.to_be_bytes());
-    v.extend_from_slice(&at.offset.to_be_bytes());
-    v.extend_from_slice(&at.len.to_be_bytes());
+/// Where a batch is: its payload, then its shadow delta (empty for a log source's batch) right
+/// after it in the same segment.
+#[derive(Debug, Clone, Copy)]
+struct Indexed {
+    last_seq: u64,
+    at: Location,
+    delta_len: u32,
+}
+
+impl Indexed {
+    /// Bytes the batch holds on disk.
+    fn bytes(&self) -> u64 {
+        u64::from(self.at.len) + u64::from(self.delta_len)
+    }
+
+    fn delta(&self) -> Option<Location> {
+        (self.delta_len > 0).then_some(Location {
+            segment: self.at.segment,
+            offset: self.at.offset + u64::from(self.at.len),
+            len: self.delta_len,
+        })
+    }
+}
+
+/// Index entry: last seq, where the payload is, the delta's length. Spools before the shadow
+/// store wrote no delta length (28 bytes).
+fn encode_index(e: Indexed) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32);
+    v.extend_from_slice(&e.last_seq.to_be_bytes());
+    v.extend_from_slice(&e.at.segment.to_be_bytes());
+    v.extend_from_slice(&e.at.offset.to_be_bytes());
+    v.extend_from_slice(&e.at.len.to_be_bytes());
+    v.extend_from_slice(&e.delta_len.to_be_bytes());
     v
 }
 
-fn decode_index(v: &[u8]) -> Result<(u64, Location), SpoolError> {
+fn decode_index(v: &[u8]) -> Result<Indexed, SpoolError> {
     let bad = || SpoolError::Corrupt("batch index");
     let u64_at = |i: usize| v.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).ok_or_else(bad);
-    let len = v.get(24..28).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).ok_or_else(bad)?;
-    Ok((u64_at(0)?, Location { segment: u64_at(8)?, offset: u64_at(16)?, len }))
+    let u32_at = |i: usize| v.get(i..i + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).ok_or_else(bad);
+    let delta_len = match v.len() {
+        28 => 0,
+        32 => u32_at(28)?,
+        _ => return Err(bad()),
+    };
+    Ok(Indexed {
+        last_seq: u64_at(0)?,
+        at: Location { segment: u64_at(8)?, offset: u64_at(16)?, len: u32_at(24)? },
+        delta_len,
+    })
+}
+
+fn first_seq_of(key: &[u8]) -> Result<u64, SpoolError> {
+    key.get(1..9).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).ok_or(SpoolError::Corrupt("batch key"))
+}
+
+/// Moves shadow entries an older spool kept in sled into the shadow store: durably there first,
+/// then removed from sled, so a crash in between only moves them again.
+fn move_old_shadow(db: &sled::Db, shadow: &ShadowStore) -> Result<(), SpoolError> {
+    loop {
+        let mut moved = Vec::new();
+        for entry in db.scan_prefix(OLD_SHADOW_PREFIX).take(10_000) {
+            let (k, v) = entry?;
+            let hash: RowHash = v.as_ref().try_into().map_err(|_| SpoolError::Corrupt("shadow entry"))?;
+            moved.push((k, hash));
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        shadow.write(moved.iter().map(|(k, h)| (k.as_ref(), Some(*h))), None, true)?;
+        let mut b = sled::Batch::default();
+        for (k, _) in moved {
+            b.remove(k);
+        }
+        db.apply_batch(b)?;
+        db.flush()?;
+    }
 }
 
 impl Spool {
@@ -144,15 +183,33 @@ impl Spool {
             .cache_capacity(CACHE_BYTES)
             .open()?;
         let segments = Segments::open(&path.join("segments"), segment_bytes)?;
+        let shadow = ShadowStore::open(&path.join("shadow.redb"))?;
+        move_old_shadow(&db, &shadow)?;
         let (mut bytes, mut batches, mut last, mut oldest) = (0u64, 0u64, 0u64, None);
+        let mut unapplied = Vec::new();
         for entry in db.scan_prefix([BATCH_PREFIX]) {
-            let (_, v) = entry?;
-            let (last_seq, at) = decode_index(&v)?;
-            bytes += u64::from(at.len);
+            let (k, v) = entry?;
+            let e = decode_index(&v)?;
+            bytes += e.bytes();
             batches += 1;
-            last = last.max(last_seq);
-            oldest = Some(oldest.map_or(at.segment, |o: u64| o.min(at.segment)));
+            last = last.max(e.last_seq);
+            oldest = Some(oldest.map_or(e.at.segment, |o: u64| o.min(e.at.segment)));
+            let first_seq = first_seq_of(&k)?;
+            if let Some(delta) = e.delta().filter(|_| first_seq > shadow.durable()) {
+                unapplied.push((first_seq, delta));
+            }
         }
+        // A crash after a batch was indexed and before its delta reached the shadow store.
+        if !unapplied.is_empty() {
+            tracing::info!(
+                batches = unapplied.len(),
+                "the shadow store lost deltas in a crash: applied again from the spool"
+            );
+        }
+        for (first_seq, delta) in unapplied {
+            shadow.apply(first_seq, &segments.read(delta)?)?;
+        }
+        shadow.make_durable()?;
         // Segments no batch needs any more: acknowledged before a crash, or torn and never indexed.
         segments.release_before(oldest)?;
         if db.get(KEY_NEXT_SEQ)?.is_none() {
@@ -163,6 +220,7 @@ impl Spool {
         let (last_appended, _) = watch::channel(last);
         Ok(Self {
             db,
+            shadow: Arc::new(shadow),
             segments: Arc::new(Mutex::new(segments)),
             bytes: AtomicU64::new(bytes),
             batches: AtomicU64::new(batches),
@@ -226,41 +284,47 @@ impl Spool {
         shadow: Vec<(Vec<u8>, Option<RowHash>)>,
     ) -> Result<(), SpoolError> {
         let mut b = sled::Batch::default();
-        for (key, hash) in shadow {
-            match hash {
-                Some(h) => b.insert(key, &h[..]),
-                None => b.remove(key),
-            }
-        }
         let mut added = None;
         if let Some(batch) = batch {
             let segments = self.segments.clone();
-            let (first_seq, last_seq, len) = (batch.first_seq, batch.last_seq, batch.bytes.len() as u64);
+            let (first_seq, last_seq) = (batch.first_seq, batch.last_seq);
+            let delta = encode_delta(&shadow);
             // Sequential write + fsync: blocking I/O, kept off the async workers.
-            let at = tokio::task::spawn_blocking(move || {
+            let (at, delta) = tokio::task::spawn_blocking(move || {
                 let mut segments = segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?;
-                segments.append(first_seq, &batch.bytes)
+                let [at, _] = segments.append_parts(first_seq, [&batch.bytes, &delta])?;
+                Ok::<_, std::io::Error>((at, delta))
             })
             .await
             .map_err(std::io::Error::other)??;
-            b.insert(&batch_key(first_seq), encode_index(last_seq, at));
-            added = Some((last_seq, len));
+            let e = Indexed { last_seq, at, delta_len: delta.len() as u32 };
+            b.insert(&batch_key(first_seq), encode_index(e));
+            added = Some((first_seq, e, delta));
+        } else if !shadow.is_empty() {
+            return Err(SpoolError::Corrupt("shadow entries without a batch"));
         }
         b.insert(KEY_RESUME, encode_resume(resume));
         b.insert(KEY_NEXT_SEQ, &next_seq.to_be_bytes());
         self.db.apply_batch(b)?;
         self.db.flush_async().await?;
-        if let Some((last_seq, len)) = added {
-            self.bytes.fetch_add(len, Ordering::Relaxed);
+        if let Some((first_seq, e, delta)) = added {
+            self.bytes.fetch_add(e.bytes(), Ordering::Relaxed);
             self.batches.fetch_add(1, Ordering::Relaxed);
-            self.last_appended.send_replace(last_seq);
+            if !delta.is_empty() {
+                dongbo_connectors::fault::crash_at("spool-shadow-unapplied");
+                let shadow = self.shadow.clone();
+                tokio::task::spawn_blocking(move || shadow.apply(first_seq, &delta))
+                    .await
+                    .map_err(std::io::Error::other)??;
+            }
+            self.last_appended.send_replace(e.last_seq);
         }
         Ok(())
     }
 
     /// The shadow of a polled source, read from this spool.
     pub fn shadow(&self) -> Arc<dyn Shadow> {
-        Arc::new(SpoolShadow(self.db.clone()))
+        self.shadow.clone()
     }
 
     /// Removes every batch whose last seq is at or below `durable_seq`.
@@ -274,12 +338,19 @@ impl Spool {
         let mut oldest_kept = None;
         for entry in self.db.scan_prefix([BATCH_PREFIX]) {
             let (k, v) = entry?;
-            let (last_seq, at) = decode_index(&v)?;
-            if last_seq > durable_seq {
-                oldest_kept = Some(at.segment);
+            let e = decode_index(&v)?;
+            // A delta not durable in the shadow store yet exists durably only here: the store is
+            // synced first, and a delta not applied yet (its append is still running) stays.
+            let first_seq = first_seq_of(&k)?;
+            let undurable = |shadow: &ShadowStore| e.delta_len > 0 && first_seq > shadow.durable();
+            if e.last_seq <= durable_seq && undurable(&self.shadow) {
+                self.shadow.make_durable()?;
+            }
+            if e.last_seq > durable_seq || undurable(&self.shadow) {
+                oldest_kept = Some(e.at.segment);
                 break;
             }
-            freed += u64::from(at.len);
+            freed += e.bytes();
             removed += 1;
             b.remove(k);
         }
@@ -306,11 +377,11 @@ impl Spool {
         let mut out = Vec::new();
         for entry in self.db.range(start..end).take(limit) {
             let (k, v) = entry?;
-            let first_seq = u64::from_be_bytes(k[1..9].try_into().map_err(|_| SpoolError::Corrupt("batch key"))?);
-            let (last_seq, at) = decode_index(&v)?;
+            let first_seq = first_seq_of(&k)?;
+            let e = decode_index(&v)?;
             let bytes =
-                self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?.read(at)?;
-            out.push(SpooledBatch { first_seq, last_seq, bytes });
+                self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?.read(e.at)?;
+            out.push(SpooledBatch { first_seq, last_seq: e.last_seq, bytes });
         }
         Ok(out)
     }
@@ -464,5 +535,68 @@ mod tests {
         assert!(shadow.keys_after(&shadow_prefix(&TableId::new("public", "other")), None, 10).unwrap().is_empty());
         // The spool's own records are not shadow entries.
         assert_eq!(spool.batch_count(), 2);
+    }
+
+    /// Indexes a batch with its delta as an append does, stopping where a crash could: before the
+    /// shadow store has the delta.
+    fn index_without_applying(spool: &Spool, first: u64, last: u64, entries: &[shadow::ShadowEntry]) {
+        let delta = encode_delta(entries);
+        let [at, _] = spool.segments.lock().unwrap().append_parts(first, [&[7u8; 100][..], &delta]).unwrap();
+        let e = Indexed { last_seq: last, at, delta_len: delta.len() as u32 };
+        spool.db.insert(batch_key(first), encode_index(e)).unwrap();
+        spool.db.insert(KEY_NEXT_SEQ, &(last + 1).to_be_bytes()).unwrap();
+        spool.db.flush().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_delta_indexed_before_a_crash_is_applied_on_open_and_its_batch_kept_until_then() {
+        use dongbo_connectors::model::Value;
+        use dongbo_connectors::poll::{row_hash, shadow_key};
+        let dir = tempfile::tempdir().unwrap();
+        let t = TableId::new("public", "residents");
+        let key = |i: i64| shadow_key(&t, &[Value::Int(i)]);
+        let (h1, h2) = (row_hash(&[Value::Int(1)]), row_hash(&[Value::Int(2)]));
+        {
+            let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+            spool
+                .append_with_shadow(Some(batch(10, 11)), &ResumePoint::default(), 12, vec![(key(1), Some(h1))])
+                .await
+                .unwrap();
+            index_without_applying(&spool, 12, 13, &[(key(1), Some(h2)), (key(2), Some(h2))]);
+            assert_eq!(spool.shadow().get(&key(1)).unwrap(), Some(h1), "the crash came before the store had it");
+            spool.ack(13).unwrap();
+            assert_eq!(
+                spool.batches_after(0, 10).unwrap().iter().map(|b| b.first_seq).collect::<Vec<_>>(),
+                vec![12],
+                "the hub's ack frees the applied batch, not the one whose delta exists only in the spool"
+            );
+        }
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let shadow = spool.shadow();
+        assert_eq!(shadow.get(&key(1)).unwrap(), Some(h2));
+        assert_eq!(shadow.get(&key(2)).unwrap(), Some(h2));
+        spool.ack(13).unwrap();
+        assert_eq!(spool.batch_count(), 0, "applied on open, so acknowledged now");
+    }
+
+    #[tokio::test]
+    async fn shadow_entries_an_older_spool_kept_in_sled_move_to_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+            for i in 0..25_000u32 {
+                let mut k = OLD_SHADOW_PREFIX.to_vec();
+                k.extend_from_slice(&i.to_be_bytes());
+                spool.db.insert(k, &[i as u8; 16]).unwrap();
+            }
+            spool.db.flush().unwrap();
+        }
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let shadow = spool.shadow();
+        assert_eq!(shadow.keys_after(OLD_SHADOW_PREFIX, None, 100_000).unwrap().len(), 25_000);
+        let mut k = OLD_SHADOW_PREFIX.to_vec();
+        k.extend_from_slice(&24_999u32.to_be_bytes());
+        assert_eq!(shadow.get(&k).unwrap(), Some([24_999u32 as u8; 16]));
+        assert_eq!(spool.db.scan_prefix(OLD_SHADOW_PREFIX).count(), 0, "sled no longer holds them");
     }
 }

@@ -214,13 +214,25 @@ impl<E: Engine> PollSource<E> {
         self.stats
     }
 
-    /// The hash the NDC holds for `key` as far as this agent knows: yielded but not yet durable
+    /// The hashes the NDC holds for `keys` as far as this agent knows: yielded but not yet durable
     /// first, then the spool's shadow.
-    fn known(&self, key: &[u8]) -> Result<Option<RowHash>, SourceError> {
-        if let Some((hash, _)) = self.overlay.lock().expect("overlay lock").get(key) {
-            return Ok(*hash);
+    fn known(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<RowHash>>, SourceError> {
+        let mut known = vec![None; keys.len()];
+        let mut unseen = Vec::new();
+        {
+            let overlay = self.overlay.lock().expect("overlay lock");
+            for (i, key) in keys.iter().enumerate() {
+                match overlay.get(key) {
+                    Some((hash, _)) => known[i] = *hash,
+                    None => unseen.push(i),
+                }
+            }
         }
-        self.shadow.get(key)
+        let stored = self.shadow.get_many(&unseen.iter().map(|&i| keys[i].as_slice()).collect::<Vec<_>>())?;
+        for (i, hash) in unseen.into_iter().zip(stored) {
+            known[i] = hash;
+        }
+        Ok(known)
     }
 
     /// Queues a change whose row (`after`, hashed `hash`; none for a delete) the NDC will hold.
@@ -254,11 +266,13 @@ impl<E: Engine> PollSource<E> {
 
     /// Compares rows read from the table with what the NDC holds and queues what differs.
     fn compare(&mut self, table: usize, rows: Vec<Row>) -> Result<(), SourceError> {
-        for row in rows {
-            let key = self.tables[table].schema.key_of(&row);
-            let skey = shadow_key(&self.tables[table].schema.table, &key);
+        let schema = &self.tables[table].schema;
+        let keys: Vec<Row> = rows.iter().map(|row| schema.key_of(row)).collect();
+        let skeys: Vec<Vec<u8>> = keys.iter().map(|key| shadow_key(&schema.table, key)).collect();
+        let known = self.known(&skeys)?;
+        for (((row, key), skey), known) in rows.into_iter().zip(keys).zip(skeys).zip(known) {
             let hash = row_hash(&row);
-            match self.known(&skey)? {
+            match known {
                 Some(h) if h == hash => {}
                 Some(_) => self.push_change(table, Operation::Update, key, Some((row, hash)), skey),
                 None => self.push_change(table, Operation::Insert, key, Some((row, hash)), skey),
@@ -470,9 +484,10 @@ impl<E: Engine> PollSource<E> {
                 };
                 self.stats.rows_read += present.len() as u64;
                 let present: std::collections::HashSet<Vec<u8>> = present.iter().map(|k| shadow_key(&id, k)).collect();
-                for (skey, key) in shadow_keys.iter().zip(keys) {
+                let known = self.known(&shadow_keys)?;
+                for ((skey, key), known) in shadow_keys.iter().zip(keys).zip(known) {
                     // Shipped as deleted already, or not in the table now: nothing, or a delete.
-                    if present.contains(skey) || self.known(skey)?.is_none() {
+                    if present.contains(skey) || known.is_none() {
                         continue;
                     }
                     self.push_change(table, Operation::Delete, key, None, skey.clone());

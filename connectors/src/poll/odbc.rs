@@ -157,11 +157,14 @@ impl OdbcPoller {
     /// Connects with the configured connection string (and password file).
     pub async fn connect(config: &OdbcConfig) -> Result<Self, SourceError> {
         let password = crate::config_file::resolve_secret(None, config.password_file.as_deref())?;
-        let mut connection_string = config.connection_string.clone();
+        let mut connection_string = config.connection_string.trim_end_matches(';').to_string();
         if let Some(p) = password {
-            connection_string =
-                format!("{};PWD={}", connection_string.trim_end_matches(';'), odbc_api::escape_attribute_value(&p));
+            connection_string = format!("{connection_string};PWD={}", odbc_api::escape_attribute_value(&p));
         }
+        // Every attribute ends with `;`: Debian's MariaDB driver (3.1) reads the last value past the
+        // string's given length when nothing ends it, so a password came with whatever bytes
+        // followed it in memory, and the login failed depending on the heap.
+        connection_string.push(';');
         let (conn, quote) = tokio::task::spawn_blocking(move || {
             let env = odbc_api::environment().map_err(odbc_error)?;
             let conn = env

@@ -19,6 +19,10 @@ pub type RowHash = [u8; 16];
 pub trait Shadow: Send + Sync {
     /// The hash stored under `key`, if any.
     fn get(&self, key: &[u8]) -> Result<Option<RowHash>, SourceError>;
+    /// The hashes stored under `keys`, in their order: one read for a page of rows.
+    fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<RowHash>>, SourceError> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
     /// Up to `limit` keys starting with `prefix`, in byte order, after `after` if given.
     fn keys_after(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, SourceError>;
 }

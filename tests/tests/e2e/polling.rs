@@ -247,6 +247,21 @@ async fn scenario(
     d.start_agent_from(&config(d, 2), &[])?;
     expected += BULK;
     settle(d, s, table, expected, "kill -9 mid-poll").await?;
+
+    // A crash after a batch is spooled and before its shadow delta reaches the shadow store: the
+    // restarted agent applies the delta from the spool, so the batch's rows are not shipped again.
+    d.agent.as_mut().expect("agent").stop();
+    d.start_agent_from(&config(d, 3_600), &[("DONGBO_FAULT", "spool-shadow-unapplied")])?;
+    s.exec(&format!("UPDATE residents SET version = version + 1, updated_at = {now} WHERE id BETWEEN 400 AND 409"))
+        .await?;
+    expected += 10;
+    let agent = d.agent.as_mut().expect("agent");
+    let status = agent.wait_exit(Duration::from_secs(60));
+    anyhow::ensure!(status.is_some_and(|s| !s.success()), "the fault did not fire: {status:?}");
+    d.start_agent_from(&config(d, 3_600), &[])?;
+    settle(d, s, table, expected, "a crash between a batch and its shadow delta").await?;
+    let log = d.agent.as_ref().expect("agent").log_text();
+    anyhow::ensure!(log.contains("applied again from the spool"), "the restarted agent replayed no delta:\n{log}");
     Ok(())
 }
 
