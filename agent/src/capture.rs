@@ -304,6 +304,7 @@ impl<'a> Capture<'a> {
         // Computed before the changes are encoded: written in the same atomic write as them.
         let shadow: Vec<_> =
             if source.keeps_shadow() { pending.iter().filter_map(poll::shadow_entry).collect() } else { Vec::new() };
+        let newest_commit_us = pending.iter().map(|c| c.commit_time_us).max();
         let batch = if pending.is_empty() {
             None
         } else {
@@ -315,6 +316,9 @@ impl<'a> Capture<'a> {
         };
         let changes = batch.as_ref().map_or(0, |b| b.last_seq - b.first_seq + 1);
         self.spool.append_with_shadow(batch, resume, next_seq, shadow).await?;
+        if let Some(t) = newest_commit_us {
+            crate::metrics::agent().captured_commit(t);
+        }
         if let Some(end) = resume.committed_end {
             debug!(upto = %end, changes, "spooled");
             source.release(end);

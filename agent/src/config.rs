@@ -22,6 +22,28 @@ pub struct AgentConfig {
     /// ... or to a Kafka topic the hubs consume (exactly one of the two).
     #[serde(default)]
     pub kafka: Option<KafkaLinkConfig>,
+    /// The metrics and health listener.
+    #[serde(default)]
+    pub status: StatusConfig,
+}
+
+/// The agent's HTTP listener for `/metrics`, `/healthz` and `/readyz` ([`crate::metrics`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Address to listen on; `127.0.0.1:9187` by default (this host only), `off` for none.
+    #[serde(default = "default_status_listen")]
+    pub listen: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self { listen: default_status_listen() }
+    }
+}
+
+fn default_status_listen() -> String {
+    "127.0.0.1:9187".into()
 }
 
 /// The source database, one variant per connector kind.

@@ -180,6 +180,7 @@ async fn session(
     ensure_topic(link, &topic).await?;
     let producer = producer(link)?;
     info!(brokers = %link.brokers, %topic, spool_batches = spool.batch_count(), "producing to Kafka");
+    crate::metrics::agent().link_up(true);
     let mut appended = spool.subscribe();
     let mut sent_upto = 0u64;
     let mut in_flight = FuturesOrdered::new();

@@ -14,12 +14,14 @@
 //! - [`ship`] — spool → hub (gRPC).
 //! - [`kafka`] — spool → Kafka topic (instead of gRPC).
 //! - [`check`] — plain-words diagnosis for provincial IT.
+//! - [`metrics`] — Prometheus metrics, `/healthz` and `/readyz`.
 
 pub mod capture;
 pub mod check;
 pub mod config;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod metrics;
 pub mod ship;
 pub mod spool;
 
@@ -108,6 +110,9 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let spool = Arc::new(Spool::open(&config.spool.path, config.spool.max_bytes)?);
     info!(source_id = %config.source_id, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "agent starting");
+    if config.status.listen != "off" {
+        tokio::spawn(metrics::serve(config.status.listen.clone(), spool.clone(), shutdown.clone()));
+    }
     let shipper = match (&config.hub, &config.kafka) {
         (Some(hub), _) => {
             tokio::spawn(ship::run(config.source_id.clone(), hub.clone(), spool.clone(), shutdown.clone()))
@@ -139,7 +144,10 @@ pub async fn run(
         sources.mark_unchanged();
         loop {
             let started = tokio::time::Instant::now();
-            match capture.run(&source, &mut shutdown, &mut sources).await {
+            metrics::agent().capture_running(true);
+            let ran = capture.run(&source, &mut shutdown, &mut sources).await;
+            metrics::agent().capture_running(false);
+            match ran {
                 Ok(Stopped::Shutdown) => break Ok(()),
                 Ok(Stopped::Reload) => {
                     // Validated when agent.toml was loaded again.

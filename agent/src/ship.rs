@@ -227,6 +227,7 @@ where
             Ok(()) => return Ok(()),
             Err(Ok(e)) => return Err(e),
             Err(Err(e)) => {
+                crate::metrics::agent().link_up(false);
                 let wait = backoff.next_backoff().unwrap_or(Duration::from_millis(max_backoff_ms));
                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "link to {peer} down; changes stay in the spool");
                 tokio::select! {
@@ -308,6 +309,7 @@ async fn session(
     let (applied, tx, mut inbound) = open_stream(source_id, link, token).await?;
     spool.ack(applied)?;
     info!(hub = %link.url, applied_seq = applied, spool_batches = spool.batch_count(), "connected to hub");
+    crate::metrics::agent().link_up(true);
     let mut appended = spool.subscribe();
     let mut sent_upto = applied;
     let mut in_flight: VecDeque<u64> = VecDeque::new();

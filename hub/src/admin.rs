@@ -1,12 +1,15 @@
 //! The admin HTTP API for operators and `dongbo-hub` CLI commands: subscriptions at run time, dead
 //! letters, and the audit log's verification and citizen query. Every call but `/healthz` needs an
-//! operator's bearer token ([`crate::auth`]): role `read` for the GETs, role `admin` to add or remove
+//! operator's bearer token ([`crate::auth`]): role `read` for the GETs (Prometheus sends it as
+//! `authorization: Bearer`), role `admin` to add or remove
 //! a subscription and to replay dead letters. A refused call answers 401 (no or unknown token) or
 //! 403 (a token of the wrong kind or role) and is logged without the token.
 //!
 //! | method | path | does |
 //! | --- | --- | --- |
 //! | GET | `/healthz` | liveness (no token) |
+//! | GET | `/readyz` | readiness: the NDC answers (no token); 503 with the reason otherwise |
+//! | GET | `/metrics` | Prometheus metrics ([`crate::metrics`]) |
 //! | GET | `/subscriptions` | list with positions and dead-letter counts |
 //! | POST | `/subscriptions` | add (JSON definition); 400 lists every problem |
 //! | DELETE | `/subscriptions/{id}` | remove one added at run time |
@@ -108,6 +111,26 @@ impl<const ADMIN: bool> axum::extract::FromRequestParts<AppState> for Operator<A
                 ))
             }
         }
+    }
+}
+
+async fn metrics(_: Reader) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        crate::metrics::hub().encode(),
+    )
+        .into_response()
+}
+
+/// Ready when the NDC answers a query on the audit connection within 5 s.
+async fn ready(State(s): State<AppState>) -> Response {
+    let probe = s.with_audit_ndc(|client| {
+        Box::pin(async move { client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string()) })
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
+        Ok(Ok(())) => "ready".into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, vec![format!("the NDC does not answer: {e}")]),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, vec!["the NDC did not answer within 5 s".into()]),
     }
 }
 
@@ -231,6 +254,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route("/subscriptions", get(list).post(add))
         .route("/subscriptions/{id}", axum::routing::delete(remove))
         .route("/subscriptions/{id}/dead-letters", get(dead_letters))

@@ -178,6 +178,7 @@ impl Ingest for IngestService {
         // Durable at both hops: the agent resends whatever the NDC has but the log does not yet.
         let durable = applied.min(logged);
         info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, logged_seq = logged, generation, "agent connected");
+        crate::metrics::hub().agent_connected(&acl.id, true);
 
         let (out_tx, out_rx) = mpsc::channel::<Result<HubMessage, Status>>(16);
         let welcome = HubMessage { kind: Some(hub_message::Kind::Welcome(Welcome { applied_seq: durable })) };
@@ -200,6 +201,7 @@ impl Ingest for IngestService {
                     }
                     _ = reader_replaced.wait_for(|r| *r) => break,
                 };
+                crate::metrics::hub().contact(&source_id);
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
@@ -280,6 +282,7 @@ impl Ingest for IngestService {
             let mut live = live.lock().expect("live streams lock");
             if live.get(&acl.id).is_some_and(|l| l.generation == generation) {
                 live.remove(&acl.id);
+                crate::metrics::hub().agent_connected(&acl.id, false);
             }
             // `applier` (its NDC connection and slot) and `_ended` go here, in that order.
             drop(applier);

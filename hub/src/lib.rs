@@ -26,6 +26,7 @@
 //! - [`admin`] — the operators' HTTP API.
 //! - [`auth`] — who a peer is: one identity per connection, for ingest, Subscribe and admin alike.
 //! - [`listener`] — accepting connections within limits.
+//! - [`metrics`] — the Prometheus series the admin API serves.
 
 pub mod admin;
 pub mod admin_listener;
@@ -39,6 +40,7 @@ pub(crate) mod grpc_peer;
 pub mod ingest;
 pub mod kafka;
 pub mod listener;
+pub mod metrics;
 pub mod server_tls;
 
 use std::future::Future;
@@ -95,6 +97,7 @@ pub async fn run(
     apply::bootstrap(&mut client).await?;
     drop(client);
     let fanout = fanout::Fanout::start(&config).await?;
+    metrics::hub().know_agents(config.agents.iter().map(|a| a.id.as_str()));
     let addr = listener.local_addr().ok();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let auth = Arc::new(auth::Authenticator::new(&config));

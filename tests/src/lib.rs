@@ -29,6 +29,8 @@ pub struct Deployment {
     pub dir: PathBuf,
     /// The hub's gRPC port.
     pub hub_port: u16,
+    /// The agent's metrics and health port (`[status]`).
+    pub status_port: u16,
     /// The agent's identity.
     pub source_id: String,
     /// Tables the agent captures.
@@ -87,6 +89,7 @@ impl Deployment {
             pg,
             dir,
             hub_port: pg::free_port(),
+            status_port: pg::free_port(),
             source_id: "hcm-population".into(),
             tables: tables.iter().map(|t| t.to_string()).collect(),
             hub: None,
@@ -185,7 +188,7 @@ impl Deployment {
     pub fn agent_config(&self) -> String {
         let tables: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
         format!(
-            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n{source_tls}\n[spool]\npath = \"{spool}\"\n{extra}\n\n{link}",
+            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n{source_tls}\n[spool]\npath = \"{spool}\"\n{extra}\n[status]\nlisten = \"127.0.0.1:{status}\"\n\n{link}",
             id = self.source_id,
             pg = self.pg.port,
             role = pg::ROLE,
@@ -193,6 +196,7 @@ impl Deployment {
             tables = tables.join(", "),
             spool = self.dir.join("spool").display(),
             extra = self.spool_extra,
+            status = self.status_port,
             source_tls = table("source.tls", &self.source_tls_toml),
             link = match &self.kafka {
                 Some(brokers) => {

@@ -187,12 +187,14 @@ impl Spool {
         move_old_shadow(&db, &shadow)?;
         let (mut bytes, mut batches, mut last, mut oldest) = (0u64, 0u64, 0u64, None);
         let mut unapplied = Vec::new();
+        let mut held = Vec::new();
         for entry in db.scan_prefix([BATCH_PREFIX]) {
             let (k, v) = entry?;
             let e = decode_index(&v)?;
             bytes += e.bytes();
             batches += 1;
             last = last.max(e.last_seq);
+            held.push(e.last_seq);
             oldest = Some(oldest.map_or(e.at.segment, |o: u64| o.min(e.at.segment)));
             let first_seq = first_seq_of(&k)?;
             if let Some(delta) = e.delta().filter(|_| first_seq > shadow.durable()) {
@@ -210,6 +212,7 @@ impl Spool {
             shadow.apply(first_seq, &segments.read(delta)?)?;
         }
         shadow.make_durable()?;
+        crate::metrics::agent().spool_opened(held);
         // Segments no batch needs any more: acknowledged before a crash, or torn and never indexed.
         segments.release_before(oldest)?;
         if db.get(KEY_NEXT_SEQ)?.is_none() {
@@ -310,6 +313,7 @@ impl Spool {
         if let Some((first_seq, e, delta)) = added {
             self.bytes.fetch_add(e.bytes(), Ordering::Relaxed);
             self.batches.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::agent().spooled(first_seq, e.last_seq);
             if !delta.is_empty() {
                 dongbo_connectors::fault::crash_at("spool-shadow-unapplied");
                 let shadow = self.shadow.clone();
@@ -334,7 +338,7 @@ impl Spool {
         // are sequential and index a batch before the next one can start a segment).
         let segments = self.segments.lock().map_err(|_| std::io::Error::other("spool segment lock poisoned"))?;
         let mut b = sled::Batch::default();
-        let (mut freed, mut removed) = (0u64, 0u64);
+        let (mut freed, mut removed, mut changes, mut last_removed) = (0u64, 0u64, 0u64, 0u64);
         let mut oldest_kept = None;
         for entry in self.db.scan_prefix([BATCH_PREFIX]) {
             let (k, v) = entry?;
@@ -352,9 +356,12 @@ impl Spool {
             }
             freed += e.bytes();
             removed += 1;
+            changes += e.last_seq.saturating_sub(first_seq) + 1;
+            last_removed = e.last_seq;
             b.remove(k);
         }
         if removed > 0 {
+            crate::metrics::agent().acknowledged(changes, last_removed);
             self.db.apply_batch(b)?;
             self.bytes.fetch_sub(freed, Ordering::Relaxed);
             self.batches.fetch_sub(removed, Ordering::Relaxed);
@@ -394,6 +401,11 @@ impl Spool {
     /// Batches held.
     pub fn batch_count(&self) -> u64 {
         self.batches.load(Ordering::Relaxed)
+    }
+
+    /// The spool's limit (`spool.max_bytes`).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     /// Whether capture must pause.

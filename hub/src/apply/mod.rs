@@ -392,6 +392,7 @@ impl NdcApplier {
     ) -> Result<ApplyOutcome, ApplyError> {
         let last_seq = batches.iter().map(|b| b.last_seq()).max().unwrap_or(0);
         let Self { client, acl, stream, targets, broken, rules, logged_seq, pruned_seq, mixed, .. } = self;
+        let started = std::time::Instant::now();
         let mut txn = client.transaction().await?;
         // The row lock orders this stream's transactions, even across two hubs that both believe
         // they own a Kafka partition during a rebalance: the later one sees the earlier one's seq.
@@ -409,6 +410,7 @@ impl NdcApplier {
             return Ok(ApplyOutcome { applied_seq: applied, applied_before: applied, ..Default::default() });
         };
         let position = last.position.to_string();
+        let newest_commit_us = fresh.iter().map(|c| c.commit_time_us).max();
         let mut quarantine: Vec<(&ChangeEvent, String)> = Vec::new();
         let mut accepted = Vec::with_capacity(fresh.len());
         for c in fresh {
@@ -480,6 +482,13 @@ impl NdcApplier {
         )
         .await?;
         txn.commit().await?;
+        crate::metrics::hub().applied(
+            &acl.id,
+            n_applied as u64,
+            quarantine.len() as u64,
+            newest_commit_us,
+            started.elapsed(),
+        );
         Ok(ApplyOutcome {
             applied_seq: last_seq.max(applied),
             applied_before: applied,

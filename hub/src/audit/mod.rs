@@ -148,6 +148,7 @@ impl AuditLog {
             .send(Append { entries: entries.to_vec(), done })
             .await
             .map_err(|_| AuditError("the audit writer stopped".into()))?;
+        crate::metrics::hub().set_audit_queue(self.requests.max_capacity() - self.requests.capacity());
         wait.await.map_err(|_| AuditError("the audit writer stopped".into()))?.map_err(AuditError)
     }
 }

@@ -171,6 +171,8 @@ async fn serve(
                 if tx.send(Ok(SubscriptionMessage { deliveries })).await.is_err() {
                     return Ok(());
                 }
+                let newest = out.iter().map(|o| o.committed_at_us).max();
+                crate::metrics::hub().delivered(id, out.len() as u64, newest);
             } else if in_flight.is_empty() && scanned > next {
                 // Nothing for this subscriber in what was scanned: remember that without an ack.
                 fanout.state.ack(id, scanned).await.map_err(|e| internal(&e))?;

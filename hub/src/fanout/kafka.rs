@@ -97,6 +97,7 @@ async fn deliver_page(
         deliveries.push(enqueue(producer, record).await.map_err(|e| e.to_string())?);
     }
     acknowledged(deliveries).await.map_err(|e| e.to_string())?;
+    crate::metrics::hub().delivered(id, outs.len() as u64, outs.iter().map(|o| o.committed_at_us).max());
     fanout.state.ack(id, scanned).await.map_err(|e| e.to_string())?;
     Ok(true)
 }

@@ -191,6 +191,7 @@ impl Fanout {
             let (me, k) = (self.clone(), k.clone());
             tokio::spawn(async move { kafka::run(me, sub, k, rx).await });
         }
+        crate::metrics::hub().know_subscription(&def.id);
         info!(subscription = %def.id, subscriber = %def.subscriber, purpose = %def.purpose, delivery = def.delivery.channel(), from = %cursor.token(), "subscription served");
         Ok(())
     }

@@ -50,6 +50,8 @@ pub struct Outgoing {
     pub body: Map<String, Json>,
     /// The granted fields it carries.
     pub fields: Vec<String>,
+    /// When the change behind it was committed at the source (Unix microseconds): its lag.
+    pub committed_at_us: i64,
 }
 
 impl Subscription {
@@ -100,6 +102,10 @@ impl Subscription {
     /// the filter rejects it.
     pub fn project(&self, cursor: Cursor, item: &Item) -> Option<Outgoing> {
         // The envelope is built from the item itself; data are the row or payload.
+        let committed_at_us = match item {
+            Item::Event(e) => e.effective_at_us,
+            Item::Change { change, .. } => change.commit_time_us,
+        };
         let (name, data, citizen_id, envelope) = match item {
             Item::Event(e) => {
                 if !self.follows.contains(&e.event) {
@@ -156,7 +162,7 @@ impl Subscription {
         for (k, v) in envelope {
             body.insert(k.into(), v);
         }
-        Some(Outgoing { cursor, event_id, name, citizen_id, body, fields })
+        Some(Outgoing { cursor, event_id, name, citizen_id, body, fields, committed_at_us })
     }
 }
 

@@ -196,6 +196,13 @@ async fn deliver_page(
     undelivered.extend(failed.into_iter().flatten());
     // The queue replays in the order letters were added, so add them in log order.
     undelivered.sort_by_key(|(i, _, _)| *i);
+    let newest = outs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !undelivered.iter().any(|(u, _, _)| u == i))
+        .map(|(_, o)| o.committed_at_us)
+        .max();
+    crate::metrics::hub().delivered(id, (outs.len() - undelivered.len()) as u64, newest);
     for (i, why, attempts) in undelivered {
         dead_letter(fanout, sub, &outs[i], &why, attempts).await?;
     }
@@ -239,6 +246,7 @@ async fn deliver_citizen(
                 Err(Failure::Answered(why)) if attempts >= max_attempts => break Some(why),
                 Err(Failure::Answered(why)) => {
                     warn!(subscription = %sub, event_id = %o.event_id, attempt = attempts, reason = %why, "webhook delivery failed; retrying");
+                    crate::metrics::hub().retried(sub);
                 }
             }
             tokio::time::sleep(wait.next_backoff().unwrap_or(Duration::from_secs(60))).await;
@@ -260,6 +268,7 @@ async fn dead_letter(
     why: &str,
     attempts: u32,
 ) -> Result<(), String> {
+    crate::metrics::hub().dead_lettered(&sub.def.id);
     let d = DeadLetter {
         id: 0,
         resume_token: o.cursor.token(),
@@ -292,6 +301,7 @@ async fn replay(fanout: &Fanout, sub: &Subscription, sender: &Sender) -> Result<
         match sender.post(&d.event_id, &body, d.attempts + 1).await {
             Ok(()) => {
                 fanout.state.drop_dead_letter(id, d.id).await.map_err(|e| e.to_string())?;
+                crate::metrics::hub().delivered(id, 1, None);
                 delivered += 1;
             }
             Err(Failure::Answered(why) | Failure::Unreachable(why)) => {

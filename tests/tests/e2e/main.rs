@@ -15,6 +15,7 @@ mod kafka;
 mod keyless;
 mod legacy_build;
 mod mariadb_capture;
+mod metrics;
 mod mixed_workload;
 mod mutual_tls;
 mod mysql_check;

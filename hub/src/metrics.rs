@@ -1,0 +1,313 @@
+//! The hub's Prometheus metrics, served at `/metrics` on the admin listener (token role `read`).
+//!
+//! Names follow Prometheus conventions: base units (seconds, bytes), `_total` on counters,
+//! `dongbo_build_info` carrying the version. Labels are agent ids (`source_id`) and subscription
+//! ids (`subscription`), both from the hub's own configuration: never a citizen id, never a string
+//! only a peer chose, so a peer cannot grow the series count.
+//!
+//! Lag is measured from the commit times carried in the changes (the source server's clock) to the
+//! hub's clock when the NDC transaction committed, or when a subscription's delivery was made
+//! durable: a skew between the two hosts shows in it, which is why `check` on the agent reports the
+//! source clock.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// The label of an agent's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabel {
+    /// The agent's configured id.
+    pub source_id: String,
+}
+
+/// The label of a subscription's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubscriptionLabel {
+    /// The subscription's id.
+    pub subscription: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// What the hub knows of an agent's contact, to answer "silent for how long" at scrape time.
+#[derive(Clone, Copy)]
+struct Contact {
+    connected: bool,
+    /// Unix seconds of the last message, or of the hub's start for an agent not seen since.
+    last: f64,
+}
+
+/// Every series the hub exports.
+pub struct HubMetrics {
+    registry: Registry,
+    contacts: Mutex<HashMap<String, Contact>>,
+    connected: Family<AgentLabel, Gauge>,
+    last_contact: Family<AgentLabel, FloatGauge>,
+    silence: Family<AgentLabel, FloatGauge>,
+    applied: Family<AgentLabel, Counter>,
+    quarantined: Family<AgentLabel, Counter>,
+    apply_lag: Family<AgentLabel, FloatGauge>,
+    apply_seconds: Histogram,
+    delivered: Family<SubscriptionLabel, Counter>,
+    retried: Family<SubscriptionLabel, Counter>,
+    dead_lettered: Family<SubscriptionLabel, Counter>,
+    delivery_lag: Family<SubscriptionLabel, FloatGauge>,
+    audit_queue: Gauge,
+}
+
+fn now_s() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Seconds from a commit time (Unix microseconds) to now; never negative.
+fn lag_from(commit_time_us: i64) -> f64 {
+    (now_s() - commit_time_us as f64 / 1e6).max(0.0)
+}
+
+impl HubMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let connected = Family::<AgentLabel, Gauge>::default();
+        let last_contact = Family::<AgentLabel, FloatGauge>::default();
+        let silence = Family::<AgentLabel, FloatGauge>::default();
+        let applied = Family::<AgentLabel, Counter>::default();
+        let quarantined = Family::<AgentLabel, Counter>::default();
+        let apply_lag = Family::<AgentLabel, FloatGauge>::default();
+        // 1 ms to about 65 s.
+        let apply_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let delivered = Family::<SubscriptionLabel, Counter>::default();
+        let retried = Family::<SubscriptionLabel, Counter>::default();
+        let dead_lettered = Family::<SubscriptionLabel, Counter>::default();
+        let delivery_lag = Family::<SubscriptionLabel, FloatGauge>::default();
+        let audit_queue = Gauge::default();
+        registry.register(
+            "dongbo_build",
+            "The hub's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("component", "hub")]),
+        );
+        registry.register(
+            "dongbo_agent_connected",
+            "1 while the agent has a live stream to this hub",
+            connected.clone(),
+        );
+        registry.register(
+            "dongbo_agent_last_contact_timestamp_seconds",
+            "When the agent was last heard from (Unix time; the hub's start for one not seen since)",
+            last_contact.clone(),
+        );
+        registry.register(
+            "dongbo_agent_silence_seconds",
+            "Seconds since the agent was last heard from (0 while connected)",
+            silence.clone(),
+        );
+        registry.register("dongbo_changes_applied", "Changes applied to the NDC", applied.clone());
+        registry.register("dongbo_changes_quarantined", "Changes put in quarantine with a reason", quarantined.clone());
+        registry.register(
+            "dongbo_apply_lag_seconds",
+            "From the source commit of the newest change applied to its NDC commit",
+            apply_lag.clone(),
+        );
+        registry.register(
+            "dongbo_ndc_apply_transaction_duration_seconds",
+            "Duration of the NDC transactions applying agents' changes",
+            apply_seconds.clone(),
+        );
+        registry.register("dongbo_subscription_delivered", "Records delivered to the subscriber", delivered.clone());
+        registry.register(
+            "dongbo_subscription_retried",
+            "Delivery attempts that failed and were retried",
+            retried.clone(),
+        );
+        registry.register(
+            "dongbo_subscription_dead_lettered",
+            "Records put in the subscription's dead-letter queue",
+            dead_lettered.clone(),
+        );
+        registry.register(
+            "dongbo_subscription_delivery_lag_seconds",
+            "From the source commit of the newest record delivered to its delivery",
+            delivery_lag.clone(),
+        );
+        registry.register(
+            "dongbo_audit_queue_depth",
+            "Audit appends waiting for the audit writer",
+            audit_queue.clone(),
+        );
+        Self {
+            registry,
+            contacts: Mutex::new(HashMap::new()),
+            connected,
+            last_contact,
+            silence,
+            applied,
+            quarantined,
+            apply_lag,
+            apply_seconds,
+            delivered,
+            retried,
+            dead_lettered,
+            delivery_lag,
+            audit_queue,
+        }
+    }
+
+    fn agent(id: &str) -> AgentLabel {
+        AgentLabel { source_id: id.to_string() }
+    }
+
+    fn subscription(id: &str) -> SubscriptionLabel {
+        SubscriptionLabel { subscription: id.to_string() }
+    }
+
+    /// Lists the configured agents, so one never seen shows as silent since the hub started.
+    pub fn know_agents<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let now = now_s();
+        let mut contacts = self.contacts.lock().expect("contacts lock");
+        for id in ids {
+            contacts.entry(id.to_string()).or_insert(Contact { connected: false, last: now });
+            let label = Self::agent(id);
+            // Zero series exist from the start, so a rate over them is defined.
+            let _ = self.applied.get_or_create(&label);
+            let _ = self.quarantined.get_or_create(&label);
+        }
+    }
+
+    /// The agent `id` opened (`true`) or closed its stream.
+    pub fn agent_connected(&self, id: &str, connected: bool) {
+        let mut contacts = self.contacts.lock().expect("contacts lock");
+        let c = contacts.entry(id.to_string()).or_insert(Contact { connected, last: now_s() });
+        c.connected = connected;
+        c.last = now_s();
+    }
+
+    /// A message arrived from agent `id`.
+    pub fn contact(&self, id: &str) {
+        if let Some(c) = self.contacts.lock().expect("contacts lock").get_mut(id) {
+            c.last = now_s();
+        }
+    }
+
+    /// An NDC transaction of agent `id` committed `applied` and `quarantined` changes after `took`;
+    /// the newest of them was committed at the source at `newest_commit_us`.
+    pub fn applied(&self, id: &str, applied: u64, quarantined: u64, newest_commit_us: Option<i64>, took: Duration) {
+        let label = Self::agent(id);
+        self.applied.get_or_create(&label).inc_by(applied);
+        self.quarantined.get_or_create(&label).inc_by(quarantined);
+        if let Some(t) = newest_commit_us.filter(|t| *t > 0) {
+            self.apply_lag.get_or_create(&label).set(lag_from(t));
+        }
+        self.apply_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Subscription `id` delivered `n` records durably, the newest committed at `newest_commit_us`.
+    pub fn delivered(&self, id: &str, n: u64, newest_commit_us: Option<i64>) {
+        let label = Self::subscription(id);
+        self.delivered.get_or_create(&label).inc_by(n);
+        if let Some(t) = newest_commit_us.filter(|t| *t > 0) {
+            self.delivery_lag.get_or_create(&label).set(lag_from(t));
+        }
+    }
+
+    /// Subscription `id` retried a delivery.
+    pub fn retried(&self, id: &str) {
+        self.retried.get_or_create(&Self::subscription(id)).inc();
+    }
+
+    /// Subscription `id` put a record in its dead-letter queue.
+    pub fn dead_lettered(&self, id: &str) {
+        self.dead_lettered.get_or_create(&Self::subscription(id)).inc();
+    }
+
+    /// Lists subscription `id`, so its counters exist at zero.
+    pub fn know_subscription(&self, id: &str) {
+        let label = Self::subscription(id);
+        let _ = self.delivered.get_or_create(&label);
+        let _ = self.retried.get_or_create(&label);
+        let _ = self.dead_lettered.get_or_create(&label);
+    }
+
+    /// Audit appends now waiting for the writer.
+    pub fn set_audit_queue(&self, depth: usize) {
+        self.audit_queue.set(depth as i64);
+    }
+
+    /// The text exposition (OpenMetrics), with the contact series brought up to now.
+    pub fn encode(&self) -> String {
+        let now = now_s();
+        for (id, c) in self.contacts.lock().expect("contacts lock").iter_mut() {
+            if c.connected {
+                c.last = now;
+            }
+            let label = Self::agent(id);
+            self.connected.get_or_create(&label).set(i64::from(c.connected));
+            self.last_contact.get_or_create(&label).set(c.last);
+            self.silence.get_or_create(&label).set((now - c.last).max(0.0));
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The hub's metrics (one set per process).
+pub fn hub() -> &'static HubMetrics {
+    static METRICS: OnceLock<HubMetrics> = OnceLock::new();
+    METRICS.get_or_init(HubMetrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_named_by_convention_and_move() {
+        let m = HubMetrics::new();
+        m.know_agents(["hcm-population"]);
+        m.know_subscription("insurance");
+        m.agent_connected("hcm-population", true);
+        let commit = (now_s() * 1e6) as i64 - 2_000_000;
+        m.applied("hcm-population", 10, 1, Some(commit), Duration::from_millis(3));
+        m.delivered("insurance", 4, Some(commit));
+        m.dead_lettered("insurance");
+        let text = m.encode();
+        for line in [
+            "dongbo_changes_applied_total{source_id=\"hcm-population\"} 10",
+            "dongbo_changes_quarantined_total{source_id=\"hcm-population\"} 1",
+            "dongbo_agent_connected{source_id=\"hcm-population\"} 1",
+            "dongbo_subscription_delivered_total{subscription=\"insurance\"} 4",
+            "dongbo_subscription_dead_lettered_total{subscription=\"insurance\"} 1",
+            "dongbo_subscription_retried_total{subscription=\"insurance\"} 0",
+            "dongbo_ndc_apply_transaction_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(text.contains("dongbo_build_info{version=\""), "{text}");
+        let lag: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("dongbo_apply_lag_seconds{source_id=\"hcm-population\"} "))
+            .and_then(|v| v.parse().ok())
+            .expect("lag series");
+        assert!((2.0..10.0).contains(&lag), "lag {lag}");
+        m.agent_connected("hcm-population", false);
+        std::thread::sleep(Duration::from_millis(20));
+        let text = m.encode();
+        assert!(text.contains("dongbo_agent_connected{source_id=\"hcm-population\"} 0"), "{text}");
+        let silence: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("dongbo_agent_silence_seconds{source_id=\"hcm-population\"} "))
+            .and_then(|v| v.parse().ok())
+            .expect("silence series");
+        assert!(silence >= 0.02, "silence {silence}");
+    }
+}

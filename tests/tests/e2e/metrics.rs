@@ -1,0 +1,135 @@
+//! Metrics: the hub's `/metrics` (admin listener, operator token) and the agent's (its `[status]`
+//! listener) move as a workload runs, read from the exposition itself, not from logs.
+
+use std::time::{Duration, Instant};
+
+use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
+use dongbo_tests::fanout::{declarations, webhook_subscription, Receiver, ADMIN_TOKEN};
+use dongbo_tests::{pg, Deployment};
+
+/// GETs `url` (with the operator token if given): status and body.
+async fn get(url: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) => return Ok((r.status().as_u16(), r.text().await?)),
+            Err(e) if e.is_connect() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => anyhow::bail!("GET {url}: {e:#}"),
+        }
+    }
+}
+
+/// The value of the series written exactly `series` (name and labels) in an exposition.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+struct Scrapes {
+    hub: String,
+    agent: String,
+}
+
+impl Scrapes {
+    async fn hub(&self) -> anyhow::Result<String> {
+        let (status, text) = get(&self.hub, Some(ADMIN_TOKEN)).await?;
+        anyhow::ensure!(status == 200, "hub /metrics answered {status}: {text}");
+        Ok(text)
+    }
+
+    async fn agent(&self) -> anyhow::Result<String> {
+        let (status, text) = get(&self.agent, None).await?;
+        anyhow::ensure!(status == 200, "agent /metrics answered {status}: {text}");
+        Ok(text)
+    }
+
+    /// Waits until `series` on the hub (or the agent) reaches `at_least`; returns its value.
+    async fn wait(&self, on_hub: bool, series: &str, at_least: f64) -> anyhow::Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = if on_hub { self.hub().await? } else { self.agent().await? };
+            let v = value(&text, series);
+            if v.is_some_and(|v| v >= at_least) {
+                return Ok(v.unwrap_or_default());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{series} is {v:?}, not {at_least} or more:\n{text}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_and_dead_letters_count(
+) -> anyhow::Result<()> {
+    let mut d = Deployment::new("metrics", CITIZENS_DDL, &["public.citizens"]).await?;
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(21);
+    let ids = insert_citizens(&src, &mut gen, 200).await?;
+    let receiver = Receiver::default();
+    receiver.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let url = receiver.start().await?;
+    let admin_port = pg::free_port();
+    d.fanout_toml =
+        declarations(admin_port) + &webhook_subscription("bhyt-residence", &url, &["citizen_id", "current.address"], 2);
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    let m = Scrapes {
+        hub: format!("http://127.0.0.1:{admin_port}/metrics"),
+        agent: format!("http://127.0.0.1:{}/metrics", d.status_port),
+    };
+    let id = d.source_id.clone();
+    let applied = format!("dongbo_changes_applied_total{{source_id=\"{id}\"}}");
+
+    // The snapshot: a truncate and 200 rows, applied and acknowledged.
+    let before = m.wait(true, &applied, 201.0).await?;
+    let hub = m.hub().await?;
+    assert_eq!(value(&hub, &format!("dongbo_agent_connected{{source_id=\"{id}\"}}")), Some(1.0), "{hub}");
+    assert_eq!(value(&hub, &format!("dongbo_agent_silence_seconds{{source_id=\"{id}\"}}")), Some(0.0), "{hub}");
+    assert!(value(&hub, "dongbo_ndc_apply_transaction_duration_seconds_count").is_some_and(|n| n >= 1.0), "{hub}");
+    assert!(hub.contains("dongbo_build_info{"), "{hub}");
+    assert!(!ids.iter().any(|c| hub.contains(c.as_str())), "a citizen id in the hub's metrics");
+    let spooled = m.wait(false, "dongbo_agent_changes_spooled_total", 201.0).await?;
+    m.wait(false, "dongbo_agent_changes_acknowledged_total", spooled).await?;
+    let agent = m.agent().await?;
+    assert_eq!(value(&agent, "dongbo_agent_hub_link_up"), Some(1.0), "{agent}");
+    assert_eq!(value(&agent, "dongbo_agent_capture_running"), Some(1.0), "{agent}");
+    let health = format!("http://127.0.0.1:{}/", d.status_port);
+    assert_eq!(get(&(health.clone() + "healthz"), None).await?.0, 200);
+    assert_eq!(get(&(health.clone() + "readyz"), None).await?, (200, "ready".into()));
+
+    // 100 changes more: the counter moves by exactly 100, the lag is measured from their commits.
+    insert_citizens(&src, &mut gen, 100).await?;
+    let after = m.wait(true, &applied, before + 100.0).await?;
+    assert_eq!(after, before + 100.0, "each change counted once");
+    let lag = value(&m.hub().await?, &format!("dongbo_apply_lag_seconds{{source_id=\"{id}\"}}"));
+    assert!(lag.is_some_and(|l| (0.0..30.0).contains(&l)), "apply lag {lag:?}");
+
+    // A webhook that answers 500: one retry, then a dead letter, counted per subscription.
+    src.execute(
+        "UPDATE citizens SET commune_code = '26734', address = 'Số 1 phố Mới' WHERE citizen_id = $1",
+        &[&ids[0]],
+    )
+    .await?;
+    m.wait(true, "dongbo_subscription_dead_lettered_total{subscription=\"bhyt-residence\"}", 1.0).await?;
+    m.wait(true, "dongbo_subscription_retried_total{subscription=\"bhyt-residence\"}", 1.0).await?;
+
+    // Unauthenticated scrapes of the hub are refused.
+    assert_eq!(get(&m.hub, None).await?.0, 401);
+
+    // The agent stops: the hub shows it disconnected and its silence growing.
+    d.agent.as_mut().expect("agent").stop();
+    let series = format!("dongbo_agent_silence_seconds{{source_id=\"{id}\"}}");
+    let first = m.wait(true, &series, 0.5).await?;
+    let hub = m.hub().await?;
+    assert_eq!(value(&hub, &format!("dongbo_agent_connected{{source_id=\"{id}\"}}")), Some(0.0), "{hub}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = value(&m.hub().await?, &series).unwrap_or_default();
+    assert!(later >= first + 1.0, "silence went from {first} to {later}");
+    Ok(())
+}
