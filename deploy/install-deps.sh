@@ -54,6 +54,14 @@ if ! command -v odbcinst >/dev/null 2>&1 || ! pkg-config --exists odbc 2>/dev/nu
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq unixodbc unixodbc-dev odbc-mariadb odbc-postgresql >/dev/null
 fi
 
+if ! command -v promtool >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing promtool (Debian's prometheus package, without its recommends: the alert rules' tests) (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is not installed: install Rust from https://rustup.rs first" >&2
   exit 1

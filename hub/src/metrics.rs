@@ -234,6 +234,8 @@ impl HubMetrics {
         let _ = self.delivered.get_or_create(&label);
         let _ = self.retried.get_or_create(&label);
         let _ = self.dead_lettered.get_or_create(&label);
+        // Nothing delivered yet is nothing late yet.
+        let _ = self.delivery_lag.get_or_create(&label);
     }
 
     /// Audit appends now waiting for the writer.

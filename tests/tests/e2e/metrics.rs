@@ -30,6 +30,25 @@ fn value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
+/// The repository's root (the tests crate is one level down).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every `dongbo_…` metric name in a rules or dashboard file.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("dongbo_") {
+        let tail = &rest[at..];
+        let end =
+            tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
 struct Scrapes {
     hub: String,
     agent: String,
@@ -119,6 +138,20 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     m.wait(true, "dongbo_subscription_dead_lettered_total{subscription=\"bhyt-residence\"}", 1.0).await?;
     m.wait(true, "dongbo_subscription_retried_total{subscription=\"bhyt-residence\"}", 1.0).await?;
 
+    // Every series the alert rules and the Grafana dashboard use exists.
+    let (hub, agent) = (m.hub().await?, m.agent().await?);
+    for file in ["deploy/prometheus/dongbo-alerts.yml", "deploy/grafana/dongbo-fleet.json"] {
+        let text = std::fs::read_to_string(repo_root().join(file))?;
+        for name in metric_names(&text) {
+            let exported =
+                |t: &str| t.lines().any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));
+            assert!(
+                exported(&hub) || exported(&agent),
+                "{file} uses {name}, which neither the hub nor the agent exports"
+            );
+        }
+    }
+
     // Unauthenticated scrapes of the hub are refused.
     assert_eq!(get(&m.hub, None).await?.0, 401);
 
@@ -131,5 +164,19 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = value(&m.hub().await?, &series).unwrap_or_default();
     assert!(later >= first + 1.0, "silence went from {first} to {later}");
+    Ok(())
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_fire_on_synthetic_series() -> anyhow::Result<()> {
+    let dir = repo_root().join("deploy/prometheus");
+    for args in [&["check", "rules", "dongbo-alerts.yml"][..], &["test", "rules", "dongbo-alerts.test.yml"][..]] {
+        let out = std::process::Command::new("promtool").args(args).current_dir(&dir).output().map_err(|e| {
+            anyhow::anyhow!("promtool: {e}; install Debian's prometheus package (./deploy/install-deps.sh)")
+        })?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(out.status.success(), "promtool {}:\n{text}", args.join(" "));
+        anyhow::ensure!(text.contains("SUCCESS"), "promtool {}:\n{text}", args.join(" "));
+    }
     Ok(())
 }
