@@ -15,6 +15,7 @@
 //! - [`kafka`] — spool → Kafka topic (instead of gRPC).
 //! - [`check`] — plain-words diagnosis for provincial IT.
 //! - [`metrics`] — Prometheus metrics, `/healthz` and `/readyz`.
+//! - [`status`] — `dongbo-agent status`.
 
 pub mod capture;
 pub mod check;
@@ -24,6 +25,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod ship;
 pub mod spool;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +113,12 @@ pub async fn run(
     let spool = Arc::new(Spool::open(&config.spool.path, config.spool.max_bytes)?);
     info!(source_id = %config.source_id, spool_batches = spool.batch_count(), spool_bytes = spool.bytes(), "agent starting");
     if config.status.listen != "off" {
-        tokio::spawn(metrics::serve(config.status.listen.clone(), spool.clone(), shutdown.clone()));
+        tokio::spawn(metrics::serve(
+            config.status.listen.clone(),
+            config.source_id.clone(),
+            spool.clone(),
+            shutdown.clone(),
+        ));
     }
     let shipper = match (&config.hub, &config.kafka) {
         (Some(hub), _) => {

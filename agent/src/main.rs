@@ -1,4 +1,5 @@
-//! `dongbo-agent`: `run` captures and ships; `check` says what is wrong in plain words.
+//! `dongbo-agent`: `run` captures and ships; `check` says what is wrong in plain words; `status`
+//! shows the spool, the position and the link.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,15 @@ enum Command {
         /// Tables, as in source.tables.
         #[arg(required = true)]
         tables: Vec<String>,
+    },
+    /// Show the spool, the source position, the last acknowledgement and the link.
+    Status {
+        /// Path to agent.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// JSON instead of a table (stable field names, for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// Check the source database, spool and hub link, and say what is wrong.
     Check {
@@ -86,6 +96,16 @@ async fn main() -> anyhow::Result<()> {
             let config = dongbo_agent::config::AgentConfig::load(&config)?;
             let marked = dongbo_agent::resnapshot(&config, &tables).await?;
             println!("{} will be snapshotted again when the agent starts", marked.join(", "));
+            Ok(())
+        }
+        Command::Status { config, json } => {
+            let config = dongbo_agent::config::AgentConfig::load(&config)?;
+            let status = dongbo_agent::status::read(&config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
             Ok(())
         }
         Command::Check { config } => {

@@ -1,6 +1,7 @@
 //! The agent's Prometheus metrics and its small HTTP listener (`[status]`, on 127.0.0.1:9187 by
-//! default): `/metrics`, `/healthz` (the process answers) and `/readyz` (capture is running and
-//! the spool has room; 503 with the reason otherwise).
+//! default): `/metrics`, `/healthz` (the process answers), `/readyz` (capture is running and
+//! the spool has room; 503 with the reason otherwise) and `/status` (the JSON of
+//! [`crate::status::AgentStatus`], for `dongbo-agent status`).
 //!
 //! The listener is bound to localhost unless configured otherwise and asks for no token: what it
 //! shows is counts and sizes, never a row, a key or a credential. A port already taken is logged
@@ -115,6 +116,32 @@ impl AgentMetrics {
         self.capture_running.get() == 1
     }
 
+    /// Whether the link to the hub is up.
+    pub fn is_linked(&self) -> bool {
+        self.link_up.get() == 1
+    }
+
+    /// Changes spooled since the agent started.
+    pub fn changes_spooled(&self) -> u64 {
+        self.spooled.get()
+    }
+
+    /// Changes acknowledged since the agent started.
+    pub fn changes_acknowledged(&self) -> u64 {
+        self.acknowledged.get()
+    }
+
+    /// When the hub last acknowledged a change (Unix seconds), if it did since the agent started.
+    pub fn last_acknowledged_at(&self) -> Option<f64> {
+        Some(self.last_ack.get()).filter(|t| *t > 0.0)
+    }
+
+    /// Age of the oldest unacknowledged batch in seconds (0 when none).
+    pub fn oldest_unacknowledged_s(&self) -> f64 {
+        let oldest = self.unacknowledged.lock().expect("unacknowledged lock").front().map(|(_, t)| *t);
+        oldest.map_or(0.0, |t| (now_s() - t).max(0.0))
+    }
+
     /// The link to the hub came up (`true`) or went down.
     pub fn link_up(&self, up: bool) {
         self.link_up.set(i64::from(up));
@@ -156,8 +183,7 @@ impl AgentMetrics {
         self.spool_bytes.set(spool.bytes() as i64);
         self.spool_limit.set(spool.max_bytes() as i64);
         self.spool_batches.set(spool.batch_count() as i64);
-        let oldest = self.unacknowledged.lock().expect("unacknowledged lock").front().map(|(_, t)| *t);
-        self.oldest_age.set(oldest.map_or(0.0, |t| (now_s() - t).max(0.0)));
+        self.oldest_age.set(self.oldest_unacknowledged_s());
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -181,7 +207,7 @@ fn not_ready(spool: &Spool) -> Option<String> {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until `shutdown` turns true; a listen
 /// address that cannot be bound is logged and the agent runs on.
-pub async fn serve(listen: String, spool: Arc<Spool>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listen: String, source_id: String, spool: Arc<Spool>, mut shutdown: watch::Receiver<bool>) {
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -190,7 +216,7 @@ pub async fn serve(listen: String, spool: Arc<Spool>, mut shutdown: watch::Recei
         }
     };
     info!(%listen, "metrics and health serving");
-    let (for_metrics, for_ready) = (spool.clone(), spool);
+    let (for_metrics, for_ready, for_status) = (spool.clone(), spool.clone(), spool);
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -200,6 +226,12 @@ pub async fn serve(listen: String, spool: Arc<Spool>, mut shutdown: watch::Recei
                     None => "ready".into_response(),
                     Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
                 }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || async move {
+                axum::Json(crate::status::AgentStatus::of(&source_id, &for_status, true)).into_response()
             }),
         )
         .route(

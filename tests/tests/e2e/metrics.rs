@@ -122,6 +122,14 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     assert_eq!(get(&(health.clone() + "healthz"), None).await?.0, 200);
     assert_eq!(get(&(health.clone() + "readyz"), None).await?, (200, "ready".into()));
 
+    // `dongbo-agent status` asks the running agent.
+    let status = agent_status(&d)?;
+    assert_eq!(status["running"], true, "{status}");
+    assert_eq!(status["link_up"], true, "{status}");
+    assert_eq!(status["snapshot_done"], true, "{status}");
+    assert!(status["changes_spooled"].as_u64().is_some_and(|n| n >= 201), "{status}");
+    assert!(status["source_position"].as_str().is_some_and(|p| p.contains('/')), "an LSN: {status}");
+
     // 100 changes more: the counter moves by exactly 100, the lag is measured from their commits.
     insert_citizens(&src, &mut gen, 100).await?;
     let after = m.wait(true, &applied, before + 100.0).await?;
@@ -164,7 +172,23 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = value(&m.hub().await?, &series).unwrap_or_default();
     assert!(later >= first + 1.0, "silence went from {first} to {later}");
+
+    // Stopped, the agent's status is read from its spool.
+    let status = agent_status(&d)?;
+    assert_eq!(status["running"], false, "{status}");
+    assert_eq!(status["spool_batches"], 0, "everything was acknowledged: {status}");
+    assert!(status["source_position"].as_str().is_some(), "{status}");
     Ok(())
+}
+
+/// `dongbo-agent status --json` on the deployment's agent.toml.
+fn agent_status(d: &Deployment) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-agent")?)
+        .args(["status", "--json", "--config"])
+        .arg(d.dir.join("agent.toml"))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 #[test]
