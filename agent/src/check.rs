@@ -97,7 +97,7 @@ async fn link(config: &AgentConfig, report: &mut CheckReport) {
         }
         let token = hub.resolve_token().unwrap_or_default();
         match ship::open_stream(&config.source_id, hub, &token).await {
-            Ok((applied, _, _)) => report.push(CheckItem {
+            Ok((dongbo_proto::v1::Welcome { applied_seq: applied, .. }, _, _)) => report.push(CheckItem {
                 what: format!("hub {} accepts this agent (applied seq {applied})", hub.url),
                 problem: None,
             }),

@@ -34,12 +34,26 @@ pub struct StatusConfig {
     /// Address to listen on; `127.0.0.1:9187` by default (this host only), `off` for none.
     #[serde(default = "default_status_listen")]
     pub listen: String,
+    /// How often the agent reports its status to the hub's fleet registry, in seconds.
+    #[serde(default = "default_report_interval_s")]
+    pub report_interval_s: u64,
 }
 
 impl Default for StatusConfig {
     fn default() -> Self {
-        Self { listen: default_status_listen() }
+        Self { listen: default_status_listen(), report_interval_s: default_report_interval_s() }
     }
+}
+
+impl StatusConfig {
+    /// The report interval (at least a second).
+    pub fn report_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.report_interval_s.max(1))
+    }
+}
+
+fn default_report_interval_s() -> u64 {
+    30
 }
 
 fn default_status_listen() -> String {

@@ -64,16 +64,18 @@ pub enum KafkaShipError {
     Spool(#[from] SpoolError),
 }
 
-/// Ships the spool to Kafka until `shutdown` turns true.
+/// Ships the spool to Kafka until `shutdown` turns true, putting the agent's status on its topic
+/// every `report_every` (key [`dongbo_proto::KAFKA_STATUS_KEY`]) for the hubs' fleet registry.
 pub async fn run(
     source_id: String,
     link: KafkaLinkConfig,
     spool: Arc<Spool>,
     shutdown: watch::Receiver<bool>,
+    report_every: Duration,
 ) -> Result<(), SpoolError> {
     let progress = Progress::default();
     keep_linked("Kafka", link.max_backoff_ms, &spool, shutdown, &progress, || {
-        session(&source_id, &link, &spool, &progress)
+        session(&source_id, &link, &spool, &progress, report_every)
     })
     .await
 }
@@ -175,8 +177,10 @@ async fn session(
     link: &KafkaLinkConfig,
     spool: &Arc<Spool>,
     progress: &Progress,
+    report_every: Duration,
 ) -> Result<(), KafkaShipError> {
     let topic = link.topic_for(source_id);
+    let mut report_tick = tokio::time::interval(report_every);
     ensure_topic(link, &topic).await?;
     let producer = producer(link)?;
     info!(brokers = %link.brokers, %topic, spool_batches = spool.batch_count(), "producing to Kafka");
@@ -227,6 +231,12 @@ async fn session(
                 if changed.is_err() {
                     return Ok(());
                 }
+            }
+            _ = report_tick.tick() => {
+                // Not waited for: a status lost with a broker hiccup is replaced by the next one.
+                let value = prost::Message::encode_to_vec(&crate::status::report(spool));
+                let record = FutureRecord::to(&topic).key(dongbo_proto::KAFKA_STATUS_KEY).payload(&value);
+                drop(enqueue(&producer, record).await?);
             }
         }
     }

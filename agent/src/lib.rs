@@ -121,13 +121,21 @@ pub async fn run(
         ));
     }
     let shipper = match (&config.hub, &config.kafka) {
-        (Some(hub), _) => {
-            tokio::spawn(ship::run(config.source_id.clone(), hub.clone(), spool.clone(), shutdown.clone()))
-        }
+        (Some(hub), _) => tokio::spawn(ship::run(
+            config.source_id.clone(),
+            hub.clone(),
+            spool.clone(),
+            shutdown.clone(),
+            config.status.report_interval(),
+        )),
         #[cfg(feature = "kafka")]
-        (None, Some(k)) => {
-            tokio::spawn(kafka::run(config.source_id.clone(), k.clone(), spool.clone(), shutdown.clone()))
-        }
+        (None, Some(k)) => tokio::spawn(kafka::run(
+            config.source_id.clone(),
+            k.clone(),
+            spool.clone(),
+            shutdown.clone(),
+            config.status.report_interval(),
+        )),
         // Refused when the config is read; kept for the match.
         #[cfg(not(feature = "kafka"))]
         (None, Some(_)) => return Err(AgentError::NoLink),
@@ -167,6 +175,7 @@ pub async fn run(
                     }
                     let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "capture interrupted; resuming from the spool's position");
+                    metrics::agent().set_last_error(&e.to_string());
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.changed() => {}
@@ -174,6 +183,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     error!(error = %e, "capture stopped");
+                    metrics::agent().set_last_error(&e.to_string());
                     break Err(AgentError::Capture(e));
                 }
             }

@@ -45,6 +45,8 @@ pub struct AgentMetrics {
     last_ack: FloatGauge,
     /// Last seq and spooling time of each unacknowledged batch, oldest first.
     unacknowledged: Mutex<VecDeque<(u64, f64)>>,
+    /// The last capture error since the agent started.
+    last_error: Mutex<String>,
 }
 
 impl AgentMetrics {
@@ -63,6 +65,7 @@ impl AgentMetrics {
             oldest_age: FloatGauge::default(),
             last_ack: FloatGauge::default(),
             unacknowledged: Mutex::new(VecDeque::new()),
+            last_error: Mutex::new(String::new()),
         };
         registry.register(
             "dongbo_build",
@@ -114,6 +117,16 @@ impl AgentMetrics {
     /// Whether capture runs now.
     pub fn is_capturing(&self) -> bool {
         self.capture_running.get() == 1
+    }
+
+    /// Capture stopped on `error` (shown to operators through the hub's fleet registry).
+    pub fn set_last_error(&self, error: &str) {
+        *self.last_error.lock().expect("last error lock") = error.to_string();
+    }
+
+    /// The last capture error since the agent started, empty when none.
+    pub fn last_error(&self) -> String {
+        self.last_error.lock().expect("last error lock").clone()
     }
 
     /// Whether the link to the hub is up.

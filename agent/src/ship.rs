@@ -17,7 +17,7 @@ use backoff::backoff::Backoff;
 use backoff::ExponentialBackoffBuilder;
 use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
 use dongbo_connectors::wire;
-use dongbo_proto::v1::{agent_message, hub_message, ingest_client::IngestClient, AgentMessage, Hello};
+use dongbo_proto::v1::{agent_message, hub_message, ingest_client::IngestClient, AgentMessage, Hello, Welcome};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
@@ -97,12 +97,14 @@ fn split(source_id: &str, changes: Vec<ChangeEvent>, max: usize, out: &mut Vec<S
     split(source_id, second, max, out)
 }
 
-/// Ships the spool to the hub until `shutdown` turns true.
+/// Ships the spool to the hub until `shutdown` turns true, reporting the agent's status every
+/// `report_every` to hubs that take it.
 pub async fn run(
     source_id: String,
     link: HubLinkConfig,
     spool: Arc<Spool>,
     shutdown: watch::Receiver<bool>,
+    report_every: Duration,
 ) -> Result<(), SpoolError> {
     let token = link.resolve_token().unwrap_or_else(|e| {
         warn!(error = %e, "cannot read hub.token_file; connecting without a token");
@@ -113,7 +115,7 @@ pub async fn run(
         [&link.ca_file, &link.cert_file, &link.key_file].into_iter().flatten().cloned().collect();
     let hangups = hangups();
     keep_linked("hub", link.max_backoff_ms, &spool, shutdown, &progress, || {
-        let session = session(&source_id, &link, &token, &spool, &progress);
+        let session = session(&source_id, &link, &token, &spool, &progress, report_every);
         let mut stamps = dongbo_connectors::tls::FileStamps::new(files.clone());
         let mut hangup = hangups.clone();
         hangup.mark_unchanged();
@@ -269,12 +271,12 @@ fn configure(endpoint: Endpoint) -> Endpoint {
         .tcp_nodelay(true)
 }
 
-/// Opens the ingest stream, says Hello and returns the hub's applied seq with the live stream.
+/// Opens the ingest stream, says Hello and returns the hub's Welcome with the live stream.
 pub async fn open_stream(
     source_id: &str,
     link: &HubLinkConfig,
     token: &str,
-) -> Result<(u64, mpsc::Sender<AgentMessage>, tonic::Streaming<dongbo_proto::v1::HubMessage>), ShipError> {
+) -> Result<(Welcome, mpsc::Sender<AgentMessage>, tonic::Streaming<dongbo_proto::v1::HubMessage>), ShipError> {
     let channel = connect_link(link).await?;
     let mut client = IngestClient::new(channel)
         .max_decoding_message_size(MAX_HUB_MESSAGE_BYTES)
@@ -294,7 +296,7 @@ pub async fn open_stream(
     request.metadata_mut().insert("authorization", bearer);
     let mut inbound = client.stream(request).await?.into_inner();
     match inbound.message().await?.and_then(|m| m.kind) {
-        Some(hub_message::Kind::Welcome(w)) => Ok((w.applied_seq, tx, inbound)),
+        Some(hub_message::Kind::Welcome(w)) => Ok((w, tx, inbound)),
         other => Err(ShipError::Protocol(format!("expected Welcome, got {other:?}"))),
     }
 }
@@ -305,8 +307,13 @@ async fn session(
     token: &str,
     spool: &Arc<Spool>,
     progress: &Progress,
+    report_every: Duration,
 ) -> Result<(), ShipError> {
-    let (applied, tx, mut inbound) = open_stream(source_id, link, token).await?;
+    let (welcome, tx, mut inbound) = open_stream(source_id, link, token).await?;
+    let applied = welcome.applied_seq;
+    // Older hubs refuse a message they do not know: they get no status.
+    let reports = welcome.protocol_version >= dongbo_proto::STATUS_PROTOCOL_VERSION;
+    let mut report_tick = tokio::time::interval(report_every);
     spool.ack(applied)?;
     info!(hub = %link.url, applied_seq = applied, spool_batches = spool.batch_count(), "connected to hub");
     crate::metrics::agent().link_up(true);
@@ -361,6 +368,15 @@ async fn session(
             changed = appended.changed(), if !window_full => {
                 if changed.is_err() {
                     return Ok(());
+                }
+            }
+            _ = report_tick.tick(), if reports => {
+                let msg = AgentMessage { kind: Some(agent_message::Kind::Status(crate::status::report(spool))) };
+                if tx.send(msg).await.is_err() {
+                    return Err(match inbound.message().await {
+                        Err(status) => status.into(),
+                        Ok(_) => ShipError::Protocol("hub closed the stream".into()),
+                    });
                 }
             }
         }

@@ -6,6 +6,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use dongbo_proto::v1::AgentStatusReport;
+use dongbo_proto::{STATUS_ERROR_MAX, STATUS_HOST_MAX};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -108,6 +110,36 @@ impl AgentStatus {
             },
         );
         out
+    }
+}
+
+/// This host's name, as the kernel has it (empty if unreadable), at most [`STATUS_HOST_MAX`] bytes.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    truncate(name.trim(), STATUS_HOST_MAX)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// The report the hub's fleet registry keeps of this agent.
+pub fn report(spool: &Spool) -> AgentStatusReport {
+    let m = metrics::agent();
+    AgentStatusReport {
+        host: host_name(),
+        spool_bytes: spool.bytes(),
+        spool_limit_bytes: spool.max_bytes(),
+        spool_batches: spool.batch_count(),
+        capture_running: m.is_capturing(),
+        last_error: truncate(&m.last_error(), STATUS_ERROR_MAX),
+        changes_spooled: m.changes_spooled(),
+        oldest_unacknowledged_s: m.oldest_unacknowledged_s(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
     }
 }
 

@@ -10,6 +10,7 @@
 //! | GET | `/healthz` | liveness (no token) |
 //! | GET | `/readyz` | readiness: the NDC answers (no token); 503 with the reason otherwise |
 //! | GET | `/metrics` | Prometheus metrics ([`crate::metrics`]) |
+//! | GET | `/fleet` | every configured agent and what the registry holds of it ([`crate::fleet`]) |
 //! | GET | `/subscriptions` | list with positions and dead-letter counts |
 //! | POST | `/subscriptions` | add (JSON definition); 400 lists every problem |
 //! | DELETE | `/subscriptions/{id}` | remove one added at run time |
@@ -34,7 +35,7 @@ use serde_json::json;
 use crate::admin_listener::{AdminListener, Peer};
 use crate::audit;
 use crate::auth::{AuthError, Authenticator, Credentials, Role};
-use crate::config::NdcConfig;
+use crate::config::{HubConfig, NdcConfig};
 use crate::fanout::record::rfc3339_micros;
 use crate::fanout::subscription::SubscriptionDef;
 use crate::fanout::{Fanout, FanoutError};
@@ -44,6 +45,7 @@ struct AppState {
     fanout: Arc<Fanout>,
     auth: Arc<Authenticator>,
     ndc: NdcConfig,
+    config: Arc<HubConfig>,
     anchor: audit::Anchor,
     /// The audit calls' NDC connection, made on first use and again after it breaks.
     audit_ndc: Arc<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
@@ -131,6 +133,19 @@ async fn ready(State(s): State<AppState>) -> Response {
         Ok(Ok(())) => "ready".into_response(),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, vec![format!("the NDC does not answer: {e}")]),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, vec!["the NDC did not answer within 5 s".into()]),
+    }
+}
+
+async fn fleet(State(s): State<AppState>, _: Reader) -> Response {
+    let config = s.config.clone();
+    let listed = s
+        .with_audit_ndc(|client| {
+            Box::pin(async move { crate::fleet::list(client, &config).await.map_err(|e| e.to_string()) })
+        })
+        .await;
+    match listed {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, vec![e]),
     }
 }
 
@@ -247,7 +262,7 @@ fn verification_json(v: &audit::Verification) -> serde_json::Value {
 pub async fn serve(
     fanout: Arc<Fanout>,
     auth: Arc<Authenticator>,
-    ndc: NdcConfig,
+    config: Arc<HubConfig>,
     anchor: audit::Anchor,
     listener: AdminListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -256,12 +271,13 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/fleet", get(fleet))
         .route("/subscriptions", get(list).post(add))
         .route("/subscriptions/{id}", axum::routing::delete(remove))
         .route("/subscriptions/{id}/dead-letters", get(dead_letters))
         .route("/subscriptions/{id}/dead-letters/replay", post(replay))
         .route("/audit/citizens/{citizen_id}", get(citizen))
         .route("/audit/verify", get(verify))
-        .with_state(AppState { fanout, auth, ndc, anchor, audit_ndc: Default::default() });
+        .with_state(AppState { fanout, auth, ndc: config.ndc.clone(), config, anchor, audit_ndc: Default::default() });
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
 }

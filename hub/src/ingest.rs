@@ -145,6 +145,7 @@ impl Ingest for IngestService {
 
     async fn stream(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<HubStream>, Status> {
         let acl = self.authenticate(&request)?;
+        let peer = request.remote_addr().map(|a| a.to_string());
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::invalid_argument("no Hello within 10 s")),
@@ -179,9 +180,15 @@ impl Ingest for IngestService {
         let durable = applied.min(logged);
         info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, logged_seq = logged, generation, "agent connected");
         crate::metrics::hub().agent_connected(&acl.id, true);
+        crate::fleet::connected(&acl.id, crate::fleet::Transport::Grpc, Some(&hello.agent_version), peer);
 
         let (out_tx, out_rx) = mpsc::channel::<Result<HubMessage, Status>>(16);
-        let welcome = HubMessage { kind: Some(hub_message::Kind::Welcome(Welcome { applied_seq: durable })) };
+        let welcome = HubMessage {
+            kind: Some(hub_message::Kind::Welcome(Welcome {
+                applied_seq: durable,
+                protocol_version: dongbo_proto::PROTOCOL_VERSION,
+            })),
+        };
         out_tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("agent went away"))?;
 
         let limits = self.config.limits.clone();
@@ -203,6 +210,10 @@ impl Ingest for IngestService {
                 };
                 crate::metrics::hub().contact(&source_id);
                 let msg = match msg {
+                    Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Status(report)) })) => {
+                        crate::fleet::report(&source_id, crate::fleet::Transport::Grpc, report);
+                        continue;
+                    }
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -236,6 +247,7 @@ impl Ingest for IngestService {
         let live = self.live.clone();
         tokio::spawn(async move {
             let _ended = ended;
+            let mut ended_with: Option<String> = None;
             loop {
                 let first = tokio::select! {
                     b = batch_rx.recv() => b,
@@ -266,6 +278,7 @@ impl Ingest for IngestService {
                     }
                     Err(status) => {
                         warn!(source_id = %acl.id, error = %status.message(), "apply failed; the agent will resend from the last durable position");
+                        ended_with = Some(format!("apply failed: {}", status.message()));
                         let _ = out_tx.send(Err(status)).await;
                         break;
                     }
@@ -283,6 +296,7 @@ impl Ingest for IngestService {
             if live.get(&acl.id).is_some_and(|l| l.generation == generation) {
                 live.remove(&acl.id);
                 crate::metrics::hub().agent_connected(&acl.id, false);
+                crate::fleet::disconnected(&acl.id, ended_with.as_deref());
             }
             // `applier` (its NDC connection and slot) and `_ended` go here, in that order.
             drop(applier);
@@ -367,6 +381,8 @@ fn decode(
     let spooled = match msg.kind {
         Some(agent_message::Kind::Batch(b)) => b,
         Some(agent_message::Kind::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice on one stream")),
+        // Taken by the reader before it decodes.
+        Some(agent_message::Kind::Status(_)) => return Err(Status::internal("a status report reached the decoder")),
         None => return Err(Status::invalid_argument("message with no content")),
     };
     // A compressed batch is held to the same limit as a plain message, before it is opened.

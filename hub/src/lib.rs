@@ -27,6 +27,7 @@
 //! - [`auth`] — who a peer is: one identity per connection, for ingest, Subscribe and admin alike.
 //! - [`listener`] — accepting connections within limits.
 //! - [`metrics`] — the Prometheus series the admin API serves.
+//! - [`fleet`] — the fleet registry in the NDC.
 
 pub mod admin;
 pub mod admin_listener;
@@ -36,6 +37,7 @@ pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod fanout;
+pub mod fleet;
 pub(crate) mod grpc_peer;
 pub mod ingest;
 pub mod kafka;
@@ -100,6 +102,12 @@ pub async fn run(
     metrics::hub().know_agents(config.agents.iter().map(|a| a.id.as_str()));
     let addr = listener.local_addr().ok();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let hub_name = format!(
+        "{}:{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
+        addr.map(|a| a.port()).unwrap_or_default()
+    );
+    let fleet_writer = tokio::spawn(fleet::run(config.ndc.clone(), hub_name, stop_rx.clone()));
     let auth = Arc::new(auth::Authenticator::new(&config));
     let (anchor, signing_key) = audit::Anchor::load_or_create(&config)?;
     anchor.checkpoints()?;
@@ -133,12 +141,12 @@ pub async fn run(
         info!(listen = %admin.listen, https, "admin API serving");
         let mut stop = stop_rx.clone();
         let (f, a) = (fanout.clone(), auth.clone());
-        let ndc = config.ndc.clone();
+        let hub_config = Arc::new(config.clone());
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = admin::serve(f, a, ndc, anchor, admin_listener, stopped).await {
+            if let Err(e) = admin::serve(f, a, hub_config, anchor, admin_listener, stopped).await {
                 tracing::warn!(error = %e, "admin API stopped");
             }
         });
@@ -197,6 +205,8 @@ pub async fn run(
         None => router.serve_with_incoming_shutdown(guarded.into_stream(), stopping).await,
     };
     drop(stop_rx);
+    // Its last write: the streams that just ended show as disconnected.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), fleet_writer).await;
     result?;
     info!("hub stopped");
     Ok(())

@@ -32,6 +32,15 @@ enum Command {
         #[command(subcommand)]
         action: SubscriptionAction,
     },
+    /// The fleet: every configured agent, its province, link, silence, spool, changes applied,
+    /// lag and last error (admin API).
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// JSON instead of a table (stable field names, for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// List or replay a webhook subscription's dead letters (admin API).
     DeadLetters {
         #[command(flatten)]
@@ -287,6 +296,17 @@ async fn main() -> anyhow::Result<()> {
             };
             admin_call(&admin, method, &path, body).await
         }
+        Command::Status { admin, json } => {
+            let text = admin_request(&admin, reqwest::Method::GET, "/fleet", None).await?;
+            if json {
+                println!("{}", pretty_json(&text));
+            } else {
+                let fleet: Vec<dongbo_hub::fleet::FleetEntry> =
+                    serde_json::from_str(&text).context("the hub's /fleet answer does not read")?;
+                print!("{}", dongbo_hub::fleet::render(&fleet));
+            }
+            Ok(())
+        }
         Command::DeadLetters { admin, action } => {
             let (method, path) = match action {
                 DeadLetterAction::List { subscription } => {
@@ -369,6 +389,25 @@ async fn admin_call(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> anyhow::Result<()> {
+    println!("{}", pretty_json(&admin_request(admin, method, path, body).await?));
+    Ok(())
+}
+
+/// `text` indented if it is JSON.
+fn pretty_json(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| text.to_string())
+}
+
+/// Calls the admin API; its answer's body, or an error with the hub's problems listed.
+async fn admin_request(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<String> {
     let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
     let mut client = reqwest::Client::builder();
     if let Some(ca) = &admin.ca_file {
@@ -382,15 +421,10 @@ async fn admin_call(
     let resp = req.send().await.with_context(|| format!("cannot reach the admin API at {url}"))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    let pretty = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or(text);
     if status.is_success() {
-        println!("{pretty}");
-        Ok(())
+        Ok(text)
     } else {
-        anyhow::bail!("the hub answered {status}:\n{pretty}")
+        anyhow::bail!("the hub answered {status}:\n{}", pretty_json(&text))
     }
 }
 

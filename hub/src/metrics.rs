@@ -209,6 +209,11 @@ impl HubMetrics {
         self.apply_seconds.observe(took.as_secs_f64());
     }
 
+    /// The apply lag of agent `id`, if this hub applied one of its changes since it started.
+    pub fn apply_lag(&self, id: &str) -> Option<f64> {
+        self.apply_lag.get(&Self::agent(id)).map(|g| g.get())
+    }
+
     /// Subscription `id` delivered `n` records durably, the newest committed at `newest_commit_us`.
     pub fn delivered(&self, id: &str, n: u64, newest_commit_us: Option<i64>) {
         let label = Self::subscription(id);

@@ -14,8 +14,21 @@ pub mod v1 {
 
 /// The protocol version this build speaks; sent in `Hello`. Version 2: a batch's bytes may be a
 /// zstd frame of the encoded `ChangeBatch` (see `SpooledBatch.change_batch`). Version 3: a
-/// change's position may be a poll cycle (`SourcePosition.poll_cycle`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// change's position may be a poll cycle (`SourcePosition.poll_cycle`). Version 4: agents report
+/// their status (`AgentMessage.status`) to hubs whose `Welcome.protocol_version` is 4 or more.
+pub const PROTOCOL_VERSION: u32 = 4;
+
+/// The first protocol version whose hubs take `AgentMessage.status`.
+pub const STATUS_PROTOCOL_VERSION: u32 = 4;
+
+/// The Kafka message key of an agent's status record (an encoded `AgentStatusReport`) on its
+/// topic; a change's key starts with its table's name, which never holds a NUL.
+pub const KAFKA_STATUS_KEY: &[u8] = b"\0status";
+
+/// The longest host name an agent reports, and the longest last error.
+pub const STATUS_HOST_MAX: usize = 255;
+/// See [`STATUS_HOST_MAX`].
+pub const STATUS_ERROR_MAX: usize = 1000;
 
 /// The oldest protocol version a hub of this build still accepts: version 1 agents send plain
 /// batches and version 2 agents no poll positions, which version 3 reads as they are.

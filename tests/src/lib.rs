@@ -188,7 +188,7 @@ impl Deployment {
     pub fn agent_config(&self) -> String {
         let tables: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
         format!(
-            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n{source_tls}\n[spool]\npath = \"{spool}\"\n{extra}\n[status]\nlisten = \"127.0.0.1:{status}\"\n\n{link}",
+            "source_id = \"{id}\"\n\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"province\"\nuser = \"{role}\"\npassword = \"{pw}\"\ntables = [{tables}]\nfeedback_interval_ms = 1000\n{source_tls}\n[spool]\npath = \"{spool}\"\n{extra}\n[status]\nlisten = \"127.0.0.1:{status}\"\nreport_interval_s = 1\n\n{link}",
             id = self.source_id,
             pg = self.pg.port,
             role = pg::ROLE,

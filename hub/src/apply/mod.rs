@@ -128,6 +128,7 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
     .await?;
     txn.batch_execute(events::OUTBOX_DDL).await?;
     txn.batch_execute(crate::audit::AUDIT_DDL).await?;
+    txn.batch_execute(crate::fleet::DDL).await?;
     txn.commit().await?;
     Ok(())
 }

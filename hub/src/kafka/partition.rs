@@ -126,6 +126,19 @@ async fn session(
         let mut last_offset = None;
         for m in run.into_iter().filter(|m| m.offset() >= expect) {
             last_offset = Some(m.offset());
+            if m.key() == Some(dongbo_proto::KAFKA_STATUS_KEY) {
+                // The agent's status for the fleet registry: kept, never applied.
+                match m.payload().map(<dongbo_proto::v1::AgentStatusReport as prost::Message>::decode) {
+                    Some(Ok(report)) => crate::fleet::report(&acl.id, crate::fleet::Transport::Kafka, report),
+                    _ => mark.rejected.push(RejectedMessage {
+                        offset: m.offset(),
+                        reason: "a status record that is not an AgentStatusReport".into(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                    }),
+                }
+                continue;
+            }
             match decode(&acl.id, &m, max_bytes) {
                 Ok(mut batch) => {
                     let whole = batch.changes.len();
@@ -150,6 +163,8 @@ async fn session(
         let Some(last_offset) = last_offset else { continue };
         mark.next_offset = last_offset + 1;
         apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark)).await?;
+        crate::fleet::contact(&acl.id, crate::fleet::Transport::Kafka);
+        crate::metrics::hub().contact(&acl.id);
         backoff.reset();
         expect = mark.next_offset;
         let mut tpl = TopicPartitionList::new();

@@ -81,6 +81,28 @@ async fn through_kafka_the_ndc_equals_the_source_and_bad_messages_are_quarantine
         .await?
         .get(0);
     assert!(next as u64 >= changes + 2, "next offset {next} for {changes} changes and 2 bad messages");
+
+    // The agent reaches the hubs only through Kafka, yet the fleet registry shows it: its status
+    // records on the topic (every second here) are kept, not applied.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = ndc
+            .query_opt(
+                "SELECT transport, host, spool_limit_bytes, capture_running, last_contact > now() - interval '30 s'                  FROM dongbo.fleet WHERE source_id = $1 AND reported_at IS NOT NULL",
+                &[&d.source_id],
+            )
+            .await?;
+        if let Some(r) = row {
+            assert_eq!(r.get::<_, String>(0), "kafka");
+            assert!(r.get::<_, Option<String>>(1).is_some_and(|h| !h.is_empty()), "the agent's host");
+            assert!(r.get::<_, Option<i64>>(2).is_some_and(|b| b > 0), "the agent's spool limit");
+            assert_eq!(r.get::<_, Option<bool>>(3), Some(true), "capture running");
+            assert!(r.get::<_, bool>(4), "heard from lately");
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the Kafka agent never appeared in dongbo.fleet");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     Ok(())
 }
 

@@ -178,7 +178,58 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     assert_eq!(status["running"], false, "{status}");
     assert_eq!(status["spool_batches"], 0, "everything was acknowledged: {status}");
     assert!(status["source_position"].as_str().is_some(), "{status}");
+
+    // The fleet registry is in the NDC: a restarted hub still shows the agent as it last was.
+    let fleet = hub_status(admin_port, &id, |e| e["connected"] == false && e["silence_s"].as_f64().is_some()).await?;
+    let applied_before_restart = fleet["changes_applied"].clone();
+    d.hub.as_mut().expect("hub").stop();
+    d.start_hub().await?;
+    let fleet = hub_status(admin_port, &id, |e| e["connected"] == false).await?;
+    assert_eq!(fleet["province"], "79", "{fleet}");
+    assert_eq!(fleet["transport"], "grpc", "{fleet}");
+    assert!(fleet["host"].as_str().is_some_and(|h| !h.is_empty()), "the agent's host, from its report: {fleet}");
+    assert!(fleet["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{fleet}");
+    assert_eq!(fleet["spool_limit_bytes"], status["spool_limit_bytes"], "{fleet}");
+    assert_eq!(fleet["changes_applied"], applied_before_restart, "{fleet}");
+    assert!(fleet["changes_applied"].as_i64().is_some_and(|n| n >= 301), "{fleet}");
+    assert!(fleet["last_contact"].as_str().is_some(), "{fleet}");
+    assert_eq!(fleet["health"], "green", "silent for seconds only: {fleet}");
+    // The table an operator reads.
+    let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-hub")?)
+        .args(["status", "--admin", &format!("http://127.0.0.1:{admin_port}")])
+        .env("DONGBO_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let row = table.lines().find(|l| l.starts_with(&id)).unwrap_or_default();
+    assert!(row.contains(" 79 ") && row.contains("down") && row.contains("grpc"), "{table}");
     Ok(())
+}
+
+/// The agent's entry in `dongbo-hub status --json`, once `ready` holds for it.
+async fn hub_status(
+    admin_port: u16,
+    id: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-hub")?)
+            .args(["status", "--json", "--admin", &format!("http://127.0.0.1:{admin_port}")])
+            .env("DONGBO_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()?;
+        let fleet: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let entry = fleet.as_array().and_then(|a| a.iter().find(|e| e["source_id"] == id)).cloned();
+        if let Some(e) = entry.filter(|e| ready(e)) {
+            return Ok(e);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "dongbo-hub status never showed {id} as expected: {fleet}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// `dongbo-agent status --json` on the deployment's agent.toml.
