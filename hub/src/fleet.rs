@@ -79,11 +79,53 @@ struct Heard {
     reported_at_us: Option<i64>,
 }
 
-/// The registry's in-memory side: what changed since the last write.
+/// The registry's in-memory side: what changed since the last write, and recent samples.
 #[derive(Default)]
 struct Registry {
     heard: HashMap<String, Heard>,
     dirty: HashSet<String>,
+    samples: HashMap<String, std::collections::VecDeque<Sample>>,
+}
+
+/// One agent's counters at one moment, for the dashboard's recent throughput and lag.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// When (Unix seconds).
+    pub at_s: f64,
+    /// Changes applied since the hub started.
+    pub applied: u64,
+    /// Apply lag then.
+    pub lag_s: Option<f64>,
+}
+
+/// Samples kept per agent: ten minutes at one per [`FLUSH_EVERY`].
+const SAMPLES: usize = 300;
+
+/// Takes a sample of every known agent.
+fn sample() {
+    let m = crate::metrics::hub();
+    let at_s = now_us() as f64 / 1e6;
+    let taken: Vec<(String, Sample)> = m
+        .agent_ids()
+        .into_iter()
+        .map(|id| {
+            let s = Sample { at_s, applied: m.applied_total(&id), lag_s: m.apply_lag(&id) };
+            (id, s)
+        })
+        .collect();
+    let mut r = registry().lock().expect("fleet lock");
+    for (id, s) in taken {
+        let q = r.samples.entry(id).or_default();
+        if q.len() >= SAMPLES {
+            q.pop_front();
+        }
+        q.push_back(s);
+    }
+}
+
+/// Agent `id`'s recent samples, oldest first.
+pub fn samples(id: &str) -> Vec<Sample> {
+    registry().lock().expect("fleet lock").samples.get(id).map(|q| q.iter().copied().collect()).unwrap_or_default()
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -249,6 +291,7 @@ pub async fn run(ndc: NdcConfig, hub: String, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(FLUSH_EVERY) => false,
             _ = stop.wait_for(|s| *s) => true,
         };
+        sample();
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = crate::apply::connect(&ndc).await.ok();
         }
@@ -304,14 +347,10 @@ pub struct FleetEntry {
     /// From the source commit of its newest change applied to its NDC commit, in seconds, if this
     /// hub applied one since it started.
     pub lag_s: Option<f64>,
-    /// `green`, `amber` or `red`: silence and lag against the thresholds operators alert on.
+    /// `green` (up), `amber` (up, lag over 5 min) or `red` (down, or never heard from).
     pub health: String,
 }
 
-/// Silence or lag past this is amber; see the alert rules.
-const AMBER_S: f64 = 900.0;
-/// Silence past this is red.
-const RED_S: f64 = 3600.0;
 /// A Kafka agent silent longer than this (three default status intervals) shows as down.
 const KAFKA_LIVE_S: f64 = 90.0;
 /// Lag past this is amber.
@@ -353,12 +392,14 @@ pub async fn list(client: &Client, config: &HubConfig) -> Result<Vec<FleetEntry>
             _ => row.as_ref().is_some_and(|r| r.get::<_, bool>(5)),
         };
         let lag_s = crate::metrics::hub().apply_lag(&a.id);
-        let health = match (connected, silence_s) {
-            (_, None) => "red",
-            (false, Some(s)) if s > RED_S => "red",
-            (false, Some(s)) if s > AMBER_S => "amber",
-            _ if lag_s.is_some_and(|l| l > LAG_AMBER_S) => "amber",
-            _ => "green",
+        // Down is red at once: an operator on night duty wants to see a stopped agent, not wait
+        // for the alert's 15 minutes. Up but late is amber.
+        let health = if !connected {
+            "red"
+        } else if lag_s.is_some_and(|l| l > LAG_AMBER_S) {
+            "amber"
+        } else {
+            "green"
         };
         out.push(FleetEntry {
             source_id: a.id.clone(),

@@ -23,7 +23,7 @@
 //! - [`apply`] — planning and applying changes in the NDC, quarantine.
 //! - [`fanout`] — subscriptions, events, the log and delivery.
 //! - [`audit`] — the delivery audit log.
-//! - [`admin`] — the operators' HTTP API.
+//! - [`admin`] — the operators' HTTP API and the dashboard's pages ([`dashboard`] renders them).
 //! - [`auth`] — who a peer is: one identity per connection, for ingest, Subscribe and admin alike.
 //! - [`listener`] — accepting connections within limits.
 //! - [`metrics`] — the Prometheus series the admin API serves.
@@ -36,6 +36,7 @@ pub mod audit;
 pub mod auth;
 pub mod certs;
 pub mod config;
+pub mod dashboard;
 pub mod fanout;
 pub mod fleet;
 pub(crate) mod grpc_peer;

@@ -209,6 +209,21 @@ impl HubMetrics {
         self.apply_seconds.observe(took.as_secs_f64());
     }
 
+    /// The delivery lag of subscription `id`, if it delivered since the hub started.
+    pub fn delivery_lag(&self, id: &str) -> Option<f64> {
+        self.delivery_lag.get(&Self::subscription(id)).map(|g| g.get())
+    }
+
+    /// Changes of agent `id` applied since the hub started.
+    pub fn applied_total(&self, id: &str) -> u64 {
+        self.applied.get(&Self::agent(id)).map_or(0, |c| c.get())
+    }
+
+    /// The ids of the agents the hub knows.
+    pub fn agent_ids(&self) -> Vec<String> {
+        self.contacts.lock().expect("contacts lock").keys().cloned().collect()
+    }
+
     /// The apply lag of agent `id`, if this hub applied one of its changes since it started.
     pub fn apply_lag(&self, id: &str) -> Option<f64> {
         self.apply_lag.get(&Self::agent(id)).map(|g| g.get())

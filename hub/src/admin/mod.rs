@@ -11,6 +11,7 @@
 //! | GET | `/readyz` | readiness: the NDC answers (no token); 503 with the reason otherwise |
 //! | GET | `/metrics` | Prometheus metrics ([`crate::metrics`]) |
 //! | GET | `/fleet` | every configured agent and what the registry holds of it ([`crate::fleet`]) |
+//! | GET | `/ui`, `/ui/…` | the dashboard ([`ui`]; a session cookie from `/ui/login`, not a bearer token) |
 //! | GET | `/subscriptions` | list with positions and dead-letter counts |
 //! | POST | `/subscriptions` | add (JSON definition); 400 lists every problem |
 //! | DELETE | `/subscriptions/{id}` | remove one added at run time |
@@ -32,6 +33,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+mod ui;
+
 use crate::admin_listener::{AdminListener, Peer};
 use crate::audit;
 use crate::auth::{AuthError, Authenticator, Credentials, Role};
@@ -47,6 +50,8 @@ struct AppState {
     ndc: NdcConfig,
     config: Arc<HubConfig>,
     anchor: audit::Anchor,
+    /// The dashboard's logged-in sessions.
+    sessions: Arc<crate::dashboard::Sessions>,
     /// The audit calls' NDC connection, made on first use and again after it breaks.
     audit_ndc: Arc<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
 }
@@ -272,12 +277,28 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/fleet", get(fleet))
+        .route("/ui", get(ui::fleet))
+        .route("/ui/login", get(ui::login_page).post(ui::login))
+        .route("/ui/logout", post(ui::logout))
+        .route("/ui/agents/{id}", get(ui::agent))
+        .route("/ui/subscriptions", get(ui::subscriptions))
+        .route("/ui/subscriptions/{id}/replay", post(ui::replay))
+        .route("/ui/quarantine", get(ui::quarantine))
+        .route("/ui/audit", get(ui::audit))
         .route("/subscriptions", get(list).post(add))
         .route("/subscriptions/{id}", axum::routing::delete(remove))
         .route("/subscriptions/{id}/dead-letters", get(dead_letters))
         .route("/subscriptions/{id}/dead-letters/replay", post(replay))
         .route("/audit/citizens/{citizen_id}", get(citizen))
         .route("/audit/verify", get(verify))
-        .with_state(AppState { fanout, auth, ndc: config.ndc.clone(), config, anchor, audit_ndc: Default::default() });
+        .with_state(AppState {
+            fanout,
+            auth,
+            ndc: config.ndc.clone(),
+            config,
+            anchor,
+            sessions: Default::default(),
+            audit_ndc: Default::default(),
+        });
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
 }
