@@ -239,7 +239,15 @@ pub fn agent(operator: &str, e: &FleetEntry, samples: &[crate::fleet::Sample]) -
     row("changes quarantined", e.changes_quarantined.to_string());
     row("last applied", esc(e.last_applied.as_deref().unwrap_or("-")));
     row("lag, commit → NDC", e.lag_s.map_or("-".into(), |l| format!("{l:.2} s")));
-    row("spool", format!("{} of {} ({} batches)", bytes(e.spool_bytes), bytes(e.spool_limit_bytes), e.spool_batches.unwrap_or(0)));
+    row(
+        "spool",
+        format!(
+            "{} of {} ({} batches)",
+            bytes(e.spool_bytes),
+            bytes(e.spool_limit_bytes),
+            e.spool_batches.unwrap_or(0)
+        ),
+    );
     row("capture running", e.capture_running.map_or("-".into(), |c| if c { "yes" } else { "no" }.into()));
     row("last error", esc(e.last_error.as_deref().unwrap_or("")));
     body.push_str("</table>");
@@ -314,16 +322,19 @@ pub fn subscriptions(operator: &str, can_replay: bool, rows: &[SubscriptionRow],
 }
 
 /// Quarantined changes and messages, counted by agent, table and reason.
-pub fn quarantine(operator: &str, changes: &[(String, String, String, i64)], messages: &[(String, String, i64)]) -> String {
+pub fn quarantine(
+    operator: &str,
+    changes: &[(String, String, String, i64)],
+    messages: &[(String, String, i64)],
+) -> String {
     let mut body = String::from(
         "<h2>Changes</h2><table id=\"quarantine\"><tr><th>Agent</th><th>Table</th><th>Reason</th><th>Count</th></tr>",
     );
     for (agent, table, reason, n) in changes {
-        let _ = write!(body, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{n}</td></tr>", esc(agent), esc(table), esc(reason));
+        let _ =
+            write!(body, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{n}</td></tr>", esc(agent), esc(table), esc(reason));
     }
-    body.push_str(
-        "</table><h2>Kafka messages</h2><table><tr><th>Stream</th><th>Reason</th><th>Count</th></tr>",
-    );
+    body.push_str("</table><h2>Kafka messages</h2><table><tr><th>Stream</th><th>Reason</th><th>Count</th></tr>");
     for (stream, reason, n) in messages {
         let _ = write!(body, "<tr><td>{}</td><td>{}</td><td>{n}</td></tr>", esc(stream), esc(reason));
     }
@@ -342,11 +353,15 @@ pub fn audit(operator: &str, verification: &serde_json::Value, citizen: Option<(
         esc(&verification["anchored_upto"].to_string()),
     );
     if let Some(broken) = verification["first_broken"].as_object() {
-        let _ = write!(body, "<p class=\"err\">first broken entry: {}</p>", esc(&serde_json::Value::Object(broken.clone()).to_string()));
+        let _ = write!(
+            body,
+            "<p class=\"err\">first broken entry: {}</p>",
+            esc(&serde_json::Value::Object(broken.clone()).to_string())
+        );
     }
     body.push_str(
         "<form method=\"get\" action=\"/ui/audit\"><label>Citizen id <input name=\"citizen\" id=\"citizen\"></label> \
-         <button>Who received this citizen's data</button></form>",
+         <button id=\"lookup\">Who received this citizen's data</button></form>",
     );
     if let Some((id, deliveries)) = citizen {
         let _ = write!(body, "<h2>Deliveries of citizen {}</h2><table><tr><th>When</th><th>Subscriber</th><th>Purpose</th><th>Fields</th></tr>", esc(id));

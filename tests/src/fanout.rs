@@ -238,3 +238,27 @@ pub async fn admin(
     let text = resp.text().await?;
     Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))))
 }
+
+/// A webhook receiver answering 500 (until its `failing` is cleared) and the admin port of a hub
+/// serving one subscription to it.
+pub struct FailingWebhook {
+    /// The receiver.
+    pub receiver: Receiver,
+    /// The hub's admin API port.
+    pub admin_port: u16,
+}
+
+/// Starts `d`'s hub, with the admin API and subscription `bhyt-residence` (two attempts per record)
+/// to a failing receiver, and its agent; returns once the NDC holds the source's citizens.
+pub async fn start_with_failing_webhook(d: &mut crate::Deployment) -> anyhow::Result<FailingWebhook> {
+    let receiver = Receiver::default();
+    receiver.failing.store(true, Ordering::SeqCst);
+    let url = receiver.start().await?;
+    let admin_port = crate::pg::free_port();
+    d.fanout_toml =
+        declarations(admin_port) + &webhook_subscription("bhyt-residence", &url, &["citizen_id", "current.address"], 2);
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    Ok(FailingWebhook { receiver, admin_port })
+}

@@ -2,6 +2,7 @@
 //! `dongbo-agent` processes, and row-by-row comparison of source and NDC.
 
 pub mod backlog;
+pub mod browser;
 pub mod citizens;
 pub mod fanout;
 pub mod hostile;

@@ -42,7 +42,10 @@ fn html(status: StatusCode, body: String) -> Response {
 }
 
 fn failed(e: impl std::fmt::Display) -> Response {
-    html(StatusCode::INTERNAL_SERVER_ERROR, dashboard::page("Error", None, &format!("<p class=\"err\">{}</p>", dashboard::esc(&e.to_string()))))
+    html(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        dashboard::page("Error", None, &format!("<p class=\"err\">{}</p>", dashboard::esc(&e.to_string()))),
+    )
 }
 
 pub(super) async fn login_page() -> Response {
@@ -154,11 +157,25 @@ pub(super) async fn replay(
     Path(id): Path<String>,
 ) -> Response {
     if op.role < Role::Admin {
-        return html(StatusCode::FORBIDDEN, dashboard::page("Not allowed", Some(&op.id), "<p class=\"err\">Replaying dead letters needs role admin.</p>"));
+        return html(
+            StatusCode::FORBIDDEN,
+            dashboard::page(
+                "Not allowed",
+                Some(&op.id),
+                "<p class=\"err\">Replaying dead letters needs role admin.</p>",
+            ),
+        );
     }
     if !same_origin(&headers) {
         tracing::warn!(operator = %op.id, "dashboard replay refused: the form came from another site");
-        return html(StatusCode::FORBIDDEN, dashboard::page("Not allowed", Some(&op.id), "<p class=\"err\">This form did not come from the dashboard.</p>"));
+        return html(
+            StatusCode::FORBIDDEN,
+            dashboard::page(
+                "Not allowed",
+                Some(&op.id),
+                "<p class=\"err\">This form did not come from the dashboard.</p>",
+            ),
+        );
     }
     let note = match s.fanout.replay(&id).await {
         Ok((delivered, kept)) => {
@@ -222,8 +239,9 @@ pub(super) async fn audit(State(s): State<AppState>, op: UiOperator, Query(q): Q
             Box::pin(async move {
                 match &asked {
                     Some(c) => {
-                        let (v, rows) =
-                            crate::audit::citizen_deliveries(client, c, &checkpoints).await.map_err(|e| e.to_string())?;
+                        let (v, rows) = crate::audit::citizen_deliveries(client, c, &checkpoints)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         Ok((v, Some(rows)))
                     }
                     None => Ok((crate::audit::verify(client, &checkpoints).await.map_err(|e| e.to_string())?, None)),

@@ -7,6 +7,7 @@ mod audit_tamper;
 mod bad_input;
 mod cert_rotation;
 mod crash_recovery;
+mod dashboard;
 mod fanout;
 mod hostile_agent;
 mod hub_limits;

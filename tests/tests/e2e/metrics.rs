@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
-use dongbo_tests::fanout::{declarations, webhook_subscription, Receiver, ADMIN_TOKEN};
-use dongbo_tests::{pg, Deployment};
+use dongbo_tests::fanout::{start_with_failing_webhook, ADMIN_TOKEN};
+use dongbo_tests::Deployment;
 
 /// GETs `url` (with the operator token if given): status and body.
 async fn get(url: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
@@ -89,15 +89,7 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     let src = d.source().await?;
     let mut gen = CitizenGen::new(21);
     let ids = insert_citizens(&src, &mut gen, 200).await?;
-    let receiver = Receiver::default();
-    receiver.failing.store(true, std::sync::atomic::Ordering::SeqCst);
-    let url = receiver.start().await?;
-    let admin_port = pg::free_port();
-    d.fanout_toml =
-        declarations(admin_port) + &webhook_subscription("bhyt-residence", &url, &["citizen_id", "current.address"], 2);
-    d.start_hub().await?;
-    d.start_agent()?;
-    d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
+    let admin_port = start_with_failing_webhook(&mut d).await?.admin_port;
     let m = Scrapes {
         hub: format!("http://127.0.0.1:{admin_port}/metrics"),
         agent: format!("http://127.0.0.1:{}/metrics", d.status_port),

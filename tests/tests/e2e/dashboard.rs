@@ -1,0 +1,103 @@
+//! The dashboard in a real headless Chromium (WebDriver): login, the fleet with its agent green,
+//! the agent red once stopped, a dead letter replayed from the page, the audit page; screenshots
+//! are saved in `target/screenshots/`.
+
+use std::time::{Duration, Instant};
+
+use dongbo_tests::browser::Browser;
+use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
+use dongbo_tests::fanout::{start_with_failing_webhook, wait_dead_letters, ADMIN_TOKEN};
+use dongbo_tests::Deployment;
+
+/// Where the screenshots go, kept after the test for a person to look at.
+fn screenshots() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Reloads `url` until the attribute `name` of `css` is `want`.
+async fn wait_attribute(b: &Browser, url: &str, css: &str, name: &str, want: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        b.goto(url).await?;
+        let got = b.attribute(css, name).await.ok().flatten();
+        if got.as_deref() == Some(want) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{css} {name} is {got:?}, not {want}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_chromium_shows_the_fleet_a_stopped_agent_red_and_replays_a_dead_letter() -> anyhow::Result<()>
+{
+    let mut d = Deployment::new("dashboard", CITIZENS_DDL, &["public.citizens"]).await?;
+    let src = d.source().await?;
+    let ids = insert_citizens(&src, &mut CitizenGen::new(31), 50).await?;
+    let hook = start_with_failing_webhook(&mut d).await?;
+    let (receiver, admin_port) = (hook.receiver, hook.admin_port);
+    src.execute(
+        "UPDATE citizens SET commune_code = '26734', address = 'Số 9 đường Lê Lợi' WHERE citizen_id = $1",
+        &[&ids[0]],
+    )
+    .await?;
+    let letters = wait_dead_letters(admin_port, "bhyt-residence", 1, Duration::from_secs(30)).await?;
+    anyhow::ensure!(letters.len() == 1, "{letters:?}");
+
+    let ui = format!("http://127.0.0.1:{admin_port}/ui");
+    let b = Browser::start().await?;
+    // Without a session the dashboard sends the browser to its login page; a wrong token is refused.
+    b.goto(&ui).await?;
+    anyhow::ensure!(b.url().await?.ends_with("/ui/login"), "not sent to the login page: {}", b.url().await?);
+    b.type_into("#token", "not-a-token").await?;
+    b.click("#login").await?;
+    let problem = b.text("#problem").await?;
+    anyhow::ensure!(!problem.is_empty(), "a wrong token gives no reason");
+    b.type_into("#token", ADMIN_TOKEN).await?;
+    b.click("#login").await?;
+    anyhow::ensure!(b.url().await?.ends_with("/ui"), "the login did not land on the fleet: {}", b.url().await?);
+
+    // The running agent, green, under its province.
+    let row = format!("#agent-{}", d.source_id);
+    wait_attribute(&b, &ui, &format!("{row} .health"), "data-health", "green").await?;
+    let text = b.text(&row).await?;
+    anyhow::ensure!(text.contains("up") && text.contains("grpc"), "{text}");
+    anyhow::ensure!(b.text("h2.province").await?.contains("79"), "the province heading");
+    let shots = screenshots()?;
+    b.screenshot(&shots.join("dashboard-fleet-green.png")).await?;
+    b.goto(&format!("{ui}/agents/{}", d.source_id)).await?;
+    let detail = b.text("main").await?;
+    anyhow::ensure!(detail.contains("changes applied") && detail.contains("Recent throughput"), "{detail}");
+
+    // Stopped, the agent turns red.
+    d.agent.as_mut().expect("agent").stop();
+    wait_attribute(&b, &ui, &format!("{row} .health"), "data-health", "red").await?;
+    anyhow::ensure!(b.text(&row).await?.contains("down"));
+    b.screenshot(&shots.join("dashboard-fleet-red.png")).await?;
+
+    // The dead letter, replayed from the page once the receiver is back.
+    b.goto(&format!("{ui}/subscriptions")).await?;
+    anyhow::ensure!(b.text("#sub-bhyt-residence .dead-letters").await? == "1");
+    receiver.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    b.click("#replay-bhyt-residence").await?;
+    let note = b.text("#note").await?;
+    anyhow::ensure!(note.contains("1 delivered, 0 still queued"), "{note}");
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await?;
+    anyhow::ensure!(got[0].body["current"]["address"] == "Số 9 đường Lê Lợi", "{:?}", got[0].body);
+    anyhow::ensure!(b.text("#sub-bhyt-residence .dead-letters").await? == "0");
+    b.screenshot(&shots.join("dashboard-replayed.png")).await?;
+
+    // The audit page: the chain verifies, and the citizen's deliveries are listed.
+    b.goto(&format!("{ui}/audit")).await?;
+    anyhow::ensure!(b.text("#verify").await?.contains("chain intact"));
+    b.type_into("#citizen", &ids[0]).await?;
+    b.click("#lookup").await?;
+    let audit = b.text("main").await?;
+    anyhow::ensure!(audit.contains("bhyt") && audit.contains("health-insurance"), "{audit}");
+    b.goto(&format!("{ui}/quarantine")).await?;
+    b.find("#quarantine").await?;
+    b.close().await;
+    Ok(())
+}
