@@ -72,6 +72,33 @@ impl Browser {
         Ok(self.call(reqwest::Method::GET, "/url", None).await?.as_str().unwrap_or_default().to_string())
     }
 
+    /// Waits (up to 15 s) until the page's URL ends with `suffix`: a click that navigates returns
+    /// before the next page has loaded.
+    pub async fn wait_url(&self, suffix: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let url = self.url().await?;
+            if url.ends_with(suffix) {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the page is {url}, not …{suffix}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The text of the element `css` once it exists (up to 15 s) and `ok` holds for it.
+    pub async fn wait_text(&self, css: &str, ok: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = self.text(css).await.unwrap_or_default();
+            if ok(&text) {
+                return Ok(text);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{css} reads {text:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The element matching the CSS selector `css`.
     pub async fn find(&self, css: &str) -> anyhow::Result<String> {
         let found = self

@@ -549,6 +549,22 @@ pub fn cursor_from(b: &[u8]) -> Option<Cursor> {
 mod tests {
     use std::sync::Arc as StdArc;
 
+    /// Opens the sled database at `dir` again. sled lets go of its file lock only once its
+    /// flusher thread has seen the last handle dropped, a moment after `drop`: on a loaded machine
+    /// the first attempt can find it still held.
+    fn reopen(dir: &std::path::Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("cannot reopen {}: {e}", dir.display()),
+            }
+        }
+    }
+
     use dongbo_connectors::model::{Column, Lsn, Operation, Position, TableId, TableSchema, Value};
     use serde_json::Map;
 
@@ -689,7 +705,7 @@ mod tests {
         assert_eq!(seqs(&after_prune), vec!["c4", "c5", "e5"], "a cursor behind retention starts at the oldest kept");
         drop(log);
         // Offsets keep counting after a reopen.
-        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap(), &dir.join("segments")).unwrap();
+        let log = FanoutLog::open(reopen(&dir), &dir.join("segments")).unwrap();
         assert_eq!(*log.end().borrow(), 3);
         assert_eq!(log.logged_seq("s").unwrap(), Some(5));
 

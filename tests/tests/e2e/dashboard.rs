@@ -50,14 +50,13 @@ async fn the_dashboard_in_chromium_shows_the_fleet_a_stopped_agent_red_and_repla
     let b = Browser::start().await?;
     // Without a session the dashboard sends the browser to its login page; a wrong token is refused.
     b.goto(&ui).await?;
-    anyhow::ensure!(b.url().await?.ends_with("/ui/login"), "not sent to the login page: {}", b.url().await?);
+    b.wait_url("/ui/login").await?;
     b.type_into("#token", "not-a-token").await?;
     b.click("#login").await?;
-    let problem = b.text("#problem").await?;
-    anyhow::ensure!(!problem.is_empty(), "a wrong token gives no reason");
+    b.wait_text("#problem", |p| !p.is_empty()).await?;
     b.type_into("#token", ADMIN_TOKEN).await?;
     b.click("#login").await?;
-    anyhow::ensure!(b.url().await?.ends_with("/ui"), "the login did not land on the fleet: {}", b.url().await?);
+    b.wait_url("/ui").await?;
 
     // The running agent, green, under its province.
     let row = format!("#agent-{}", d.source_id);
@@ -82,8 +81,7 @@ async fn the_dashboard_in_chromium_shows_the_fleet_a_stopped_agent_red_and_repla
     anyhow::ensure!(b.text("#sub-bhyt-residence .dead-letters").await? == "1");
     receiver.failing.store(false, std::sync::atomic::Ordering::SeqCst);
     b.click("#replay-bhyt-residence").await?;
-    let note = b.text("#note").await?;
-    anyhow::ensure!(note.contains("1 delivered, 0 still queued"), "{note}");
+    b.wait_text("#note", |n| n.contains("1 delivered, 0 still queued")).await?;
     let got = receiver.wait_for(1, Duration::from_secs(10)).await?;
     anyhow::ensure!(got[0].body["current"]["address"] == "Số 9 đường Lê Lợi", "{:?}", got[0].body);
     anyhow::ensure!(b.text("#sub-bhyt-residence .dead-letters").await? == "0");
@@ -94,8 +92,10 @@ async fn the_dashboard_in_chromium_shows_the_fleet_a_stopped_agent_red_and_repla
     anyhow::ensure!(b.text("#verify").await?.contains("chain intact"));
     b.type_into("#citizen", &ids[0]).await?;
     b.click("#lookup").await?;
-    let audit = b.text("main").await?;
-    anyhow::ensure!(audit.contains("bhyt") && audit.contains("health-insurance"), "{audit}");
+    b.wait_text("main", |a| {
+        a.contains("Deliveries of citizen") && a.contains("bhyt") && a.contains("health-insurance")
+    })
+    .await?;
     b.goto(&format!("{ui}/quarantine")).await?;
     b.find("#quarantine").await?;
     b.close().await;
