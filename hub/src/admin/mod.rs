@@ -57,6 +57,15 @@ struct AppState {
 }
 
 impl AppState {
+    /// The fleet as the registry holds it, on the audit connection.
+    async fn fleet(&self) -> Result<Vec<crate::fleet::FleetEntry>, String> {
+        let config = self.config.clone();
+        self.with_audit_ndc(|client| {
+            Box::pin(async move { crate::fleet::list(client, &config).await.map_err(|e| e.to_string()) })
+        })
+        .await
+    }
+
     /// Runs `query` on the audit connection, waiting for the call before it to finish.
     async fn with_audit_ndc<T, F>(&self, query: F) -> Result<T, String>
     where
@@ -142,13 +151,7 @@ async fn ready(State(s): State<AppState>) -> Response {
 }
 
 async fn fleet(State(s): State<AppState>, _: Reader) -> Response {
-    let config = s.config.clone();
-    let listed = s
-        .with_audit_ndc(|client| {
-            Box::pin(async move { crate::fleet::list(client, &config).await.map_err(|e| e.to_string()) })
-        })
-        .await;
-    match listed {
+    match s.fleet().await {
         Ok(l) => Json(l).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, vec![e]),
     }

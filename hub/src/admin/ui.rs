@@ -95,23 +95,15 @@ pub(super) async fn logout(State(s): State<AppState>, headers: HeaderMap) -> Res
     ([(header::SET_COOKIE, cookie)], Redirect::to("/ui/login")).into_response()
 }
 
-async fn fleet_entries(s: &AppState) -> Result<Vec<crate::fleet::FleetEntry>, String> {
-    let config = s.config.clone();
-    s.with_audit_ndc(|client| {
-        Box::pin(async move { crate::fleet::list(client, &config).await.map_err(|e| e.to_string()) })
-    })
-    .await
-}
-
 pub(super) async fn fleet(State(s): State<AppState>, op: UiOperator) -> Response {
-    match fleet_entries(&s).await {
+    match s.fleet().await {
         Ok(entries) => html(StatusCode::OK, dashboard::fleet(&op.id, &entries)),
         Err(e) => failed(e),
     }
 }
 
 pub(super) async fn agent(State(s): State<AppState>, op: UiOperator, Path(id): Path<String>) -> Response {
-    match fleet_entries(&s).await {
+    match s.fleet().await {
         Ok(entries) => match entries.iter().find(|e| e.source_id == id) {
             Some(e) => html(StatusCode::OK, dashboard::agent(&op.id, e, &crate::fleet::samples(&id))),
             None => html(StatusCode::NOT_FOUND, dashboard::page("No such agent", Some(&op.id), "")),
