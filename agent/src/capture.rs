@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dongbo_connectors::error::SourceError;
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableId};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Operation, TableId};
 use dongbo_connectors::mysql::MySqlSource;
 use dongbo_connectors::poll::mysql::MyPoller;
 use dongbo_connectors::poll::postgres::PgPoller;
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::SourceConfig;
+use crate::snapshot_progress::SnapshotProgress;
 use crate::spool::{Spool, SpoolError, SpooledBatch};
 
 /// Why capture stopped.
@@ -154,6 +155,7 @@ impl<'a> Capture<'a> {
         let mut dirty = false;
         let mut first_pending_at = Instant::now();
         let mut paused_since: Option<Instant> = None;
+        let mut snapshot: Option<SnapshotProgress> = None;
         loop {
             if *shutdown.borrow() {
                 self.flush(&source, &mut pending, &resume, next_seq).await?;
@@ -210,6 +212,8 @@ impl<'a> Capture<'a> {
                     next_seq += 1;
                     if let Some(txn) = txn {
                         resume.open_txn = Some(OpenTxn { txn, spooled: change.txn_order + 1 });
+                    } else if change.op == Operation::SnapshotRead {
+                        snapshot.get_or_insert_with(|| SnapshotProgress::start(None)).row();
                     }
                     pending.push(change);
                     if pending.len() >= self.batch_max_changes {
@@ -224,6 +228,9 @@ impl<'a> Capture<'a> {
                     resume.committed_end = Some(end);
                     resume.open_txn = None;
                     dirty = true;
+                }
+                Some(Captured::SnapshotPlanned { estimated_rows }) => {
+                    snapshot = Some(SnapshotProgress::start(Some(estimated_rows)));
                 }
                 Some(Captured::SnapshotDone { at, tables }) => {
                     resume.snapshot_done = true;
@@ -241,6 +248,9 @@ impl<'a> Capture<'a> {
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
                     dongbo_connectors::fault::crash_at("snapshot-spooled");
+                    if let Some(p) = snapshot.take() {
+                        p.finish();
+                    }
                     info!(at = %at, "snapshot spooled");
                 }
                 Some(Captured::ChunkDone { progress, done }) => {
@@ -258,6 +268,9 @@ impl<'a> Capture<'a> {
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
                     if done {
+                        if let Some(p) = snapshot.take() {
+                            p.finish();
+                        }
                         info!(%table, rows, "online snapshot of table spooled");
                     } else {
                         debug!(%table, rows, "snapshot chunk spooled");
@@ -282,6 +295,12 @@ impl<'a> Capture<'a> {
                     known.extend(tables.into_iter().map(|table| SnapshottedTable { table, taken_at: Some(at) }));
                     self.flush(&source, &mut pending, &resume, next_seq).await?;
                     dirty = false;
+                    // During an initial snapshot this is one of its read views, not its end.
+                    if resume.snapshot_done {
+                        if let Some(p) = snapshot.take() {
+                            p.finish();
+                        }
+                    }
                     info!(at = %at, "snapshot of added tables spooled");
                 }
                 None => {

@@ -24,6 +24,8 @@ pub mod config;
 pub mod kafka;
 pub mod metrics;
 pub mod ship;
+pub mod snapshot_progress;
+pub mod source_log;
 pub mod spool;
 pub mod status;
 
@@ -120,6 +122,7 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    tokio::spawn(source_log::watch(sources.clone(), spool.clone(), config.status.report_interval(), shutdown.clone()));
     let shipper = match (&config.hub, &config.kafka) {
         (Some(hub), _) => tokio::spawn(ship::run(
             config.source_id.clone(),

@@ -15,7 +15,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
@@ -25,6 +27,20 @@ use tracing::{info, warn};
 use crate::spool::Spool;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The label of a certificate's series: what the certificate is for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabel {
+    /// `agent` (the agent's client certificate towards the hub).
+    pub certificate: String,
+}
+
+/// The label of a source log's series: which log the server keeps.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogLabel {
+    /// `wal` (Postgres) or `binlog` (MySQL/MariaDB).
+    pub log: String,
+}
 
 fn now_s() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -43,6 +59,19 @@ pub struct AgentMetrics {
     spool_batches: Gauge,
     oldest_age: FloatGauge,
     last_ack: FloatGauge,
+    snapshot_running: Gauge,
+    snapshot_rows: Counter,
+    snapshot_estimated: Gauge,
+    snapshot_ratio: FloatGauge,
+    snapshot_remaining: FloatGauge,
+    certificate_expiry: Family<CertificateLabel, Gauge>,
+    log_retained: Family<LogLabel, Gauge>,
+    log_headroom_bytes: Family<LogLabel, Gauge>,
+    log_headroom_seconds: Family<LogLabel, FloatGauge>,
+    /// Source commit time (Unix seconds) of the newest change spooled; not exported.
+    newest_commit: FloatGauge,
+    /// Snapshot rows already counted in `snapshot_rows`.
+    snapshot_counted: Mutex<u64>,
     /// Last seq and spooling time of each unacknowledged batch, oldest first.
     unacknowledged: Mutex<VecDeque<(u64, f64)>>,
     /// The last capture error since the agent started.
@@ -64,6 +93,17 @@ impl AgentMetrics {
             spool_batches: Gauge::default(),
             oldest_age: FloatGauge::default(),
             last_ack: FloatGauge::default(),
+            snapshot_running: Gauge::default(),
+            snapshot_rows: Counter::default(),
+            snapshot_estimated: Gauge::default(),
+            snapshot_ratio: FloatGauge::default(),
+            snapshot_remaining: FloatGauge::default(),
+            certificate_expiry: Family::default(),
+            log_retained: Family::default(),
+            log_headroom_bytes: Family::default(),
+            log_headroom_seconds: Family::default(),
+            newest_commit: FloatGauge::default(),
+            snapshot_counted: Mutex::new(0),
             unacknowledged: Mutex::new(VecDeque::new()),
             last_error: Mutex::new(String::new()),
         };
@@ -105,6 +145,47 @@ impl AgentMetrics {
             "dongbo_agent_last_acknowledgement_timestamp_seconds",
             "When the hub last acknowledged a change (Unix time; 0 before any)",
             m.last_ack.clone(),
+        );
+        registry.register(
+            "dongbo_agent_snapshot_running",
+            "1 while a snapshot is being read",
+            m.snapshot_running.clone(),
+        );
+        registry.register("dongbo_agent_snapshot_rows", "Rows read by snapshots", m.snapshot_rows.clone());
+        registry.register(
+            "dongbo_agent_snapshot_estimated_rows",
+            "Rows the snapshot under way is expected to read (the server's estimate; 0 when unknown)",
+            m.snapshot_estimated.clone(),
+        );
+        registry.register(
+            "dongbo_agent_snapshot_progress_ratio",
+            "How far the snapshot under way is, 0 to 1 (1 once done)",
+            m.snapshot_ratio.clone(),
+        );
+        registry.register(
+            "dongbo_agent_snapshot_remaining_seconds",
+            "Seconds the snapshot under way still needs at its rate so far (0 when done or unknown)",
+            m.snapshot_remaining.clone(),
+        );
+        registry.register(
+            "dongbo_tls_certificate_expiry_timestamp_seconds",
+            "When the agent's client certificate expires (Unix time; absent without one)",
+            m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "dongbo_agent_source_log_retained_bytes",
+            "Log the source server keeps for this agent (Postgres: WAL behind its slot; MySQL: binlog from its position)",
+            m.log_retained.clone(),
+        );
+        registry.register(
+            "dongbo_agent_source_log_headroom_bytes",
+            "How much more WAL the server keeps for the slot before it gives it up (max_slot_wal_keep_size)",
+            m.log_headroom_bytes.clone(),
+        );
+        registry.register(
+            "dongbo_agent_source_log_headroom_seconds",
+            "How long the server keeps the binlog at this agent's position at least (binlog_expire_logs_seconds)",
+            m.log_headroom_seconds.clone(),
         );
         Self { registry, ..m }
     }
@@ -177,8 +258,14 @@ impl AgentMetrics {
     /// The newest change spooled was committed at the source at `commit_time_us`.
     pub fn captured_commit(&self, commit_time_us: i64) {
         if commit_time_us > 0 {
+            self.newest_commit.set(commit_time_us as f64 / 1e6);
             self.capture_lag.set((now_s() - commit_time_us as f64 / 1e6).max(0.0));
         }
+    }
+
+    /// The source commit time (Unix seconds) of the newest change spooled since the agent started.
+    pub fn newest_commit_s(&self) -> Option<f64> {
+        Some(self.newest_commit.get()).filter(|t| *t > 0.0)
     }
 
     /// The spool let go of `changes` acknowledged up to `durable_seq`.
@@ -188,6 +275,55 @@ impl AgentMetrics {
         let mut q = self.unacknowledged.lock().expect("unacknowledged lock");
         while q.front().is_some_and(|(last, _)| *last <= durable_seq) {
             q.pop_front();
+        }
+    }
+
+    /// A snapshot started, expecting `estimated_rows`.
+    pub fn snapshot_started(&self, estimated_rows: Option<u64>) {
+        *self.snapshot_counted.lock().expect("snapshot lock") = 0;
+        self.snapshot_running.set(1);
+        self.snapshot_estimated.set(estimated_rows.map_or(0, |e| i64::try_from(e).unwrap_or(i64::MAX)));
+        self.snapshot_ratio.set(0.0);
+        self.snapshot_remaining.set(0.0);
+    }
+
+    /// Where the snapshot under way is.
+    pub fn snapshot_progress(&self, f: &crate::snapshot_progress::Figures) {
+        self.count_snapshot_rows(f.rows);
+        self.snapshot_estimated.set(f.estimated_rows.map_or(0, |e| i64::try_from(e).unwrap_or(i64::MAX)));
+        self.snapshot_ratio.set(f.percent.map_or(0.0, |p| p / 100.0));
+        self.snapshot_remaining.set(f.eta_s.unwrap_or(0.0));
+    }
+
+    /// The snapshot is read whole.
+    pub fn snapshot_finished(&self, f: &crate::snapshot_progress::Figures) {
+        self.count_snapshot_rows(f.rows);
+        self.snapshot_running.set(0);
+        self.snapshot_ratio.set(1.0);
+        self.snapshot_remaining.set(0.0);
+    }
+
+    fn count_snapshot_rows(&self, rows: u64) {
+        let mut counted = self.snapshot_counted.lock().expect("snapshot lock");
+        self.snapshot_rows.inc_by(rows.saturating_sub(*counted));
+        *counted = (*counted).max(rows);
+    }
+
+    /// The agent's client certificate expires at `not_after_s` (Unix seconds).
+    pub fn certificate_expires(&self, not_after_s: i64) {
+        self.certificate_expiry.get_or_create(&CertificateLabel { certificate: "agent".into() }).set(not_after_s);
+    }
+
+    /// What the source server keeps of its `log` for this agent.
+    pub fn source_log(&self, log: &str, retained: &dongbo_connectors::source::RetainedLog) {
+        let label = LogLabel { log: log.to_string() };
+        let bytes = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
+        self.log_retained.get_or_create(&label).set(bytes(retained.retained_bytes));
+        if let Some(h) = retained.headroom_bytes {
+            self.log_headroom_bytes.get_or_create(&label).set(bytes(h));
+        }
+        if let Some(h) = retained.headroom_s {
+            self.log_headroom_seconds.get_or_create(&label).set(h);
         }
     }
 

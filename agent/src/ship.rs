@@ -249,6 +249,9 @@ fn client_tls(link: &HubLinkConfig) -> Result<Option<ClientTlsConfig>, ShipError
     };
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
     if let (Some(cert), Some(key)) = (&link.cert_file, &link.key_file) {
+        if let Ok(v) = dongbo_connectors::tls::certificate_validity(cert) {
+            crate::metrics::agent().certificate_expires(v.not_after_s);
+        }
         tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
     Ok(Some(tls))

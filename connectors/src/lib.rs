@@ -25,6 +25,7 @@ pub mod config_file;
 pub mod error;
 pub mod fault;
 pub mod kafka;
+pub mod logging;
 pub mod model;
 pub mod mysql;
 pub mod poll;

@@ -8,7 +8,8 @@
 //! - It yields changes in source commit order, each transaction's changes together, then a
 //!   [`Captured::Commit`] with the position just past that transaction.
 //! - An initial snapshot's rows come first (their `txn` is `None`), then [`Captured::SnapshotDone`]
-//!   with the position the stream continues from: no gap, no overlap.
+//!   with the position the stream continues from: no gap, no overlap. It may open with
+//!   [`Captured::SnapshotPlanned`], the rows the server expects it to read, for progress only.
 //! - A table configured after the initial snapshot (not in `snapshotted`) is snapshotted when the
 //!   source starts. Either before the stream resumes, announced by [`Captured::TablesSnapshotted`]
 //!   with the position its snapshot was taken at (the stream then drops that table's changes which
@@ -105,6 +106,21 @@ impl TableProgress {
     }
 }
 
+/// What a source's server keeps of its log for one agent (the WAL behind a Postgres slot, the
+/// binlog from a MySQL position), for operators: how much, and how much more before changes the
+/// spool has not read are gone.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetainedLog {
+    /// Bytes of log kept from the agent's position to the server's end.
+    pub retained_bytes: u64,
+    /// Bytes more the server keeps before it gives the position up, when it is bounded by size
+    /// (Postgres `max_slot_wal_keep_size`).
+    pub headroom_bytes: Option<u64>,
+    /// Seconds the server keeps the position at least, when it is bounded by time (MySQL binlog
+    /// expiry).
+    pub headroom_s: Option<f64>,
+}
+
 /// One item captured from a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Captured {
@@ -119,6 +135,12 @@ pub enum Captured {
     Commit {
         /// Just past the transaction.
         end: Position,
+    },
+    /// A snapshot starts and expects to read about `estimated_rows` rows in all (the server's
+    /// statistics, or a count where it has none): shown as progress, never relied on.
+    SnapshotPlanned {
+        /// The estimate.
+        estimated_rows: u64,
     },
     /// The snapshot is complete; streaming continues from `at`.
     SnapshotDone {

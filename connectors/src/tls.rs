@@ -107,6 +107,8 @@ pub struct Validity {
     pub not_after: String,
     /// Whole days from now until `notAfter` (negative once expired).
     pub days_left: i64,
+    /// `notAfter` in Unix seconds.
+    pub not_after_s: i64,
 }
 
 /// The validity of the first certificate in the PEM file at `path`.
@@ -121,6 +123,7 @@ pub fn certificate_validity(path: &Path) -> Result<Validity, String> {
         subject: cert.subject().to_string(),
         not_after: not_after.to_rfc2822().unwrap_or_else(|_| not_after.timestamp().to_string()),
         days_left: (not_after.timestamp() - now).div_euclid(86_400),
+        not_after_s: not_after.timestamp(),
     })
 }
 

@@ -198,10 +198,17 @@ pub struct AuditConfig {
     /// Also POST each checkpoint (JSON) to this URL, run by another party (redirects not followed).
     #[serde(default)]
     pub witness_url: Option<String>,
+    /// Seconds between full checks of the chain against the signed checkpoints (its result is
+    /// `dongbo_audit_chain_broken`); the first runs at start. 0 turns them off.
+    #[serde(default)]
+    pub verify_interval_s: Option<u64>,
 }
 
 /// A minute of deliveries at most is unanchored, and a checkpoint a minute is ~200 bytes.
 const DEFAULT_CHECKPOINT_INTERVAL_S: u64 = 60;
+/// A full check walks the whole chain (about a second per million entries): hourly keeps an edit
+/// of an old entry from going unnoticed for long.
+const DEFAULT_VERIFY_INTERVAL_S: u64 = 3600;
 
 impl HubConfig {
     /// The audit checkpoint directory.
@@ -217,6 +224,14 @@ impl HubConfig {
     /// Time between audit checkpoints.
     pub fn audit_checkpoint_interval(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.audit.checkpoint_interval_s.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_S))
+    }
+
+    /// Time between full checks of the audit chain; `None` when turned off.
+    pub fn audit_verify_interval(&self) -> Option<std::time::Duration> {
+        match self.audit.verify_interval_s.unwrap_or(DEFAULT_VERIFY_INTERVAL_S) {
+            0 => None,
+            s => Some(std::time::Duration::from_secs(s)),
+        }
     }
 }
 

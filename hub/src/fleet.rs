@@ -10,7 +10,9 @@
 //!   name and the last error are cut to [`dongbo_proto::STATUS_HOST_MAX`] and
 //!   [`dongbo_proto::STATUS_ERROR_MAX`] bytes, control characters dropped; it is shown, never
 //!   interpreted, and goes to the NDC as a bound parameter. An agent can only describe itself: the
-//!   row is keyed by the identity its connection authenticated, not by anything it sends.
+//!   row is keyed by the identity its connection authenticated, not by anything it sends. A report
+//!   over [`dongbo_proto::STATUS_REPORT_MAX`] bytes is refused whole ([`ReportTooLarge`]): the gRPC
+//!   stream ends with `InvalidArgument`, a Kafka record is quarantined.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
@@ -192,7 +194,11 @@ pub fn contact(id: &str, transport: Transport) {
 }
 
 /// Agent `id` reported its status.
-pub fn report(id: &str, transport: Transport, report: AgentStatusReport) {
+pub fn report(id: &str, transport: Transport, report: AgentStatusReport) -> Result<(), ReportTooLarge> {
+    let len = prost::Message::encoded_len(&report);
+    if len > dongbo_proto::STATUS_REPORT_MAX {
+        return Err(ReportTooLarge(len));
+    }
     let report = AgentStatusReport {
         host: bounded(&report.host, dongbo_proto::STATUS_HOST_MAX),
         last_error: bounded(&report.last_error, dongbo_proto::STATUS_ERROR_MAX),
@@ -219,7 +225,13 @@ pub fn report(id: &str, transport: Transport, report: AgentStatusReport) {
         h.reported_at_us = Some(now_us());
         h.report = Some(report);
     });
+    Ok(())
 }
+
+/// A status report over [`dongbo_proto::STATUS_REPORT_MAX`] bytes, refused whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a status report of {0} bytes is over the {max} bytes a hub takes", max = dongbo_proto::STATUS_REPORT_MAX)]
+pub struct ReportTooLarge(pub usize);
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -462,16 +474,19 @@ mod tests {
         let cut = bounded(&long, 1000);
         assert_eq!(cut.len(), 1000);
         assert!(cut.chars().all(|c| c == 'đ'));
+        let oversized = AgentStatusReport { host: "x".repeat(10_000), ..Default::default() };
+        assert_eq!(report("fleet-unit", Transport::Kafka, oversized), Err(ReportTooLarge(10_003)));
         report(
             "fleet-unit",
             Transport::Kafka,
             AgentStatusReport {
-                host: "x".repeat(10_000),
-                last_error: "e".repeat(10_000),
+                host: "x".repeat(2_000),
+                last_error: "e".repeat(1_800),
                 oldest_unacknowledged_s: f64::NAN,
                 ..Default::default()
             },
-        );
+        )
+        .expect("under the report limit");
         let r = registry().lock().unwrap();
         let h = &r.heard["fleet-unit"];
         let rep = h.report.as_ref().unwrap();

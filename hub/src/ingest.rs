@@ -17,6 +17,9 @@
 //!   plainly that it was replaced, finishes or abandons its NDC transaction, and gives back its NDC
 //!   connection before the new one opens its own, so an agent opening 100 streams still holds one.
 //! - NDC connections are shared by all appliers up to `limits.max_ndc_connections`.
+//! - A status report is at most [`dongbo_proto::STATUS_REPORT_MAX`] bytes (the stream ends with
+//!   `InvalidArgument` past that); it only updates the agent's entry in memory, written to the NDC
+//!   every few seconds whatever the number of reports.
 //!
 //! # Stopping
 //! When the hub stops, every stream stops reading, the applier finishes the transaction in progress
@@ -211,8 +214,14 @@ impl Ingest for IngestService {
                 crate::metrics::hub().contact(&source_id);
                 let msg = match msg {
                     Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Status(report)) })) => {
-                        crate::fleet::report(&source_id, crate::fleet::Transport::Grpc, report);
-                        continue;
+                        match crate::fleet::report(&source_id, crate::fleet::Transport::Grpc, report) {
+                            Ok(()) => continue,
+                            Err(e) => {
+                                warn!(source_id = %source_id, error = %e, "status report refused; the stream ends");
+                                let _ = reader_out.send(Err(Status::invalid_argument(e.to_string()))).await;
+                                break;
+                            }
+                        }
                     }
                     Ok(Some(m)) => m,
                     Ok(None) => break,

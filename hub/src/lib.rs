@@ -117,6 +117,7 @@ pub async fn run(
         signing_key,
         anchor.store.clone(),
         config.audit_checkpoint_interval(),
+        config.audit_verify_interval(),
         config.audit.witness_url.clone(),
         stop_rx.clone(),
     ));

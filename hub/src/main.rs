@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "dongbo-hub", version, about = "Applies agents' change streams to the NDC Postgres exactly once")]
@@ -218,13 +217,7 @@ fn admin_token(admin: &AdminArgs) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { config } => {
-            let filter = EnvFilter::try_from_env("DONGBO_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-            if std::env::var("DONGBO_LOG_FORMAT").is_ok_and(|f| f == "json") {
-                builder.json().init();
-            } else {
-                builder.init();
-            }
+            dongbo_connectors::logging::init();
             let config = dongbo_hub::config::HubConfig::load(&config)?;
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await

@@ -37,6 +37,13 @@ pub struct SubscriptionLabel {
     pub subscription: String,
 }
 
+/// The label of a certificate's series: what the certificate is for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabel {
+    /// `hub` (the hub's own server certificate).
+    pub certificate: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// What the hub knows of an agent's contact, to answer "silent for how long" at scrape time.
@@ -63,6 +70,9 @@ pub struct HubMetrics {
     dead_lettered: Family<SubscriptionLabel, Counter>,
     delivery_lag: Family<SubscriptionLabel, FloatGauge>,
     audit_queue: Gauge,
+    audit_broken: Gauge,
+    audit_verified: FloatGauge,
+    certificate_expiry: Family<CertificateLabel, Gauge>,
 }
 
 fn now_s() -> f64 {
@@ -90,6 +100,9 @@ impl HubMetrics {
         let dead_lettered = Family::<SubscriptionLabel, Counter>::default();
         let delivery_lag = Family::<SubscriptionLabel, FloatGauge>::default();
         let audit_queue = Gauge::default();
+        let audit_broken = Gauge::default();
+        let audit_verified = FloatGauge::default();
+        let certificate_expiry = Family::<CertificateLabel, Gauge>::default();
         registry.register(
             "dongbo_build",
             "The hub's version",
@@ -143,6 +156,21 @@ impl HubMetrics {
             "Audit appends waiting for the audit writer",
             audit_queue.clone(),
         );
+        registry.register(
+            "dongbo_audit_chain_broken",
+            "1 if the last check of the audit chain found it broken (0 before any check found a break)",
+            audit_broken.clone(),
+        );
+        registry.register(
+            "dongbo_audit_chain_verified_timestamp_seconds",
+            "When the audit chain was last checked and found intact (Unix time)",
+            audit_verified.clone(),
+        );
+        registry.register(
+            "dongbo_tls_certificate_expiry_timestamp_seconds",
+            "When the hub's own TLS certificate expires (Unix time; absent without TLS)",
+            certificate_expiry.clone(),
+        );
         Self {
             registry,
             contacts: Mutex::new(HashMap::new()),
@@ -158,6 +186,9 @@ impl HubMetrics {
             dead_lettered,
             delivery_lag,
             audit_queue,
+            audit_broken,
+            audit_verified,
+            certificate_expiry,
         }
     }
 
@@ -261,6 +292,19 @@ impl HubMetrics {
     /// Audit appends now waiting for the writer.
     pub fn set_audit_queue(&self, depth: usize) {
         self.audit_queue.set(depth as i64);
+    }
+
+    /// A check of the audit chain found it intact (`true`) or broken.
+    pub fn audit_checked(&self, intact: bool) {
+        self.audit_broken.set(i64::from(!intact));
+        if intact {
+            self.audit_verified.set(now_s());
+        }
+    }
+
+    /// The hub's TLS certificate expires at `not_after_s` (Unix seconds).
+    pub fn certificate_expires(&self, not_after_s: i64) {
+        self.certificate_expiry.get_or_create(&CertificateLabel { certificate: "hub".into() }).set(not_after_s);
     }
 
     /// The text exposition (OpenMetrics), with the contact series brought up to now.

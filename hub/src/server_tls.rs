@@ -210,10 +210,15 @@ impl ServerTls {
     }
 }
 
-/// Warns when the hub's own certificate has expired or expires within 30 days.
+/// Warns when the hub's own certificate has expired or expires within 30 days, and exports when
+/// it expires (`dongbo_tls_certificate_expiry_timestamp_seconds`).
 fn log_expiry(cert_file: &Path) {
     use dongbo_connectors::tls::{certificate_validity, EXPIRY_WARNING_DAYS};
-    match certificate_validity(cert_file) {
+    let validity = certificate_validity(cert_file);
+    if let Ok(v) = &validity {
+        crate::metrics::hub().certificate_expires(v.not_after_s);
+    }
+    match validity {
         Ok(v) if v.days_left < 0 => {
             tracing::error!(not_after = %v.not_after, "the hub's TLS certificate has expired: agents and subscribers will refuse it")
         }
@@ -396,6 +401,26 @@ impl tonic::transport::server::Connected for TlsIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hub_certificate_expiry_is_exported() {
+        let mut params = rcgen::CertificateParams::new(vec!["hub.test".to_string()]).expect("params");
+        params.not_after = rcgen::date_time_ymd(2031, 3, 4);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("certificate");
+        let dir = std::env::temp_dir().join(format!("dongbo-expiry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("hub.pem");
+        std::fs::write(&file, cert.pem()).expect("write");
+        log_expiry(&file);
+        let text = crate::metrics::hub().encode();
+        // 2031-03-04T00:00:00Z
+        assert!(
+            text.contains("dongbo_tls_certificate_expiry_timestamp_seconds{certificate=\"hub\"} 1930348800"),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn a_revocation_list_takes_fingerprints_with_or_without_colons_and_skips_bad_lines() {

@@ -29,6 +29,9 @@ pub const KAFKA_STATUS_KEY: &[u8] = b"\0status";
 pub const STATUS_HOST_MAX: usize = 255;
 /// See [`STATUS_HOST_MAX`].
 pub const STATUS_ERROR_MAX: usize = 1000;
+/// The largest encoded `AgentStatusReport` a hub takes: what an agent of this build sends stays
+/// under 1.5 KiB (its strings cut to the bounds above); a larger one is refused whole.
+pub const STATUS_REPORT_MAX: usize = 4096;
 
 /// The oldest protocol version a hub of this build still accepts: version 1 agents send plain
 /// batches and version 2 agents no poll positions, which version 3 reads as they are.

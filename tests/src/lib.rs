@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod mariadb;
 pub mod pg;
 pub mod procs;
+pub mod scrape;
 pub mod tls;
 pub mod workload;
 

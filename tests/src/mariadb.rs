@@ -141,6 +141,7 @@ impl MariaDb {
         format!(
             "source_id = \"{id}\"\n\n[source]\nkind = \"mysql\"\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{ROLE}\"\n\
              password = \"{PASSWORD}\"\ntables = [{tables}]\n{extra}\n\n[spool]\npath = \"{spool}\"\n{spool_extra}\n\n\
+             [status]\nlisten = \"127.0.0.1:{status}\"\nreport_interval_s = 1\n\n\
              [hub]\nurl = \"http://127.0.0.1:{hub}\"\ntoken = \"{token}\"\nmax_backoff_ms = 1000\n",
             id = deployment.source_id,
             port = self.port,
@@ -148,6 +149,7 @@ impl MariaDb {
             spool = deployment.dir.join("spool").display(),
             spool_extra = deployment.spool_extra,
             hub = deployment.hub_port,
+            status = deployment.status_port,
             token = crate::TOKEN,
         )
     }

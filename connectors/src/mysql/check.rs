@@ -100,11 +100,7 @@ async fn settings(
     if let Some(g) = gtid {
         r.ok(format!("MariaDB GTID position {}", if g.is_empty() { "(none yet)" } else { &g }));
     }
-    let expire: Option<u64> = match conn.query_first::<u64, _>("SELECT @@binlog_expire_logs_seconds").await {
-        Ok(v) => v,
-        Err(_) => conn.query_first::<f64, _>("SELECT @@expire_logs_days").await?.map(|d| (d * 86_400.0) as u64),
-    };
-    match expire.unwrap_or(0) {
+    match super::retention::expire_seconds(conn).await? {
         0 => r.ok("binlogs are kept until purged by hand"),
         s if s / 3600 < RETENTION_WARNING_HOURS => r.warn(
             "binlog retention",

@@ -21,6 +21,7 @@ pub mod check;
 pub mod chunks;
 pub mod config;
 pub mod position;
+pub mod retention;
 pub mod schema;
 pub mod snapshot;
 pub mod value;
@@ -115,6 +116,10 @@ impl MySqlSource {
                         // Positions of an interrupted attempt are not this one's.
                         snapshotted_at.clear();
                         let n = config.snapshot_parallel_tables.clamp(1, tables.len().max(1));
+                        let estimated_rows = snapshot::estimated_rows(&mut conn, &tables).await?;
+                        tx.send(Ok(Captured::SnapshotPlanned { estimated_rows }))
+                            .await
+                            .map_err(|_| snapshot::closed())?;
                         let mut conns = vec![conn];
                         for _ in 1..n {
                             conns.push(mysql_async::Conn::new(opts.clone()).await?);

@@ -149,3 +149,33 @@ fn key_indexes(
         })
         .collect()
 }
+
+/// The rows a snapshot of `tables` will read, from the planner's statistics; a table without any
+/// (never analysed) is counted, in the caller's snapshot. For progress only.
+pub async fn snapshot_rows(client: &Client, tables: &[TableId]) -> Result<u64, SourceError> {
+    let mut total = 0u64;
+    for t in tables {
+        let Some(row) = client
+            .query_opt(
+                "SELECT c.reltuples::float8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.schema, &t.name],
+            )
+            .await?
+        else {
+            continue;
+        };
+        let estimate: f64 = row.get(0);
+        total += if estimate > 0.0 {
+            estimate as u64
+        } else {
+            let sql = format!(
+                "SELECT count(*) FROM {}.{}",
+                crate::postgres::snapshot::quote_ident(&t.schema),
+                crate::postgres::snapshot::quote_ident(&t.name)
+            );
+            client.query_one(&sql, &[]).await?.get::<_, i64>(0).max(0) as u64
+        };
+    }
+    Ok(total)
+}

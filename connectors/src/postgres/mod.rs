@@ -45,6 +45,7 @@ pub mod check;
 pub mod config;
 pub mod pgoutput;
 pub mod protocol;
+pub mod retention;
 pub mod session;
 pub mod snapshot;
 pub mod text;
@@ -193,6 +194,7 @@ impl PostgresSource {
         let mut repl = ReplicationConnection::connect(&config.target(password.as_deref())).await?;
         let mut snapshotted_at = HashMap::new();
         let mut online = VecDeque::new();
+        let mut planned = None;
         let phase = if resume.snapshot_done {
             let slot = client
                 .query_opt(
@@ -267,7 +269,9 @@ impl PostgresSource {
                 begin_snapshot(own.as_ref().unwrap_or(&client), &snapshot_name).await?;
                 readers.push(ParallelReader { client: own, reader: SnapshotReader::new(group, consistent_point) });
             }
-            info!(slot = %config.slot, %consistent_point, readers = n, "slot created, snapshot started");
+            let estimated_rows = catalog::snapshot_rows(&client, &tables).await?;
+            planned = Some(Captured::SnapshotPlanned { estimated_rows });
+            info!(slot = %config.slot, %consistent_point, readers = n, estimated_rows, "slot created, snapshot started");
             Phase::Snapshot { readers, turn: 0, at: consistent_point, tables }
         };
         Ok(Self {
@@ -284,7 +288,7 @@ impl PostgresSource {
             snapshotted_at,
             txn: None,
             held: None,
-            out: VecDeque::new(),
+            out: planned.into_iter().collect(),
             online,
             chunk: None,
             deferred: None,

@@ -411,6 +411,7 @@ pub async fn verify(client: &mut Client, checkpoints: &[Checkpoint]) -> Result<V
         client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await?;
     let v = verify_in(&txn, checkpoints).await?;
     txn.commit().await?;
+    crate::metrics::hub().audit_checked(v.first_broken.is_none());
     Ok(v)
 }
 
@@ -437,12 +438,14 @@ pub async fn citizen_deliveries(
 }
 
 /// Signs a checkpoint of the chain head every `interval`, after checking that the entries since the
-/// previous checkpoint link onto it; runs until `stop` turns true.
+/// previous checkpoint link onto it, and checks the whole chain every `verify_every` (at start
+/// first); both set `dongbo_audit_chain_broken`. Runs until `stop` turns true.
 pub async fn run_checkpoints(
     ndc: NdcConfig,
     key: SigningKey,
     store: CheckpointStore,
     interval: std::time::Duration,
+    verify_every: Option<std::time::Duration>,
     witness: Option<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -450,22 +453,38 @@ pub async fn run_checkpoints(
         Ok(cps) => cps.last().cloned(),
         Err(e) => {
             tracing::error!(error = %e, "audit checkpoints unreadable: no new checkpoint is signed until this is fixed");
+            crate::metrics::hub().audit_checked(false);
             return;
         }
     };
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().ok();
     let mut client: Option<Client> = None;
+    let mut verify_due = verify_every.map(|_| tokio::time::Instant::now());
     loop {
+        let tick = match verify_due {
+            Some(due) => interval.min(due.saturating_duration_since(tokio::time::Instant::now())),
+            None => interval,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = crate::apply::connect(&ndc).await.ok();
         }
         let Some(c) = client.as_mut() else { continue };
+        if let (Some(due), Some(every)) = (verify_due, verify_every) {
+            if tokio::time::Instant::now() >= due {
+                match full_check(c, &store, &key).await {
+                    Ok(()) => verify_due = Some(tokio::time::Instant::now() + every),
+                    // The NDC did not answer: try again at the next round.
+                    Err(e) => warn!(error = %e, "audit chain check could not run"),
+                }
+            }
+        }
         match checkpoint_once(c, &key, &store, last.as_ref()).await {
             Ok(Some(cp)) => {
+                // Only a full check clears a break: this round saw the newest entries only.
                 tracing::debug!(last_id = cp.last_id, "audit checkpoint signed");
                 if let (Some(url), Some(http)) = (&witness, &http) {
                     if let Err(e) = http.post(url).json(&cp).send().await.and_then(|r| r.error_for_status()) {
@@ -475,9 +494,37 @@ pub async fn run_checkpoints(
                 last = Some(cp);
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "audit checkpoint not signed"),
+            Err(RoundError::Broken(e)) => {
+                crate::metrics::hub().audit_checked(false);
+                tracing::error!(error = %e, "audit checkpoint not signed")
+            }
+            Err(RoundError::Unavailable(e)) => warn!(error = %e, "audit checkpoint not signed"),
         }
     }
+}
+
+/// Checks the whole chain against the signed checkpoints and exports the result; `Err` when the
+/// NDC or the checkpoint store could not be read.
+async fn full_check(client: &mut Client, store: &CheckpointStore, key: &SigningKey) -> Result<(), String> {
+    let checkpoints = store.read(&key.verifying_key()).map_err(|e| e.to_string())?;
+    let v = verify(client, &checkpoints).await.map_err(|e| e.to_string())?;
+    match &v.first_broken {
+        None => tracing::info!(entries = v.entries, checkpoints = v.checkpoints, "audit chain checked: intact"),
+        Some((id, what)) => tracing::error!(
+            entry = id,
+            problem = %what,
+            "audit chain checked: BROKEN; run `dongbo-hub audit verify` and see RUNBOOK.md"
+        ),
+    }
+    Ok(())
+}
+
+/// Why a checkpoint round signed nothing.
+enum RoundError {
+    /// The chain does not hold: nothing is signed over it.
+    Broken(String),
+    /// The NDC did not answer or the store could not be written: the next round tries again.
+    Unavailable(String),
 }
 
 /// One checkpoint round: `None` when the head has not moved.
@@ -486,15 +533,16 @@ async fn checkpoint_once(
     key: &SigningKey,
     store: &CheckpointStore,
     last: Option<&Checkpoint>,
-) -> Result<Option<Checkpoint>, String> {
+) -> Result<Option<Checkpoint>, RoundError> {
+    let ndc = |e: tokio_postgres::Error| RoundError::Unavailable(e.to_string());
     let txn = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .await
-        .map_err(|e| e.to_string())?;
-    let head = txn.query_one("SELECT last_id, hash FROM dongbo.audit_head", &[]).await.map_err(|e| e.to_string())?;
+        .map_err(ndc)?;
+    let head = txn.query_one("SELECT last_id, hash FROM dongbo.audit_head", &[]).await.map_err(ndc)?;
     let (head_id, head_hash): (i64, Vec<u8>) = (head.get(0), head.get(1));
     let (from, prev) = match last {
         // A checkpoint of the empty chain anchors nothing to look up.
@@ -512,21 +560,23 @@ async fn checkpoint_once(
             let anchored: Option<Vec<u8>> = txn
                 .query_opt("SELECT hash FROM dongbo.audit_log WHERE id = $1", &[&cp.last_id])
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(ndc)?
                 .map(|r| r.get(0));
             if anchored.as_ref().map(hex::encode).as_deref() != Some(cp.hash.as_str()) {
-                return Err(format!(
+                return Err(RoundError::Broken(format!(
                     "the NDC's audit chain no longer holds the checkpoint of entry {}: it was rewritten; run `dongbo-hub audit verify`",
                     cp.last_id
-                ));
+                )));
             }
-            (cp.last_id + 1, hex::decode(&cp.hash).map_err(|e| e.to_string())?)
+            (cp.last_id + 1, hex::decode(&cp.hash).map_err(|e| RoundError::Broken(e.to_string()))?)
         }
     };
-    let walked = walk(&txn, from, prev, head_id, &Default::default()).await.map_err(|e| e.to_string())?;
+    let walked = walk(&txn, from, prev, head_id, &Default::default()).await.map_err(ndc)?;
     if let Some((id, what)) = walked.broken {
-        return Err(format!("the audit chain is broken at entry {id} ({what}); run `dongbo-hub audit verify`"));
+        return Err(RoundError::Broken(format!(
+            "the audit chain is broken at entry {id} ({what}); run `dongbo-hub audit verify`"
+        )));
     }
-    txn.commit().await.map_err(|e| e.to_string())?;
-    store.append(key, head_id, &head_hash, now_micros()).map(Some).map_err(|e| e.to_string())
+    txn.commit().await.map_err(ndc)?;
+    store.append(key, head_id, &head_hash, now_micros()).map(Some).map_err(|e| RoundError::Unavailable(e.to_string()))
 }

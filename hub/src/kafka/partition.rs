@@ -128,14 +128,24 @@ async fn session(
             last_offset = Some(m.offset());
             if m.key() == Some(dongbo_proto::KAFKA_STATUS_KEY) {
                 // The agent's status for the fleet registry: kept, never applied.
-                match m.payload().map(<dongbo_proto::v1::AgentStatusReport as prost::Message>::decode) {
-                    Some(Ok(report)) => crate::fleet::report(&acl.id, crate::fleet::Transport::Kafka, report),
-                    _ => mark.rejected.push(RejectedMessage {
+                let kept = match m.payload() {
+                    Some(p) if p.len() > dongbo_proto::STATUS_REPORT_MAX => {
+                        Err(crate::fleet::ReportTooLarge(p.len()).to_string())
+                    }
+                    Some(p) => match <dongbo_proto::v1::AgentStatusReport as prost::Message>::decode(p) {
+                        Ok(report) => crate::fleet::report(&acl.id, crate::fleet::Transport::Kafka, report)
+                            .map_err(|e| e.to_string()),
+                        Err(_) => Err("a status record that is not an AgentStatusReport".into()),
+                    },
+                    None => Err("a status record that is not an AgentStatusReport".into()),
+                };
+                if let Err(reason) = kept {
+                    mark.rejected.push(RejectedMessage {
                         offset: m.offset(),
-                        reason: "a status record that is not an AgentStatusReport".into(),
+                        reason,
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
-                    }),
+                    });
                 }
                 continue;
             }

@@ -36,8 +36,15 @@ async fn a_revoked_agent_is_cut_off_without_a_restart_and_a_rotated_hub_certific
     assert_eq!(d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?, 200);
     d.wait_applied(changes, Duration::from_secs(30)).await?;
 
-    // Revoke the connected agent's certificate and send SIGHUP: its connection is cut.
+    // The agent exports when its client certificate expires.
     let agent_cert = pki.dir.join(format!("agent-{}", d.source_id)).display().to_string();
+    let not_after = dongbo_connectors::tls::certificate_validity(std::path::Path::new(&format!("{agent_cert}.pem")))
+        .map_err(anyhow::Error::msg)?
+        .not_after_s;
+    let series = "dongbo_tls_certificate_expiry_timestamp_seconds{certificate=\"agent\"}";
+    dongbo_tests::scrape::wait_agent(d.status_port, series, |v| v == not_after as f64).await?;
+
+    // Revoke the connected agent's certificate and send SIGHUP: its connection is cut.
     let fingerprint = pki.fingerprint(&agent_cert)?;
     std::fs::write(pki.revoked_file(), format!("# lost laptop\n{fingerprint}\n"))?;
     let hub_pid = d.hub.as_ref().and_then(|h| h.pid()).expect("hub pid");

@@ -3,7 +3,8 @@
 //! silent connections arrive; the hub stays up, its memory stays bounded, it holds one NDC connection
 //! for the attacker, and the real agent keeps flowing. A zstd bomb (1 GiB of zeros in a few KB) is
 //! cut at the message limit while decompressing, the hub's peak memory barely moving. SIGTERM with an agent and a subscriber
-//! connected ends the hub within 10 s, and the restart loses and repeats nothing.
+//! connected ends the hub within 10 s, and the restart loses and repeats nothing. A flood of status
+//! reports with hostile strings is kept bounded and plain; an oversized one ends its stream.
 
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,25 @@ async fn attacker_stream(port: u16, then: Vec<AgentMessage>, wait: Duration) -> 
         Ok(Err(status)) => Some(status),
         Ok(Ok(())) => Some(tonic::Status::ok("ended")),
         Err(_) => None,
+    }
+}
+
+/// The attacker's host, last error and version in `dongbo.fleet`, once a report was written.
+async fn wait_fleet_host(d: &Deployment, id: &str) -> anyhow::Result<(String, String, String)> {
+    let ndc = d.ndc().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = ndc
+            .query_opt(
+                "SELECT host, last_error, agent_version FROM dongbo.fleet WHERE source_id = $1 AND host IS NOT NULL",
+                &[&id],
+            )
+            .await?;
+        if let Some(r) = row {
+            return Ok((r.get(0), r.get(1), r.get(2)));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no status of {id} reached dongbo.fleet");
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -329,6 +349,34 @@ async fn hostile_floods_leave_the_hub_up_bounded_and_the_other_agent_flowing() -
             }
         }
     }
+    d.ensure_alive()?;
+
+    // 5. Status reports: 5 000 at once with hostile strings are kept bounded and plain; one over
+    //    the report limit ends the stream with a reason.
+    let evil = pb::AgentStatusReport {
+        host: format!("<script>x</script>\u{1b}[2J{}", "h".repeat(600)),
+        last_error: "e\r\n".repeat(300),
+        agent_version: "v".repeat(200),
+        ..Default::default()
+    };
+    let flood: Vec<AgentMessage> =
+        (0..5000).map(|_| AgentMessage { kind: Some(agent_message::Kind::Status(evil.clone())) }).collect();
+    assert!(attacker_stream(d.hub_port, flood, Duration::from_secs(5)).await.is_none(), "the flood's stream was ended");
+    let row = wait_fleet_host(&d, "attacker").await?;
+    let (host, error, version): (String, String, String) = row;
+    assert!(host.len() <= dongbo_proto::STATUS_HOST_MAX && host.starts_with("<script>x</script>[2Jh"), "{host:?}");
+    assert!(error.len() <= dongbo_proto::STATUS_ERROR_MAX && !error.contains('\r'), "{error:?}");
+    assert!(version.len() <= 64, "{version:?}");
+    let huge = pb::AgentStatusReport { host: "h".repeat(100_000), ..Default::default() };
+    let status = attacker_stream(
+        d.hub_port,
+        vec![AgentMessage { kind: Some(agent_message::Kind::Status(huge)) }],
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the hub ends the stream of an oversized status report");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("status report of"), "{}", status.message());
     d.ensure_alive()?;
     let peak = rss_mib(pid);
     assert!(peak < baseline + 300, "hub RSS grew from {baseline} MiB to {peak} MiB");

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use dongbo_tests::mariadb::MariaDb;
+use dongbo_tests::scrape::wait_agent;
 use dongbo_tests::Deployment;
 
 const SETUP: &str = "CREATE TABLE province.citizens (
@@ -132,7 +133,7 @@ fn insert_citizens(from: u32, to: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_snapshot_then_binlog_delivers_every_type_and_change_exactly_once() -> anyhow::Result<()> {
     let mut d = Deployment::new("mariadb", "SELECT 1", &["public.unused"]).await?;
-    let db = MariaDb::start("capture", &["--default-time-zone=+07:00"]).await?;
+    let db = MariaDb::start("capture", &["--default-time-zone=+07:00", "--binlog-expire-logs-seconds=172800"]).await?;
     db.sql(SETUP)?;
     db.sql(&insert_citizens(1, 2000))?;
     // An old latin1 client stored UTF-8 bytes of Vietnamese in a latin1 column; the zero date.
@@ -173,6 +174,14 @@ async fn mariadb_snapshot_then_binlog_delivers_every_type_and_change_exactly_onc
     let reason: String =
         ndc.query_one("SELECT reason FROM dongbo.quarantine WHERE source_id = $1", &[&d.source_id]).await?.get(0);
     assert!(reason.contains("0000-00-00"), "{reason}");
+    // The agent's metrics: the snapshot read whole against the server's estimate, and the binlog
+    // the server keeps at its position (the file being written: the whole two days).
+    let port = d.status_port;
+    wait_agent(port, "dongbo_agent_snapshot_progress_ratio", |v| v == 1.0).await?;
+    wait_agent(port, "dongbo_agent_snapshot_rows_total", |v| v >= 2006.0).await?;
+    wait_agent(port, "dongbo_agent_snapshot_estimated_rows", |v| v > 0.0).await?;
+    wait_agent(port, "dongbo_agent_source_log_headroom_seconds{log=\"binlog\"}", |v| v == 172_800.0).await?;
+    wait_agent(port, "dongbo_agent_source_log_retained_bytes{log=\"binlog\"}", |v| v >= 0.0).await?;
 
     // Streaming: updates of every kind, deletes, keyless duplicates, a 50 000-row transaction.
     db.sql(
