@@ -42,6 +42,13 @@ pub struct LogLabel {
     pub log: String,
 }
 
+/// Whether series are recorded: `DONGBO_METRICS=off` turns recording off (the series stay at
+/// zero), only to measure what metrics cost (`dongbo-bench-metrics`).
+pub fn recording() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DONGBO_METRICS").map_or(true, |v| v != "off"))
+}
+
 fn now_s() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -72,6 +79,8 @@ pub struct AgentMetrics {
     newest_commit: FloatGauge,
     /// Snapshot rows already counted in `snapshot_rows`.
     snapshot_counted: Mutex<u64>,
+    /// The last reading of the source's log, for the status report.
+    source_log: Mutex<Option<(String, dongbo_connectors::source::RetainedLog)>>,
     /// Last seq and spooling time of each unacknowledged batch, oldest first.
     unacknowledged: Mutex<VecDeque<(u64, f64)>>,
     /// The last capture error since the agent started.
@@ -104,6 +113,7 @@ impl AgentMetrics {
             log_headroom_seconds: Family::default(),
             newest_commit: FloatGauge::default(),
             snapshot_counted: Mutex::new(0),
+            source_log: Mutex::new(None),
             unacknowledged: Mutex::new(VecDeque::new()),
             last_error: Mutex::new(String::new()),
         };
@@ -251,12 +261,18 @@ impl AgentMetrics {
 
     /// A batch of `first..=last` was made durable in the spool.
     pub fn spooled(&self, first: u64, last: u64) {
+        if !recording() {
+            return;
+        }
         self.spooled.inc_by(last.saturating_sub(first) + 1);
         self.unacknowledged.lock().expect("unacknowledged lock").push_back((last, now_s()));
     }
 
     /// The newest change spooled was committed at the source at `commit_time_us`.
     pub fn captured_commit(&self, commit_time_us: i64) {
+        if !recording() {
+            return;
+        }
         if commit_time_us > 0 {
             self.newest_commit.set(commit_time_us as f64 / 1e6);
             self.capture_lag.set((now_s() - commit_time_us as f64 / 1e6).max(0.0));
@@ -270,6 +286,9 @@ impl AgentMetrics {
 
     /// The spool let go of `changes` acknowledged up to `durable_seq`.
     pub fn acknowledged(&self, changes: u64, durable_seq: u64) {
+        if !recording() {
+            return;
+        }
         self.acknowledged.inc_by(changes);
         self.last_ack.set(now_s());
         let mut q = self.unacknowledged.lock().expect("unacknowledged lock");
@@ -309,6 +328,24 @@ impl AgentMetrics {
         *counted = (*counted).max(rows);
     }
 
+    /// The last reading of the source's log (`wal` or `binlog`), if one was made.
+    pub fn last_source_log(&self) -> Option<(String, dongbo_connectors::source::RetainedLog)> {
+        self.source_log.lock().expect("source log lock").clone()
+    }
+
+    /// A snapshot under way: rows read so far (as last logged) and the estimate (0 when unknown).
+    pub fn snapshot_under_way(&self) -> Option<(u64, u64)> {
+        (self.snapshot_running.get() == 1).then(|| {
+            let rows = *self.snapshot_counted.lock().expect("snapshot lock");
+            (rows, u64::try_from(self.snapshot_estimated.get()).unwrap_or(0))
+        })
+    }
+
+    /// When the agent's client certificate expires (Unix seconds), if it has one.
+    pub fn certificate_expiry_s(&self) -> Option<i64> {
+        self.certificate_expiry.get(&CertificateLabel { certificate: "agent".into() }).map(|g| g.get())
+    }
+
     /// The agent's client certificate expires at `not_after_s` (Unix seconds).
     pub fn certificate_expires(&self, not_after_s: i64) {
         self.certificate_expiry.get_or_create(&CertificateLabel { certificate: "agent".into() }).set(not_after_s);
@@ -316,6 +353,7 @@ impl AgentMetrics {
 
     /// What the source server keeps of its `log` for this agent.
     pub fn source_log(&self, log: &str, retained: &dongbo_connectors::source::RetainedLog) {
+        *self.source_log.lock().expect("source log lock") = Some((log.to_string(), *retained));
         let label = LogLabel { log: log.to_string() };
         let bytes = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
         self.log_retained.get_or_create(&label).set(bytes(retained.retained_bytes));

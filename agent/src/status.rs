@@ -130,6 +130,8 @@ fn truncate(s: &str, max: usize) -> String {
 /// The report the hub's fleet registry keeps of this agent.
 pub fn report(spool: &Spool) -> AgentStatusReport {
     let m = metrics::agent();
+    let snapshot = m.snapshot_under_way();
+    let log = m.last_source_log();
     AgentStatusReport {
         host: host_name(),
         spool_bytes: spool.bytes(),
@@ -140,6 +142,14 @@ pub fn report(spool: &Spool) -> AgentStatusReport {
         changes_spooled: m.changes_spooled(),
         oldest_unacknowledged_s: m.oldest_unacknowledged_s(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        snapshot_running: snapshot.is_some(),
+        snapshot_rows: snapshot.map_or(0, |(rows, _)| rows),
+        snapshot_estimated_rows: snapshot.map_or(0, |(_, estimate)| estimate),
+        source_log_retained_bytes: log.as_ref().map_or(0, |(_, r)| r.retained_bytes),
+        source_log_headroom_bytes: log.as_ref().and_then(|(_, r)| r.headroom_bytes),
+        source_log_headroom_s: log.as_ref().and_then(|(_, r)| r.headroom_s),
+        source_log: log.map(|(name, _)| name).unwrap_or_default(),
+        certificate_expiry_s: m.certificate_expiry_s().unwrap_or(0),
     }
 }
 

@@ -6,6 +6,8 @@
 //! the code gives them (`source_id`, `peer`, `reason`, `error`, `table`, `rows`, …). A refused
 //! connection or request always carries `peer` and `reason`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// The variable that turns JSON logs on.
@@ -19,7 +21,11 @@ pub fn is_json() -> bool {
 /// Installs the process's log subscriber; call once, first thing in `main`.
 pub fn init() {
     let filter = EnvFilter::try_from_env("DONGBO_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: journald and log files get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if is_json() {
         builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init();
     } else {

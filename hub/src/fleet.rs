@@ -210,6 +210,7 @@ pub fn report(id: &str, transport: Transport, report: AgentStatusReport) -> Resu
         },
         ..report
     };
+    crate::metrics::hub().reported(id, &report);
     update(id, |h| {
         h.transport = transport.name();
         if transport == Transport::Kafka {

@@ -29,7 +29,8 @@ pub(crate) fn identify<T>(auth: &Authenticator, request: &Request<T>, kind: Kind
     };
     result.map_err(|e| {
         let who = if kind == Kind::Agent { "agent" } else { "subscriber" };
-        warn!(peer = ?request.remote_addr(), reason = %e, "{who} credential refused");
+        let peer = request.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        warn!(%peer, reason = %e, "{who} credential refused");
         refusal(e, kind)
     })
 }

@@ -149,27 +149,31 @@ impl Ingest for IngestService {
     async fn stream(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<HubStream>, Status> {
         let acl = self.authenticate(&request)?;
         let peer = request.remote_addr().map(|a| a.to_string());
+        let refused = |status: Status| {
+            warn!(peer = peer.as_deref().unwrap_or("unknown"), source_id = %acl.id, reason = %status.message(), "agent stream refused");
+            status
+        };
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Err(_) => return Err(Status::invalid_argument("no Hello within 10 s")),
-            Ok(m) => m?.and_then(|m| m.kind),
+            Err(_) => return Err(refused(Status::invalid_argument("no Hello within 10 s"))),
+            Ok(m) => m.map_err(&refused)?.and_then(|m| m.kind),
         };
         let Some(agent_message::Kind::Hello(hello)) = hello else {
-            return Err(Status::invalid_argument("the first message on an ingest stream must be Hello"));
+            return Err(refused(Status::invalid_argument("the first message on an ingest stream must be Hello")));
         };
         if hello.source_id != acl.id {
-            return Err(Status::permission_denied(format!(
+            return Err(refused(Status::permission_denied(format!(
                 "this token belongs to agent {}, not {}",
                 acl.id, hello.source_id
-            )));
+            ))));
         }
         if !(dongbo_proto::OLDEST_PROTOCOL_VERSION..=dongbo_proto::PROTOCOL_VERSION).contains(&hello.protocol_version) {
-            return Err(Status::failed_precondition(format!(
+            return Err(refused(Status::failed_precondition(format!(
                 "agent speaks protocol {}, this hub speaks {} to {}: upgrade one of them",
                 hello.protocol_version,
                 dongbo_proto::OLDEST_PROTOCOL_VERSION,
                 dongbo_proto::PROTOCOL_VERSION
-            )));
+            ))));
         }
         let (generation, mut replaced, ended) = self.take_over(&acl.id).await?;
         let mut applier =

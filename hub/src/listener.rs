@@ -63,7 +63,7 @@ impl GuardedListener {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors, say: wait instead of spinning.
-                    self.warn(format_args!("accept failed: {e}"));
+                    self.warn(None, format_args!("accept failed: {e}"));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -71,7 +71,10 @@ impl GuardedListener {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 drop(stream);
                 let max = self.max;
-                self.warn(format_args!("{max} connections open (limits.max_connections); closing new ones"));
+                self.warn(
+                    Some(addr),
+                    format_args!("{max} connections open (limits.max_connections); closing new ones"),
+                );
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -80,10 +83,15 @@ impl GuardedListener {
         }
     }
 
-    fn warn(&mut self, what: std::fmt::Arguments<'_>) {
+    /// Logs a refused connection (`peer`) or a failed accept, at most once per [`WARN_EVERY`]: a
+    /// flood must not fill the disk with the same line.
+    fn warn(&mut self, peer: Option<SocketAddr>, reason: std::fmt::Arguments<'_>) {
         if self.last_warning.is_none_or(|t| t.elapsed() > WARN_EVERY) {
             self.last_warning = Some(Instant::now());
-            warn!(listener = self.name, "{what}");
+            match peer {
+                Some(peer) => warn!(listener = self.name, %peer, %reason, "connection refused"),
+                None => warn!(listener = self.name, %reason, "connection not accepted"),
+            }
         }
     }
 

@@ -37,11 +37,23 @@ pub struct SubscriptionLabel {
     pub subscription: String,
 }
 
-/// The label of a certificate's series: what the certificate is for.
+/// The label of a certificate's series: what the certificate is for, and whose.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertificateLabel {
-    /// `hub` (the hub's own server certificate).
+    /// `hub` (the hub's own server certificate) or `agent` (an agent's client certificate).
     pub certificate: String,
+    /// The agent's id for an agent's certificate (as it reported it); empty for the hub's own,
+    /// which Prometheus stores as no label.
+    pub source_id: String,
+}
+
+/// The label of a source log's series, from an agent's report.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLogLabel {
+    /// The agent's configured id.
+    pub source_id: String,
+    /// `wal` or `binlog` (anything else an agent reports is ignored).
+    pub log: String,
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -73,6 +85,29 @@ pub struct HubMetrics {
     audit_broken: Gauge,
     audit_verified: FloatGauge,
     certificate_expiry: Family<CertificateLabel, Gauge>,
+    reported: Reported,
+}
+
+/// What agents report of themselves (`AgentStatusReport`), exported per agent by the hub, so an
+/// NDC's Prometheus sees every spool, snapshot and source log without reaching the provincial
+/// servers (whose agents listen on localhost). Values are as last reported.
+#[derive(Default)]
+struct Reported {
+    spool_bytes: Family<AgentLabel, Gauge>,
+    spool_limit: Family<AgentLabel, Gauge>,
+    oldest_age: Family<AgentLabel, FloatGauge>,
+    snapshot_running: Family<AgentLabel, Gauge>,
+    snapshot_ratio: Family<AgentLabel, FloatGauge>,
+    log_retained: Family<AgentLogLabel, Gauge>,
+    log_headroom_bytes: Family<AgentLogLabel, Gauge>,
+    log_headroom_seconds: Family<AgentLogLabel, FloatGauge>,
+}
+
+/// Whether series are recorded: `DONGBO_METRICS=off` turns recording off (the series stay at
+/// zero), only to measure what metrics cost (`dongbo-bench-metrics`).
+pub fn recording() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DONGBO_METRICS").map_or(true, |v| v != "off"))
 }
 
 fn now_s() -> f64 {
@@ -103,6 +138,7 @@ impl HubMetrics {
         let audit_broken = Gauge::default();
         let audit_verified = FloatGauge::default();
         let certificate_expiry = Family::<CertificateLabel, Gauge>::default();
+        let reported = Reported::default();
         registry.register(
             "dongbo_build",
             "The hub's version",
@@ -168,9 +204,52 @@ impl HubMetrics {
         );
         registry.register(
             "dongbo_tls_certificate_expiry_timestamp_seconds",
-            "When the hub's own TLS certificate expires (Unix time; absent without TLS)",
+            "When a TLS certificate expires (Unix time): the hub's own, and each agent's as it reported it",
             certificate_expiry.clone(),
         );
+        let r = &reported;
+        let as_reported = " (as the agent last reported it)";
+        registry.register(
+            "dongbo_spool_bytes",
+            format!("Bytes of batches the agent's spool holds{as_reported}"),
+            r.spool_bytes.clone(),
+        );
+        registry.register(
+            "dongbo_spool_limit_bytes",
+            format!("The agent's spool limit{as_reported}"),
+            r.spool_limit.clone(),
+        );
+        registry.register(
+            "dongbo_spool_oldest_unacknowledged_age_seconds",
+            format!("Age of the oldest batch the agent's spool holds unacknowledged{as_reported}"),
+            r.oldest_age.clone(),
+        );
+        registry.register(
+            "dongbo_agent_snapshot_running",
+            format!("1 while the agent reads a snapshot{as_reported}"),
+            r.snapshot_running.clone(),
+        );
+        registry.register(
+            "dongbo_agent_snapshot_progress_ratio",
+            format!("How far the agent's snapshot under way is, 0 to 1 (0 when its size is unknown){as_reported}"),
+            r.snapshot_ratio.clone(),
+        );
+        registry.register(
+            "dongbo_agent_source_log_retained_bytes",
+            format!("Log the agent's source server keeps for it{as_reported}"),
+            r.log_retained.clone(),
+        );
+        registry.register(
+            "dongbo_agent_source_log_headroom_bytes",
+            format!("How much more WAL the server keeps for the agent's slot (max_slot_wal_keep_size){as_reported}"),
+            r.log_headroom_bytes.clone(),
+        );
+        registry.register(
+            "dongbo_agent_source_log_headroom_seconds",
+            format!("How long the server keeps the binlog at the agent's position at least{as_reported}"),
+            r.log_headroom_seconds.clone(),
+        );
+
         Self {
             registry,
             contacts: Mutex::new(HashMap::new()),
@@ -189,6 +268,7 @@ impl HubMetrics {
             audit_broken,
             audit_verified,
             certificate_expiry,
+            reported,
         }
     }
 
@@ -223,6 +303,9 @@ impl HubMetrics {
 
     /// A message arrived from agent `id`.
     pub fn contact(&self, id: &str) {
+        if !recording() {
+            return;
+        }
         if let Some(c) = self.contacts.lock().expect("contacts lock").get_mut(id) {
             c.last = now_s();
         }
@@ -231,6 +314,9 @@ impl HubMetrics {
     /// An NDC transaction of agent `id` committed `applied` and `quarantined` changes after `took`;
     /// the newest of them was committed at the source at `newest_commit_us`.
     pub fn applied(&self, id: &str, applied: u64, quarantined: u64, newest_commit_us: Option<i64>, took: Duration) {
+        if !recording() {
+            return;
+        }
         let label = Self::agent(id);
         self.applied.get_or_create(&label).inc_by(applied);
         self.quarantined.get_or_create(&label).inc_by(quarantined);
@@ -262,6 +348,9 @@ impl HubMetrics {
 
     /// Subscription `id` delivered `n` records durably, the newest committed at `newest_commit_us`.
     pub fn delivered(&self, id: &str, n: u64, newest_commit_us: Option<i64>) {
+        if !recording() {
+            return;
+        }
         let label = Self::subscription(id);
         self.delivered.get_or_create(&label).inc_by(n);
         if let Some(t) = newest_commit_us.filter(|t| *t > 0) {
@@ -302,9 +391,42 @@ impl HubMetrics {
         }
     }
 
+    /// Agent `id` reported `report` (already bounded by the fleet registry).
+    pub fn reported(&self, id: &str, report: &dongbo_proto::v1::AgentStatusReport) {
+        let r = &self.reported;
+        let label = Self::agent(id);
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        r.spool_bytes.get_or_create(&label).set(int(report.spool_bytes));
+        r.spool_limit.get_or_create(&label).set(int(report.spool_limit_bytes));
+        r.oldest_age.get_or_create(&label).set(report.oldest_unacknowledged_s);
+        r.snapshot_running.get_or_create(&label).set(i64::from(report.snapshot_running));
+        let ratio = match (report.snapshot_running, report.snapshot_estimated_rows) {
+            (false, _) => 1.0,
+            (true, 0) => 0.0,
+            (true, e) => (report.snapshot_rows as f64 / e as f64).min(0.99),
+        };
+        r.snapshot_ratio.get_or_create(&label).set(ratio);
+        // Only the two names a source has: an agent cannot grow the series count.
+        if matches!(report.source_log.as_str(), "wal" | "binlog") {
+            let log = AgentLogLabel { source_id: id.to_string(), log: report.source_log.clone() };
+            r.log_retained.get_or_create(&log).set(int(report.source_log_retained_bytes));
+            if let Some(h) = report.source_log_headroom_bytes {
+                r.log_headroom_bytes.get_or_create(&log).set(int(h));
+            }
+            if let Some(h) = report.source_log_headroom_s.filter(|h| h.is_finite()) {
+                r.log_headroom_seconds.get_or_create(&log).set(h.max(0.0));
+            }
+        }
+        if report.certificate_expiry_s > 0 {
+            let cert = CertificateLabel { certificate: "agent".into(), source_id: id.to_string() };
+            self.certificate_expiry.get_or_create(&cert).set(report.certificate_expiry_s);
+        }
+    }
+
     /// The hub's TLS certificate expires at `not_after_s` (Unix seconds).
     pub fn certificate_expires(&self, not_after_s: i64) {
-        self.certificate_expiry.get_or_create(&CertificateLabel { certificate: "hub".into() }).set(not_after_s);
+        let hub = CertificateLabel { certificate: "hub".into(), source_id: String::new() };
+        self.certificate_expiry.get_or_create(&hub).set(not_after_s);
     }
 
     /// The text exposition (OpenMetrics), with the contact series brought up to now.
@@ -359,6 +481,34 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         assert!(text.contains("dongbo_build_info{version=\""), "{text}");
+        // What an agent reports is exported under its id; a log name of its own invention is not.
+        let report = dongbo_proto::v1::AgentStatusReport {
+            spool_bytes: 800,
+            spool_limit_bytes: 1000,
+            snapshot_running: true,
+            snapshot_rows: 50,
+            snapshot_estimated_rows: 200,
+            source_log: "wal".into(),
+            source_log_retained_bytes: 4096,
+            source_log_headroom_bytes: Some(1 << 30),
+            certificate_expiry_s: 1_930_348_800,
+            ..Default::default()
+        };
+        m.reported("hcm-population", &report);
+        m.reported(
+            "hcm-population",
+            &dongbo_proto::v1::AgentStatusReport { source_log: "evil".into(), ..report.clone() },
+        );
+        let text = m.encode();
+        for line in [
+            "dongbo_spool_bytes{source_id=\"hcm-population\"} 800",
+            "dongbo_agent_snapshot_progress_ratio{source_id=\"hcm-population\"} 0.25",
+            "dongbo_agent_source_log_retained_bytes{source_id=\"hcm-population\",log=\"wal\"} 4096",
+            "dongbo_tls_certificate_expiry_timestamp_seconds{certificate=\"agent\",source_id=\"hcm-population\"} 1930348800",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("evil"), "{text}");
         let lag: f64 = text
             .lines()
             .find_map(|l| l.strip_prefix("dongbo_apply_lag_seconds{source_id=\"hcm-population\"} "))

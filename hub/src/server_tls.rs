@@ -186,8 +186,10 @@ impl ServerTls {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((me.register(tls, addr), addr)).await;
                         }
-                        Ok(Err(e)) => warn!(peer = %addr, ?listener, error = %e, "TLS handshake refused"),
-                        Err(_) => warn!(peer = %addr, ?listener, "TLS handshake timed out"),
+                        Ok(Err(e)) => warn!(peer = %addr, ?listener, reason = %e, "TLS handshake refused"),
+                        Err(_) => {
+                            warn!(peer = %addr, ?listener, reason = "no handshake within limits.handshake_timeout_ms", "TLS handshake refused")
+                        }
                     }
                 });
             }
@@ -416,7 +418,9 @@ mod tests {
         let text = crate::metrics::hub().encode();
         // 2031-03-04T00:00:00Z
         assert!(
-            text.contains("dongbo_tls_certificate_expiry_timestamp_seconds{certificate=\"hub\"} 1930348800"),
+            text.contains(
+                "dongbo_tls_certificate_expiry_timestamp_seconds{certificate=\"hub\",source_id=\"\"} 1930348800"
+            ),
             "{text}"
         );
         let _ = std::fs::remove_dir_all(dir);

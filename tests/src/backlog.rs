@@ -143,3 +143,44 @@ impl BenchArgs {
         Ok(a)
     }
 }
+
+/// Staged upsert of the same rows into the NDC: the apply floor. Also returns the time of the first
+/// `COPY` alone (rows in, no upsert): the snapshot floor.
+pub async fn staged_upsert_floor(ndc: &Client, rows: u64) -> anyhow::Result<(Duration, Duration)> {
+    ndc.batch_execute(&format!("DROP TABLE IF EXISTS floor_target; {}", TABLE.replace("citizens", "floor_target")))
+        .await?;
+    ndc.batch_execute("CREATE TEMP TABLE floor_stage (LIKE floor_target)").await?;
+    let start = Instant::now();
+    let mut copy_in = Duration::ZERO;
+    for pass in 0..2 {
+        let mut buf = Vec::with_capacity(rows as usize * 120);
+        for g in 1..=rows {
+            let suffix = if pass == 1 { " (mới)" } else { "" };
+            buf.extend_from_slice(
+                format!(
+                    "{g:012}\tNguyễn Văn {g}\t1990-01-01\t{}\t79\t{:05}\tSố {} đường Nguyễn Huệ, Thành phố Hồ Chí Minh{suffix}\tthường trú\t2026-01-01 00:00:00+00\t{}\n",
+                    g % 2,
+                    25000 + g % 1500,
+                    g % 300,
+                    pass + 1
+                )
+                .as_bytes(),
+            );
+        }
+        ndc.batch_execute("BEGIN; TRUNCATE floor_stage").await?;
+        let copy_start = Instant::now();
+        send_all(ndc, "COPY floor_stage FROM STDIN", buf).await?;
+        if pass == 0 {
+            copy_in = copy_start.elapsed();
+        }
+        ndc.batch_execute(
+            "INSERT INTO floor_target SELECT * FROM floor_stage ON CONFLICT (citizen_id) DO UPDATE SET
+               full_name = EXCLUDED.full_name, birth_date = EXCLUDED.birth_date, gender = EXCLUDED.gender,
+               province_code = EXCLUDED.province_code, commune_code = EXCLUDED.commune_code, address = EXCLUDED.address,
+               residence_kind = EXCLUDED.residence_kind, updated_at = EXCLUDED.updated_at, version = EXCLUDED.version;
+             COMMIT",
+        )
+        .await?;
+    }
+    Ok((start.elapsed(), copy_in))
+}

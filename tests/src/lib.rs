@@ -48,6 +48,8 @@ pub struct Deployment {
     /// Fan-out declarations appended to hub.toml (dictionary, events, purposes, subscribers,
     /// subscriptions, admin).
     pub fanout_toml: String,
+    /// Environment of the hubs it starts (`DONGBO_LOG_FORMAT=json`, say).
+    pub hub_env: Vec<(String, String)>,
     /// Kafka brokers: when set, the agent produces to Kafka and the hubs consume it.
     pub kafka: Option<String>,
     /// The end of the agent's and the hubs' `[kafka]` sections: the security settings
@@ -99,6 +101,7 @@ impl Deployment {
             agent_binary: None,
             spool_extra: String::new(),
             fanout_toml: String::new(),
+            hub_env: Vec::new(),
             kafka: None,
             kafka_security: "insecure_plaintext_demo = true\n".into(),
             tls: None,
@@ -155,10 +158,12 @@ impl Deployment {
         );
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, config)?;
-        let mut p = DongboProcess::spawn(
+        let env: Vec<(&str, &str)> = self.hub_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut p = DongboProcess::spawn_with_env(
             "dongbo-hub",
             &["serve", "--config", &path.to_string_lossy()],
             &self.dir.join(format!("{name}.log")),
+            &env,
         )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         // The log line, not just the port: a free port picked earlier may since serve something else.

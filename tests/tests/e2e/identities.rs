@@ -18,6 +18,7 @@ async fn tokens_identify_one_peer_of_one_kind_and_operator_roles_hold() -> anyho
     d.fanout_toml = declarations(admin_port)
         + &bhxh_residence(&["citizen_id"])
         + &format!("\n[[admin.operators]]\nid = \"dashboard\"\ntoken = \"{VIEWER_TOKEN}\"\nrole = \"read\"\n");
+    d.hub_env = vec![("DONGBO_LOG_FORMAT".into(), "json".into())];
     d.start_hub().await?;
     let url = format!("http://127.0.0.1:{}", d.hub_port);
 
@@ -57,7 +58,16 @@ async fn tokens_identify_one_peer_of_one_kind_and_operator_roles_hold() -> anyho
     let hub = d.hub.as_ref().expect("hub running");
     hub.wait_for_log("subscriber credential refused", Duration::from_secs(5)).await?;
     let log = hub.log_text();
-    assert!(log.contains("agent credential refused") && log.contains("127.0.0.1:"), "{log}");
+    // JSON lines with the stable top-level fields: what a log shipper keys on.
+    let refusal: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "agent credential refused")
+        .unwrap_or_else(|| panic!("no JSON line for the agent's refusal:\n{log}"));
+    assert_eq!(refusal["level"], "WARN", "{refusal}");
+    assert!(refusal["timestamp"].is_string() && refusal["target"].is_string(), "{refusal}");
+    assert!(refusal["peer"].as_str().is_some_and(|p| p.contains("127.0.0.1:")), "{refusal}");
+    assert!(refusal["reason"].as_str().is_some_and(|r| !r.is_empty()), "{refusal}");
     for secret in [TOKEN, BHXH_TOKEN, MOET_TOKEN, VIEWER_TOKEN, "nobody"] {
         assert!(!log.contains(secret), "the hub log holds a token");
     }

@@ -75,10 +75,9 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     let mut gen = CitizenGen::new(21);
     let ids = insert_citizens(&src, &mut gen, 200).await?;
     // A bounded slot: the agent exports how much WAL more the server keeps for it.
-    d.pg.connect("postgres")
-        .await?
-        .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf()")
-        .await?;
+    let admin = d.pg.connect("postgres").await?;
+    admin.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'").await?;
+    admin.batch_execute("SELECT pg_reload_conf()").await?;
     let admin_port = start_with_failing_webhook(&mut d).await?.admin_port;
     let m = Scrapes {
         hub: format!("http://127.0.0.1:{admin_port}/metrics"),
@@ -112,6 +111,13 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     let headroom = m.wait(false, "dongbo_agent_source_log_headroom_bytes{log=\"wal\"}", 1.0).await?;
     let gib = 1024.0 * 1024.0 * 1024.0;
     assert!((9.0 * gib..=11.0 * gib).contains(&(retained + headroom)), "{retained} + {headroom} is not about 10 GiB");
+    // The hub exports what the agent reports of itself: an NDC Prometheus sees every spool and
+    // source log without reaching the provincial server.
+    let limit = value(&agent, "dongbo_spool_limit_bytes").expect("the agent's spool limit");
+    m.wait(true, &format!("dongbo_spool_limit_bytes{{source_id=\"{id}\"}}"), limit).await?;
+    m.wait(true, &format!("dongbo_agent_snapshot_progress_ratio{{source_id=\"{id}\"}}"), 1.0).await?;
+    m.wait(true, &format!("dongbo_agent_source_log_retained_bytes{{source_id=\"{id}\",log=\"wal\"}}"), 1.0).await?;
+    m.wait(true, &format!("dongbo_agent_source_log_headroom_bytes{{source_id=\"{id}\",log=\"wal\"}}"), 1.0).await?;
     // The audit chain is checked at the hub's start.
     assert_eq!(value(&hub, "dongbo_audit_chain_broken"), Some(0.0), "{hub}");
     m.wait(true, "dongbo_audit_chain_verified_timestamp_seconds", 1.0).await?;
