@@ -154,7 +154,8 @@ fn bytes(b: Option<i64>) -> String {
     match b {
         None => "-".into(),
         Some(b) if b < 1 << 20 => format!("{:.1} KiB", b as f64 / 1024.0),
-        Some(b) => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        Some(b) if b < 1 << 30 => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        Some(b) => format!("{:.1} GiB", b as f64 / (1 << 30) as f64),
     }
 }
 
@@ -249,6 +250,33 @@ pub fn agent(operator: &str, e: &FleetEntry, samples: &[crate::fleet::Sample]) -
         ),
     );
     row("capture running", e.capture_running.map_or("-".into(), |c| if c { "yes" } else { "no" }.into()));
+    row(
+        "snapshot",
+        match (e.snapshot_rows, e.snapshot_estimated_rows) {
+            (None, _) => "none running".into(),
+            (Some(rows), Some(total)) if total > 0 => {
+                format!("{rows} of about {total} rows ({:.0} %)", (rows as f64 * 100.0 / total as f64).min(99.0))
+            }
+            (Some(rows), _) => format!("{rows} rows read"),
+        },
+    );
+    row(
+        "source log kept",
+        match (e.source_log.as_deref(), e.source_log_retained_bytes) {
+            (Some(log), Some(kept)) => {
+                let mut text = format!("{} {}", esc(log), bytes(Some(kept)));
+                if let Some(h) = e.source_log_headroom_bytes {
+                    text.push_str(&format!(", {} more before the slot is dropped", bytes(Some(h))));
+                }
+                if let Some(h) = e.source_log_headroom_s {
+                    text.push_str(&format!(", kept {} more at least", seconds(Some(h))));
+                }
+                text
+            }
+            _ => "-".into(),
+        },
+    );
+    row("certificate expires", esc(e.certificate_expiry.as_deref().unwrap_or("-")));
     row("last error", esc(e.last_error.as_deref().unwrap_or("")));
     body.push_str("</table>");
     let rates: Vec<f64> = samples
@@ -402,6 +430,13 @@ mod tests {
             spool_limit_bytes: None,
             spool_batches: None,
             capture_running: None,
+            snapshot_rows: Some(50),
+            snapshot_estimated_rows: Some(200),
+            source_log: Some("<b>wal</b>".into()),
+            source_log_retained_bytes: Some(10 << 30),
+            source_log_headroom_bytes: None,
+            source_log_headroom_s: None,
+            certificate_expiry: Some("<i>2031</i>".into()),
             changes_applied: 0,
             changes_quarantined: 0,
             last_applied: None,
@@ -410,7 +445,10 @@ mod tests {
         };
         for html in [fleet("op", std::slice::from_ref(&e)), agent("op", &e, &[])] {
             assert!(!html.contains("<script>alert") && !html.contains("<img"), "{html}");
+            assert!(!html.contains("<b>wal") && !html.contains("<i>2031"), "{html}");
         }
+        let detail = agent("op", &e, &[]);
+        assert!(detail.contains("50 of about 200 rows (25 %)") && detail.contains("10.0 GiB"), "{detail}");
         assert!(agent("op", &e, &[]).contains("&lt;script&gt;"));
         assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
     }

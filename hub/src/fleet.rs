@@ -48,7 +48,14 @@ pub const DDL: &str = "CREATE TABLE IF NOT EXISTS dongbo.fleet (
     reported_at timestamptz,
     written_by text,
     updated_at timestamptz NOT NULL DEFAULT now()
-);";
+);
+ALTER TABLE dongbo.fleet ADD COLUMN IF NOT EXISTS snapshot_rows bigint,
+    ADD COLUMN IF NOT EXISTS snapshot_estimated_rows bigint,
+    ADD COLUMN IF NOT EXISTS source_log text,
+    ADD COLUMN IF NOT EXISTS source_log_retained_bytes bigint,
+    ADD COLUMN IF NOT EXISTS source_log_headroom_bytes bigint,
+    ADD COLUMN IF NOT EXISTS source_log_headroom_s double precision,
+    ADD COLUMN IF NOT EXISTS certificate_expiry timestamptz;";
 
 /// How an agent reaches the hubs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,9 +258,11 @@ async fn flush(client: &Client, hub: &str) -> Result<(), tokio_postgres::Error> 
             .execute(
                 "INSERT INTO dongbo.fleet (source_id, transport, agent_version, host, peer, connected, last_contact, \
                    last_error, spool_bytes, spool_limit_bytes, spool_batches, capture_running, oldest_unacknowledged_s, \
-                   changes_spooled, reported_at, written_by, updated_at) \
+                   changes_spooled, reported_at, written_by, updated_at, snapshot_rows, snapshot_estimated_rows, \
+                   source_log, source_log_retained_bytes, source_log_headroom_bytes, source_log_headroom_s, \
+                   certificate_expiry) \
                  VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::float8 / 1e6), $8, $9, $10, $11, $12, $13, $14, \
-                   to_timestamp($15::float8 / 1e6), $16, now()) \
+                   to_timestamp($15::float8 / 1e6), $16, now(), $17, $18, $19, $20, $21, $22, to_timestamp($23::float8)) \
                  ON CONFLICT (source_id) DO UPDATE SET transport = EXCLUDED.transport, \
                    agent_version = COALESCE(EXCLUDED.agent_version, fleet.agent_version), \
                    host = COALESCE(EXCLUDED.host, fleet.host), peer = COALESCE(EXCLUDED.peer, fleet.peer), \
@@ -266,7 +275,15 @@ async fn flush(client: &Client, hub: &str) -> Result<(), tokio_postgres::Error> 
                    oldest_unacknowledged_s = COALESCE(EXCLUDED.oldest_unacknowledged_s, fleet.oldest_unacknowledged_s), \
                    changes_spooled = COALESCE(EXCLUDED.changes_spooled, fleet.changes_spooled), \
                    reported_at = COALESCE(EXCLUDED.reported_at, fleet.reported_at), \
-                   written_by = EXCLUDED.written_by, updated_at = now()",
+                   written_by = EXCLUDED.written_by, updated_at = now(), \
+                   snapshot_rows = CASE WHEN EXCLUDED.reported_at IS NULL THEN fleet.snapshot_rows ELSE EXCLUDED.snapshot_rows END, \
+                   snapshot_estimated_rows = CASE WHEN EXCLUDED.reported_at IS NULL THEN fleet.snapshot_estimated_rows \
+                     ELSE EXCLUDED.snapshot_estimated_rows END, \
+                   source_log = COALESCE(EXCLUDED.source_log, fleet.source_log), \
+                   source_log_retained_bytes = COALESCE(EXCLUDED.source_log_retained_bytes, fleet.source_log_retained_bytes), \
+                   source_log_headroom_bytes = COALESCE(EXCLUDED.source_log_headroom_bytes, fleet.source_log_headroom_bytes), \
+                   source_log_headroom_s = COALESCE(EXCLUDED.source_log_headroom_s, fleet.source_log_headroom_s), \
+                   certificate_expiry = COALESCE(EXCLUDED.certificate_expiry, fleet.certificate_expiry)",
                 &[
                     id,
                     &h.transport,
@@ -284,6 +301,14 @@ async fn flush(client: &Client, hub: &str) -> Result<(), tokio_postgres::Error> 
                     &rep.map(|r| to_i64(r.changes_spooled)),
                     &h.reported_at_us.map(|t| t as f64),
                     &hub,
+                    // A snapshot's columns are null once none runs.
+                    &rep.filter(|r| r.snapshot_running).map(|r| to_i64(r.snapshot_rows)),
+                    &rep.filter(|r| r.snapshot_running).map(|r| to_i64(r.snapshot_estimated_rows)),
+                    &rep.map(|r| r.source_log.clone()).filter(|l| matches!(l.as_str(), "wal" | "binlog")),
+                    &rep.filter(|r| !r.source_log.is_empty()).map(|r| to_i64(r.source_log_retained_bytes)),
+                    &rep.and_then(|r| r.source_log_headroom_bytes).map(to_i64),
+                    &rep.and_then(|r| r.source_log_headroom_s).filter(|h| h.is_finite()),
+                    &rep.map(|r| r.certificate_expiry_s).filter(|t| *t > 0).map(|t| t as f64),
                 ],
             )
             .await;
@@ -351,6 +376,20 @@ pub struct FleetEntry {
     pub spool_batches: Option<i64>,
     /// Whether its capture was running.
     pub capture_running: Option<bool>,
+    /// Rows its snapshot under way has read, none when no snapshot runs.
+    pub snapshot_rows: Option<i64>,
+    /// The rows that snapshot expects in all (0 when unknown).
+    pub snapshot_estimated_rows: Option<i64>,
+    /// `wal` or `binlog`: the log its source keeps for it, once read.
+    pub source_log: Option<String>,
+    /// Bytes of that log kept for it.
+    pub source_log_retained_bytes: Option<i64>,
+    /// How much more the server keeps, when bounded by size.
+    pub source_log_headroom_bytes: Option<i64>,
+    /// How long the server keeps its position at least, when bounded by time.
+    pub source_log_headroom_s: Option<f64>,
+    /// When its client certificate expires (RFC 3339), if it has one.
+    pub certificate_expiry: Option<String>,
     /// Changes applied to the NDC, all its streams together.
     pub changes_applied: i64,
     /// Changes quarantined.
@@ -376,7 +415,9 @@ pub async fn list(client: &Client, config: &HubConfig) -> Result<Vec<FleetEntry>
             "SELECT source_id, transport, agent_version, host, peer, connected, \
                to_char(last_contact AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                EXTRACT(EPOCH FROM now() - last_contact)::float8, last_error, spool_bytes, spool_limit_bytes, \
-               spool_batches, capture_running FROM dongbo.fleet",
+               spool_batches, capture_running, snapshot_rows, snapshot_estimated_rows, source_log, \
+               source_log_retained_bytes, source_log_headroom_bytes, source_log_headroom_s, \
+               to_char(certificate_expiry AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM dongbo.fleet",
             &[],
         )
         .await?;
@@ -429,6 +470,13 @@ pub async fn list(client: &Client, config: &HubConfig) -> Result<Vec<FleetEntry>
             spool_limit_bytes: row.as_ref().and_then(|r| r.get(10)),
             spool_batches: row.as_ref().and_then(|r| r.get(11)),
             capture_running: row.as_ref().and_then(|r| r.get(12)),
+            snapshot_rows: row.as_ref().and_then(|r| r.get(13)),
+            snapshot_estimated_rows: row.as_ref().and_then(|r| r.get(14)),
+            source_log: get(15),
+            source_log_retained_bytes: row.as_ref().and_then(|r| r.get(16)),
+            source_log_headroom_bytes: row.as_ref().and_then(|r| r.get(17)),
+            source_log_headroom_s: row.as_ref().and_then(|r| r.get(18)),
+            certificate_expiry: get(19),
             changes_applied: applied.get(0),
             changes_quarantined: applied.get(1),
             last_applied: applied.get(2),

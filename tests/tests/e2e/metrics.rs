@@ -201,6 +201,10 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     assert!(fleet["changes_applied"].as_i64().is_some_and(|n| n >= 301), "{fleet}");
     assert!(fleet["last_contact"].as_str().is_some(), "{fleet}");
     assert_eq!(fleet["health"], "red", "a stopped agent is red at once: {fleet}");
+    assert_eq!(fleet["source_log"], "wal", "{fleet}");
+    assert!(fleet["source_log_retained_bytes"].as_i64().is_some_and(|b| b > 0), "{fleet}");
+    assert!(fleet["source_log_headroom_bytes"].as_i64().is_some_and(|b| b > 0), "{fleet}");
+    assert!(fleet["snapshot_rows"].is_null(), "no snapshot runs: {fleet}");
     // The table an operator reads.
     let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-hub")?)
         .args(["status", "--admin", &format!("http://127.0.0.1:{admin_port}")])
