@@ -46,6 +46,12 @@ pub struct AgentStatus {
     pub snapshot_done: bool,
     /// A table being snapshotted online, if any.
     pub snapshotting: Option<String>,
+    /// A snapshot being read now: rows so far and the rows expected (0 when unknown).
+    #[serde(default)]
+    pub snapshot_progress: Option<(u64, u64)>,
+    /// The log the source keeps for this agent (`wal` or `binlog`) and its bytes, once read.
+    #[serde(default)]
+    pub source_log: Option<(String, u64)>,
 }
 
 impl AgentStatus {
@@ -68,6 +74,8 @@ impl AgentStatus {
             source_position: resume.committed_end.map(|p| p.to_string()),
             snapshot_done: resume.snapshot_done,
             snapshotting: resume.snapshotting.map(|t| t.table.to_string()),
+            snapshot_progress: m.snapshot_under_way(),
+            source_log: m.last_source_log().map(|(log, r)| (log, r.retained_bytes)),
         }
     }
 
@@ -109,6 +117,13 @@ impl AgentStatus {
                 (None, false) => "not finished".into(),
             },
         );
+        if let Some((rows, expected)) = self.snapshot_progress {
+            let of = if expected > 0 { format!(" of about {expected}") } else { String::new() };
+            line("snapshot under way", format!("{rows}{of} rows read"));
+        }
+        if let Some((log, bytes)) = &self.source_log {
+            line("source log kept for it", format!("{bytes} bytes of {log}"));
+        }
         out
     }
 }

@@ -132,6 +132,8 @@ async fn counters_and_lag_move_with_the_workload_a_stopped_agent_falls_silent_an
     assert_eq!(status["snapshot_done"], true, "{status}");
     assert!(status["changes_spooled"].as_u64().is_some_and(|n| n >= 201), "{status}");
     assert!(status["source_position"].as_str().is_some_and(|p| p.contains('/')), "an LSN: {status}");
+    assert_eq!(status["source_log"][0], "wal", "{status}");
+    assert!(status["snapshot_progress"].is_null(), "the snapshot is done: {status}");
 
     // 100 changes more: the counter moves by exactly 100, the lag is measured from their commits.
     insert_citizens(&src, &mut gen, 100).await?;
