@@ -26,8 +26,8 @@
 //! (or the NDC abandons it when the connection drops), acknowledges what is durable, and the stream
 //! ends, so the server's graceful shutdown completes within seconds.
 //!
-//! This is the ingest boundary: anything that yields validated [`ChangeBatch`]es of one source in seq
-//! order (the Kafka consumer) can drive [`NdcApplier`] the same way.
+//! What a batch may be, and what is durable when, is [`crate::pipeline`]'s: this module only reads
+//! the stream and answers in gRPC's terms (the Kafka consumer drives the same pipeline).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -43,11 +43,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::apply::{ApplyError, NdcApplier, OffsetMark};
+use crate::apply::{ApplyError, NdcApplier};
 use crate::auth::Authenticator;
 use crate::config::{AgentAcl, HubConfig};
-use crate::fanout::log::{Append, FanoutLog};
 use crate::fanout::Fanout;
+use crate::pipeline::{self, adopt_stream, apply_and_log, PipelineError, Refused};
 
 /// An agent must say Hello this soon after opening a stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,7 +182,8 @@ impl Ingest for IngestService {
                 .map_err(|e| apply_status(&e))?;
         let applied = applier.applied_seq().await.map_err(|e| apply_status(&e))?;
         let log = self.fanout.log.clone();
-        let logged = adopt_stream(&applier, &log, &acl.id, &acl.id, applied, None).await?;
+        let logged =
+            adopt_stream(&applier, &log, &acl.id, &acl.id, applied, None).await.map_err(|e| pipeline_status(&e))?;
         // Durable at both hops: the agent resends whatever the NDC has but the log does not yet.
         let durable = applied.min(logged);
         info!(source_id = %acl.id, agent_version = %hello.agent_version, applied_seq = applied, logged_seq = logged, generation, "agent connected");
@@ -289,10 +290,10 @@ impl Ingest for IngestService {
                             break;
                         }
                     }
-                    Err(status) => {
-                        warn!(source_id = %acl.id, error = %status.message(), "apply failed; the agent will resend from the last durable position");
-                        ended_with = Some(format!("apply failed: {}", status.message()));
-                        let _ = out_tx.send(Err(status)).await;
+                    Err(e) => {
+                        warn!(source_id = %acl.id, error = %e, "apply failed; the agent will resend from the last durable position");
+                        ended_with = Some(format!("apply failed: {e}"));
+                        let _ = out_tx.send(Err(pipeline_status(&e))).await;
                         break;
                     }
                 }
@@ -326,63 +327,21 @@ fn opened_len(msg: &AgentMessage) -> usize {
     }
 }
 
-/// Starts the fan-out log's record of a stream it has never seen at the stream's applied seq, first
-/// logging the events the NDC outbox still holds for it (at least once: another hub's log, or a log
-/// since wiped, may have had them). Returns the stream's logged seq.
-pub(crate) async fn adopt_stream(
-    applier: &NdcApplier,
-    log: &FanoutLog,
-    source_id: &str,
-    stream: &str,
-    applied: u64,
-    next_offset: Option<i64>,
-) -> Result<u64, Status> {
-    if let Some(logged) = log.logged_seq(stream).map_err(|e| Status::internal(e.to_string()))? {
-        return Ok(logged);
+/// A pipeline error as the agent is told it.
+pub(crate) fn pipeline_status(e: &PipelineError) -> Status {
+    match e {
+        PipelineError::Apply(e) => apply_status(e),
+        e => Status::internal(e.to_string()),
     }
-    let (events, excluded) = applier.recorded(0, applied).await.map_err(|e| {
-        warn!(stream, error = %e, "cannot start the fan-out log of this stream");
-        apply_status(&e)
-    })?;
-    log.append(Append { source_id, stream, next_offset, batches: &[], excluded, events, upto: applied })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-    Ok(applied)
 }
 
-/// Applies a run of batches of one stream to the NDC (with the Kafka `mark`, if any), then logs them
-/// for fan-out; returns the seq durable at both.
-pub(crate) async fn apply_and_log(
-    applier: &mut NdcApplier,
-    log: &FanoutLog,
-    source_id: &str,
-    stream: &str,
-    batches: &[(ChangeBatch, Vec<u8>)],
-    mark: Option<&OffsetMark>,
-) -> Result<u64, Status> {
-    let logged = log.logged_seq(stream).map_err(|e| Status::internal(e.to_string()))?.unwrap_or(0);
-    applier.set_logged_seq(logged);
-    let decoded: Vec<&ChangeBatch> = batches.iter().map(|(b, _)| b).collect();
-    let outcome = applier.apply_marked(&decoded, mark).await.map_err(|e| apply_status(&e))?;
-    let last_seq = decoded.iter().map(|b| b.last_seq()).max().unwrap_or(0);
-    let mut events = outcome.events;
-    let mut excluded = outcome.quarantined;
-    let replayed_upto = outcome.applied_before.min(last_seq);
-    if replayed_upto > logged {
-        // Applied before the hub last stopped but not logged: recover what that apply recorded.
-        let (old_events, old_quarantined) = applier.recorded(logged, replayed_upto).await.map_err(|e| {
-            warn!(stream, error = %e, "cannot recover the events of changes applied before a restart");
-            apply_status(&e)
-        })?;
-        events.splice(0..0, old_events);
-        excluded.extend(old_quarantined);
+/// A refused batch as the agent is told it.
+fn refused_status(e: Refused) -> Status {
+    match e {
+        e @ Refused::TooLarge(_) => Status::out_of_range(e.to_string()),
+        e @ Refused::NotYours { .. } => Status::permission_denied(e.to_string()),
+        e => Status::invalid_argument(e.to_string()),
     }
-    let next_offset = mark.map(|m| m.next_offset);
-    let logged = log
-        .append(Append { source_id, stream, next_offset, batches, excluded, events, upto: 0 })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-    Ok(logged.min(outcome.applied_seq))
 }
 
 fn decode(
@@ -398,34 +357,8 @@ fn decode(
         Some(agent_message::Kind::Status(_)) => return Err(Status::internal("a status report reached the decoder")),
         None => return Err(Status::invalid_argument("message with no content")),
     };
-    // A compressed batch is held to the same limit as a plain message, before it is opened.
-    let opened = wire::open_batch(&spooled.change_batch, max_bytes).map_err(|e| match e {
-        e @ wire::WireError::TooLarge { .. } => Status::out_of_range(format!("{e} (limits.max_message_bytes)")),
-        e => Status::invalid_argument(e.to_string()),
-    })?;
-    let count = wire::count_changes(&opened).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    if count > max_changes {
-        return Err(Status::invalid_argument(format!(
-            "a batch of {count} changes is over the hub's limit of {max_changes} (limits.max_changes_per_batch): \
-             lower spool.batch_max_changes in the agent"
-        )));
-    }
-    let batch = wire::decode_batch(&opened).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    drop(opened);
-    if batch.source_id != source_id {
-        return Err(Status::permission_denied(format!(
-            "batch claims source {} on the stream of {source_id}",
-            batch.source_id
-        )));
-    }
-    if batch.changes.is_empty() || batch.first_seq() != spooled.first_seq || batch.last_seq() != spooled.last_seq {
-        return Err(Status::invalid_argument(format!(
-            "batch envelope says seqs {}..={} but the batch holds {}..={}",
-            spooled.first_seq,
-            spooled.last_seq,
-            batch.first_seq(),
-            batch.last_seq()
-        )));
-    }
+    let envelope = Some((spooled.first_seq, spooled.last_seq));
+    let batch =
+        pipeline::decode(source_id, &spooled.change_batch, envelope, max_changes, max_bytes).map_err(refused_status)?;
     Ok((batch, spooled.change_batch))
 }

@@ -44,6 +44,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod listener;
 pub mod metrics;
+pub mod pipeline;
 pub mod server_tls;
 
 use std::future::Future;

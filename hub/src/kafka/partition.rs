@@ -20,12 +20,28 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
-use tonic::Status;
 use tracing::{info, warn};
 
 use super::{Shared, TopicPartition};
-use crate::apply::{NdcApplier, OffsetMark, RejectedMessage};
-use crate::ingest::{adopt_stream, apply_and_log, apply_status};
+use crate::apply::{ApplyError, NdcApplier, OffsetMark, RejectedMessage};
+use crate::pipeline::{self, adopt_stream, apply_and_log, catch_up, PipelineError};
+
+/// Why a partition's worker starts its session again.
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    /// Decoding, applying or logging failed.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The broker or the consumer's assignment.
+    #[error("{0}")]
+    Kafka(String),
+}
+
+impl From<ApplyError> for WorkerError {
+    fn from(e: ApplyError) -> Self {
+        WorkerError::Pipeline(e.into())
+    }
+}
 
 /// Messages waiting for a partition's worker.
 const QUEUE: usize = 4096;
@@ -53,7 +69,7 @@ async fn worker(shared: Arc<Shared>, (topic, partition): TopicPartition, mut rx:
             Ok(()) => return,
             Err(e) => {
                 let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
-                warn!(topic, partition, error = %e.message(), retry_in_ms = wait.as_millis() as u64, "partition worker failed; it will seek back to the NDC's offset");
+                warn!(topic, partition, error = %e, retry_in_ms = wait.as_millis() as u64, "partition worker failed; it will seek back to the NDC's offset");
                 tokio::time::sleep(wait).await;
                 // Whatever the channel holds will be read again after the seek.
                 while rx.try_recv().is_ok() {}
@@ -71,9 +87,9 @@ async fn session(
     partition: i32,
     rx: &mut mpsc::Receiver<OwnedMessage>,
     backoff: &mut backoff::ExponentialBackoff,
-) -> Result<(), Status> {
+) -> Result<(), WorkerError> {
     let Some(acl) = shared.agents.get(topic) else {
-        return Err(Status::internal(format!("no agent owns topic {topic}")));
+        return Err(WorkerError::Kafka(format!("no agent owns topic {topic}")));
     };
     let stream = stream_name(topic, partition);
     let mut applier = NdcApplier::connect_stream(
@@ -83,31 +99,17 @@ async fn session(
         shared.fanout.rules.clone(),
         stream.clone(),
     )
-    .await
-    .map_err(|e| apply_status(&e))?;
-    let (applied, ndc_offset) = applier.position().await.map_err(|e| apply_status(&e))?;
+    .await?;
+    let (applied, ndc_offset) = applier.position().await?;
     let log = &shared.fanout.log;
     let logged = adopt_stream(&applier, log, &acl.id, &stream, applied, ndc_offset).await?;
-    if logged < applied {
-        // The hub stopped between an NDC commit and its log append: the outbox still has the
-        // events of those changes.
-        let (events, excluded) = applier.recorded(logged, applied).await.map_err(|e| apply_status(&e))?;
-        let append = crate::fanout::log::Append {
-            source_id: &acl.id,
-            stream: &stream,
-            next_offset: ndc_offset,
-            batches: &[],
-            excluded,
-            events,
-            upto: applied,
-        };
-        log.append(append).await.map_err(|e| Status::internal(e.to_string()))?;
-    }
+    catch_up(&applier, log, &acl.id, &stream, logged, applied, ndc_offset).await?;
     let start = ndc_offset.map_or(Offset::Beginning, Offset::Offset);
     seek(shared, topic, partition, start).await?;
     info!(topic, partition, applied_seq = applied, next_offset = ?ndc_offset, "partition resumed from the NDC's offset");
     let max_changes = shared.config.apply.max_changes_per_txn;
     let max_bytes = shared.config.limits.max_message_bytes;
+    let max_batch_changes = shared.config.limits.max_changes_per_batch;
     // Messages below this offset were applied already (or are being re-read from before the seek).
     let mut expect = ndc_offset.unwrap_or(0);
     // The highest seq taken in this session: a re-produced message repeats seqs.
@@ -149,7 +151,11 @@ async fn session(
                 }
                 continue;
             }
-            match decode(&acl.id, &m, max_bytes) {
+            let decoded = match m.payload() {
+                None => Err("the message has no value".to_string()),
+                Some(p) => pipeline::decode(&acl.id, p, None, max_batch_changes, max_bytes).map_err(|e| e.to_string()),
+            };
+            match decoded {
                 Ok(mut batch) => {
                     let whole = batch.changes.len();
                     batch.changes.retain(|c| c.seq > high);
@@ -188,37 +194,19 @@ async fn session(
 }
 
 /// Moves the consumer's fetch position of the partition, retrying while the assignment settles.
-async fn seek(shared: &Shared, topic: &str, partition: i32, offset: Offset) -> Result<(), Status> {
+async fn seek(shared: &Shared, topic: &str, partition: i32, offset: Offset) -> Result<(), WorkerError> {
     let mut last = None;
     for _ in 0..50 {
         let consumer = shared.consumer.clone();
         let t = topic.to_string();
         let r = tokio::task::spawn_blocking(move || consumer.seek(&t, partition, offset, Duration::from_secs(5)))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| WorkerError::Kafka(e.to_string()))?;
         match r {
             Ok(()) => return Ok(()),
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(Status::unavailable(format!("cannot seek {topic}/{partition} to {offset:?}: {last:?}")))
-}
-
-/// The change batch a message holds, or why it is not a valid one of agent `source_id`; a compressed
-/// one is opened only if it says it holds at most `max_bytes` (`limits.max_message_bytes`).
-pub fn decode(source_id: &str, m: &OwnedMessage, max_bytes: usize) -> Result<ChangeBatch, String> {
-    let payload = m.payload().ok_or("the message has no value")?;
-    let opened = wire::open_batch(payload, max_bytes).map_err(|e| format!("not a dongbo change batch: {e}"))?;
-    let batch = wire::decode_batch(&opened).map_err(|e| format!("not a dongbo change batch: {e}"))?;
-    if batch.source_id != source_id {
-        return Err(format!("the message claims source {:?} on the topic of agent {source_id}", batch.source_id));
-    }
-    if batch.changes.is_empty() {
-        return Err("the message holds no change".into());
-    }
-    if batch.changes.windows(2).any(|w| w[0].seq >= w[1].seq) {
-        return Err("the message's changes are not in increasing seq order".into());
-    }
-    Ok(batch)
+    Err(WorkerError::Kafka(format!("cannot seek {topic}/{partition} to {offset:?}: {last:?}")))
 }

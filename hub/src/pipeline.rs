@@ -1,0 +1,249 @@
+//! The hub's one pipeline for agents' changes, whatever carried them (a gRPC stream, a Kafka
+//! partition): decode → validate → apply → log → acknowledge. The transports only read messages
+//! and answer in their own terms; every rule about what a batch may be, and about what is durable
+//! when, lives here.
+//!
+//! # Contract
+//! - [`decode`] opens one batch (a compressed one only if it says it holds at most
+//!   `limits.max_message_bytes`), and refuses it whole ([`Refused`], a definite error naming the
+//!   peer's mistake) when it holds more than `limits.max_changes_per_batch` changes, no change,
+//!   changes of another agent than the authenticated one, seqs that do not rise (the wire
+//!   decoder's rule), or seqs other than its envelope says.
+//! - [`apply_and_log`] applies a run of batches of one stream in one NDC transaction, then appends
+//!   them to the fan-out log; it returns the seq durable at both, the only one a transport may
+//!   acknowledge (or record as its consumer position).
+//! - After a restart, whatever the NDC applied but the log does not hold yet (the hub died between
+//!   the NDC commit and the append) is taken from the NDC's outbox and logged first
+//!   ([`adopt_stream`], [`catch_up`]).
+//! - Errors say what to do: [`PipelineError::is_transient`] means try again from the last durable
+//!   position; anything else stops the stream with its reason.
+
+use dongbo_connectors::model::ChangeBatch;
+use dongbo_connectors::wire;
+use tracing::warn;
+
+use crate::apply::{ApplyError, NdcApplier, OffsetMark};
+use crate::fanout::log::{Append, FanoutLog};
+
+/// Why a batch is refused: the peer's mistake, never retried as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Over `limits.max_message_bytes` once opened.
+    #[error("{0} (limits.max_message_bytes)")]
+    TooLarge(String),
+    /// Over `limits.max_changes_per_batch`.
+    #[error(
+        "a batch of {count} changes is over the hub's limit of {max} (limits.max_changes_per_batch): lower \
+         spool.batch_max_changes in the agent"
+    )]
+    TooManyChanges {
+        /// Changes in the batch.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Changes claimed for another agent than the one the connection authenticated.
+    #[error("the batch claims source {claimed:?} on a stream of agent {source_id}")]
+    NotYours {
+        /// What the batch says.
+        claimed: String,
+        /// Who sent it.
+        source_id: String,
+    },
+    /// Not a valid batch.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The NDC refused or is unreachable.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The fan-out log could not be read or written.
+    #[error("fan-out log: {0}")]
+    Log(String),
+}
+
+impl PipelineError {
+    /// Whether trying again from the last durable position can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Apply(e) => e.is_transient(),
+            PipelineError::Log(_) => false,
+        }
+    }
+}
+
+fn log_error(e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Log(e.to_string())
+}
+
+/// The batch `payload` holds, sent by agent `source_id`; `envelope` is the seq range its
+/// transport said it holds, when it says one.
+pub fn decode(
+    source_id: &str,
+    payload: &[u8],
+    envelope: Option<(u64, u64)>,
+    max_changes: usize,
+    max_bytes: usize,
+) -> Result<ChangeBatch, Refused> {
+    let opened = wire::open_batch(payload, max_bytes).map_err(|e| match e {
+        e @ wire::WireError::TooLarge { .. } => Refused::TooLarge(e.to_string()),
+        e => Refused::Invalid(format!("not a dongbo change batch: {e}")),
+    })?;
+    let count =
+        wire::count_changes(&opened).map_err(|e| Refused::Invalid(format!("not a dongbo change batch: {e}")))?;
+    if count > max_changes {
+        return Err(Refused::TooManyChanges { count, max: max_changes });
+    }
+    let batch = wire::decode_batch(&opened).map_err(|e| Refused::Invalid(format!("not a dongbo change batch: {e}")))?;
+    drop(opened);
+    if batch.source_id != source_id {
+        return Err(Refused::NotYours { claimed: batch.source_id, source_id: source_id.to_string() });
+    }
+    if batch.changes.is_empty() {
+        return Err(Refused::Invalid("the batch holds no change".into()));
+    }
+    if let Some((first, last)) = envelope {
+        if batch.first_seq() != first || batch.last_seq() != last {
+            return Err(Refused::Invalid(format!(
+                "batch envelope says seqs {first}..={last} but the batch holds {}..={}",
+                batch.first_seq(),
+                batch.last_seq()
+            )));
+        }
+    }
+    Ok(batch)
+}
+
+/// Starts the fan-out log's record of a stream it has never seen at the stream's applied seq, first
+/// logging the events the NDC outbox still holds for it (at least once: another hub's log, or a log
+/// since wiped, may have had them). Returns the stream's logged seq.
+pub async fn adopt_stream(
+    applier: &NdcApplier,
+    log: &FanoutLog,
+    source_id: &str,
+    stream: &str,
+    applied: u64,
+    next_offset: Option<i64>,
+) -> Result<u64, PipelineError> {
+    if let Some(logged) = log.logged_seq(stream).map_err(log_error)? {
+        return Ok(logged);
+    }
+    let (events, excluded) = applier.recorded(0, applied).await.inspect_err(|e| {
+        warn!(stream, error = %e, "cannot start the fan-out log of this stream");
+    })?;
+    log.append(Append { source_id, stream, next_offset, batches: &[], excluded, events, upto: applied })
+        .await
+        .map_err(log_error)?;
+    Ok(applied)
+}
+
+/// Brings the fan-out log of `stream` up to the NDC's `applied` seq when the hub stopped between an
+/// NDC commit and its log append: the outbox still has what those changes recorded.
+pub async fn catch_up(
+    applier: &NdcApplier,
+    log: &FanoutLog,
+    source_id: &str,
+    stream: &str,
+    logged: u64,
+    applied: u64,
+    next_offset: Option<i64>,
+) -> Result<(), PipelineError> {
+    if logged >= applied {
+        return Ok(());
+    }
+    let (events, excluded) = applier.recorded(logged, applied).await?;
+    log.append(Append { source_id, stream, next_offset, batches: &[], excluded, events, upto: applied })
+        .await
+        .map_err(log_error)?;
+    Ok(())
+}
+
+/// Applies a run of batches of one stream to the NDC (with the Kafka `mark`, if any), then logs them
+/// for fan-out; returns the seq durable at both.
+pub async fn apply_and_log(
+    applier: &mut NdcApplier,
+    log: &FanoutLog,
+    source_id: &str,
+    stream: &str,
+    batches: &[(ChangeBatch, Vec<u8>)],
+    mark: Option<&OffsetMark>,
+) -> Result<u64, PipelineError> {
+    let logged = log.logged_seq(stream).map_err(log_error)?.unwrap_or(0);
+    applier.set_logged_seq(logged);
+    let decoded: Vec<&ChangeBatch> = batches.iter().map(|(b, _)| b).collect();
+    let outcome = applier.apply_marked(&decoded, mark).await?;
+    let last_seq = decoded.iter().map(|b| b.last_seq()).max().unwrap_or(0);
+    let mut events = outcome.events;
+    let mut excluded = outcome.quarantined;
+    let replayed_upto = outcome.applied_before.min(last_seq);
+    if replayed_upto > logged {
+        // Applied before the hub last stopped but not logged: recover what that apply recorded.
+        let (old_events, old_quarantined) = applier.recorded(logged, replayed_upto).await.inspect_err(|e| {
+            warn!(stream, error = %e, "cannot recover the events of changes applied before a restart");
+        })?;
+        events.splice(0..0, old_events);
+        excluded.extend(old_quarantined);
+    }
+    let next_offset = mark.map(|m| m.next_offset);
+    let logged = log
+        .append(Append { source_id, stream, next_offset, batches, excluded, events, upto: 0 })
+        .await
+        .map_err(log_error)?;
+    Ok(logged.min(outcome.applied_seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dongbo_connectors::model::{ChangeEvent, Column, Operation, TableId, TableSchema, Value};
+    use std::sync::Arc;
+
+    fn batch(source_id: &str, seqs: &[u64]) -> Vec<u8> {
+        let schema = Arc::new(TableSchema::new(
+            TableId::new("public", "t"),
+            vec![Column { name: "id".into(), type_name: "int8".into(), type_oid: 20 }],
+            vec![0],
+        ));
+        let changes = seqs
+            .iter()
+            .map(|s| {
+                ChangeEvent::for_test(
+                    *s,
+                    &schema,
+                    Operation::Insert,
+                    vec![Value::Int(*s as i64)],
+                    Some(vec![Value::Int(*s as i64)]),
+                )
+            })
+            .collect();
+        wire::encode_batch(ChangeBatch { source_id: source_id.into(), changes })
+    }
+
+    #[test]
+    fn a_batch_is_refused_whole_for_each_rule_it_breaks() {
+        let ok = decode("hcm", &batch("hcm", &[1, 2, 3]), Some((1, 3)), 10, 1 << 20).expect("a valid batch");
+        assert_eq!((ok.first_seq(), ok.last_seq()), (1, 3));
+        assert!(decode("hcm", &batch("hcm", &[1, 2, 3]), None, 10, 1 << 20).is_ok(), "Kafka has no envelope");
+        assert_eq!(
+            decode("hcm", &batch("hcm", &[1, 2, 3]), None, 2, 1 << 20),
+            Err(Refused::TooManyChanges { count: 3, max: 2 })
+        );
+        assert!(matches!(decode("hcm", &batch("hanoi", &[1]), None, 10, 1 << 20), Err(Refused::NotYours { .. })));
+        for seqs in [&[2u64, 2][..], &[3, 1]] {
+            let e = decode("hcm", &batch("hcm", seqs), None, 10, 1 << 20).unwrap_err();
+            // The wire decoder itself refuses seqs that do not rise.
+            assert!(e.to_string().contains("not above the previous one"), "{e}");
+        }
+        let e = decode("hcm", &batch("hcm", &[1, 2]), Some((1, 3)), 10, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("envelope says seqs 1..=3"), "{e}");
+        let e = decode("hcm", b"\xff\xff not protobuf", None, 10, 1 << 20).unwrap_err();
+        assert!(e.to_string().starts_with("not a dongbo change batch"), "{e}");
+        let compressed = wire::compress_batch(&batch("hcm", &[1, 2, 3]));
+        assert!(decode("hcm", &compressed, None, 10, 1 << 20).is_ok());
+        assert!(matches!(decode("hcm", &compressed, None, 10, 16), Err(Refused::TooLarge(_))));
+    }
+}
