@@ -13,8 +13,11 @@
 //!   them to the fan-out log; it returns the seq durable at both, the only one a transport may
 //!   acknowledge (or record as its consumer position).
 //! - After a restart, whatever the NDC applied but the log does not hold yet (the hub died between
-//!   the NDC commit and the append) is taken from the NDC's outbox and logged first
-//!   ([`adopt_stream`], [`catch_up`]).
+//!   the NDC commit and the append) is logged again, rows and events: the transport reads those
+//!   batches again from where the log ends (the agent resends from the acknowledged seq; a Kafka
+//!   partition seeks to the log's offset), the NDC skips the changes it has and the outbox gives
+//!   their events ([`apply_and_log`]). Where nothing can be read again, the events alone come from
+//!   the outbox ([`adopt_stream`], [`catch_up`]).
 //! - Errors say what to do: [`PipelineError::is_transient`] means try again from the last durable
 //!   position; anything else stops the stream with its reason.
 
@@ -176,6 +179,8 @@ pub async fn apply_and_log(
     applier.set_logged_seq(logged);
     let decoded: Vec<&ChangeBatch> = batches.iter().map(|(b, _)| b).collect();
     let outcome = applier.apply_marked(&decoded, mark).await?;
+    // The window a restart must recover: committed in the NDC, not yet in the log.
+    dongbo_connectors::fault::crash_at("hub-applied-not-logged");
     let last_seq = decoded.iter().map(|b| b.last_seq()).max().unwrap_or(0);
     let mut events = outcome.events;
     let mut excluded = outcome.quarantined;

@@ -103,17 +103,30 @@ async fn session(
     let (applied, ndc_offset) = applier.position().await?;
     let log = &shared.fanout.log;
     let logged = adopt_stream(&applier, log, &acl.id, &stream, applied, ndc_offset).await?;
-    catch_up(&applier, log, &acl.id, &stream, logged, applied, ndc_offset).await?;
-    let start = ndc_offset.map_or(Offset::Beginning, Offset::Offset);
+    let log_offset = log.logged_position(&stream).map_err(|e| PipelineError::Log(e.to_string()))?.and_then(|(_, o)| o);
+    // The hub stopped between an NDC commit and its log append: read those messages again from
+    // where the log ends, so their rows are logged too (the NDC skips the changes it has, and keeps
+    // its offset and quarantine as they are). Without the log's offset, only their events can be
+    // recovered, from the outbox.
+    let reread = logged < applied && log_offset.is_some();
+    if !reread {
+        catch_up(&applier, log, &acl.id, &stream, logged, applied, ndc_offset).await?;
+    }
+    let resume_at = if reread { log_offset } else { ndc_offset };
+    let start = resume_at.map_or(Offset::Beginning, Offset::Offset);
     seek(shared, topic, partition, start).await?;
-    info!(topic, partition, applied_seq = applied, next_offset = ?ndc_offset, "partition resumed from the NDC's offset");
+    if reread {
+        info!(topic, partition, applied_seq = applied, logged_seq = logged, from_offset = ?resume_at, "partition reads again what the NDC applied and the fan-out log lacks");
+    } else {
+        info!(topic, partition, applied_seq = applied, next_offset = ?ndc_offset, "partition resumed from the NDC's offset");
+    }
     let max_changes = shared.config.apply.max_changes_per_txn;
     let max_bytes = shared.config.limits.max_message_bytes;
     let max_batch_changes = shared.config.limits.max_changes_per_batch;
     // Messages below this offset were applied already (or are being re-read from before the seek).
-    let mut expect = ndc_offset.unwrap_or(0);
+    let mut expect = resume_at.unwrap_or(0);
     // The highest seq taken in this session: a re-produced message repeats seqs.
-    let mut high = applied;
+    let mut high = if reread { logged } else { applied };
     loop {
         let Some(first) = rx.recv().await else { return Ok(()) };
         let mut run = vec![first];

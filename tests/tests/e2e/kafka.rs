@@ -419,3 +419,78 @@ async fn over_sasl_ssl_the_whole_kafka_path_works_and_wrong_credentials_or_clear
     d.ensure_alive()?;
     Ok(())
 }
+
+/// The hub killed between an NDC commit and its fan-out log append, on a Kafka stream: after the
+/// restart a table follower still gets every row change of that window, and the NDC applied each
+/// change once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_between_the_ndc_commit_and_its_log_append_still_logs_that_windows_rows() -> anyhow::Result<()> {
+    use dongbo_tests::fanout::declarations;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+
+    let (mut d, _broker, client) = kafka_deployment("kafkawindow", false).await?;
+    let rows_topic = "dongbo.sub.moet-rows";
+    d.fanout_toml = format!(
+        "{}\n[[subscriptions]]\nid = \"moet-rows\"\nsubscriber = \"moet\"\npurpose = \"education\"\n\
+         follow = [\"public.citizens\"]\nfields = [\"citizen_id\", \"commune_code\", \"op\"]\n\
+         delivery = {{ kind = \"kafka\", topic = \"{rows_topic}\" }}\n",
+        declarations(dongbo_tests::pg::free_port())
+    );
+    let src = d.source().await?;
+    let mut gen = CitizenGen::new(47);
+    let ids = insert_citizens(&src, &mut gen, 40).await?;
+    d.start_hub().await?;
+    d.start_agent()?;
+    d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
+    d.wait_applied(41, Duration::from_secs(30)).await?;
+
+    // The next apply commits in the NDC, then the hub dies before its log append.
+    d.hub.as_mut().expect("hub").stop();
+    d.hub_env = vec![("DONGBO_FAULT".into(), "hub-applied-not-logged".into())];
+    d.start_hub().await?;
+    let moved = &ids[..10];
+    for id in moved {
+        src.execute("UPDATE citizens SET commune_code = '26734' WHERE citizen_id = $1", &[id]).await?;
+    }
+    let exited = d.hub.as_mut().expect("hub").wait_exit(Duration::from_secs(60));
+    anyhow::ensure!(exited.is_some(), "the hub did not reach the fault point");
+    let (applied, _, _) = d.applied().await?;
+    anyhow::ensure!(
+        applied > 41,
+        "the crash came before the NDC commit ({applied} applied): not the window under test"
+    );
+    d.hub_env.clear();
+    d.start_hub().await?;
+    // The partition comes back once the broker gives up on the killed hub's session.
+    let hub = d.hub.as_ref().expect("hub");
+    hub.wait_for_log("partition reads again what the NDC applied", Duration::from_secs(90)).await?;
+
+    // Every row change of the window reached the table follower.
+    let consumer: StreamConsumer = client
+        .clone()
+        .set("group.id", "test-moet-rows")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .create()?;
+    consumer.subscribe(&[rows_topic])?;
+    let mut seen = std::collections::BTreeSet::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while seen.len() < moved.len() {
+            let m = consumer.recv().await?;
+            let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            if body["op"] == "update" && body["commune_code"] == "26734" {
+                seen.insert(body["citizen_id"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!("only {} of the window's {} row changes reached the follower", seen.len(), moved.len())
+    })??;
+    assert_eq!(seen, moved.iter().cloned().collect());
+    // Applied once each: 1 truncate, 40 rows, 10 updates.
+    assert_eq!(d.applied().await?.1, 51);
+    Ok(())
+}
