@@ -37,6 +37,7 @@ pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod dashboard;
+pub mod dictionary;
 pub mod fanout;
 pub mod fleet;
 pub(crate) mod grpc_peer;
