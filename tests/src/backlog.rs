@@ -5,6 +5,39 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use tokio_postgres::Client;
 
+use crate::pg::PgCluster;
+
+/// The two servers of an end-to-end benchmark: a source cluster whose `province` database holds
+/// the citizen table, owned by the agent's role and published as `dongbo`, and an NDC cluster
+/// with an empty `ndc` database; with the bench directory and a superuser client of each.
+pub struct BenchClusters {
+    /// The source cluster.
+    pub province: PgCluster,
+    /// The NDC cluster.
+    pub ndc_pg: PgCluster,
+    /// Configs, spools and logs.
+    pub dir: std::path::PathBuf,
+    /// The `province` database.
+    pub src: Client,
+    /// The `ndc` database.
+    pub ndc: Client,
+}
+
+/// Starts the clusters of benchmark `name` (named `<name>-province` and `<name>-ndc`).
+pub async fn bench_clusters(name: &str) -> anyhow::Result<BenchClusters> {
+    let province = PgCluster::start(&format!("{name}-province"))?;
+    let ndc_pg = PgCluster::start(&format!("{name}-ndc"))?;
+    province.create_database("province").await?;
+    ndc_pg.create_database("ndc").await?;
+    let dir = province.dir.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let src = province.connect("province").await?;
+    src.batch_execute(TABLE).await?;
+    src.batch_execute("ALTER TABLE citizens OWNER TO dongbo; CREATE PUBLICATION dongbo FOR TABLE citizens").await?;
+    let ndc = ndc_pg.connect("ndc").await?;
+    Ok(BenchClusters { province, ndc_pg, dir, src, ndc })
+}
+
 /// The benchmarks' citizen table (no autovacuum, so runs compare).
 pub const TABLE: &str = "CREATE TABLE citizens (
     citizen_id char(12) PRIMARY KEY, full_name text NOT NULL, birth_date date, gender smallint,

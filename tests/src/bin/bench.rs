@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dongbo_tests::backlog::{
-    applied, load, lsn, staged_upsert_floor, wait_for, wait_listening as wait_hub, write_hub_config, BenchArgs, TABLE,
+    applied, bench_clusters, load, lsn, staged_upsert_floor, wait_for, wait_listening as wait_hub, write_hub_config,
+    BenchArgs, BenchClusters,
 };
-use dongbo_tests::pg::{self, PgCluster};
+use dongbo_tests::pg;
 use dongbo_tests::procs::{binary, peak_rss_kib, DongboProcess};
 
 fn agent_config(dir: &std::path::Path, name: &str, src_port: u16, hub_port: u16) -> anyhow::Result<std::path::PathBuf> {
@@ -45,17 +46,8 @@ async fn main() -> anyhow::Result<()> {
         "dongbo-bench: {} inserts then {} updates; latency at {} changes/s for {} s",
         a.rows, a.rows, a.rate, a.seconds
     );
-    let province = PgCluster::start("bench-province")?;
-    let ndc_pg = PgCluster::start("bench-ndc")?;
-    province.create_database("province").await?;
-    ndc_pg.create_database("ndc").await?;
-    let dir = province.dir.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let src = province.connect("province").await?;
-    src.batch_execute(TABLE).await?;
-    src.batch_execute("ALTER TABLE citizens OWNER TO dongbo; CREATE PUBLICATION dongbo FOR TABLE citizens").await?;
+    let BenchClusters { province, ndc_pg, dir, src, ndc } = bench_clusters("bench").await?;
     src.batch_execute("SELECT pg_create_logical_replication_slot('floor', 'pgoutput')").await?;
-    let ndc = ndc_pg.connect("ndc").await?;
     let hub_port = pg::free_port();
     let hub_cfg = write_hub_config(&dir, ndc_pg.port, hub_port, &["e2e", "snap"])?;
 

@@ -11,9 +11,10 @@
 use std::time::{Duration, Instant};
 
 use dongbo_tests::backlog::{
-    applied, load, lsn, staged_upsert_floor, wait_for, wait_listening as wait_hub, write_hub_config, BenchArgs, TABLE,
+    applied, bench_clusters, load, lsn, staged_upsert_floor, wait_for, wait_listening as wait_hub, write_hub_config,
+    BenchArgs, BenchClusters,
 };
-use dongbo_tests::pg::{self, PgCluster};
+use dongbo_tests::pg;
 use dongbo_tests::procs::DongboProcess;
 
 const RUNS: [(&str, bool); 4] = [("on1", true), ("off1", false), ("on2", true), ("off2", false)];
@@ -47,16 +48,7 @@ async fn main() -> anyhow::Result<()> {
         "dongbo-bench-metrics: {} inserts then {} updates, end to end, metrics on / off / on / off",
         a.rows, a.rows
     );
-    let province = PgCluster::start("bench-metrics-province")?;
-    let ndc_pg = PgCluster::start("bench-metrics-ndc")?;
-    province.create_database("province").await?;
-    ndc_pg.create_database("ndc").await?;
-    let dir = province.dir.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let src = province.connect("province").await?;
-    src.batch_execute(TABLE).await?;
-    src.batch_execute("ALTER TABLE citizens OWNER TO dongbo; CREATE PUBLICATION dongbo FOR TABLE citizens").await?;
-    let ndc = ndc_pg.connect("ndc").await?;
+    let BenchClusters { province, ndc_pg, dir, src, ndc } = bench_clusters("bench-metrics").await?;
     let hub_port = pg::free_port();
     let status_port = pg::free_port();
     let ids: Vec<&str> = RUNS.iter().map(|(n, _)| *n).collect();
