@@ -103,6 +103,9 @@ pub struct TableSchema {
     pub version: u64,
     /// The dialect of the column type names.
     pub dialect: Dialect,
+    /// Built by the hub's national dictionary, never decoded from a peer: its changes load a
+    /// national table, not the sending agent's own copy. Not on the wire.
+    pub national: bool,
 }
 
 impl TableSchema {
@@ -114,7 +117,7 @@ impl TableSchema {
     /// Builds a schema whose type names are in `dialect`, and computes its version digest.
     pub fn in_dialect(dialect: Dialect, table: TableId, columns: Vec<Column>, key_columns: Vec<usize>) -> Self {
         let version = shape_digest(dialect, &table, &columns, &key_columns);
-        Self { table, columns, key_columns, version, dialect }
+        Self { table, columns, key_columns, version, dialect, national: false }
     }
 
     /// Whether the table has no key and is replicated as a multiset.

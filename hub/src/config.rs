@@ -30,6 +30,9 @@ pub struct HubConfig {
     /// Tables of the national data dictionary subscribers may follow.
     #[serde(default)]
     pub dictionary: Vec<DictionaryTable>,
+    /// Source tables mapped onto the national tables, with the remap and conflict rules.
+    #[serde(default)]
+    pub national: crate::dictionary::NationalConfig,
     /// Domain event rules.
     #[serde(default)]
     pub events: Vec<EventRule>,
@@ -668,6 +671,22 @@ impl Validate for HubConfig {
                     ));
                 }
             }
+        }
+        for m in &self.national.mappings {
+            if !self.agents.iter().any(|a| a.id == m.agent) {
+                p.push(format!(
+                    "national.mappings: {} names agent {}, which is not among [[agents]]",
+                    m.source_table, m.agent
+                ));
+            }
+        }
+        // The remap file is read when the hub starts; without one, the whole dictionary checks here.
+        if self.national.remap_file.is_none() {
+            p.extend(crate::dictionary::Dictionary::load(&self.national).err());
+        } else {
+            let compiled =
+                self.national.mappings.iter().map(|m| crate::dictionary::mapping::Mapping::compile(m.clone()));
+            p.extend(compiled.filter_map(Result::err));
         }
         let (catalog, problems) = Catalog::new(&self.dictionary, &self.events, &self.purposes, &self.subscribers);
         p.extend(problems);

@@ -283,7 +283,9 @@ impl Ingest for IngestService {
                 // the stream's memory, not only the queue.
                 let (run, _held): (Vec<(ChangeBatch, Vec<u8>)>, Vec<OwnedSemaphorePermit>) =
                     batches.into_iter().map(|(b, bytes, permit)| ((b, bytes), permit)).unzip();
-                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None).await {
+                let dictionary = crate::dictionary::current();
+                let transform = pipeline::Transform { dictionary: &dictionary, province: acl.province.as_deref() };
+                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None, transform).await {
                     Ok(durable_seq) => {
                         let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq })) };
                         if out_tx.send(Ok(ack)).await.is_err() {

@@ -85,6 +85,9 @@ pub enum HubError {
     /// The TLS certificate, key, client CA or revocation list could not be loaded.
     #[error("{0}")]
     Tls(String),
+    /// The national dictionary's mappings or remap table could not be used.
+    #[error("{0}")]
+    Dictionary(String),
 }
 
 /// A subscriber sends only Open and Ack messages, each well under a kilobyte.
@@ -101,6 +104,7 @@ pub async fn run(
     let mut client = apply::connect(&config.ndc).await?;
     apply::bootstrap(&mut client).await?;
     drop(client);
+    dictionary::install(dictionary::Dictionary::load(&config.national).map_err(HubError::Dictionary)?);
     let fanout = fanout::Fanout::start(&config).await?;
     metrics::hub().know_agents(config.agents.iter().map(|a| a.id.as_str()));
     let addr = listener.local_addr().ok();

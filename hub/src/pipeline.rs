@@ -1,5 +1,5 @@
 //! The hub's one pipeline for agents' changes, whatever carried them (a gRPC stream, a Kafka
-//! partition): decode → validate → apply → log → acknowledge. The transports only read messages
+//! partition): decode → validate → transform → apply → log → acknowledge. The transports only read messages
 //! and answer in their own terms; every rule about what a batch may be, and about what is durable
 //! when, lives here.
 //!
@@ -9,9 +9,13 @@
 //!   peer's mistake) when it holds more than `limits.max_changes_per_batch` changes, no change,
 //!   changes of another agent than the authenticated one, seqs that do not rise (the wire
 //!   decoder's rule), or seqs other than its envelope says.
-//! - [`apply_and_log`] applies a run of batches of one stream in one NDC transaction, then appends
-//!   them to the fan-out log; it returns the seq durable at both, the only one a transport may
-//!   acknowledge (or record as its consumer position).
+//! - [`apply_and_log`] maps each batch through the national dictionary (the transform stage,
+//!   [`crate::dictionary::Dictionary::transform`]: mapped tables become national ones, changes that
+//!   break a rule are set aside with the rule), applies the run in one NDC transaction (the set
+//!   aside, and later changes of their source rows, to the quarantine), then appends the
+//!   *transformed* batches to the fan-out log, so subscribers see national fields; it returns the
+//!   seq durable at both, the only one a transport may acknowledge (or record as its consumer
+//!   position).
 //! - After a restart, whatever the NDC applied but the log does not hold yet (the hub died between
 //!   the NDC commit and the append) is logged again, rows and events: the transport reads those
 //!   batches again from where the log ends (the agent resends from the acknowledged seq; a Kafka
@@ -26,6 +30,7 @@ use dongbo_connectors::wire;
 use tracing::warn;
 
 use crate::apply::{ApplyError, NdcApplier, OffsetMark};
+use crate::dictionary::{Dictionary, Transformed};
 use crate::fanout::log::{Append, FanoutLog};
 
 /// Why a batch is refused: the peer's mistake, never retried as it is.
@@ -165,8 +170,17 @@ pub async fn catch_up(
     Ok(())
 }
 
-/// Applies a run of batches of one stream to the NDC (with the Kafka `mark`, if any), then logs them
-/// for fan-out; returns the seq durable at both.
+/// What an agent's batches are mapped with: the dictionary in use and the agent's province.
+#[derive(Debug, Clone, Copy)]
+pub struct Transform<'d> {
+    /// The national dictionary.
+    pub dictionary: &'d Dictionary,
+    /// The province the agent serves, recorded on its national rows.
+    pub province: Option<&'d str>,
+}
+
+/// Applies a run of batches of one stream to the NDC (with the Kafka `mark`, if any), transformed
+/// by `transform`, then logs them for fan-out; returns the seq durable at both.
 pub async fn apply_and_log(
     applier: &mut NdcApplier,
     log: &FanoutLog,
@@ -174,16 +188,19 @@ pub async fn apply_and_log(
     stream: &str,
     batches: &[(ChangeBatch, Vec<u8>)],
     mark: Option<&OffsetMark>,
+    transform: Transform<'_>,
 ) -> Result<u64, PipelineError> {
     let logged = log.logged_seq(stream).map_err(log_error)?.unwrap_or(0);
     applier.set_logged_seq(logged);
-    let decoded: Vec<&ChangeBatch> = batches.iter().map(|(b, _)| b).collect();
-    let outcome = applier.apply_marked(&decoded, mark).await?;
+    let staged: Vec<Transformed> =
+        batches.iter().map(|(b, _)| transform.dictionary.transform(b, transform.province)).collect();
+    let outcome = applier.apply_marked(&staged, mark, transform.dictionary.conflict).await?;
     // The window a restart must recover: committed in the NDC, not yet in the log.
     dongbo_connectors::fault::crash_at("hub-applied-not-logged");
-    let last_seq = decoded.iter().map(|b| b.last_seq()).max().unwrap_or(0);
+    let last_seq = batches.iter().map(|(b, _)| b.last_seq()).max().unwrap_or(0);
     let mut events = outcome.events;
     let mut excluded = outcome.quarantined;
+    excluded.extend(outcome.superseded);
     let replayed_upto = outcome.applied_before.min(last_seq);
     if replayed_upto > logged {
         // Applied before the hub last stopped but not logged: recover what that apply recorded.
@@ -194,8 +211,29 @@ pub async fn apply_and_log(
         excluded.extend(old_quarantined);
     }
     let next_offset = mark.map(|m| m.next_offset);
+    // The log holds what was applied: a batch the dictionary changed is encoded again (its refused
+    // changes are among `excluded`); the others are logged as received.
+    let transformed: Vec<(ChangeBatch, Vec<u8>)>;
+    let batches = if staged.iter().all(|t| matches!(t.changes, std::borrow::Cow::Borrowed(_))) {
+        batches
+    } else {
+        transformed = staged
+            .into_iter()
+            .zip(batches)
+            .map(|(t, (b, raw))| match t.changes {
+                std::borrow::Cow::Borrowed(_) => (b.clone(), raw.clone()),
+                std::borrow::Cow::Owned(mapped) => {
+                    // Refused changes are not in `mapped`; the log's seq range is the batch's.
+                    let bytes = wire::encode_batch(mapped.clone());
+                    (mapped, bytes)
+                }
+            })
+            .filter(|(b, _)| !b.changes.is_empty())
+            .collect();
+        &transformed
+    };
     let logged = log
-        .append(Append { source_id, stream, next_offset, batches, excluded, events, upto: 0 })
+        .append(Append { source_id, stream, next_offset, batches, excluded, events, upto: last_seq })
         .await
         .map_err(log_error)?;
     Ok(logged.min(outcome.applied_seq))

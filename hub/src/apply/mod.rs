@@ -6,9 +6,22 @@
 //! same transaction. A batch replayed after any crash therefore changes nothing, and a position is
 //! acknowledged to the agent only after that commit.
 //!
-//! Bad input loses nothing: changes for a table the agent may not send, or that Postgres refuses
-//! (a definite SQLSTATE such as a value out of range), go to `dongbo.quarantine` with the reason and
-//! the encoded change, in the same transaction that advances the position.
+//! Bad input loses nothing: changes for a table the agent may not send, that break a rule of the
+//! national dictionary ([`crate::dictionary`]), or that Postgres refuses (a definite SQLSTATE such
+//! as a value out of range), go to `dongbo.quarantine` with the rule, the reason and the change as
+//! the agent sent it, in the same transaction that advances the position.
+//!
+//! # Head of line
+//! A quarantined change holds its source row (agent, table, key): every later change of that row
+//! is quarantined behind it (rule `held`) until an operator resolves the first, so the NDC never
+//! holds a state that skipped a change. A keyless table's rows have no key to hold.
+//!
+//! # National tables
+//! Several agents feed one national table. Each agent's truncate and deletes touch only its own
+//! rows; an upsert of a row another agent holds is decided by `national.conflict`: the higher
+//! priority or the later source commit overwrites it (a guard on the upsert, so a concurrent
+//! writer is decided the same way), or, by default, the change is quarantined (rule `conflict`)
+//! with the row it would have replaced (the check and the write serialised per national table).
 
 pub mod plan;
 pub mod target;
@@ -26,9 +39,10 @@ use futures::SinkExt;
 use tokio_postgres::{Client, Transaction};
 use tracing::{info, warn};
 
-use self::plan::{KeylessOp, Plan, RowOp};
+use self::plan::{key_text, KeylessOp, Plan, RowOp};
 use self::target::Target;
 use crate::config::{AgentAcl, NdcConfig};
+use crate::dictionary::{ConflictRule, Refusal, Transformed};
 use crate::fanout::events::{self, ActiveRule};
 use crate::fanout::record::DomainEvent;
 
@@ -74,6 +88,9 @@ pub struct ApplyOutcome {
     pub applied: u64,
     /// Seqs quarantined now.
     pub quarantined: Vec<u64>,
+    /// Seqs applied now but not logged for fan-out: changes whose national row another agent keeps
+    /// (the conflict rule decided), and truncates of a national table (of one agent's rows).
+    pub superseded: Vec<u64>,
     /// Domain events the applied changes raised (also in `dongbo.event_outbox`).
     pub events: Vec<DomainEvent>,
 }
@@ -102,6 +119,17 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
                  quarantined_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (source_id, seq));
              ALTER TABLE dongbo.applied_position ADD COLUMN IF NOT EXISTS kafka_next_offset bigint;
+             -- rule: what the change broke; source_hold: the source row it holds back
+             -- (JSON [table, key]); detail: what else an operator needs (the other version of a
+             -- conflict); resolved_*: replayed or dropped, by whom, why.
+             ALTER TABLE dongbo.quarantine ADD COLUMN IF NOT EXISTS rule text,
+                 ADD COLUMN IF NOT EXISTS source_hold text,
+                 ADD COLUMN IF NOT EXISTS detail text,
+                 ADD COLUMN IF NOT EXISTS resolved_at timestamptz,
+                 ADD COLUMN IF NOT EXISTS resolution text,
+                 ADD COLUMN IF NOT EXISTS resolved_by text;
+             CREATE INDEX IF NOT EXISTS quarantine_holds ON dongbo.quarantine (source_id, source_hold)
+                 WHERE resolved_at IS NULL;
              CREATE TABLE IF NOT EXISTS dongbo.stream_quarantine (
                  stream text NOT NULL,
                  kafka_offset bigint NOT NULL,
@@ -184,8 +212,8 @@ pub struct NdcApplier {
     /// The key of this stream's row in `dongbo.applied_position`.
     stream: String,
     ndc_schema: String,
-    targets: HashMap<(TableId, u64), Target>,
-    broken: HashMap<(TableId, u64), String>,
+    targets: HashMap<TargetKey, Target>,
+    broken: HashMap<TargetKey, String>,
     rules: std::sync::Arc<Vec<ActiveRule>>,
     /// Outbox events at or below this seq are in the fan-out log and may be deleted.
     logged_seq: u64,
@@ -196,6 +224,36 @@ pub struct NdcApplier {
     mixed: HashSet<TableId>,
     /// Its place among the hub's NDC connections, given back when the applier is dropped.
     _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Which target a schema loads: a source table version, or a national table (never the same key,
+/// whatever names and digest a peer's schema carries).
+pub type TargetKey = (TableId, u64, bool);
+
+/// The target key of `schema`.
+pub fn target_key(schema: &TableSchema) -> TargetKey {
+    (schema.table.clone(), schema.version, schema.national)
+}
+
+/// A change going to the quarantine, with what it broke.
+struct Quarantined<'c> {
+    /// As the agent sent it.
+    original: &'c ChangeEvent,
+    rule: &'static str,
+    reason: String,
+    detail: Option<String>,
+}
+
+/// The source row a change holds back when quarantined: `[table, key]` as JSON; none for a keyless
+/// table.
+fn source_hold(c: &ChangeEvent) -> Option<String> {
+    (!c.table.is_keyless() && c.op != Operation::Truncate)
+        .then(|| serde_json::json!([c.table.table.to_string(), key_text(&c.key)]).to_string())
+}
+
+/// The change of `batch` with seq `seq`.
+fn by_seq(batch: &ChangeBatch, seq: u64) -> Option<&ChangeEvent> {
+    batch.changes.binary_search_by_key(&seq, |c| c.seq).ok().map(|i| &batch.changes[i])
 }
 
 /// How long a new applier waits for a free NDC connection before saying the hub is saturated.
@@ -304,29 +362,32 @@ impl NdcApplier {
         Ok((row.get::<_, i64>(0) as u64, row.get(1)))
     }
 
-    /// Applies consecutive batches in one transaction.
+    /// Applies consecutive batches, as the agent sent them, in one transaction.
     pub async fn apply(&mut self, batches: &[&ChangeBatch]) -> Result<ApplyOutcome, ApplyError> {
-        self.apply_marked(batches, None).await
+        let staged: Vec<Transformed> = batches.iter().map(|b| Transformed::unchanged(b)).collect();
+        self.apply_marked(&staged, None, ConflictRule::default()).await
     }
 
-    /// Applies consecutive batches in one transaction that also records `mark`, the Kafka offset
-    /// they end at and the messages refused among them.
+    /// Applies consecutive transformed batches in one transaction that also records `mark`, the
+    /// Kafka offset they end at and the messages refused among them; `conflict` decides between
+    /// agents feeding one national row.
     pub async fn apply_marked(
         &mut self,
-        batches: &[&ChangeBatch],
+        staged: &[Transformed<'_>],
         mark: Option<&OffsetMark>,
+        conflict: ConflictRule,
     ) -> Result<ApplyOutcome, ApplyError> {
-        for c in batches.iter().flat_map(|b| &b.changes) {
+        for c in staged.iter().flat_map(|t| &t.changes.changes) {
             self.ensure_target(c).await?;
         }
         // Snapshot rows of a table just emptied are copied straight in; should one meet a row
         // after all (the table took other changes before a hub restart), the batch is applied
         // again with upserts, and only a batch the NDC still refuses goes change by change.
-        let outcome = match self.apply_txn(batches, mark, Mode::Direct).await {
-            Err(e) if !e.is_transient() => match self.apply_txn(batches, mark, Mode::Upsert).await {
+        let outcome = match self.apply_txn(staged, mark, Mode::Direct, conflict).await {
+            Err(e) if !e.is_transient() => match self.apply_txn(staged, mark, Mode::Upsert, conflict).await {
                 Err(e) if !e.is_transient() => {
                     warn!(stream = %self.stream, error = %e, "batch refused by the NDC; applying change by change to quarantine the bad ones");
-                    self.apply_txn(batches, mark, Mode::OneByOne).await
+                    self.apply_txn(staged, mark, Mode::OneByOne, conflict).await
                 }
                 other => other,
             },
@@ -334,7 +395,7 @@ impl NdcApplier {
         }?;
         // Once per run of a table's changes, not per change: this is every change's path.
         let mut marked: Option<&Arc<TableSchema>> = None;
-        for c in batches.iter().flat_map(|b| &b.changes) {
+        for c in staged.iter().flat_map(|t| &t.changes.changes) {
             match c.op {
                 Operation::Truncate => {
                     self.mixed.remove(&c.table.table);
@@ -354,14 +415,19 @@ impl NdcApplier {
     }
 
     async fn ensure_target(&mut self, c: &ChangeEvent) -> Result<(), ApplyError> {
-        let id = (c.table.table.clone(), c.table.version);
+        let id = target_key(&c.table);
         if self.targets.contains_key(&id)
             || self.broken.contains_key(&id)
-            || !self.acl.allows(&c.table.table.to_string())
+            || (!c.table.national && !self.acl.allows(&c.table.table.to_string()))
         {
             return Ok(());
         }
-        let target = match Target::new(&self.ndc_schema, &c.table, self.targets.len()) {
+        let made = if c.table.national {
+            Target::national(&c.table, self.targets.len())
+        } else {
+            Target::new(&self.ndc_schema, &c.table, self.targets.len())
+        };
+        let target = match made {
             Ok(t) => t,
             Err(reason) => {
                 let reason = format!("no NDC table for {}: {reason}", c.table.table);
@@ -387,11 +453,12 @@ impl NdcApplier {
 
     async fn apply_txn(
         &mut self,
-        batches: &[&ChangeBatch],
+        staged: &[Transformed<'_>],
         mark: Option<&OffsetMark>,
         mode: Mode,
+        conflict: ConflictRule,
     ) -> Result<ApplyOutcome, ApplyError> {
-        let last_seq = batches.iter().map(|b| b.last_seq()).max().unwrap_or(0);
+        let last_seq = staged.iter().map(|t| t.original.last_seq()).max().unwrap_or(0);
         let Self { client, acl, stream, targets, broken, rules, logged_seq, pruned_seq, mixed, .. } = self;
         let started = std::time::Instant::now();
         let mut txn = client.transaction().await?;
@@ -405,19 +472,72 @@ impl NdcApplier {
         if let Some(mark) = mark {
             record_mark(&txn, stream, mark).await?;
         }
-        let fresh: Vec<&ChangeEvent> = batches.iter().flat_map(|b| &b.changes).filter(|c| c.seq > applied).collect();
-        let Some(last) = fresh.last() else {
+        // Each change with the change the agent sent, and each refusal, in seq order.
+        let mut work: Vec<(u64, &ChangeEvent, Result<&ChangeEvent, &Refusal>)> = Vec::new();
+        for t in staged {
+            for c in t.changes.changes.iter().filter(|c| c.seq > applied) {
+                let original = if t.refused.is_empty() && matches!(t.changes, std::borrow::Cow::Borrowed(_)) {
+                    c
+                } else {
+                    by_seq(t.original, c.seq).unwrap_or(c)
+                };
+                work.push((c.seq, original, Ok(c)));
+            }
+            for r in t.refused.iter().filter(|r| r.seq > applied) {
+                let Some(original) = by_seq(t.original, r.seq) else { continue };
+                work.push((r.seq, original, Err(r)));
+            }
+        }
+        if staged.iter().any(|t| !t.refused.is_empty()) {
+            work.sort_by_key(|(seq, ..)| *seq);
+        }
+        let Some((_, last, _)) = work.last() else {
             txn.commit().await?;
             return Ok(ApplyOutcome { applied_seq: applied, applied_before: applied, ..Default::default() });
         };
         let position = last.position.to_string();
-        let newest_commit_us = fresh.iter().map(|c| c.commit_time_us).max();
-        let mut quarantine: Vec<(&ChangeEvent, String)> = Vec::new();
-        let mut accepted = Vec::with_capacity(fresh.len());
-        for c in fresh {
-            match refusal(acl, broken, c) {
-                Some(reason) => quarantine.push((c, reason)),
-                None => accepted.push(c),
+        let newest_commit_us = work.iter().map(|(_, c, _)| c.commit_time_us).max();
+        let mut held = held_rows(&txn, &acl.id, &work).await?;
+        let conflicts = if conflict == ConflictRule::Quarantine {
+            national_conflicts(&txn, &acl.id, &work, targets).await?
+        } else {
+            HashMap::new()
+        };
+        let mut quarantine: Vec<Quarantined> = Vec::new();
+        let mut accepted = Vec::with_capacity(work.len());
+        for (seq, original, item) in &work {
+            let hold = source_hold(original);
+            let refused = match item {
+                _ if hold.as_ref().is_some_and(|h| held.contains_key(h)) => {
+                    let first = hold.as_ref().and_then(|h| held.get(h)).copied().unwrap_or_default();
+                    Some((
+                        "held",
+                        format!("waits behind seq {first} of the same source row, quarantined before it"),
+                        None,
+                    ))
+                }
+                Err(r) => Some((r.rule, r.reason.clone(), None)),
+                Ok(c) => match refusal(acl, broken, c) {
+                    Some(r) => Some(r),
+                    None => national_key(c).and_then(|k| {
+                        let (holder, row) = conflicts.get(&(c.table.table.clone(), k.clone()))?;
+                        let reason = format!(
+                            "{} {k} is held by agent {holder}: both versions are kept (this change, and the NDC's row \
+                             in detail); replay this change to let it win, or drop it",
+                            c.table.table
+                        );
+                        Some(("conflict", reason, Some(row.clone())))
+                    }),
+                },
+            };
+            match refused {
+                Some((rule, reason, detail)) => {
+                    if let Some(h) = hold {
+                        held.entry(h).or_insert(*seq);
+                    }
+                    quarantine.push(Quarantined { original, rule, reason, detail });
+                }
+                None => accepted.push(*item.as_ref().expect("only changes pass")),
             }
         }
         // Before anything is written: events read the NDC rows as they were.
@@ -427,43 +547,85 @@ impl NdcApplier {
             events::derive(&txn, rules, &acl.id, &accepted, targets).await?
         };
         let mut used_stages = HashSet::new();
+        let mut superseded = Superseded::new();
         if mode == Mode::OneByOne {
             let mut kept = Vec::with_capacity(accepted.len());
             for c in accepted {
+                let original = work.iter().find(|(s, ..)| *s == c.seq).map_or(c, |(_, o, _)| *o);
+                let hold = source_hold(original);
+                if let Some(first) = hold.as_ref().and_then(|h| held.get(h)) {
+                    let reason = format!("waits behind seq {first} of the same source row, quarantined before it");
+                    quarantine.push(Quarantined { original, rule: "held", reason, detail: None });
+                    continue;
+                }
                 let mut plan = Plan::default();
                 plan.add(c);
                 let sp = txn.savepoint("dongbo_change").await?;
-                match execute(&sp, &plan, targets, &mut used_stages, None).await {
-                    Ok(()) => {
+                match execute(&sp, &plan, targets, &mut used_stages, None, &acl.id, conflict).await {
+                    Ok(lost) => {
                         sp.commit().await?;
+                        superseded.extend(lost);
                         kept.push(c);
                     }
                     Err(e) if e.code().is_some_and(|code| !sqlstate_is_transient(code.code())) => {
                         sp.rollback().await?;
-                        quarantine.push((c, format!("the NDC refused the change: {}", db_message(&e))));
+                        if let Some(h) = hold {
+                            held.entry(h).or_insert(c.seq);
+                        }
+                        let reason = format!("the NDC refused the change: {}", db_message(&e));
+                        quarantine.push(Quarantined { original, rule: "ndc.refused", reason, detail: None });
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
             accepted = kept;
-            let refused: HashSet<u64> = quarantine.iter().map(|(c, _)| c.seq).collect();
+            let refused: HashSet<u64> = quarantine.iter().map(|q| q.original.seq).collect();
             raised.retain(|e| !refused.contains(&e.seq));
         } else {
             let mut plan = Plan::default();
             accepted.iter().for_each(|c| plan.add(c));
             let direct = (mode == Mode::Direct).then_some(&*mixed);
-            execute(&txn, &plan, targets, &mut used_stages, direct).await?;
+            superseded = execute(&txn, &plan, targets, &mut used_stages, direct, &acl.id, conflict).await?;
         }
-        for (c, reason) in &quarantine {
+        // A change the conflict rule decided against is applied in effect (the rule kept the
+        // other agent's row) but raises nothing and is not logged: subscribers see what the NDC
+        // holds.
+        // A national truncate empties only this agent's rows, which a follower could not tell
+        // from the whole table: it is not logged either (the snapshot after it upserts every row).
+        let superseded_seqs: Vec<u64> = accepted
+            .iter()
+            .filter(|c| c.table.national)
+            .filter(|c| {
+                c.op == Operation::Truncate
+                    || national_key(c).is_some_and(|k| superseded.contains(&(c.table.table.clone(), k)))
+            })
+            .map(|c| c.seq)
+            .collect();
+        if !superseded_seqs.is_empty() {
+            info!(source_id = %acl.id, changes = superseded_seqs.len(), "changes to national rows another agent holds, left as the conflict rule says");
+            raised.retain(|e| !superseded_seqs.contains(&e.seq));
+        }
+        for q in &quarantine {
+            let c = q.original;
             let op = format!("{:?}", c.op).to_lowercase();
-            let one = ChangeBatch { source_id: acl.id.clone(), changes: vec![(*c).clone()] };
+            let one = ChangeBatch { source_id: acl.id.clone(), changes: vec![c.clone()] };
             txn.execute(
-                "INSERT INTO dongbo.quarantine (source_id, seq, source_table, operation, reason, change) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                &[&acl.id, &(c.seq as i64), &c.table.table.to_string(), &op, reason, &wire::encode_batch(one)],
+                "INSERT INTO dongbo.quarantine (source_id, seq, source_table, operation, reason, change, rule, source_hold, detail) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                &[
+                    &acl.id,
+                    &(c.seq as i64),
+                    &c.table.table.to_string(),
+                    &op,
+                    &q.reason,
+                    &wire::encode_batch(one),
+                    &q.rule,
+                    &source_hold(c),
+                    &q.detail,
+                ],
             )
             .await?;
-            warn!(source_id = %acl.id, seq = c.seq, table = %c.table.table, %reason, "change quarantined");
+            warn!(source_id = %acl.id, seq = c.seq, table = %c.table.table, rule = q.rule, reason = %q.reason, "change quarantined");
         }
         events::store(&txn, &acl.id, stream, &raised).await?;
         if *logged_seq > *pruned_seq {
@@ -494,10 +656,84 @@ impl NdcApplier {
             applied_seq: last_seq.max(applied),
             applied_before: applied,
             applied: n_applied as u64,
-            quarantined: quarantine.iter().map(|(c, _)| c.seq).collect(),
+            quarantined: quarantine.iter().map(|q| q.original.seq).collect(),
+            superseded: superseded_seqs,
             events: raised,
         })
     }
+}
+
+/// The source rows of `work` that an unresolved quarantined change of agent `source_id` holds back,
+/// each with the first such seq.
+async fn held_rows(
+    txn: &Transaction<'_>,
+    source_id: &str,
+    work: &[(u64, &ChangeEvent, Result<&ChangeEvent, &Refusal>)],
+) -> Result<HashMap<String, u64>, tokio_postgres::Error> {
+    // Nearly always nothing is held: one probe of the partial index, not a look-up per row.
+    let any: bool = txn
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM dongbo.quarantine WHERE source_id = $1 AND resolved_at IS NULL AND source_hold IS NOT NULL)",
+            &[&source_id],
+        )
+        .await?
+        .get(0);
+    if !any {
+        return Ok(HashMap::new());
+    }
+    let holds: Vec<String> = work.iter().filter_map(|(_, o, _)| source_hold(o)).collect();
+    let rows = txn
+        .query(
+            "SELECT source_hold, min(seq) FROM dongbo.quarantine WHERE source_id = $1 AND resolved_at IS NULL \
+             AND source_hold = ANY($2) GROUP BY source_hold",
+            &[&source_id, &holds],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64)).collect())
+}
+
+/// National rows (table, key) an upsert left to the agent that holds them, as the conflict rule said.
+type Superseded = HashSet<(TableId, String)>;
+
+/// The key text of a national change's new row.
+fn national_key(c: &ChangeEvent) -> Option<String> {
+    if !c.table.national || !(c.op.is_new_row() || c.op == Operation::Update) {
+        return None;
+    }
+    let after = c.after.as_ref()?;
+    let mut s = String::new();
+    write_value(after.first()?, &mut s).map(|()| s)
+}
+
+/// The national rows the upserts of `work` would overwrite although another agent holds them,
+/// with that agent and the row as JSON. Serialised per national table (an advisory lock held to
+/// the commit), so two agents inserting one new citizen at once are decided the same way.
+async fn national_conflicts(
+    txn: &Transaction<'_>,
+    source_id: &str,
+    work: &[(u64, &ChangeEvent, Result<&ChangeEvent, &Refusal>)],
+    targets: &HashMap<TargetKey, Target>,
+) -> Result<HashMap<(TableId, String), (String, String)>, tokio_postgres::Error> {
+    let mut keys: HashMap<TargetKey, Vec<String>> = HashMap::new();
+    for c in work.iter().filter_map(|(_, _, c)| c.ok()) {
+        if let Some(k) = national_key(c) {
+            keys.entry(target_key(&c.table)).or_default().push(k);
+        }
+    }
+    let mut found = HashMap::new();
+    for (key, ids) in keys {
+        let Some(target) = targets.get(&key) else { continue };
+        txn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7316092544))", &[&target.qualified]).await?;
+        let sql = format!(
+            "SELECT {k}::text, \"source_agent\", row_to_json(t)::text FROM {} t WHERE {k}::text = ANY($1) AND \"source_agent\" <> $2",
+            target.qualified,
+            k = target.key_columns[0]
+        );
+        for r in txn.query(&sql, &[&ids, &source_id]).await? {
+            found.insert((key.0.clone(), r.get::<_, String>(0)), (r.get(1), r.get(2)));
+        }
+    }
+    Ok(found)
 }
 
 /// Creates or widens `target` for `schema` in one transaction, one statement at a time on the
@@ -508,6 +744,9 @@ async fn create_target(
     schema: &TableSchema,
 ) -> Result<(), tokio_postgres::Error> {
     let txn = client.transaction().await?;
+    // Two agents' appliers creating one national table (or CREATE … IF NOT EXISTS of any table
+    // racing itself across sessions) would fail one of them: one creation at a time.
+    txn.execute("SELECT pg_advisory_xact_lock(7316092545)", &[]).await?;
     for statement in target.ddl() {
         txn.execute(statement.as_str(), &[]).await?;
     }
@@ -544,12 +783,17 @@ async fn record_mark(txn: &Transaction<'_>, stream: &str, mark: &OffsetMark) -> 
     Ok(())
 }
 
-/// Why a change cannot be applied before trying, if it cannot.
-fn refusal(acl: &AgentAcl, broken: &HashMap<(TableId, u64), String>, c: &ChangeEvent) -> Option<String> {
-    if !acl.allows(&c.table.table.to_string()) {
-        return Some(format!("table {} is not among the tables agent {} may send", c.table.table, acl.id));
+/// Why a change cannot be applied before trying, if it cannot: the rule, the reason, no detail.
+fn refusal(
+    acl: &AgentAcl,
+    broken: &HashMap<TargetKey, String>,
+    c: &ChangeEvent,
+) -> Option<(&'static str, String, Option<String>)> {
+    if !c.table.national && !acl.allows(&c.table.table.to_string()) {
+        let reason = format!("table {} is not among the tables agent {} may send", c.table.table, acl.id);
+        return Some(("table.not_allowed", reason, None));
     }
-    broken.get(&(c.table.table.clone(), c.table.version)).cloned()
+    broken.get(&target_key(&c.table)).map(|r| ("table.unusable", r.clone(), None))
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {
@@ -562,20 +806,30 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 async fn execute(
     txn: &Transaction<'_>,
     plan: &Plan<'_>,
-    targets: &HashMap<(TableId, u64), Target>,
+    targets: &HashMap<TargetKey, Target>,
     used_stages: &mut HashSet<String>,
     direct_snapshot_copy: Option<&HashSet<TableId>>,
-) -> Result<(), tokio_postgres::Error> {
+    agent: &str,
+    conflict: ConflictRule,
+) -> Result<Superseded, tokio_postgres::Error> {
+    let mut superseded = Superseded::new();
+    let scope: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&agent];
     for table in &plan.tables {
-        let Some(target) = targets.get(&(table.schema.table.clone(), table.schema.version)) else { continue };
+        let Some(target) = targets.get(&target_key(&table.schema)) else { continue };
+        // A national table's statements are scoped to the agent's rows by `$1`.
+        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = if target.national { &scope } else { &[] };
         if table.truncate {
-            txn.execute(target.truncate_sql().as_str(), &[]).await?;
+            txn.execute(target.truncate_sql().as_str(), params).await?;
         }
         if table.schema.is_keyless() {
             apply_keyless(txn, target, &table.sequence).await?;
             continue;
         }
-        if table.snapshot_only && direct_snapshot_copy.is_some_and(|mixed| !mixed.contains(&table.schema.table)) {
+        // Other agents' rows share a national table: its snapshot rows are always upserted.
+        if table.snapshot_only
+            && !target.national
+            && direct_snapshot_copy.is_some_and(|mixed| !mixed.contains(&table.schema.table))
+        {
             // Should a key exist after all, the unique violation rolls the transaction back and the
             // change-by-change retry applies these rows as upserts.
             let all: Vec<usize> = (0..target.columns.len()).collect();
@@ -612,17 +866,32 @@ async fn execute(
             }
             let all: Vec<usize> = (0..target.key_columns.len()).collect();
             copy_rows(txn, &target.copy_delete_sql(), deletes.into_iter(), &all).await?;
-            txn.execute(target.delete_sql().as_str(), &[]).await?;
+            txn.execute(target.delete_sql().as_str(), params).await?;
         }
         for (present, rows) in upserts {
             if !used_stages.insert(target.stage.clone()) {
                 txn.execute(format!("DELETE FROM {}", target.stage).as_str(), &[]).await?;
             }
+            if target.national {
+                // The keys the conflict rule let through; the others stay another agent's.
+                let staged: Vec<String> = rows.iter().filter_map(|r| pg_text(&r[target.key_index[0]])).collect();
+                copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
+                let sql = format!(
+                    "{} RETURNING t.{}::text",
+                    target.upsert_sql_under(&present, conflict),
+                    target.key_columns[0]
+                );
+                let written: HashSet<String> = txn.query(&sql, &[]).await?.into_iter().map(|r| r.get(0)).collect();
+                superseded.extend(
+                    staged.into_iter().filter(|k| !written.contains(k)).map(|k| (table.schema.table.clone(), k)),
+                );
+                continue;
+            }
             copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
-            txn.execute(target.upsert_sql(&present).as_str(), &[]).await?;
+            txn.execute(target.upsert_sql_under(&present, conflict).as_str(), &[]).await?;
         }
     }
-    Ok(())
+    Ok(superseded)
 }
 
 /// Applies a keyless table's changes in order: runs of inserts as one COPY, each update and delete

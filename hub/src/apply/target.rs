@@ -20,6 +20,7 @@
 use dongbo_connectors::model::TableSchema;
 
 use super::types::{column_type, ndc_ident, NdcType};
+use crate::dictionary::ConflictRule;
 
 /// A target table and the SQL to load it.
 #[derive(Debug, Clone)]
@@ -44,6 +45,24 @@ pub struct Target {
     pub types: Vec<NdcType>,
     /// Indexes of the key columns.
     pub key_index: Vec<usize>,
+    /// A national table, which several agents share: each one's truncate and deletes touch only
+    /// its own rows (`source_agent`, bound as `$1`), and an upsert overwrites another agent's row
+    /// only as the conflict rule allows.
+    pub national: bool,
+}
+
+/// The `WHERE` of a national table's upsert under `rule`: when a row another agent holds may be
+/// overwritten. Built from the closed rule, never from a peer's text.
+fn conflict_guard(rule: ConflictRule) -> &'static str {
+    match rule {
+        ConflictRule::Priority => {
+            "t.\"source_agent\" = EXCLUDED.\"source_agent\" OR EXCLUDED.\"source_priority\" > t.\"source_priority\""
+        }
+        ConflictRule::LatestCommit => {
+            "t.\"source_agent\" = EXCLUDED.\"source_agent\" OR EXCLUDED.\"source_committed_at\" >= t.\"source_committed_at\""
+        }
+        ConflictRule::Quarantine => "t.\"source_agent\" = EXCLUDED.\"source_agent\"",
+    }
 }
 
 /// The NDC table name of source table `schema.name` (see the module doc), or why there is none.
@@ -86,7 +105,18 @@ impl Target {
             types: schema.columns.iter().map(|c| column_type(c, schema.dialect)).collect(),
             key_index: schema.key_columns.clone(),
             columns,
+            national: false,
         })
+    }
+
+    /// The target of a national table of the dictionary (`national.<name>`), shared by every agent
+    /// mapped onto it.
+    pub fn national(schema: &TableSchema, n: usize) -> Result<Self, String> {
+        let mut t = Self::new("national", schema, n)?;
+        t.table_name = schema.table.name.clone();
+        t.qualified = format!("{}.{}", t.schema_sql, ndc_ident(&schema.table.name, "NDC table")?);
+        t.national = true;
+        Ok(t)
     }
 
     /// Statements creating (or widening) the target and (re)creating its staging tables, one
@@ -123,9 +153,28 @@ impl Target {
         sql
     }
 
-    /// `TRUNCATE` of the target.
+    /// `TRUNCATE` of the target; of a national table, a delete of the agent's rows (`$1`).
     pub fn truncate_sql(&self) -> String {
-        format!("TRUNCATE {}", self.qualified)
+        if self.national {
+            format!("DELETE FROM {} WHERE \"source_agent\" = $1", self.qualified)
+        } else {
+            format!("TRUNCATE {}", self.qualified)
+        }
+    }
+
+    /// Upsert from the stage for the columns in `present` (indexes into `columns`); into a
+    /// national table, guarded by `rule`.
+    pub fn upsert_sql_under(&self, present: &[usize], rule: ConflictRule) -> String {
+        let sql = self.upsert_sql(present);
+        if !self.national {
+            return sql;
+        }
+        let sql = sql.replacen(
+            &format!("INSERT INTO {} ", self.qualified),
+            &format!("INSERT INTO {} AS t ", self.qualified),
+            1,
+        );
+        format!("{sql} WHERE {}", conflict_guard(rule))
     }
 
     /// Upsert from the stage for the columns in `present` (indexes into `columns`).
@@ -240,9 +289,12 @@ impl Target {
         format!("COPY {} ({}) FROM STDIN", self.qualified, cols.join(", "))
     }
 
-    /// Delete the staged keys.
+    /// Delete the staged keys; from a national table, only the agent's (`$1`) rows.
     pub fn delete_sql(&self) -> String {
-        let on: Vec<String> = self.key_columns.iter().map(|k| format!("t.{k} = d.{k}")).collect();
+        let mut on: Vec<String> = self.key_columns.iter().map(|k| format!("t.{k} = d.{k}")).collect();
+        if self.national {
+            on.push("t.\"source_agent\" = $1".into());
+        }
         format!("DELETE FROM {} t USING {} d WHERE {}", self.qualified, self.delete_stage, on.join(" AND "))
     }
 }
@@ -280,6 +332,32 @@ mod tests {
              FROM (SELECT 1) AS one LEFT JOIN \"hcm_population\".\"Công dân\" old ON old.\"id\" = $3::text::character(12) \
              ON CONFLICT (\"id\") DO UPDATE SET \"gender\" = EXCLUDED.\"gender\", \"addr\" = EXCLUDED.\"addr\""
         );
+    }
+
+    #[test]
+    fn a_national_table_is_shared_and_each_agent_touches_only_its_rows() {
+        let citizens = &crate::dictionary::national::table("citizens").unwrap().schema;
+        let t = Target::national(citizens, 0).unwrap();
+        assert_eq!(t.qualified, "\"national\".\"citizens\"");
+        assert_eq!(t.table_name, "citizens");
+        assert_eq!(t.truncate_sql(), "DELETE FROM \"national\".\"citizens\" WHERE \"source_agent\" = $1");
+        assert!(t.delete_sql().ends_with("AND t.\"source_agent\" = $1"), "{}", t.delete_sql());
+        let all: Vec<usize> = (0..t.columns.len()).collect();
+        let upsert = t.upsert_sql_under(&all, ConflictRule::Priority);
+        assert!(upsert.starts_with("INSERT INTO \"national\".\"citizens\" AS t ("), "{upsert}");
+        assert!(upsert.ends_with("OR EXCLUDED.\"source_priority\" > t.\"source_priority\""), "{upsert}");
+        assert!(t
+            .upsert_sql_under(&all, ConflictRule::Quarantine)
+            .ends_with("WHERE t.\"source_agent\" = EXCLUDED.\"source_agent\""));
+        // An agent's own table is neither scoped nor guarded.
+        let own = Target::new(
+            "hcm",
+            &TableSchema::new(TableId::new("public", "x"), vec![col("id", "integer", 23)], vec![0]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(own.upsert_sql_under(&[0], ConflictRule::Priority), own.upsert_sql(&[0]));
+        assert_eq!(own.truncate_sql(), "TRUNCATE \"hcm\".\"x\"");
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! only the compiled code list.
 
 use std::collections::HashSet;
-use std::sync::OnceLock;
 
 /// A gender as the national dictionary codes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,16 +48,7 @@ pub enum CitizenIdError {
 
 /// The 2-digit codes of the 63 provinces before 1 July 2025, from the compiled code list.
 fn birth_provinces() -> &'static HashSet<String> {
-    static CODES: OnceLock<HashSet<String>> = OnceLock::new();
-    CODES.get_or_init(|| {
-        super::COMMUNES_LEGACY_CSV
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split(',').next())
-            .filter(|c| c.len() == 2)
-            .map(str::to_string)
-            .collect()
-    })
+    super::admin_units::legacy_provinces()
 }
 
 /// Checks `id` alone, or also against a birth year and gender when the record has them.

@@ -1,13 +1,214 @@
-//! The national data dictionary: what a national field may hold and the code lists it is checked
-//! against. The code lists are the project's own data (`data/admin-units/`, from the official
-//! lists; see its README), compiled into the hub so a check never depends on a file an
-//! administrator may edit.
+//! The national data dictionary and the pipeline's transform stage.
 //!
-//! Built so far: the citizen id ([`citizen_id`]). The transform stage of the hub's pipeline
-//! ([`crate::pipeline`]) will apply these rules to every mapped row.
+//! What a national field may hold, the code lists it is checked against ([`admin_units`], the
+//! project's own data, compiled in, so a check never depends on a file an administrator may edit),
+//! and how each source table maps onto a national table ([`mapping`], declared in `hub.toml` under
+//! `[national]`).
+//!
+//! # Contract
+//! [`Dictionary::transform`] takes a decoded batch and gives, change for change and seq for seq,
+//! what the hub applies and logs: a change of a mapped table becomes a change of its national
+//! table; a change of an unmapped table passes as it is (it lands in the agent's own schema, as
+//! before the dictionary); a change that breaks a rule is taken out with the rule and the reason,
+//! for the applier to quarantine (never applied, never dropped). Nothing here reads the NDC: the
+//! per-key head of line (a later change of a quarantined key waits behind it) and the conflict
+//! between two sources of one citizen are decided in the NDC transaction, see [`crate::apply`].
 
+pub mod admin_units;
 pub mod citizen_id;
+pub mod mapping;
+pub mod national;
+pub mod normalise;
 
-/// The communes before 1 July 2025 (63 provinces, 10 040 communes), as CSV with a header row:
-/// `province_code,province_name,district_code,district_name,commune_code,commune_name,commune_type`.
-pub const COMMUNES_LEGACY_CSV: &str = include_str!("../../../data/admin-units/communes_legacy.csv");
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableSchema};
+use serde::{Deserialize, Serialize};
+
+use self::admin_units::{Remap, SplitRule};
+use self::mapping::{Mapping, MappingConfig};
+
+/// What decides when two sources hold the same row of a national table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictRule {
+    /// The source with the higher `priority` keeps the row; a lower one's changes to it are skipped.
+    Priority,
+    /// The change committed last at its source wins.
+    LatestCommit,
+    /// Neither: the later change is quarantined with both versions for an operator to decide.
+    #[default]
+    Quarantine,
+}
+
+/// The `[national]` section of `hub.toml`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NationalConfig {
+    /// Source tables mapped onto national tables.
+    #[serde(default)]
+    pub mappings: Vec<MappingConfig>,
+    /// When two sources hold the same citizen.
+    #[serde(default)]
+    pub conflict: ConflictRule,
+    /// Declared decisions for communes split in 2025, by village.
+    #[serde(default)]
+    pub splits: Vec<SplitRule>,
+    /// A split commune no rule decides goes to the remap table's default target instead of the
+    /// quarantine.
+    #[serde(default)]
+    pub split_default: bool,
+    /// A remap table to use instead of the one shipped (same columns), read again on reload.
+    #[serde(default)]
+    pub remap_file: Option<PathBuf>,
+}
+
+/// A change taken out of a batch because it broke a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Its seq.
+    pub seq: u64,
+    /// The rule it broke.
+    pub rule: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+/// What the transform made of one batch.
+#[derive(Debug)]
+pub struct Transformed<'a> {
+    /// As decoded: what a quarantined change is kept as, so a replay maps it again.
+    pub original: &'a ChangeBatch,
+    /// What to apply and log, in seq order: mapped and unmapped changes, not the refused.
+    pub changes: Cow<'a, ChangeBatch>,
+    /// The refused, in seq order.
+    pub refused: Vec<Refusal>,
+}
+
+impl<'a> Transformed<'a> {
+    /// A batch the dictionary has nothing to do with.
+    pub fn unchanged(batch: &'a ChangeBatch) -> Self {
+        Self { original: batch, changes: Cow::Borrowed(batch), refused: Vec::new() }
+    }
+}
+
+/// The dictionary in use: mappings, the remap table and the conflict rule.
+#[derive(Debug, Clone)]
+pub struct Dictionary {
+    mappings: HashMap<(String, String), Mapping>,
+    /// The old → new commune table.
+    pub remap: Remap,
+    /// When two sources hold the same row.
+    pub conflict: ConflictRule,
+}
+
+impl Dictionary {
+    /// Checks and compiles `config` (reading `remap_file`, if set).
+    pub fn load(config: &NationalConfig) -> Result<Self, String> {
+        let remap = match &config.remap_file {
+            None => Remap::shipped(&config.splits, config.split_default)?,
+            Some(path) => {
+                let csv = std::fs::read_to_string(path)
+                    .map_err(|e| format!("national.remap_file {}: {e}", path.display()))?;
+                Remap::parse(&csv, &config.splits, config.split_default)
+                    .map_err(|e| format!("national.remap_file {}: {e}", path.display()))?
+            }
+        };
+        let mut mappings = HashMap::new();
+        let mut fed: HashMap<(String, &str), &str> = HashMap::new();
+        for m in &config.mappings {
+            let compiled = Mapping::compile(m.clone())?;
+            if let Some(other) = fed.insert((m.agent.clone(), compiled.table.name), &m.source_table) {
+                return Err(format!(
+                    "national.mappings: agent {} maps both {other} and {} onto national.{}; one source table per agent and national table",
+                    m.agent, m.source_table, compiled.table.name
+                ));
+            }
+            if mappings.insert((m.agent.clone(), m.source_table.clone()), compiled).is_some() {
+                return Err(format!("national.mappings: {} of agent {} is mapped twice", m.source_table, m.agent));
+            }
+        }
+        if config.conflict == ConflictRule::Priority {
+            let mut ranks: HashMap<(&str, i32), &str> = HashMap::new();
+            for m in &config.mappings {
+                if let Some(other) = ranks.insert((m.table.as_str(), m.priority), &m.agent) {
+                    if other != m.agent {
+                        return Err(format!(
+                            "national.conflict = \"priority\" but agents {other} and {} both have priority {} for national.{}",
+                            m.agent, m.priority, m.table
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Self { mappings, remap, conflict: config.conflict })
+    }
+
+    /// Whether any source table is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
+
+    /// The transform stage: `batch` of an agent serving `province`, mapped (see the module doc).
+    pub fn transform<'a>(&self, batch: &'a ChangeBatch, province: Option<&str>) -> Transformed<'a> {
+        let agent = batch.source_id.as_str();
+        if !self.mappings.keys().any(|(a, _)| a == agent) {
+            return Transformed::unchanged(batch);
+        }
+        // Changes of one table share their schema: one lookup per run, not per change.
+        let mut last: Option<(&std::sync::Arc<TableSchema>, Option<&Mapping>)> = None;
+        let mut lookup = |c: &'a ChangeEvent| match last {
+            Some((schema, m)) if std::sync::Arc::ptr_eq(schema, &c.table) => m,
+            _ => {
+                let m = self.mappings.get(&(agent.to_string(), c.table.table.to_string()));
+                last = Some((&c.table, m));
+                m
+            }
+        };
+        let found: Vec<Option<&Mapping>> = batch.changes.iter().map(&mut lookup).collect();
+        if found.iter().all(Option::is_none) {
+            return Transformed::unchanged(batch);
+        }
+        let mut changes = Vec::with_capacity(batch.changes.len());
+        let mut refused = Vec::new();
+        for (c, m) in batch.changes.iter().zip(found) {
+            let Some(m) = m else {
+                changes.push(c.clone());
+                continue;
+            };
+            match m.map(c, province, &self.remap) {
+                Ok(mapped) => changes.push(mapped),
+                Err(broken) => refused.push(Refusal { seq: c.seq, rule: broken.rule, reason: broken.reason }),
+            }
+        }
+        Transformed {
+            original: batch,
+            changes: Cow::Owned(ChangeBatch { source_id: batch.source_id.clone(), changes }),
+            refused,
+        }
+    }
+}
+
+/// The dictionary every stream maps with: installed when the hub starts, replaced whole by a
+/// reload, so a batch is always mapped by one dictionary from start to end.
+static CURRENT: std::sync::RwLock<Option<std::sync::Arc<Dictionary>>> = std::sync::RwLock::new(None);
+
+/// Puts `dictionary` in force for every batch transformed from now on.
+pub fn install(dictionary: Dictionary) {
+    *CURRENT.write().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(dictionary));
+}
+
+/// The dictionary in force (an empty one, mapping nothing, before [`install`]).
+pub fn current() -> std::sync::Arc<Dictionary> {
+    if let Some(d) = CURRENT.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        return d.clone();
+    }
+    static EMPTY: std::sync::OnceLock<std::sync::Arc<Dictionary>> = std::sync::OnceLock::new();
+    EMPTY
+        .get_or_init(|| {
+            std::sync::Arc::new(Dictionary::load(&NationalConfig::default()).expect("the shipped remap table loads"))
+        })
+        .clone()
+}

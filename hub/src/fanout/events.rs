@@ -20,6 +20,7 @@ use super::record::{rfc3339_micros, value_json, DomainEvent};
 use super::subscription::EventRule;
 use crate::apply::plan::key_text;
 use crate::apply::target::Target;
+use crate::apply::{target_key, TargetKey};
 
 /// An event rule with the citizen-id column of its table.
 #[derive(Debug, Clone)]
@@ -61,7 +62,7 @@ pub async fn derive(
     rules: &[ActiveRule],
     source_id: &str,
     changes: &[&ChangeEvent],
-    targets: &HashMap<(TableId, u64), Target>,
+    targets: &HashMap<TargetKey, Target>,
 ) -> Result<Vec<DomainEvent>, tokio_postgres::Error> {
     let mut events = Vec::new();
     for rule in rules {
@@ -103,7 +104,7 @@ pub async fn derive(
             }
             continue;
         }
-        let Some(target) = targets.get(&(first.table.table.clone(), first.table.version)) else { continue };
+        let Some(target) = targets.get(&target_key(&first.table)) else { continue };
         let mut state: HashMap<String, Option<Watched>> =
             preimages(txn, target, &first.table, &rule.rule.watch, &updated).await?;
         for c in relevant {

@@ -191,7 +191,9 @@ async fn session(
         }
         let Some(last_offset) = last_offset else { continue };
         mark.next_offset = last_offset + 1;
-        apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark)).await?;
+        let dictionary = crate::dictionary::current();
+        let transform = pipeline::Transform { dictionary: &dictionary, province: acl.province.as_deref() };
+        apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark), transform).await?;
         crate::fleet::contact(&acl.id, crate::fleet::Transport::Kafka);
         crate::metrics::hub().contact(&acl.id);
         backoff.reset();

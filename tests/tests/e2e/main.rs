@@ -20,6 +20,7 @@ mod metrics;
 mod mixed_workload;
 mod mutual_tls;
 mod mysql_check;
+mod national;
 mod online_snapshot;
 mod polling;
 mod postgres_tls;

@@ -1,0 +1,345 @@
+//! The national dictionary end to end: two provinces whose legacy systems know the citizen by other
+//! column names, date formats, gender spellings and pre-2025 commune codes feed one
+//! `national.citizens`; rows that break a rule are quarantined with it and hold back the later
+//! changes of their source row; the same citizen from both provinces is decided by priority; and
+//! subscribers see national fields and 2025 codes only.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use dongbo_subscribers::grpc::Subscription;
+use dongbo_tests::fanout::{collect, grpc_subscription, ADMIN_TOKEN, BHXH_TOKEN, MOET_TOKEN};
+use dongbo_tests::procs::DongboProcess;
+use dongbo_tests::{pg, Deployment, TOKEN};
+use tokio_postgres::Client;
+
+/// Hồ Chí Minh City's system: keyed by the citizen id, dates as `dd/mm/yyyy` text, `Nam`/`Nữ`,
+/// legacy commune codes as text, the neighbourhood (khu phố) as the finer key of a split commune.
+const HCM_DDL: &str = "CREATE TABLE nhan_khau (
+    so_dinh_danh varchar(12) PRIMARY KEY,
+    ho_ten text NOT NULL,
+    ngay_sinh varchar(10),
+    gioi_tinh varchar(5),
+    ma_xa varchar(5),
+    khu_pho text,
+    ghi_chu text);";
+
+/// Hà Nội's system: native dates, `M`/`F`, legacy commune codes in an integer column (leading
+/// zeros lost).
+const HN_DDL: &str = "CREATE TABLE cong_dan (
+    cccd text PRIMARY KEY,
+    hoten text,
+    ngaysinh date,
+    gioitinh char(1),
+    maxa integer);";
+
+const HN_TOKEN: &str = "hn-agent-token";
+
+fn hub_toml(admin_port: u16) -> String {
+    format!(
+        r#"
+[[agents]]
+id = "hcm-population"
+token = "{TOKEN}"
+province = "79"
+tables = ["public.nhan_khau"]
+
+[[agents]]
+id = "hanoi-population"
+token = "{HN_TOKEN}"
+province = "01"
+tables = ["public.cong_dan"]
+
+[national]
+conflict = "priority"
+split_default = false
+
+[[national.splits]]
+old_commune = "27016"
+village = "Khu phố 3"
+new_commune = "27019"
+
+[[national.mappings]]
+agent = "hcm-population"
+source_table = "public.nhan_khau"
+table = "citizens"
+columns = {{ so_dinh_danh = "citizen_id", ho_ten = "full_name", ngay_sinh = "birth_date", gioi_tinh = "gender", ma_xa = "commune_code", khu_pho = "village" }}
+date_format = "dd/mm/yyyy"
+commune_codes = "legacy"
+priority = 1
+
+[[national.mappings]]
+agent = "hanoi-population"
+source_table = "public.cong_dan"
+table = "citizens"
+columns = {{ cccd = "citizen_id", hoten = "full_name", ngaysinh = "birth_date", gioitinh = "gender", maxa = "commune_code" }}
+commune_codes = "legacy"
+priority = 2
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+token = "{ADMIN_TOKEN}"
+
+[[dictionary]]
+table = "national.citizens"
+citizen_id = "citizen_id"
+fields = ["citizen_id", "full_name", "birth_date", "gender", "commune_code", "commune_code_version",
+          "province_code", "legacy_commune_code"]
+
+[[events]]
+name = "residence.changed"
+table = "national.citizens"
+watch = ["commune_code"]
+carry = ["province_code", "legacy_commune_code"]
+
+[[purposes]]
+id = "social-insurance"
+description = "Social insurance contributions and benefits (Law on Social Insurance 41/2024/QH15)"
+[purposes.allows]
+"residence.changed" = ["citizen_id", "previous.commune_code", "current.commune_code", "province_code"]
+
+[[purposes]]
+id = "education"
+description = "School enrolment by residence (Law on Education 43/2019/QH14)"
+[purposes.allows]
+"national.citizens" = ["citizen_id", "full_name", "commune_code", "province_code"]
+
+[[subscribers]]
+id = "bhxh"
+token = "{BHXH_TOKEN}"
+
+[[subscribers]]
+id = "moet"
+token = "{MOET_TOKEN}"
+"#
+    ) + &grpc_subscription(
+        "bhxh-residence",
+        "bhxh",
+        "social-insurance",
+        &["residence.changed"],
+        &["citizen_id", "previous.commune_code", "current.commune_code", "province_code"],
+        None,
+    ) + &grpc_subscription(
+        "moet-citizens",
+        "moet",
+        "education",
+        &["national.citizens"],
+        &["citizen_id", "full_name", "commune_code", "province_code"],
+        None,
+    )
+}
+
+/// Starts Hà Nội's agent on database `province_hn` of the same cluster.
+fn start_hanoi_agent(d: &Deployment) -> anyhow::Result<DongboProcess> {
+    let config = d
+        .agent_config()
+        .replace("source_id = \"hcm-population\"", "source_id = \"hanoi-population\"")
+        .replace("database = \"province\"", "database = \"province_hn\"\nslot = \"dongbo_hn\"")
+        .replace("\"public.nhan_khau\"", "\"public.cong_dan\"")
+        .replace(&format!("{}", d.dir.join("spool").display()), &format!("{}", d.dir.join("spool-hn").display()))
+        .replace(&format!("127.0.0.1:{}", d.status_port), &format!("127.0.0.1:{}", pg::free_port()))
+        .replace(&format!("token = \"{TOKEN}\""), &format!("token = \"{HN_TOKEN}\""));
+    let path = d.dir.join("agent-hn.toml");
+    std::fs::write(&path, config)?;
+    DongboProcess::spawn("dongbo-agent", &["run", "--config", &path.to_string_lossy()], &d.dir.join("agent-hn.log"))
+}
+
+/// national.citizens as `citizen_id → [fields…]`, text, `-` for NULL.
+async fn national(ndc: &Client) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let rows = ndc
+        .query(
+            "SELECT citizen_id, full_name, birth_date::text, gender, commune_code, commune_code_version, province_code,
+                    coalesce(legacy_commune_code, '-'), coalesce(village, '-'), source_agent, coalesce(source_province, '-')
+             FROM national.citizens ORDER BY citizen_id",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get::<_, String>(0), (1..11).map(|i| r.get::<_, String>(i)).collect())).collect())
+}
+
+/// Unresolved quarantine entries as `(source_id, rule, citizen)`, in seq order per source.
+async fn quarantined(ndc: &Client) -> anyhow::Result<Vec<(String, String, String)>> {
+    let rows = ndc
+        .query(
+            "SELECT source_id, rule, source_hold, reason FROM dongbo.quarantine WHERE resolved_at IS NULL ORDER BY source_id, seq",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let hold: serde_json::Value = serde_json::from_str(r.get::<_, Option<&str>>(2).unwrap_or("null"))?;
+            // The hold is [table, key text]; the key text ends with its separator.
+            let key = hold[1].as_str().unwrap_or_default().trim_end_matches('\u{1}').to_string();
+            Ok((r.get(0), r.get(1), key))
+        })
+        .collect()
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_provinces_feed_national_citizens_with_rules_remap_priority_and_head_of_line() -> anyhow::Result<()> {
+    let mut d = Deployment::new("national", HCM_DDL, &["public.nhan_khau"]).await?;
+    d.pg.create_database("province_hn").await?;
+    let hn = d.pg.connect_as_role("province_hn").await?;
+    hn.batch_execute(HN_DDL).await?;
+    let hcm = d.source().await?;
+    // "Nguyễn" decomposed, as some legacy input methods stored it.
+    hcm.batch_execute(
+        "INSERT INTO nhan_khau VALUES
+           ('079090000001', ' Nguye\u{0302}\u{0303}n Văn  An ', '17/05/1990', 'Nam', '26734', NULL, 'ghi chú nội bộ'),
+           ('079195000002', 'Trần Thị Bình', '3/2/1995', 'Nữ', '27016', 'Khu phố 3', NULL),
+           ('079088000003', 'Lê Văn Cường', '01/01/1988', 'Nam', '27016', 'Khu phố 9', NULL),
+           ('003090000004', 'Đỗ Văn Dũng', '04/04/1990', 'Nam', '26740', NULL, NULL),
+           ('079085000005', 'Vũ Văn Em', '31/02/1985', 'Nam', '26740', NULL, NULL),
+           ('001080000009', 'Phạm Văn Xuân (HCM)', '09/09/1980', 'Nam', '26740', NULL, NULL);",
+    )
+    .await?;
+    hn.batch_execute(
+        "INSERT INTO cong_dan VALUES
+           ('001080000009', 'Phạm Văn Xuân', '1980-09-09', 'M', 6),
+           ('001302000006', 'Hoàng Thị Phương', '2002-06-01', 'F', 8);",
+    )
+    .await?;
+    let admin_port = pg::free_port();
+    d.start_hub_with(&hub_toml(admin_port)).await?;
+    d.start_agent()?;
+    let _hanoi = start_hanoi_agent(&d)?;
+    let ndc = d.ndc().await?;
+    let snapshots = wait_until("both snapshots in national.citizens", Duration::from_secs(90), || async {
+        let n = national(&ndc).await.unwrap_or_default();
+        let x = n.get("001080000009").map(|r| r[8].as_str() == "hanoi-population").unwrap_or(false);
+        Ok(n.len() == 4 && x && quarantined(&ndc).await.map(|q| q.len() == 3).unwrap_or(false))
+    })
+    .await;
+    if let Err(e) = snapshots {
+        bail!("{e}: national.citizens {:?}, quarantine {:?}", national(&ndc).await?, quarantined(&ndc).await?);
+    }
+
+    // Streamed changes: A moves (Tân Định → Bến Nghé, both legacy codes); D, quarantined, is edited
+    // (its change must wait); Hồ Chí Minh City renames X, whom Hà Nội (priority 2) holds; a column
+    // outside the dictionary changes.
+    let url = format!("http://127.0.0.1:{}", d.hub_port);
+    let mut bhxh = Subscription::open(&url, BHXH_TOKEN, "bhxh-residence", None, 64).await?;
+    let mut moet = Subscription::open(&url, MOET_TOKEN, "moet-citizens", None, 64).await?;
+    hcm.batch_execute(
+        "UPDATE nhan_khau SET ma_xa = '26740' WHERE so_dinh_danh = '079090000001';
+         UPDATE nhan_khau SET ho_ten = 'Đỗ Văn Dũng (sửa)' WHERE so_dinh_danh = '003090000004';
+         UPDATE nhan_khau SET ho_ten = 'Phạm Văn Xuân (sửa ở HCM)' WHERE so_dinh_danh = '001080000009';
+         UPDATE nhan_khau SET ghi_chu = 'khác' WHERE so_dinh_danh = '079195000002';
+         INSERT INTO nhan_khau VALUES ('079199000010', 'Mai Thị Cuối', '10/10/1999', 'F', '26743', NULL, NULL);",
+    )
+    .await?;
+    // The last change applied: everything before it of this source is applied or quarantined.
+    wait_until("the streamed changes", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await?.contains_key("079199000010"))
+    })
+    .await?;
+
+    let n = national(&ndc).await?;
+    let row = |id: &str| n.get(id).cloned().with_context(|| format!("{id} not in national.citizens: {n:?}"));
+    let expect = |fields: &[&str]| fields.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        row("079090000001")?,
+        expect(&["Nguyễn Văn An", "1990-05-17", "1", "26740", "2025", "79", "26740", "-", "hcm-population", "79"]),
+        "trimmed, NFC, dd/mm/yyyy, Nam → 1, and the move remapped (Bến Nghé 26740 → Sài Gòn 26740)"
+    );
+    assert_eq!(
+        row("079195000002")?,
+        expect(&[
+            "Trần Thị Bình",
+            "1995-02-03",
+            "2",
+            "27019",
+            "2025",
+            "79",
+            "27016",
+            "Khu phố 3",
+            "hcm-population",
+            "79"
+        ]),
+        "Sơn Kỳ (27016) was split three ways: its khu phố decides"
+    );
+    assert_eq!(
+        row("001302000006")?,
+        expect(&["Hoàng Thị Phương", "2002-06-01", "2", "00008", "2025", "01", "00008", "-", "hanoi-population", "01"]),
+        "an integer code lost its zeros (8 → 00008, Liễu Giai → Ngọc Hà)"
+    );
+    assert_eq!(
+        row("001080000009")?,
+        expect(&["Phạm Văn Xuân", "1980-09-09", "1", "00008", "2025", "01", "00006", "-", "hanoi-population", "01"]),
+        "Hà Nội has the higher priority: Hồ Chí Minh City's version and later edit do not replace it"
+    );
+    assert_eq!(n.len(), 5, "only valid rows are national: {n:?}");
+
+    // Every remapped pair is a row of the shipped remap table.
+    let remap: HashSet<(String, String)> = include_str!("../../../data/admin-units/commune_remap_2025.csv")
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .map(|f| (f[2].to_string(), f[5].to_string()))
+        .collect();
+    for (id, r) in &n {
+        assert!(remap.contains(&(r[6].clone(), r[3].clone())), "{id}: {} → {} is not in the remap table", r[6], r[3]);
+    }
+
+    let q = quarantined(&ndc).await?;
+    assert!(q.iter().all(|(source, ..)| source == "hcm-population"), "{q:?}");
+    let mut by_rule: Vec<(&str, &str)> = q.iter().map(|(_, rule, key)| (rule.as_str(), key.as_str())).collect();
+    by_rule.sort();
+    assert_eq!(
+        by_rule,
+        [
+            ("citizen_id.province", "003090000004"),
+            ("commune.ambiguous", "079088000003"),
+            ("date.format", "079085000005"),
+            ("held", "003090000004"),
+        ],
+        "each refusal names its rule, and D's later edit waits behind it: {q:?}"
+    );
+    let reason: String =
+        ndc.query_one("SELECT reason FROM dongbo.quarantine WHERE rule = 'commune.ambiguous'", &[]).await?.get(0);
+    assert!(reason.contains("27013, 27019, 27439") && reason.contains("Khu phố 9"), "{reason}");
+
+    // residence.changed carries 2025 codes: Tân Định (26734 → 26737) to Bến Nghé (26740 → 26740).
+    let got = collect(&mut bhxh, 1, Duration::from_secs(30)).await?;
+    let ev = &got[0].body;
+    assert_eq!(ev["citizen_id"], "079090000001");
+    assert_eq!(ev["previous"]["commune_code"], "26737");
+    assert_eq!(ev["current"]["commune_code"], "26740");
+    assert_eq!(ev["province_code"], "79");
+
+    // Table followers get national rows with national fields, never a source column, and never
+    // the edit the conflict rule set aside; the marker comes last.
+    let mut rows = Vec::new();
+    while !rows.iter().any(|r: &dongbo_subscribers::Received| r.body["citizen_id"] == "079199000010") {
+        rows.extend(collect(&mut moet, 1, Duration::from_secs(30)).await?);
+    }
+    let allowed = ["event_id", "table", "op", "citizen_id", "full_name", "commune_code", "province_code"];
+    for r in &rows {
+        let keys: Vec<&String> = r.body.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        assert!(keys.iter().all(|k| allowed.contains(&k.as_str())), "{keys:?}");
+        assert_eq!(r.body["table"], "national.citizens", "{:?}", r.body);
+        assert_ne!(r.body["full_name"], "Phạm Văn Xuân (sửa ở HCM)", "a superseded change was published");
+        assert_ne!(r.body["op"], "truncate", "one agent's truncate is not the national table's");
+    }
+    let a = rows.iter().rev().find(|r| r.body["citizen_id"] == "079090000001").context("no row of A")?;
+    assert_eq!((a.body["commune_code"].as_str(), a.body["province_code"].as_str()), (Some("26740"), Some("79")));
+    Ok(())
+}
