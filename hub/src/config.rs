@@ -33,6 +33,9 @@ pub struct HubConfig {
     /// Source tables mapped onto the national tables, with the remap and conflict rules.
     #[serde(default)]
     pub national: crate::dictionary::NationalConfig,
+    /// The file this was read from, read again when the hub reloads its dictionary (SIGHUP).
+    #[serde(skip)]
+    pub loaded_from: Option<std::path::PathBuf>,
     /// Domain event rules.
     #[serde(default)]
     pub events: Vec<EventRule>,
@@ -515,7 +518,9 @@ use dongbo_connectors::config_file::Validate;
 impl HubConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        dongbo_connectors::config_file::load(path)
+        let mut config: Self = dongbo_connectors::config_file::load(path)?;
+        config.loaded_from = Some(path.to_path_buf());
+        Ok(config)
     }
 }
 

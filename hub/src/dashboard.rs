@@ -349,18 +349,44 @@ pub fn subscriptions(operator: &str, can_replay: bool, rows: &[SubscriptionRow],
     page("Subscriptions", Some(operator), &body)
 }
 
-/// Quarantined changes and messages, counted by agent, table and reason.
+/// Quarantined changes waiting, counted by agent, table and rule; the entries themselves with what
+/// became of them; and refused Kafka messages.
 pub fn quarantine(
     operator: &str,
-    changes: &[(String, String, String, i64)],
+    counts: &[(String, String, String, i64)],
+    entries: &[crate::quarantine::Entry],
     messages: &[(String, String, i64)],
 ) -> String {
     let mut body = String::from(
-        "<h2>Changes</h2><table id=\"quarantine\"><tr><th>Agent</th><th>Table</th><th>Reason</th><th>Count</th></tr>",
+        "<h2>Waiting</h2><table id=\"quarantine\"><tr><th>Agent</th><th>Table</th><th>Rule</th><th>Count</th></tr>",
     );
-    for (agent, table, reason, n) in changes {
+    for (agent, table, rule, n) in counts {
         let _ =
-            write!(body, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{n}</td></tr>", esc(agent), esc(table), esc(reason));
+            write!(body, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{n}</td></tr>", esc(agent), esc(table), esc(rule));
+    }
+    body.push_str(
+        "</table><p>Replay once the data or the rule is fixed, or drop with a reason: \
+         <code>dongbo-hub quarantine replay --agent …</code>, <code>dongbo-hub quarantine drop … --why …</code>.</p>\
+         <h2>Entries</h2><table id=\"quarantine-entries\"><tr><th>Agent</th><th>Seq</th><th>Table</th><th>Rule</th>\
+         <th>Reason</th><th>State</th><th>By</th></tr>",
+    );
+    for e in entries {
+        let state = match (&e.resolution, &e.resolution_note) {
+            (Some(r), Some(n)) => format!("{r}: {n}"),
+            (Some(r), None) => r.clone(),
+            (None, _) => "waiting".into(),
+        };
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&e.agent),
+            e.seq,
+            esc(&e.table),
+            esc(&e.rule),
+            esc(&e.reason),
+            esc(&state),
+            esc(e.resolved_by.as_deref().unwrap_or("")),
+        );
     }
     body.push_str("</table><h2>Kafka messages</h2><table><tr><th>Stream</th><th>Reason</th><th>Count</th></tr>");
     for (stream, reason, n) in messages {

@@ -28,6 +28,9 @@
 //! - [`listener`] — accepting connections within limits.
 //! - [`metrics`] — the Prometheus series the admin API serves.
 //! - [`fleet`] — the fleet registry in the NDC.
+//! - [`dictionary`] — the national dictionary: mappings, rules, the administrative-unit remap;
+//!   read again from `hub.toml` on SIGHUP.
+//! - [`quarantine`] — listing, showing, replaying and dropping quarantined changes.
 
 pub mod admin;
 pub mod admin_listener;
@@ -46,6 +49,7 @@ pub mod kafka;
 pub mod listener;
 pub mod metrics;
 pub mod pipeline;
+pub mod quarantine;
 pub mod server_tls;
 
 use std::future::Future;
@@ -88,6 +92,9 @@ pub enum HubError {
     /// The national dictionary's mappings or remap table could not be used.
     #[error("{0}")]
     Dictionary(String),
+    /// Replays committed before the hub stopped could not be logged.
+    #[error("quarantine replays: {0}")]
+    Quarantine(#[from] quarantine::QuarantineError),
 }
 
 /// A subscriber sends only Open and Ack messages, each well under a kilobyte.
@@ -106,6 +113,8 @@ pub async fn run(
     drop(client);
     dictionary::install(dictionary::Dictionary::load(&config.national).map_err(HubError::Dictionary)?);
     let fanout = fanout::Fanout::start(&config).await?;
+    // A replay the hub died after committing is logged before anything else is served.
+    quarantine::log_replays(&apply::connect(&config.ndc).await?, &fanout.log).await?;
     metrics::hub().know_agents(config.agents.iter().map(|a| a.id.as_str()));
     let addr = listener.local_addr().ok();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -128,19 +137,10 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let server_tls = config.tls.as_ref().map(server_tls::ServerTls::load).transpose().map_err(HubError::Tls)?;
-    match &server_tls {
-        Some(t) => t.watch(stop_rx.clone()),
-        // SIGHUP must not kill the hub (its default action) even with nothing to reload.
-        None => {
-            if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                tokio::spawn(async move {
-                    while hangup.recv().await.is_some() {
-                        info!("SIGHUP: no [tls] to reload");
-                    }
-                });
-            }
-        }
+    if let Some(t) = &server_tls {
+        t.watch(stop_rx.clone());
     }
+    reload_dictionary_on_hangup(config.loaded_from.clone(), stop_rx.clone());
     let handshake = std::time::Duration::from_millis(config.limits.handshake_timeout_ms);
     if let Some(admin) = config.admin.clone() {
         let guarded = listener::GuardedListener::new(TcpListener::bind(&admin.listen).await?, &config.limits, "admin");
@@ -218,4 +218,40 @@ pub async fn run(
     result?;
     info!("hub stopped");
     Ok(())
+}
+
+/// On SIGHUP, reads `[national]` of the hub's config file again (and its `remap_file`) and puts
+/// the new dictionary in use for the batches that follow; a file that does not load leaves the
+/// dictionary in use as it was. Listening also keeps SIGHUP from killing the hub, its default.
+fn reload_dictionary_on_hangup(path: Option<std::path::PathBuf>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the national dictionary reloads only with a restart");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                got = hangup.recv() => if got.is_none() { return },
+            }
+            let Some(path) = &path else {
+                info!("SIGHUP: the hub's configuration was not read from a file; the dictionary stays");
+                continue;
+            };
+            let loaded = HubConfig::load(path)
+                .map_err(|e| e.to_string())
+                .and_then(|c| dictionary::Dictionary::load(&c.national));
+            match loaded {
+                Ok(d) => {
+                    info!(file = %path.display(), remap = %d.remap.version(), "SIGHUP: national dictionary reloaded");
+                    dictionary::install(d);
+                }
+                Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                    "SIGHUP: the national dictionary did not reload; the one in use stays"),
+            }
+        }
+    });
 }

@@ -47,6 +47,13 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Quarantined changes: list, show, replay once fixed, drop with a reason (admin API).
+    Quarantine {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
     /// Check the audit log or answer a citizen's access question, straight from the NDC.
     Audit {
         /// Path to hub.toml (for the NDC connection and purpose descriptions).
@@ -187,6 +194,82 @@ enum DeadLetterAction {
     },
 }
 
+/// Which quarantined changes a command is about.
+#[derive(clap::Args)]
+struct QuarantineFilterArgs {
+    /// The agent that sent them.
+    #[arg(long)]
+    agent: Option<String>,
+    /// The source table, `schema.table`.
+    #[arg(long)]
+    table: Option<String>,
+    /// The rule they broke (`date.format`, `commune.ambiguous`, `held`, …).
+    #[arg(long)]
+    rule: Option<String>,
+    /// Words their reason contains.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only these seqs of the agent (repeat the flag).
+    #[arg(long = "seq")]
+    seqs: Vec<u64>,
+}
+
+impl QuarantineFilterArgs {
+    fn filter(self, resolved: bool, all: bool) -> dongbo_hub::quarantine::Filter {
+        dongbo_hub::quarantine::Filter {
+            agent: self.agent,
+            table: self.table,
+            rule: self.rule,
+            reason: self.reason,
+            seqs: self.seqs,
+            resolved,
+            all,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum QuarantineAction {
+    /// List quarantined changes, oldest first per agent.
+    List {
+        #[command(flatten)]
+        filter: QuarantineFilterArgs,
+        /// Resolved (replayed or dropped) ones too.
+        #[arg(long)]
+        resolved: bool,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one, with the change as the agent sent it.
+    Show {
+        /// The agent.
+        agent: String,
+        /// Its seq.
+        seq: u64,
+    },
+    /// Replay those selected, in seq order, through the dictionary in use now (after the data or
+    /// the rule was fixed): exactly once; the refused stay with their new reason.
+    Replay {
+        #[command(flatten)]
+        filter: QuarantineFilterArgs,
+        /// Every unresolved one.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Drop those selected: never applied, resolved with your reason.
+    Drop {
+        #[command(flatten)]
+        filter: QuarantineFilterArgs,
+        /// Every unresolved one.
+        #[arg(long)]
+        all: bool,
+        /// Why, recorded with each entry.
+        #[arg(long, required = true)]
+        why: String,
+    },
+}
+
 #[derive(Subcommand)]
 enum AuditAction {
     /// Walk the hash chain and report the first broken link.
@@ -311,6 +394,7 @@ async fn main() -> anyhow::Result<()> {
             };
             admin_call(&admin, method, &path, None).await
         }
+        Command::Quarantine { admin, action } => quarantine_command(&admin, action).await,
         Command::Audit { config, action } => {
             let config = dongbo_hub::config::HubConfig::load(&config)?;
             let mut client = dongbo_hub::apply::connect(&config.ndc).await.context("cannot reach the NDC")?;
@@ -371,6 +455,103 @@ async fn main() -> anyhow::Result<()> {
                     Ok(())
                 }
             }
+        }
+    }
+}
+
+/// `dongbo-hub quarantine …`.
+async fn quarantine_command(admin: &AdminArgs, action: QuarantineAction) -> anyhow::Result<()> {
+    use dongbo_hub::quarantine::Entry;
+    match action {
+        QuarantineAction::List { filter, resolved, json } => {
+            let f = filter.filter(resolved, false);
+            let query = serde_urlencoded::to_string(QueryFilter::from(&f))?;
+            if !f.seqs.is_empty() {
+                anyhow::bail!("list takes no --seq: `quarantine show AGENT SEQ` shows one");
+            }
+            let text = admin_request(admin, reqwest::Method::GET, &format!("/quarantine?{query}"), None).await?;
+            if json {
+                println!("{}", pretty_json(&text));
+                return Ok(());
+            }
+            let entries: Vec<Entry> =
+                serde_json::from_str(&text).context("the hub's answer is not a list of entries")?;
+            println!(
+                "{:<20} {:>8} {:<24} {:<11} {:<20} {:<10} REASON",
+                "AGENT", "SEQ", "TABLE", "OPERATION", "RULE", "STATE"
+            );
+            for e in &entries {
+                let state = e.resolution.as_deref().unwrap_or("waiting");
+                println!(
+                    "{:<20} {:>8} {:<24} {:<11} {:<20} {:<10} {}",
+                    e.agent, e.seq, e.table, e.operation, e.rule, state, e.reason
+                );
+            }
+            println!("{} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+            Ok(())
+        }
+        QuarantineAction::Show { agent, seq } => {
+            admin_call(admin, reqwest::Method::GET, &format!("/quarantine/{agent}/{seq}"), None).await
+        }
+        QuarantineAction::Replay { filter, all } => {
+            let body = serde_json::to_vec(&filter.filter(false, all))?;
+            let text = admin_request(admin, reqwest::Method::POST, "/quarantine/replay", Some(body)).await?;
+            let done: Vec<serde_json::Value> = serde_json::from_str(&text).context("the hub's answer is not a list")?;
+            for d in &done {
+                let detail = match d["outcome"].as_str() {
+                    Some("refused") => {
+                        format!("{}: {}", d["rule"].as_str().unwrap_or(""), d["reason"].as_str().unwrap_or(""))
+                    }
+                    Some("waits") => format!("behind seq {}", d["behind"]),
+                    _ => d["replay_id"].as_i64().map(|r| format!("replay {r}")).unwrap_or_default(),
+                };
+                println!(
+                    "{:<20} {:>8} {:<12} {detail}",
+                    d["agent"].as_str().unwrap_or(""),
+                    d["seq"],
+                    d["outcome"].as_str().unwrap_or("")
+                );
+            }
+            let applied = done.iter().filter(|d| d["outcome"] == "applied" || d["outcome"] == "superseded").count();
+            println!("{applied} of {} replayed", done.len());
+            Ok(())
+        }
+        QuarantineAction::Drop { filter, all, why } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "filter": filter.filter(false, all), "reason": why }))?;
+            let text = admin_request(admin, reqwest::Method::POST, "/quarantine/drop", Some(body)).await?;
+            let dropped: Vec<Entry> =
+                serde_json::from_str(&text).context("the hub's answer is not a list of entries")?;
+            for e in &dropped {
+                println!("dropped {} seq {} ({})", e.agent, e.seq, e.rule);
+            }
+            println!("{} dropped", dropped.len());
+            Ok(())
+        }
+    }
+}
+
+/// A listing filter as query parameters (no seqs: a query string has no lists).
+#[derive(serde::Serialize)]
+struct QueryFilter<'f> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent: Option<&'f str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table: Option<&'f str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'f str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'f str>,
+    resolved: bool,
+}
+
+impl<'f> From<&'f dongbo_hub::quarantine::Filter> for QueryFilter<'f> {
+    fn from(f: &'f dongbo_hub::quarantine::Filter) -> Self {
+        Self {
+            agent: f.agent.as_deref(),
+            table: f.table.as_deref(),
+            rule: f.rule.as_deref(),
+            reason: f.reason.as_deref(),
+            resolved: f.resolved,
         }
     }
 }

@@ -159,16 +159,15 @@ impl Deployment {
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, config)?;
         let env: Vec<(&str, &str)> = self.hub_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let mut p = DongboProcess::spawn_with_env(
-            "dongbo-hub",
-            &["serve", "--config", &path.to_string_lossy()],
-            &self.dir.join(format!("{name}.log")),
-            &env,
-        )?;
+        let log = self.dir.join(format!("{name}.log"));
+        // A hub started again appends to the same log: its own line is the one after the others.
+        let served_before = std::fs::read_to_string(&log).unwrap_or_default().matches("hub serving").count();
+        let mut p =
+            DongboProcess::spawn_with_env("dongbo-hub", &["serve", "--config", &path.to_string_lossy()], &log, &env)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         // The log line, not just the port: a free port picked earlier may since serve something else.
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err()
-            || !p.log_text().contains("hub serving")
+            || p.log_text().matches("hub serving").count() <= served_before
         {
             if Instant::now() > deadline || !p.is_running() {
                 let log = p.log_text();

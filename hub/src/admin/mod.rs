@@ -19,6 +19,10 @@
 //! | POST | `/subscriptions/{id}/dead-letters/replay` | re-deliver them |
 //! | GET | `/audit/citizens/{citizen_id}` | who received this citizen's data, when, for what |
 //! | GET | `/audit/verify` | check the hash chain |
+//! | GET | `/quarantine?agent=&table=&rule=&reason=&resolved=` | quarantined changes ([`crate::quarantine`]) |
+//! | GET | `/quarantine/{agent}/{seq}` | one, with its change |
+//! | POST | `/quarantine/replay` | replay those a JSON filter selects (role `admin`) |
+//! | POST | `/quarantine/drop` | drop them, `{"filter": …, "reason": …}` (role `admin`) |
 //!
 //! The audit calls share one NDC connection, one call at a time: however many operators (or one
 //! operator's script) ask at once, the API holds one NDC session beside the hub's appliers.
@@ -42,6 +46,7 @@ use crate::config::{HubConfig, NdcConfig};
 use crate::fanout::record::rfc3339_micros;
 use crate::fanout::subscription::SubscriptionDef;
 use crate::fanout::{Fanout, FanoutError};
+use crate::quarantine::{self, QuarantineError};
 
 #[derive(Clone)]
 struct AppState {
@@ -71,12 +76,16 @@ impl AppState {
     where
         F: for<'c> FnOnce(&'c mut tokio_postgres::Client) -> futures::future::BoxFuture<'c, Result<T, String>>,
     {
+        query(&mut *self.audit_session().await?).await
+    }
+
+    /// The audit connection, once the call before has finished with it.
+    async fn audit_session(&self) -> Result<tokio::sync::MappedMutexGuard<'_, tokio_postgres::Client>, String> {
         let mut slot = self.audit_ndc.lock().await;
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
             *slot = Some(crate::apply::connect(&self.ndc).await.map_err(|e| e.to_string())?);
         }
-        let client = slot.as_mut().ok_or("no NDC connection")?;
-        query(client).await
+        Ok(tokio::sync::MutexGuard::map(slot, |s| s.as_mut().expect("connected above")))
     }
 }
 
@@ -96,7 +105,7 @@ fn fanout_error(e: FanoutError) -> Response {
 /// An operator whose role reaches `Admin` (`ADMIN = true`) or `Read`, established from the request's
 /// client certificate and token before the handler runs; a refusal answers 401 or 403 with the
 /// reason and is logged with the peer's address, never with the token.
-struct Operator<const ADMIN: bool>;
+struct Operator<const ADMIN: bool>(String);
 
 /// Any operator (role `read` or `admin`).
 type Reader = Operator<false>;
@@ -114,7 +123,7 @@ impl<const ADMIN: bool> axum::extract::FromRequestParts<AppState> for Operator<A
             Credentials { certificate: peer.as_ref().and_then(|p| p.certificate.as_deref()), authorization: header };
         let addr = peer.as_ref().map(|p| p.addr.to_string()).unwrap_or_default();
         match state.auth.operator(credentials, needed) {
-            Ok(_) => Ok(Operator),
+            Ok((id, _)) => Ok(Operator(id)),
             Err(e @ AuthError::WrongKind(_)) => {
                 tracing::warn!(peer = %addr, reason = %e, "admin API request refused");
                 Err(error(StatusCode::FORBIDDEN, vec![e.to_string()]))
@@ -256,6 +265,80 @@ async fn verify(State(s): State<AppState>, _: Reader) -> Response {
     }
 }
 
+fn quarantine_error(e: QuarantineError) -> Response {
+    match e {
+        QuarantineError::Refused(p) => error(StatusCode::BAD_REQUEST, vec![p]),
+        QuarantineError::NotFound(p) => error(StatusCode::NOT_FOUND, vec![p]),
+        QuarantineError::Apply(e) if e.is_transient() => error(StatusCode::SERVICE_UNAVAILABLE, vec![e.to_string()]),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, vec![other.to_string()]),
+    }
+}
+
+/// A JSON body, or what is wrong with it.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("{what} is not valid JSON of its shape: {e}"))
+}
+
+async fn quarantine_list(
+    State(s): State<AppState>,
+    _: Reader,
+    axum::extract::Query(filter): axum::extract::Query<quarantine::Filter>,
+) -> Response {
+    let client = match s.audit_session().await {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, vec![e]),
+    };
+    match quarantine::list(&client, &filter, quarantine::MAX_ENTRIES).await {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => quarantine_error(e),
+    }
+}
+
+async fn quarantine_show(State(s): State<AppState>, _: Reader, Path((agent, seq)): Path<(String, u64)>) -> Response {
+    let client = match s.audit_session().await {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, vec![e]),
+    };
+    match quarantine::show(&client, &agent, seq).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => quarantine_error(e),
+    }
+}
+
+async fn quarantine_replay(State(s): State<AppState>, op: Changer, body: axum::body::Bytes) -> Response {
+    let filter: quarantine::Filter = match json_body(&body, "the filter") {
+        Ok(f) => f,
+        Err(p) => return error(StatusCode::BAD_REQUEST, vec![p]),
+    };
+    match quarantine::replay(&s.fanout, &s.config, &filter, &op.0).await {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => quarantine_error(e),
+    }
+}
+
+/// What `/quarantine/drop` takes.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DropRequest {
+    filter: quarantine::Filter,
+    reason: String,
+}
+
+async fn quarantine_drop(State(s): State<AppState>, op: Changer, body: axum::body::Bytes) -> Response {
+    let req: DropRequest = match json_body(&body, "the drop request") {
+        Ok(r) => r,
+        Err(p) => return error(StatusCode::BAD_REQUEST, vec![p]),
+    };
+    let client = match s.audit_session().await {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, vec![e]),
+    };
+    match quarantine::drop_entries(&client, &req.filter, &op.0, &req.reason).await {
+        Ok(dropped) => Json(dropped).into_response(),
+        Err(e) => quarantine_error(e),
+    }
+}
+
 fn verification_json(v: &audit::Verification) -> serde_json::Value {
     json!({
         "entries_checked": v.entries,
@@ -294,6 +377,10 @@ pub async fn serve(
         .route("/subscriptions/{id}/dead-letters/replay", post(replay))
         .route("/audit/citizens/{citizen_id}", get(citizen))
         .route("/audit/verify", get(verify))
+        .route("/quarantine", get(quarantine_list))
+        .route("/quarantine/{agent}/{seq}", get(quarantine_show))
+        .route("/quarantine/replay", post(quarantine_replay))
+        .route("/quarantine/drop", post(quarantine_drop))
         .with_state(AppState {
             fanout,
             auth,

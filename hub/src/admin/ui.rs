@@ -182,34 +182,39 @@ pub(super) async fn replay(
     }
 }
 
+/// Entries the quarantine page lists at most.
+const PAGE_ENTRIES: usize = 200;
+
 pub(super) async fn quarantine(State(s): State<AppState>, op: UiOperator) -> Response {
-    let counted = s
-        .with_audit_ndc(|client| {
-            Box::pin(async move {
-                let changes = client
-                    .query(
-                        "SELECT source_id, source_table, reason, count(*) FROM dongbo.quarantine \
-                         GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 200",
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let messages = client
-                    .query(
-                        "SELECT stream, reason, count(*) FROM dongbo.stream_quarantine GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 200",
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok((
-                    changes.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect::<Vec<_>>(),
-                    messages.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect::<Vec<_>>(),
-                ))
-            })
-        })
-        .await;
-    match counted {
-        Ok((changes, messages)) => html(StatusCode::OK, dashboard::quarantine(&op.id, &changes, &messages)),
+    let read = async {
+        let client = s.audit_session().await?;
+        let counts = client
+            .query(
+                "SELECT source_id, source_table, coalesce(rule, 'ndc.refused'), count(*) FROM dongbo.quarantine \
+                 WHERE resolved_at IS NULL GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 200",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let messages = client
+            .query(
+                "SELECT stream, reason, count(*) FROM dongbo.stream_quarantine GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 200",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let all = crate::quarantine::Filter { resolved: true, ..Default::default() };
+        let entries = crate::quarantine::list(&client, &all, PAGE_ENTRIES).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((
+            counts.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect::<Vec<_>>(),
+            messages.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect::<Vec<_>>(),
+            entries,
+        ))
+    };
+    match read.await {
+        Ok((counts, messages, entries)) => {
+            html(StatusCode::OK, dashboard::quarantine(&op.id, &counts, &entries, &messages))
+        }
         Err(e) => failed(e),
     }
 }

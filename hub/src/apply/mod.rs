@@ -24,6 +24,7 @@
 //! with the row it would have replaced (the check and the write serialised per national table).
 
 pub mod plan;
+pub mod replay;
 pub mod target;
 pub mod types;
 
@@ -127,7 +128,20 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
                  ADD COLUMN IF NOT EXISTS detail text,
                  ADD COLUMN IF NOT EXISTS resolved_at timestamptz,
                  ADD COLUMN IF NOT EXISTS resolution text,
-                 ADD COLUMN IF NOT EXISTS resolved_by text;
+                 ADD COLUMN IF NOT EXISTS resolved_by text,
+                 ADD COLUMN IF NOT EXISTS resolution_note text,
+                 ADD COLUMN IF NOT EXISTS replay_id bigint,
+                 ADD COLUMN IF NOT EXISTS replayed_change bytea;
+             -- One row per replay that resolved anything; logged once its changes and events are
+             -- in the fan-out log (crate::quarantine::log_replays).
+             CREATE TABLE IF NOT EXISTS dongbo.quarantine_replay (
+                 replay_id bigserial PRIMARY KEY,
+                 source_id text NOT NULL,
+                 replayed_by text NOT NULL,
+                 replayed_at timestamptz NOT NULL DEFAULT now(),
+                 changes integer NOT NULL,
+                 logged boolean NOT NULL DEFAULT false);
+             CREATE INDEX IF NOT EXISTS quarantine_replayed ON dongbo.quarantine (replay_id) WHERE replay_id IS NOT NULL;
              CREATE INDEX IF NOT EXISTS quarantine_holds ON dongbo.quarantine (source_id, source_hold)
                  WHERE resolved_at IS NULL;
              CREATE TABLE IF NOT EXISTS dongbo.stream_quarantine (
@@ -464,8 +478,14 @@ impl NdcApplier {
         let mut txn = client.transaction().await?;
         // The row lock orders this stream's transactions, even across two hubs that both believe
         // they own a Kafka partition during a rebalance: the later one sees the earlier one's seq.
+        // The shared lock of the agent's quarantine: a replay of its entries (which takes it
+        // exclusively) is never between this transaction's reading of what is held and its commit.
         let applied: i64 = txn
-            .query_one("SELECT applied_seq FROM dongbo.applied_position WHERE source_id = $1 FOR UPDATE", &[&*stream])
+            .query_one(
+                "SELECT applied_seq FROM dongbo.applied_position, pg_advisory_xact_lock_shared(hashtextextended($2, $3)) \
+                 WHERE source_id = $1 FOR UPDATE OF applied_position",
+                &[&*stream, &acl.id, &replay::AGENT_LOCK],
+            )
             .await?
             .get(0);
         let applied = applied as u64;
@@ -561,7 +581,7 @@ impl NdcApplier {
                 let mut plan = Plan::default();
                 plan.add(c);
                 let sp = txn.savepoint("dongbo_change").await?;
-                match execute(&sp, &plan, targets, &mut used_stages, None, &acl.id, conflict).await {
+                match execute(&sp, &plan, targets, &mut used_stages, None, &acl.id, Some(conflict)).await {
                     Ok(lost) => {
                         sp.commit().await?;
                         superseded.extend(lost);
@@ -585,7 +605,7 @@ impl NdcApplier {
             let mut plan = Plan::default();
             accepted.iter().for_each(|c| plan.add(c));
             let direct = (mode == Mode::Direct).then_some(&*mixed);
-            superseded = execute(&txn, &plan, targets, &mut used_stages, direct, &acl.id, conflict).await?;
+            superseded = execute(&txn, &plan, targets, &mut used_stages, direct, &acl.id, Some(conflict)).await?;
         }
         // A change the conflict rule decided against is applied in effect (the rule kept the
         // other agent's row) but raises nothing and is not logged: subscribers see what the NDC
@@ -810,7 +830,7 @@ async fn execute(
     used_stages: &mut HashSet<String>,
     direct_snapshot_copy: Option<&HashSet<TableId>>,
     agent: &str,
-    conflict: ConflictRule,
+    conflict: Option<ConflictRule>,
 ) -> Result<Superseded, tokio_postgres::Error> {
     let mut superseded = Superseded::new();
     let scope: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&agent];

@@ -163,12 +163,12 @@ impl Target {
     }
 
     /// Upsert from the stage for the columns in `present` (indexes into `columns`); into a
-    /// national table, guarded by `rule`.
-    pub fn upsert_sql_under(&self, present: &[usize], rule: ConflictRule) -> String {
+    /// national table, guarded by `rule`, or unguarded where an operator decided (`None`).
+    pub fn upsert_sql_under(&self, present: &[usize], rule: Option<ConflictRule>) -> String {
         let sql = self.upsert_sql(present);
-        if !self.national {
+        let Some(rule) = rule.filter(|_| self.national) else {
             return sql;
-        }
+        };
         let sql = sql.replacen(
             &format!("INSERT INTO {} ", self.qualified),
             &format!("INSERT INTO {} AS t ", self.qualified),
@@ -343,11 +343,11 @@ mod tests {
         assert_eq!(t.truncate_sql(), "DELETE FROM \"national\".\"citizens\" WHERE \"source_agent\" = $1");
         assert!(t.delete_sql().ends_with("AND t.\"source_agent\" = $1"), "{}", t.delete_sql());
         let all: Vec<usize> = (0..t.columns.len()).collect();
-        let upsert = t.upsert_sql_under(&all, ConflictRule::Priority);
+        let upsert = t.upsert_sql_under(&all, Some(ConflictRule::Priority));
         assert!(upsert.starts_with("INSERT INTO \"national\".\"citizens\" AS t ("), "{upsert}");
         assert!(upsert.ends_with("OR EXCLUDED.\"source_priority\" > t.\"source_priority\""), "{upsert}");
         assert!(t
-            .upsert_sql_under(&all, ConflictRule::Quarantine)
+            .upsert_sql_under(&all, Some(ConflictRule::Quarantine))
             .ends_with("WHERE t.\"source_agent\" = EXCLUDED.\"source_agent\""));
         // An agent's own table is neither scoped nor guarded.
         let own = Target::new(
@@ -356,7 +356,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(own.upsert_sql_under(&[0], ConflictRule::Priority), own.upsert_sql(&[0]));
+        assert_eq!(own.upsert_sql_under(&[0], Some(ConflictRule::Priority)), own.upsert_sql(&[0]));
         assert_eq!(own.truncate_sql(), "TRUNCATE \"hcm\".\"x\"");
     }
 

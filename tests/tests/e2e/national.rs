@@ -343,3 +343,206 @@ async fn two_provinces_feed_national_citizens_with_rules_remap_priority_and_head
     assert_eq!((a.body["commune_code"].as_str(), a.body["province_code"].as_str()), (Some("26740"), Some("79")));
     Ok(())
 }
+
+/// The HCM agent's unresolved quarantine seqs of `citizen`, in order.
+async fn waiting_seqs(ndc: &Client, citizen: &str) -> anyhow::Result<Vec<i64>> {
+    let rows = ndc
+        .query(
+            "SELECT seq FROM dongbo.quarantine WHERE resolved_at IS NULL AND source_id = 'hcm-population' \
+             AND source_hold::jsonb->>1 LIKE $1 || '%' ORDER BY seq",
+            &[&citizen],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Runs `dongbo-hub quarantine ARGS` against the admin API on `admin_port`; its success and output.
+fn quarantine_cli(admin_port: u16, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-hub")?)
+        .args(["quarantine", "--admin", &format!("http://127.0.0.1:{admin_port}")])
+        .args(args)
+        .env("DONGBO_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), text))
+}
+
+/// Like [`quarantine_cli`], failing unless the command succeeded.
+fn quarantine_ok(admin_port: u16, args: &[&str]) -> anyhow::Result<String> {
+    let (ok, text) = quarantine_cli(admin_port, args)?;
+    if !ok {
+        bail!("dongbo-hub quarantine {args:?} failed:\n{text}");
+    }
+    Ok(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_replay_after_a_fix_applies_in_order_once_even_when_the_hub_is_killed() -> anyhow::Result<()> {
+    let mut d = Deployment::new("national-replay", HCM_DDL, &["public.nhan_khau"]).await?;
+    let hcm = d.source().await?;
+    // G and J live in Sơn Kỳ (27016, split three ways) in a khu phố no rule names yet; H's birth
+    // date does not exist.
+    hcm.batch_execute(
+        "INSERT INTO nhan_khau VALUES
+           ('079090000021', 'Ngô Văn Khoa', '12/12/1990', 'Nam', '26734', NULL, NULL),
+           ('079088000022', 'Lê Văn Giàu', '01/01/1988', 'Nam', '27016', 'Khu phố 9', NULL),
+           ('079087000023', 'Đinh Văn Giang', '02/02/1987', 'Nam', '27016', 'Khu phố 9', NULL),
+           ('079085000024', 'Vũ Văn Hải', '31/02/1985', 'Nam', '26740', NULL, NULL);",
+    )
+    .await?;
+    let admin_port = pg::free_port();
+    let config = hub_toml(admin_port);
+    d.start_hub_with(&config).await?;
+    d.start_agent()?;
+    let ndc = d.ndc().await?;
+    wait_until("the snapshot", Duration::from_secs(90), || async {
+        // Before its first row the national table does not exist.
+        let n = national(&ndc).await.unwrap_or_default();
+        Ok(n.contains_key("079090000021") && quarantined(&ndc).await.unwrap_or_default().len() == 3)
+    })
+    .await?;
+    // Later changes of G, J and H wait behind their first; H is corrected at the source.
+    hcm.batch_execute(
+        "UPDATE nhan_khau SET ho_ten = 'Lê Văn Giàu (sửa)' WHERE so_dinh_danh = '079088000022';
+         UPDATE nhan_khau SET ma_xa = '26734', khu_pho = NULL WHERE so_dinh_danh = '079088000022';
+         UPDATE nhan_khau SET ma_xa = '26734', khu_pho = NULL WHERE so_dinh_danh = '079087000023';
+         UPDATE nhan_khau SET ngay_sinh = '28/02/1985' WHERE so_dinh_danh = '079085000024';
+         INSERT INTO nhan_khau VALUES ('079099000025', 'Mai Văn Mốc', '05/05/1999', 'Nam', '26740', NULL, NULL);",
+    )
+    .await?;
+    wait_until("the streamed changes", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await?.contains_key("079099000025"))
+    })
+    .await?;
+    let (g, j, h) = (
+        waiting_seqs(&ndc, "079088000022").await?,
+        waiting_seqs(&ndc, "079087000023").await?,
+        waiting_seqs(&ndc, "079085000024").await?,
+    );
+    assert_eq!((g.len(), j.len(), h.len()), (3, 2, 2), "{:?}", quarantined(&ndc).await?);
+
+    // An operator lists and reads them.
+    let listed = quarantine_ok(admin_port, &["list", "--agent", "hcm-population"])?;
+    assert!(listed.contains("7 entries"), "{listed}");
+    assert!(quarantine_ok(admin_port, &["list", "--rule", "held"])?.contains("4 entries"));
+    let shown = quarantine_ok(admin_port, &["show", "hcm-population", &h[0].to_string()])?;
+    assert!(shown.contains("\"ngay_sinh\": \"31/02/1985\"") && shown.contains("date.format"), "{shown}");
+
+    // H's correction cannot pass its quarantined insert; dropped with a reason, the correction
+    // replays. G's and J's changes still wait behind theirs, and G's first is refused again.
+    let out = quarantine_ok(admin_port, &["replay", "--agent", "hcm-population", "--seq", &h[1].to_string()])?;
+    assert!(out.contains(&format!("behind seq {}", h[0])) && out.contains("0 of 1 replayed"), "{out}");
+    let (ok, out) = quarantine_cli(admin_port, &["replay"])?;
+    assert!(!ok && out.contains("or `all`"), "a replay needs a filter: {out}");
+    let why = "impossible date; corrected at the source";
+    let out =
+        quarantine_ok(admin_port, &["drop", "--agent", "hcm-population", "--seq", &h[0].to_string(), "--why", why])?;
+    assert!(out.contains("1 dropped"), "{out}");
+    let out = quarantine_ok(admin_port, &["replay", "--agent", "hcm-population", "--rule", "held"])?;
+    assert!(out.contains("1 of 4 replayed"), "{out}");
+    let g_args: Vec<String> = g.iter().flat_map(|s| ["--seq".to_string(), s.to_string()]).collect();
+    let mut args = vec!["replay", "--agent", "hcm-population"];
+    args.extend(g_args.iter().map(String::as_str));
+    let out = quarantine_ok(admin_port, &args)?;
+    assert!(out.contains("commune.ambiguous") && out.contains("0 of 3 replayed"), "{out}");
+    let n = national(&ndc).await?;
+    assert_eq!(n["079085000024"][1], "1985-02-28", "H as corrected: {n:?}");
+    assert!(!n.contains_key("079088000022"));
+
+    // The rule is fixed in hub.toml and reloaded without a restart: a split commune no rule decides
+    // goes to the remap table's default target (Sơn Kỳ → Tây Thạnh, 27013).
+    let fix = |toml: &str| toml.replacen("split_default = false", "split_default = true", 1);
+    let hub_toml_path = d.dir.join("hub.toml");
+    std::fs::write(&hub_toml_path, fix(&std::fs::read_to_string(&hub_toml_path)?))?;
+    let fixed_config = fix(&config);
+    let hub = d.hub.as_mut().context("hub")?;
+    std::process::Command::new("kill").args(["-HUP", &hub.pid().context("hub pid")?.to_string()]).status()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !hub.log_text().contains("national dictionary reloaded") {
+        if Instant::now() > deadline {
+            bail!("the hub did not reload its dictionary:\n{}", hub.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = quarantine_ok(admin_port, &args)?;
+    assert!(out.contains("3 of 3 replayed"), "{out}");
+    let n = national(&ndc).await?;
+    assert_eq!(
+        (n["079088000022"][0].as_str(), n["079088000022"][3].as_str(), n["079088000022"][6].as_str()),
+        ("Lê Văn Giàu (sửa)", "26737", "26734"),
+        "G's three changes applied in order: {n:?}"
+    );
+
+    // J's replay: the hub dies after the NDC commit, before its fan-out log holds it.
+    d.hub.as_mut().context("hub")?.kill9();
+    d.hub_env = vec![("DONGBO_FAULT".into(), "hub-replay-applied-not-logged".into())];
+    d.start_hub_with(&fixed_config).await?;
+    let (ok, out) = quarantine_cli(admin_port, &["replay", "--agent", "hcm-population"])?;
+    assert!(!ok, "the hub was to die inside the replay: {out}");
+    let status = d.hub.as_mut().context("hub")?.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| !s.success()), "the fault point did not fire: {out}");
+    let resolved: i64 = ndc
+        .query_one("SELECT count(DISTINCT replay_id) FROM dongbo.quarantine WHERE seq = ANY($1)", &[&j])
+        .await?
+        .get(0);
+    assert_eq!(resolved, 1, "J's replay committed in one transaction");
+    let logged = |d: &Deployment| d.hub.as_ref().map_or(0, |h| h.log_text().matches("replayed changes logged").count());
+    let logged_before = logged(&d);
+    d.hub_env.clear();
+    d.start_hub_with(&fixed_config).await?;
+    assert_eq!(logged(&d), logged_before + 1, "the restarted hub logs the replay the killed one committed");
+    let out = quarantine_ok(admin_port, &["replay", "--agent", "hcm-population"])?;
+    assert!(out.contains("0 of 0 replayed"), "nothing is left to replay, so nothing twice: {out}");
+    assert!(quarantine_ok(admin_port, &["list"])?.contains("0 entries"));
+    let unlogged: i64 =
+        ndc.query_one("SELECT count(*) FROM dongbo.quarantine_replay WHERE NOT logged", &[]).await?.get(0);
+    assert_eq!(unlogged, 0);
+    let n = national(&ndc).await?;
+    assert_eq!(n["079087000023"][3], "26737", "J moved: {n:?}");
+
+    // Subscribers see each replayed change once, in order, before what came after.
+    hcm.batch_execute("UPDATE nhan_khau SET ma_xa = '26740' WHERE so_dinh_danh = '079090000021'").await?;
+    let url = format!("http://127.0.0.1:{}", d.hub_port);
+    let mut bhxh = Subscription::open(&url, BHXH_TOKEN, "bhxh-residence", None, 64).await?;
+    let events = collect(&mut bhxh, 3, Duration::from_secs(30)).await?;
+    let moves: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            (s(&e.body["citizen_id"]), s(&e.body["previous"]["commune_code"]), s(&e.body["current"]["commune_code"]))
+        })
+        .collect();
+    let mv = |c: &str, a: &str, b: &str| (c.to_string(), a.to_string(), b.to_string());
+    assert_eq!(
+        moves,
+        [
+            mv("079088000022", "27013", "26737"),
+            mv("079087000023", "27013", "26737"),
+            mv("079090000021", "26737", "26740")
+        ]
+    );
+    let mut moet = Subscription::open(&url, MOET_TOKEN, "moet-citizens", None, 64).await?;
+    let mut rows = Vec::new();
+    while !rows.iter().any(|r: &dongbo_subscribers::Received| {
+        r.body["citizen_id"] == "079090000021" && r.body["commune_code"] == "26740"
+    }) {
+        rows.extend(collect(&mut moet, 1, Duration::from_secs(30)).await?);
+    }
+    let of = |c: &str| {
+        rows.iter().filter(|r| r.body["citizen_id"] == c).map(|r| r.body["full_name"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(of("079087000023").len(), 2, "J's insert and move, once each: {rows:?}");
+    assert_eq!(of("079088000022"), ["Lê Văn Giàu", "Lê Văn Giàu (sửa)", "Lê Văn Giàu (sửa)"], "{rows:?}");
+    assert_eq!(of("079085000024").len(), 1, "H's correction only: its insert was dropped");
+    let dropped: (String, String, String) = {
+        let r = ndc
+            .query_one(
+                "SELECT resolution, resolved_by, resolution_note FROM dongbo.quarantine WHERE seq = $1 AND source_id = 'hcm-population'",
+                &[&h[0]],
+            )
+            .await?;
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(dropped, ("dropped".to_string(), "admin".to_string(), why.to_string()));
+    Ok(())
+}
