@@ -166,15 +166,19 @@ impl Target {
     /// national table, guarded by `rule`, or unguarded where an operator decided (`None`).
     pub fn upsert_sql_under(&self, present: &[usize], rule: Option<ConflictRule>) -> String {
         let sql = self.upsert_sql(present);
-        let Some(rule) = rule.filter(|_| self.national) else {
+        if !self.national {
             return sql;
-        };
+        }
+        // Aliased either way: the caller's RETURNING names the row as `t`.
         let sql = sql.replacen(
             &format!("INSERT INTO {} ", self.qualified),
             &format!("INSERT INTO {} AS t ", self.qualified),
             1,
         );
-        format!("{sql} WHERE {}", conflict_guard(rule))
+        match rule {
+            Some(rule) => format!("{sql} WHERE {}", conflict_guard(rule)),
+            None => sql,
+        }
     }
 
     /// Upsert from the stage for the columns in `present` (indexes into `columns`).
@@ -349,6 +353,12 @@ mod tests {
         assert!(t
             .upsert_sql_under(&all, Some(ConflictRule::Quarantine))
             .ends_with("WHERE t.\"source_agent\" = EXCLUDED.\"source_agent\""));
+        // An operator's decision overwrites unguarded, the row still named `t` for RETURNING.
+        let decided = t.upsert_sql_under(&all, None);
+        assert!(
+            decided.starts_with("INSERT INTO \"national\".\"citizens\" AS t (") && !decided.contains("WHERE"),
+            "{decided}"
+        );
         // An agent's own table is neither scoped nor guarded.
         let own = Target::new(
             "hcm",

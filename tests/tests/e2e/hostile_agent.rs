@@ -38,14 +38,18 @@ async fn hostile_type_table_and_column_names_never_become_sql() -> anyhow::Resul
     let long = schema("public", &"t".repeat(64), &[("id", "text")]);
     let nul = schema("public", "nul", &[("id", "text"), ("a\0b", "text")]);
     let dotted = schema("s.t", "x", &[("id", "text")]);
+    // The national table's name: a peer names source tables only; what is national is the hub's
+    // configuration's to say, never the wire's.
+    let national = schema("national", "citizens", &[("citizen_id", "text"), ("full_name", "text")]);
     let id = d.source_id.clone();
     let batches = vec![
         message(&id, vec![insert(1, &evil_types, &["1", "5", "x", "y", "7"])]),
         message(&id, vec![insert(2, &evil_names, &["1", "v"])]),
         message(&id, vec![insert(3, &ax, &["k", "from a"]), insert(4, &bx, &["k", "from b"])]),
         message(&id, vec![insert(5, &long, &["1"]), insert(6, &nul, &["1", "2"]), insert(7, &dotted, &["1"])]),
+        message(&id, vec![insert(8, &national, &["079090000001", "Kẻ Mạo Danh"])]),
     ];
-    assert_eq!(send(d.hub_port, TOKEN, &id, batches, 7).await?, 7);
+    assert_eq!(send(d.hub_port, TOKEN, &id, batches, 8).await?, 8);
 
     // Nothing outside the agent's own schema moved.
     let other: i64 = ndc
@@ -113,6 +117,14 @@ async fn hostile_type_table_and_column_names_never_become_sql() -> anyhow::Resul
     assert!(q[0].1.contains("would truncate"), "{q:?}");
     assert!(q[1].1.contains("NUL"), "{q:?}");
     assert!(q[2].1.contains("contains a '.'"), "{q:?}");
-    assert_eq!(d.applied().await?, (7, 4, 3), "4 applied, 3 quarantined, each once");
+    // "national.citizens" from the wire is one more table of the agent's own schema.
+    let name: String = ndc
+        .query_one("SELECT full_name FROM hcm_population.\"national.citizens\" WHERE citizen_id = '079090000001'", &[])
+        .await?
+        .get(0);
+    assert_eq!(name, "Kẻ Mạo Danh");
+    let national_exists: bool = ndc.query_one("SELECT to_regclass('national.citizens') IS NOT NULL", &[]).await?.get(0);
+    assert!(!national_exists, "the wire cannot create or write a national table");
+    assert_eq!(d.applied().await?, (8, 5, 3), "5 applied, 3 quarantined, each once");
     Ok(())
 }

@@ -546,3 +546,73 @@ async fn quarantine_replay_after_a_fix_applies_in_order_once_even_when_the_hub_i
     assert_eq!(dropped, ("dropped".to_string(), "admin".to_string(), why.to_string()));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_citizen_from_two_provinces_is_quarantined_with_both_versions_and_a_replay_lets_it_win(
+) -> anyhow::Result<()> {
+    let mut d = Deployment::new("national-conflict", HCM_DDL, &["public.nhan_khau"]).await?;
+    d.pg.create_database("province_hn").await?;
+    let hn = d.pg.connect_as_role("province_hn").await?;
+    hn.batch_execute(HN_DDL).await?;
+    hn.batch_execute("INSERT INTO cong_dan VALUES ('001080000009', 'Phạm Văn Xuân', '1980-09-09', 'M', 6)").await?;
+    let hcm = d.source().await?;
+    hcm.batch_execute(
+        "INSERT INTO nhan_khau VALUES ('001080000009', 'Phạm Văn Xuân (HCM)', '09/09/1980', 'Nam', '26740', NULL, NULL),
+                                      ('079090000031', 'Trịnh Văn Yên', '01/03/1990', 'Nam', '26740', NULL, NULL);",
+    )
+    .await?;
+    let admin_port = pg::free_port();
+    d.start_hub_with(&hub_toml(admin_port).replacen("conflict = \"priority\"", "conflict = \"quarantine\"", 1)).await?;
+    let ndc = d.ndc().await?;
+    let _hanoi = start_hanoi_agent(&d)?;
+    wait_until("Hà Nội's citizen", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await.unwrap_or_default().contains_key("001080000009"))
+    })
+    .await?;
+    d.start_agent()?;
+    wait_until("Hồ Chí Minh City's snapshot", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await?.contains_key("079090000031"))
+    })
+    .await?;
+    hcm.batch_execute(
+        "UPDATE nhan_khau SET ho_ten = 'Phạm Văn Xuân (sửa ở HCM)' WHERE so_dinh_danh = '001080000009';
+         INSERT INTO nhan_khau VALUES ('079090000032', 'Trịnh Văn Zung', '01/04/1990', 'Nam', '26740', NULL, NULL);",
+    )
+    .await?;
+    wait_until("Hồ Chí Minh City's rows", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await.unwrap_or_default().contains_key("079090000032"))
+    })
+    .await?;
+    let q = quarantined(&ndc).await?;
+    let hcm_population = "hcm-population".to_string();
+    assert_eq!(
+        q,
+        [
+            (hcm_population.clone(), "conflict".to_string(), "001080000009".to_string()),
+            (hcm_population.clone(), "held".to_string(), "001080000009".to_string())
+        ]
+    );
+    assert_eq!(national(&ndc).await?["001080000009"][8], "hanoi-population", "the holder keeps its row meanwhile");
+
+    // Both versions are there for the operator: the change as sent, the NDC's row in detail.
+    let seq: i64 = ndc.query_one("SELECT min(seq) FROM dongbo.quarantine WHERE rule = 'conflict'", &[]).await?.get(0);
+    let shown: serde_json::Value =
+        serde_json::from_str(&quarantine_ok(admin_port, &["show", "hcm-population", &seq.to_string()])?)?;
+    assert_eq!(shown["change"]["after"]["ho_ten"], "Phạm Văn Xuân (HCM)", "{shown}");
+    assert_eq!(shown["detail"]["source_agent"], "hanoi-population", "{shown}");
+    assert_eq!(shown["detail"]["full_name"], "Phạm Văn Xuân", "{shown}");
+
+    // The operator lets Hồ Chí Minh City's version win: both its changes apply, in order.
+    let out = quarantine_ok(admin_port, &["replay", "--agent", "hcm-population"])?;
+    assert!(out.contains("2 of 2 replayed"), "{out}");
+    let x = national(&ndc).await?["001080000009"].clone();
+    assert_eq!((x[0].as_str(), x[8].as_str()), ("Phạm Văn Xuân (sửa ở HCM)", "hcm-population"));
+    // Now Hà Nội's edit meets a row Hồ Chí Minh City holds.
+    hn.batch_execute("UPDATE cong_dan SET hoten = 'Phạm Văn Xuân (sửa ở HN)' WHERE cccd = '001080000009'").await?;
+    wait_until("Hà Nội's edit quarantined", Duration::from_secs(60), || async {
+        Ok(quarantined(&ndc).await?.iter().any(|(s, rule, _)| s == "hanoi-population" && rule == "conflict"))
+    })
+    .await?;
+    assert_eq!(national(&ndc).await?["001080000009"][0], "Phạm Văn Xuân (sửa ở HCM)");
+    Ok(())
+}
