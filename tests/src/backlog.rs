@@ -129,6 +129,31 @@ pub fn write_hub_config(
     Ok(path)
 }
 
+/// Writes `dir/<name>.toml` for a benchmark agent `name`: the source's `public.citizens` through
+/// its own slot `name`, its spool in `dir/<name>-spool`, the hub in clear text on `hub_port`
+/// (token `<name>-token`).
+pub fn agent_config(
+    dir: &std::path::Path,
+    name: &str,
+    src_port: u16,
+    hub_port: u16,
+    status_port: u16,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "source_id = \"{name}\"\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {src_port}\ndatabase = \"province\"\n\
+         user = \"{role}\"\npassword = \"{pw}\"\ntables = [\"public.citizens\"]\nslot = \"{name}\"\npublication = \"dongbo\"\n\
+         feedback_interval_ms = 100\n[spool]\npath = \"{spool}\"\nmax_bytes = 68719476736\n\
+         [status]\nlisten = \"127.0.0.1:{status_port}\"\n\
+         [hub]\nurl = \"http://127.0.0.1:{hub_port}\"\ntoken = \"{name}-token\"\nmax_backoff_ms = 500\n",
+        role = crate::pg::ROLE,
+        pw = crate::pg::PASSWORD,
+        spool = dir.join(format!("{name}-spool")).display(),
+    );
+    std::fs::write(&path, text).expect("bench directory writable");
+    path
+}
+
 /// Waits until something listens on 127.0.0.1:`port`.
 pub async fn wait_listening(port: u16) -> anyhow::Result<()> {
     wait_for("listener", Duration::from_secs(30), || async move {

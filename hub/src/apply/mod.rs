@@ -893,18 +893,20 @@ async fn execute(
                 txn.execute(format!("DELETE FROM {}", target.stage).as_str(), &[]).await?;
             }
             if target.national {
-                // The keys the conflict rule let through; the others stay another agent's.
-                let staged: Vec<String> = rows.iter().filter_map(|r| pg_text(&r[target.key_index[0]])).collect();
+                let staged = rows.len() as u64;
                 copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
-                let sql = format!(
-                    "{} RETURNING t.{}::text",
-                    target.upsert_sql_under(&present, conflict),
-                    target.key_columns[0]
-                );
-                let written: HashSet<String> = txn.query(&sql, &[]).await?.into_iter().map(|r| r.get(0)).collect();
-                superseded.extend(
-                    staged.into_iter().filter(|k| !written.contains(k)).map(|k| (table.schema.table.clone(), k)),
-                );
+                let written = txn.execute(target.upsert_sql_under(&present, conflict).as_str(), &[]).await?;
+                if written < staged {
+                    // Rare: the conflict rule left some rows another agent's; which ones, by key.
+                    let sql = format!(
+                        "SELECT s.{k}::text FROM {stage} s JOIN {target} t ON t.{k} = s.{k} WHERE t.\"source_agent\" <> $1",
+                        k = target.key_columns[0],
+                        stage = target.stage,
+                        target = target.qualified
+                    );
+                    let kept = txn.query(&sql, params).await?;
+                    superseded.extend(kept.into_iter().map(|r| (table.schema.table.clone(), r.get::<_, String>(0))));
+                }
                 continue;
             }
             copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;

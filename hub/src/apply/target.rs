@@ -169,7 +169,7 @@ impl Target {
         if !self.national {
             return sql;
         }
-        // Aliased either way: the caller's RETURNING names the row as `t`.
+        // Aliased either way, so the guard and any caller name the row as `t`.
         let sql = sql.replacen(
             &format!("INSERT INTO {} ", self.qualified),
             &format!("INSERT INTO {} AS t ", self.qualified),
@@ -353,7 +353,7 @@ mod tests {
         assert!(t
             .upsert_sql_under(&all, Some(ConflictRule::Quarantine))
             .ends_with("WHERE t.\"source_agent\" = EXCLUDED.\"source_agent\""));
-        // An operator's decision overwrites unguarded, the row still named `t` for RETURNING.
+        // An operator's decision overwrites unguarded, the row still named `t`.
         let decided = t.upsert_sql_under(&all, None);
         assert!(
             decided.starts_with("INSERT INTO \"national\".\"citizens\" AS t (") && !decided.contains("WHERE"),

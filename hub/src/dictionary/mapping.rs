@@ -72,11 +72,16 @@ pub struct Mapping {
     sources: Vec<Option<String>>,
 }
 
-/// A mapping bound to one source schema version: the source column index of each field.
-struct Bound {
+/// A mapping bound to one source schema version: the source column index of each field, and
+/// what every row of that version records the same way.
+pub struct Bound {
     index: Vec<Option<usize>>,
     /// The source key is exactly the citizen-id column, so a delete's key names the citizen.
     key_is_id: bool,
+    /// The field the village (finer key of a split commune) is in.
+    village: Option<usize>,
+    /// `schema.table` of the source, recorded on each row.
+    source_table: String,
 }
 
 impl Mapping {
@@ -115,7 +120,7 @@ impl Mapping {
         Ok(Self { config, table, sources })
     }
 
-    fn bind(&self, schema: &TableSchema) -> Result<Bound, Broken> {
+    pub fn bind(&self, schema: &TableSchema) -> Result<Bound, Broken> {
         let mut index = Vec::with_capacity(self.sources.len());
         for (f, s) in self.table.fields.iter().zip(&self.sources) {
             index.push(match s {
@@ -132,22 +137,45 @@ impl Mapping {
             });
         }
         let key_is_id = schema.key_columns.len() == 1 && Some(schema.key_columns[0]) == index[0];
-        Ok(Bound { index, key_is_id })
+        let village = self.table.village_field.and_then(|v| self.table.fields.iter().position(|f| f.name == v));
+        Ok(Bound { index, key_is_id, village, source_table: schema.table.to_string() })
     }
 
     /// The national change `c` becomes, or the rule it breaks. `agent_province` is recorded on the
     /// row; `remap` turns legacy commune codes into 2025 ones.
     pub fn map(&self, c: &ChangeEvent, agent_province: Option<&str>, remap: &Remap) -> Result<ChangeEvent, Broken> {
-        let bound = self.bind(&c.table)?;
-        let schema = &self.table.schema;
-        let mut out = ChangeEvent { table: Arc::clone(schema), before: None, ..c.clone() };
-        out.after = None;
+        self.map_bound(c, &self.bind(&c.table)?, agent_province, remap, Date::today())
+    }
+
+    /// [`Self::map`] with the mapping already bound to `c`'s schema and the day dates may not pass.
+    pub fn map_bound(
+        &self,
+        c: &ChangeEvent,
+        bound: &Bound,
+        agent_province: Option<&str>,
+        remap: &Remap,
+        today: Date,
+    ) -> Result<ChangeEvent, Broken> {
+        // Field by field: cloning the change would copy its rows only to drop them.
+        let mut out = ChangeEvent {
+            seq: c.seq,
+            table: Arc::clone(&self.table.schema),
+            op: c.op,
+            key: Vec::new(),
+            before: None,
+            after: None,
+            position: c.position,
+            commit_time_us: c.commit_time_us,
+            txid: c.txid,
+            txn_order: c.txn_order,
+            txn_last: c.txn_last,
+        };
         match c.op {
             Operation::Truncate => {
                 out.key = Vec::new();
             }
             Operation::Delete => {
-                let id = self.old_id(c, &bound)?.ok_or_else(|| {
+                let id = self.old_id(c, bound)?.ok_or_else(|| {
                     Broken::new(
                         "key.unknown",
                         format!(
@@ -160,9 +188,9 @@ impl Mapping {
             }
             Operation::Insert | Operation::SnapshotRead | Operation::Update => {
                 let after = c.after.as_ref().ok_or_else(|| Broken::new("change.shape", "the change has no new row"))?;
-                let row = self.row(c, after, &bound, agent_province, remap)?;
+                let row = self.row(c, after, bound, agent_province, remap, today)?;
                 let new_id = row[0].clone();
-                let old_id = if c.op == Operation::Update { self.old_id(c, &bound)? } else { None };
+                let old_id = if c.op == Operation::Update { self.old_id(c, bound)? } else { None };
                 out.key = vec![old_id.map_or(new_id, Value::Text)];
                 out.after = Some(row);
             }
@@ -192,14 +220,11 @@ impl Mapping {
         bound: &Bound,
         agent_province: Option<&str>,
         remap: &Remap,
+        today: Date,
     ) -> Result<Row, Broken> {
         let mut row: Row = Vec::with_capacity(self.table.schema.columns.len());
         let value = |i: usize| bound.index[i].and_then(|s| after.get(s)).unwrap_or(&Value::Null);
-        let village = self
-            .table
-            .village_field
-            .and_then(|v| self.table.fields.iter().position(|f| f.name == v))
-            .and_then(|i| source_text(value(i)));
+        let village = bound.village.and_then(|i| source_text(value(i)));
         let mut birth: Option<Date> = None;
         let mut gender: Option<Gender> = None;
         for (i, f) in self.table.fields.iter().enumerate() {
@@ -242,7 +267,7 @@ impl Mapping {
                     let format = if matches!(v, Value::Date(_)) { DateFormat::Iso } else { self.config.date_format };
                     let d = Date::parse(&text, format)
                         .map_err(|r| Broken::new("date.format", format!("{}: {r}", f.name)))?;
-                    let (low, high) = (Date { year: 1900, month: 1, day: 1 }, Date::today());
+                    let (low, high) = (Date { year: 1900, month: 1, day: 1 }, today);
                     if d < low || d > high {
                         return Err(Broken::new(
                             "date.range",
@@ -303,7 +328,7 @@ impl Mapping {
         }
         row.push(Value::Text(self.config.agent.clone()));
         row.push(agent_province.map_or(Value::Null, |p| Value::Text(p.to_string())));
-        row.push(Value::Text(c.table.table.to_string()));
+        row.push(Value::Text(bound.source_table.clone()));
         row.push(Value::Int(c.seq as i64));
         row.push(Value::TimestampTz(rfc3339_micros(c.commit_time_us)));
         row.push(Value::Int(i64::from(self.config.priority)));
@@ -323,11 +348,12 @@ fn commune_code(text: &str) -> String {
 
 /// The text of a source value a field can read: text, numbers (legacy systems keep ids and codes
 /// in integer columns) and dates; `None` for NULL and for what no field reads.
-fn source_text(v: &Value) -> Option<String> {
+fn source_text(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
     match v {
-        Value::Text(s) | Value::Numeric(s) | Value::Date(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        Value::Timestamp(s) | Value::TimestampTz(s) => Some(s.chars().take(10).collect()),
+        Value::Text(s) | Value::Numeric(s) | Value::Date(s) => Some(Cow::Borrowed(s)),
+        Value::Int(i) => Some(Cow::Owned(i.to_string())),
+        Value::Timestamp(s) | Value::TimestampTz(s) => Some(Cow::Borrowed(s.get(..10).unwrap_or(s))),
         _ => None,
     }
 }

@@ -28,7 +28,9 @@ use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableSchema};
 use serde::{Deserialize, Serialize};
 
 use self::admin_units::{Remap, SplitRule};
-use self::mapping::{Mapping, MappingConfig};
+use self::mapping::{Bound, Broken, Mapping, MappingConfig};
+use self::normalise::Date;
+use std::rc::Rc;
 
 /// What decides when two sources hold the same row of a national table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -157,28 +159,40 @@ impl Dictionary {
         if !self.mappings.keys().any(|(a, _)| a == agent) {
             return Transformed::unchanged(batch);
         }
-        // Changes of one table share their schema: one lookup per run, not per change.
-        let mut last: Option<(&std::sync::Arc<TableSchema>, Option<&Mapping>)> = None;
-        let mut lookup = |c: &'a ChangeEvent| match last {
-            Some((schema, m)) if std::sync::Arc::ptr_eq(schema, &c.table) => m,
-            _ => {
-                let m = self.mappings.get(&(agent.to_string(), c.table.table.to_string()));
-                last = Some((&c.table, m));
-                m
+        // Changes of one table share their schema: one lookup and one binding per run, not per
+        // change.
+        type Found<'m> = Option<(&'m Mapping, Rc<Result<Bound, Broken>>)>;
+        let mut last: Option<(&std::sync::Arc<TableSchema>, Found)> = None;
+        let mut lookup = |c: &'a ChangeEvent| -> Found {
+            match &last {
+                Some((schema, found)) if std::sync::Arc::ptr_eq(schema, &c.table) => found.clone(),
+                _ => {
+                    let found = self
+                        .mappings
+                        .get(&(agent.to_string(), c.table.table.to_string()))
+                        .map(|m| (m, Rc::new(m.bind(&c.table))));
+                    last = Some((&c.table, found.clone()));
+                    found
+                }
             }
         };
-        let found: Vec<Option<&Mapping>> = batch.changes.iter().map(&mut lookup).collect();
+        let found: Vec<Found> = batch.changes.iter().map(&mut lookup).collect();
         if found.iter().all(Option::is_none) {
             return Transformed::unchanged(batch);
         }
+        let today = Date::today();
         let mut changes = Vec::with_capacity(batch.changes.len());
         let mut refused = Vec::new();
         for (c, m) in batch.changes.iter().zip(found) {
-            let Some(m) = m else {
+            let Some((m, bound)) = m else {
                 changes.push(c.clone());
                 continue;
             };
-            match m.map(c, province, &self.remap) {
+            let mapped = match &*bound {
+                Ok(bound) => m.map_bound(c, bound, province, &self.remap, today),
+                Err(broken) => Err(broken.clone()),
+            };
+            match mapped {
                 Ok(mapped) => changes.push(mapped),
                 Err(broken) => refused.push(Refusal { seq: c.seq, rule: broken.rule, reason: broken.reason }),
             }

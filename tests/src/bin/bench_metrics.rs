@@ -11,35 +11,13 @@
 use std::time::{Duration, Instant};
 
 use dongbo_tests::backlog::{
-    applied, bench_clusters, load, lsn, staged_upsert_floor, wait_for, wait_listening as wait_hub, write_hub_config,
-    BenchArgs, BenchClusters,
+    agent_config, applied, bench_clusters, load, lsn, staged_upsert_floor, wait_for, wait_listening as wait_hub,
+    write_hub_config, BenchArgs, BenchClusters,
 };
 use dongbo_tests::pg;
 use dongbo_tests::procs::DongboProcess;
 
 const RUNS: [(&str, bool); 4] = [("on1", true), ("off1", false), ("on2", true), ("off2", false)];
-
-fn agent_config(
-    dir: &std::path::Path,
-    name: &str,
-    src_port: u16,
-    hub_port: u16,
-    status_port: u16,
-) -> std::path::PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    let text = format!(
-        "source_id = \"{name}\"\n[source]\nkind = \"postgres\"\nhost = \"127.0.0.1\"\nport = {src_port}\ndatabase = \"province\"\n\
-         user = \"{role}\"\npassword = \"{pw}\"\ntables = [\"public.citizens\"]\nslot = \"{name}\"\npublication = \"dongbo\"\n\
-         feedback_interval_ms = 100\n[spool]\npath = \"{spool}\"\nmax_bytes = 68719476736\n\
-         [status]\nlisten = \"127.0.0.1:{status_port}\"\n\
-         [hub]\nurl = \"http://127.0.0.1:{hub_port}\"\ntoken = \"{name}-token\"\nmax_backoff_ms = 500\n",
-        role = pg::ROLE,
-        pw = pg::PASSWORD,
-        spool = dir.join(format!("{name}-spool")).display(),
-    );
-    std::fs::write(&path, text).expect("bench directory writable");
-    path
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
