@@ -41,8 +41,8 @@ fn malformed(msg: impl Into<String>) -> WireError {
 /// byte for byte what prost writes for [`batch_into_proto`], but written straight from the domain
 /// model (building the protobuf structs first, then sizing every nested message once per level
 /// of nesting, was a sixth of the agent's CPU in a snapshot).
-pub fn encode_batch(batch: ChangeBatch) -> Vec<u8> {
-    direct::encode_batch(&batch)
+pub fn encode_batch(batch: impl std::borrow::Borrow<ChangeBatch>) -> Vec<u8> {
+    direct::encode_batch(batch.borrow())
 }
 
 mod decode;

@@ -224,7 +224,9 @@ pub async fn apply_and_log(
                 std::borrow::Cow::Borrowed(_) => (b.clone(), raw.clone()),
                 std::borrow::Cow::Owned(mapped) => {
                     // Refused changes are not in `mapped`; the log's seq range is the batch's.
-                    let bytes = wire::encode_batch(mapped.clone());
+                    // Compressed as agents ship theirs: the log's writes stay as small as for a
+                    // batch logged as received.
+                    let bytes = wire::compress_batch(&wire::encode_batch(&mapped));
                     (mapped, bytes)
                 }
             })
