@@ -142,6 +142,13 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
                  changes integer NOT NULL,
                  logged boolean NOT NULL DEFAULT false);
              CREATE INDEX IF NOT EXISTS quarantine_replayed ON dongbo.quarantine (replay_id) WHERE replay_id IS NOT NULL;
+             -- Applied changes the fan-out log must leave out (the conflict rule kept another
+             -- agent's row; a national truncate), kept until the log holds their seqs, so a batch
+             -- read again after a crash is logged without them.
+             CREATE TABLE IF NOT EXISTS dongbo.unpublished (
+                 stream text NOT NULL,
+                 seq bigint NOT NULL,
+                 PRIMARY KEY (stream, seq));
              CREATE INDEX IF NOT EXISTS quarantine_holds ON dongbo.quarantine (source_id, source_hold)
                  WHERE resolved_at IS NULL;
              CREATE TABLE IF NOT EXISTS dongbo.stream_quarantine (
@@ -322,8 +329,9 @@ impl NdcApplier {
         self.logged_seq = seq;
     }
 
-    /// The events and quarantined seqs recorded for seqs in `after+1..=upto`: what a replay of
-    /// already-applied changes needs to log them.
+    /// The events recorded for seqs in `after+1..=upto`, and the seqs there the log leaves out
+    /// (quarantined, or applied but not to be published): what a replay of already-applied changes
+    /// needs to log them.
     pub async fn recorded(&self, after: u64, upto: u64) -> Result<(Vec<DomainEvent>, Vec<u64>), ApplyError> {
         let (a, u) = (after as i64, upto as i64);
         let events = self
@@ -353,6 +361,14 @@ impl NdcApplier {
             )
             .await?
             .into_iter()
+            .chain(
+                self.client
+                    .query(
+                        "SELECT seq FROM dongbo.unpublished WHERE stream = $1 AND seq > $2 AND seq <= $3",
+                        &[&self.stream, &a, &u],
+                    )
+                    .await?,
+            )
             .map(|r| r.get::<_, i64>(0) as u64)
             .collect();
         Ok((events, quarantined))
@@ -622,6 +638,12 @@ impl NdcApplier {
             .map(|c| c.seq)
             .collect();
         if !superseded_seqs.is_empty() {
+            let seqs: Vec<i64> = superseded_seqs.iter().map(|&s| s as i64).collect();
+            txn.execute(
+                "INSERT INTO dongbo.unpublished (stream, seq) SELECT $1, unnest($2::int8[]) ON CONFLICT DO NOTHING",
+                &[&*stream, &seqs],
+            )
+            .await?;
             info!(source_id = %acl.id, changes = superseded_seqs.len(), "changes to national rows another agent holds, left as the conflict rule says");
             raised.retain(|e| !superseded_seqs.contains(&e.seq));
         }
@@ -649,8 +671,10 @@ impl NdcApplier {
         }
         events::store(&txn, &acl.id, stream, &raised).await?;
         if *logged_seq > *pruned_seq {
+            // Both in one statement: this runs after nearly every logged transaction.
             txn.execute(
-                "DELETE FROM dongbo.event_outbox WHERE stream = $1 AND seq <= $2",
+                "WITH events AS (DELETE FROM dongbo.event_outbox WHERE stream = $1 AND seq <= $2) \
+                 DELETE FROM dongbo.unpublished WHERE stream = $1 AND seq <= $2",
                 &[&*stream, &(*logged_seq as i64)],
             )
             .await?;

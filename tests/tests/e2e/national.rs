@@ -616,3 +616,67 @@ async fn the_same_citizen_from_two_provinces_is_quarantined_with_both_versions_a
     assert_eq!(national(&ndc).await?["001080000009"][0], "Phạm Văn Xuân (sửa ở HCM)");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_conflict_rule_kept_out_stays_unpublished_when_the_hub_dies_before_logging_it(
+) -> anyhow::Result<()> {
+    let mut d = Deployment::new("national-unpublished", HCM_DDL, &["public.nhan_khau"]).await?;
+    d.pg.create_database("province_hn").await?;
+    let hn = d.pg.connect_as_role("province_hn").await?;
+    hn.batch_execute(HN_DDL).await?;
+    hn.batch_execute("INSERT INTO cong_dan VALUES ('001080000009', 'Phạm Văn Xuân', '1980-09-09', 'M', 6)").await?;
+    let hcm = d.source().await?;
+    hcm.batch_execute(
+        "INSERT INTO nhan_khau VALUES ('001080000009', 'Phạm Văn Xuân (HCM)', '09/09/1980', 'Nam', '26740', NULL, NULL)",
+    )
+    .await?;
+    let config = hub_toml(pg::free_port());
+    d.start_hub_with(&config).await?;
+    let ndc = d.ndc().await?;
+    let _hanoi = start_hanoi_agent(&d)?;
+    wait_until("Hà Nội's citizen", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await.unwrap_or_default().contains_key("001080000009"))
+    })
+    .await?;
+    d.start_agent()?;
+    let hcm_applied = || async {
+        let r = ndc
+            .query_opt("SELECT changes_applied FROM dongbo.applied_position WHERE source_id = 'hcm-population'", &[])
+            .await?;
+        Ok::<i64, anyhow::Error>(r.map_or(0, |r| r.get(0)))
+    };
+    wait_until("Hồ Chí Minh City's snapshot", Duration::from_secs(60), || async { Ok(hcm_applied().await? >= 2) })
+        .await?;
+
+    // The hub dies after the NDC applied Hồ Chí Minh City's edit (which Hà Nội's priority keeps
+    // out) and before its fan-out log holds it; the agent sends it again to the next hub.
+    d.hub.as_mut().context("hub")?.kill9();
+    d.hub_env = vec![("DONGBO_FAULT".into(), "hub-applied-not-logged".into())];
+    d.start_hub_with(&config).await?;
+    let before = hcm_applied().await?;
+    hcm.batch_execute("UPDATE nhan_khau SET ho_ten = 'Phạm Văn Xuân (sửa ở HCM)' WHERE so_dinh_danh = '001080000009'")
+        .await?;
+    let status = d.hub.as_mut().context("hub")?.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "the fault point did not fire");
+    assert_eq!(hcm_applied().await?, before + 1, "the edit was applied (in effect) before the hub died");
+    d.hub_env.clear();
+    d.start_hub_with(&config).await?;
+    hcm.batch_execute(
+        "INSERT INTO nhan_khau VALUES ('079090000041', 'Lý Văn Cuối', '01/05/1990', 'Nam', '26740', NULL, NULL)",
+    )
+    .await?;
+    let url = format!("http://127.0.0.1:{}", d.hub_port);
+    let mut moet = Subscription::open(&url, MOET_TOKEN, "moet-citizens", None, 64).await?;
+    let mut rows = Vec::new();
+    while !rows.iter().any(|r: &dongbo_subscribers::Received| r.body["citizen_id"] == "079090000041") {
+        rows.extend(collect(&mut moet, 1, Duration::from_secs(30)).await?);
+    }
+    let names: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.body["citizen_id"] == "001080000009")
+        .filter_map(|r| r.body["full_name"].as_str())
+        .collect();
+    assert_eq!(names, ["Phạm Văn Xuân"], "only the version the NDC holds is published: {rows:?}");
+    assert_eq!(national(&ndc).await?["001080000009"][0], "Phạm Văn Xuân");
+    Ok(())
+}
