@@ -496,8 +496,9 @@ async fn quarantine_command(admin: &AdminArgs, action: QuarantineAction) -> anyh
         QuarantineAction::Replay { filter, all } => {
             let body = serde_json::to_vec(&filter.filter(false, all))?;
             let text = admin_request(admin, reqwest::Method::POST, "/quarantine/replay", Some(body)).await?;
-            let done: Vec<serde_json::Value> = serde_json::from_str(&text).context("the hub's answer is not a list")?;
-            for d in &done {
+            let report: serde_json::Value = serde_json::from_str(&text).context("the hub's answer is not JSON")?;
+            let done = report["entries"].as_array().context("the hub's answer lists no entries")?;
+            for d in done {
                 let detail = match d["outcome"].as_str() {
                     Some("refused") => {
                         format!("{}: {}", d["rule"].as_str().unwrap_or(""), d["reason"].as_str().unwrap_or(""))
@@ -514,6 +515,9 @@ async fn quarantine_command(admin: &AdminArgs, action: QuarantineAction) -> anyh
             }
             let applied = done.iter().filter(|d| d["outcome"] == "applied" || d["outcome"] == "superseded").count();
             println!("{applied} of {} replayed", done.len());
+            if report["more"].as_bool().unwrap_or(false) {
+                println!("more entries match than one call takes: run the same replay again");
+            }
             Ok(())
         }
         QuarantineAction::Drop { filter, all, why } => {

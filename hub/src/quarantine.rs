@@ -6,7 +6,8 @@
 //! - [`list`] and [`show`] only read. A filter names an agent, a table, a rule, words of the
 //!   reason, seqs (with an agent), and whether resolved entries are included; at most
 //!   [`MAX_ENTRIES`] entries answer one call.
-//! - [`replay`] takes the unresolved entries a filter selects (at most [`MAX_ENTRIES`]), per agent
+//! - [`replay`] takes the unresolved entries a filter selects (at most [`MAX_ENTRIES`], the answer
+//!   says when more match), per agent
 //!   in seq order, and applies them as [`crate::apply::replay`] says: exactly once, order per
 //!   source row kept. Then it logs what the replay applied, and the events it raised, for fan-out
 //!   ([`log_replays`]); a hub that dies between the NDC commit and that append logs it when it
@@ -290,17 +291,27 @@ pub struct Replayed {
     pub replay_id: Option<i64>,
 }
 
+/// What one replay call did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// Each entry taken, by agent and seq.
+    pub entries: Vec<Replayed>,
+    /// The call took [`MAX_ENTRIES`]: more may match; call again.
+    pub more: bool,
+}
+
 /// Replays the unresolved entries `filter` selects, as `operator` (see the module doc).
 pub async fn replay(
     fanout: &Fanout,
     config: &HubConfig,
     filter: &Filter,
     operator: &str,
-) -> Result<Vec<Replayed>, QuarantineError> {
+) -> Result<ReplayReport, QuarantineError> {
     filter.check(true)?;
     let client = crate::apply::connect(&config.ndc).await?;
     let chosen = select(&client, filter, MAX_ENTRIES).await?;
     drop(client);
+    let more = chosen.len() == MAX_ENTRIES;
     let mut by_agent: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for e in chosen {
         by_agent.entry(e.agent).or_default().push(e.seq);
@@ -331,7 +342,7 @@ pub async fn replay(
             Replayed { agent: agent.clone(), seq, outcome, replay_id: replay_id.filter(|_| resolved) }
         }));
     }
-    Ok(done)
+    Ok(ReplayReport { entries: done, more })
 }
 
 /// Appends to the fan-out log every replay the NDC committed but the log does not hold yet, with

@@ -21,7 +21,7 @@
 //! | GET | `/audit/verify` | check the hash chain |
 //! | GET | `/quarantine?agent=&table=&rule=&reason=&resolved=` | quarantined changes ([`crate::quarantine`]) |
 //! | GET | `/quarantine/{agent}/{seq}` | one, with its change |
-//! | POST | `/quarantine/replay` | replay those a JSON filter selects (role `admin`) |
+//! | POST | `/quarantine/replay` | replay those a JSON filter selects: `{"entries": […], "more": …}` (role `admin`) |
 //! | POST | `/quarantine/drop` | drop them, `{"filter": …, "reason": …}` (role `admin`) |
 //!
 //! The audit calls share one NDC connection, one call at a time: however many operators (or one

@@ -120,6 +120,8 @@ impl Mapping {
         Ok(Self { config, table, sources })
     }
 
+    /// This mapping bound to source schema version `schema`, or the rule that version breaks (a
+    /// column the mapping reads is gone).
     pub fn bind(&self, schema: &TableSchema) -> Result<Bound, Broken> {
         let mut index = Vec::with_capacity(self.sources.len());
         for (f, s) in self.table.fields.iter().zip(&self.sources) {
