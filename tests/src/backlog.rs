@@ -154,6 +154,33 @@ pub fn agent_config(
     path
 }
 
+/// Makes every benchmark agent's slot before the backlog is written: starts the hub (`hub_args`,
+/// listening on `hub_port`), then each agent of `names` in turn until its empty snapshot is applied.
+pub async fn create_slots(
+    dir: &std::path::Path,
+    hub_args: &[&str],
+    ports: (u16, u16, u16),
+    ndc: &Client,
+    names: &[&str],
+) -> anyhow::Result<()> {
+    let (src_port, hub_port, status_port) = ports;
+    let mut hub = crate::procs::DongboProcess::spawn("dongbo-hub", hub_args, &dir.join("hub.log"))?;
+    wait_listening(hub_port).await?;
+    for name in names {
+        let cfg = agent_config(dir, name, src_port, hub_port, status_port);
+        let mut agent = crate::procs::DongboProcess::spawn(
+            "dongbo-agent",
+            &["run", "--config", &cfg.to_string_lossy()],
+            &dir.join(format!("{name}.log")),
+        )?;
+        wait_for("empty snapshot applied", Duration::from_secs(60), || async { Ok(applied(ndc, name).await? == 1) })
+            .await?;
+        agent.stop();
+    }
+    hub.stop();
+    Ok(())
+}
+
 /// Waits until something listens on 127.0.0.1:`port`.
 pub async fn wait_listening(port: u16) -> anyhow::Result<()> {
     wait_for("listener", Duration::from_secs(30), || async move {

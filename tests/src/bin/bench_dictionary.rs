@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use dongbo_tests::backlog::{
-    agent_config, applied, bench_clusters, staged_upsert_floor, wait_for, wait_listening as wait_hub, write_hub_config,
-    BenchArgs, BenchClusters,
+    agent_config, applied, bench_clusters, create_slots, staged_upsert_floor, wait_for, wait_listening as wait_hub,
+    write_hub_config, BenchArgs, BenchClusters,
 };
 use dongbo_tests::pg;
 use dongbo_tests::procs::{tree_cpu_seconds, DongboProcess};
@@ -108,20 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let hub_args: Vec<&str> = hub_args.iter().map(String::as_str).collect();
 
     // Every agent's slot exists (and its empty snapshot is applied) before the backlog is written.
-    let mut hub = DongboProcess::spawn("dongbo-hub", &hub_args, &dir.join("hub.log"))?;
-    wait_hub(hub_port).await?;
-    for (name, _) in RUNS {
-        let cfg = agent_config(&dir, name, province.port, hub_port, status_port);
-        let mut agent = DongboProcess::spawn(
-            "dongbo-agent",
-            &["run", "--config", &cfg.to_string_lossy()],
-            &dir.join(format!("{name}.log")),
-        )?;
-        wait_for("empty snapshot applied", Duration::from_secs(60), || async { Ok(applied(&ndc, name).await? == 1) })
-            .await?;
-        agent.stop();
-    }
-    hub.stop();
+    create_slots(&dir, &hub_args, (province.port, hub_port, status_port), &ndc, &ids).await?;
 
     println!("loading the backlog ...");
     load(&src, a.rows).await?;

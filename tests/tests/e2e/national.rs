@@ -547,15 +547,22 @@ async fn quarantine_replay_after_a_fix_applies_in_order_once_even_when_the_hub_i
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_citizen_from_two_provinces_is_quarantined_with_both_versions_and_a_replay_lets_it_win(
-) -> anyhow::Result<()> {
-    let mut d = Deployment::new("national-conflict", HCM_DDL, &["public.nhan_khau"]).await?;
+/// A deployment `name` whose Hà Nội database (`province_hn`) holds citizen X, with clients of
+/// both provinces' databases (Hà Nội's, Hồ Chí Minh City's).
+async fn hanoi_holds_x(name: &str) -> anyhow::Result<(Deployment, Client, Client)> {
+    let d = Deployment::new(name, HCM_DDL, &["public.nhan_khau"]).await?;
     d.pg.create_database("province_hn").await?;
     let hn = d.pg.connect_as_role("province_hn").await?;
     hn.batch_execute(HN_DDL).await?;
     hn.batch_execute("INSERT INTO cong_dan VALUES ('001080000009', 'Phạm Văn Xuân', '1980-09-09', 'M', 6)").await?;
     let hcm = d.source().await?;
+    Ok((d, hn, hcm))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_citizen_from_two_provinces_is_quarantined_with_both_versions_and_a_replay_lets_it_win(
+) -> anyhow::Result<()> {
+    let (mut d, hn, hcm) = hanoi_holds_x("national-conflict").await?;
     hcm.batch_execute(
         "INSERT INTO nhan_khau VALUES ('001080000009', 'Phạm Văn Xuân (HCM)', '09/09/1980', 'Nam', '26740', NULL, NULL),
                                       ('079090000031', 'Trịnh Văn Yên', '01/03/1990', 'Nam', '26740', NULL, NULL);",
@@ -620,12 +627,7 @@ async fn the_same_citizen_from_two_provinces_is_quarantined_with_both_versions_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_the_conflict_rule_kept_out_stays_unpublished_when_the_hub_dies_before_logging_it(
 ) -> anyhow::Result<()> {
-    let mut d = Deployment::new("national-unpublished", HCM_DDL, &["public.nhan_khau"]).await?;
-    d.pg.create_database("province_hn").await?;
-    let hn = d.pg.connect_as_role("province_hn").await?;
-    hn.batch_execute(HN_DDL).await?;
-    hn.batch_execute("INSERT INTO cong_dan VALUES ('001080000009', 'Phạm Văn Xuân', '1980-09-09', 'M', 6)").await?;
-    let hcm = d.source().await?;
+    let (mut d, _hn, hcm) = hanoi_holds_x("national-unpublished").await?;
     hcm.batch_execute(
         "INSERT INTO nhan_khau VALUES ('001080000009', 'Phạm Văn Xuân (HCM)', '09/09/1980', 'Nam', '26740', NULL, NULL)",
     )
