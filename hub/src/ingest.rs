@@ -47,7 +47,7 @@ use crate::apply::{ApplyError, NdcApplier};
 use crate::auth::Authenticator;
 use crate::config::{AgentAcl, HubConfig};
 use crate::fanout::Fanout;
-use crate::pipeline::{self, adopt_stream, apply_and_log, PipelineError, Refused};
+use crate::pipeline::{self, adopt_stream, apply_and_log, PipelineError, Refused, Staged};
 
 /// An agent must say Hello this soon after opening a stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,7 +140,7 @@ pub(crate) fn apply_status(e: &ApplyError) -> Status {
 type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
 
 /// A decoded batch on its way to the applier, holding its share of the stream's buffer.
-type Queued = (ChangeBatch, Vec<u8>, OwnedSemaphorePermit);
+type Queued = (Staged, OwnedSemaphorePermit);
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
@@ -204,6 +204,7 @@ impl Ingest for IngestService {
         let (batch_tx, mut batch_rx) = mpsc::channel::<Queued>(APPLY_QUEUE);
         let reader_out = out_tx.clone();
         let source_id = acl.id.clone();
+        let province = acl.province.clone();
         let mut stop = self.stop.clone();
         let mut reader_replaced = replaced.clone();
         tokio::spawn(async move {
@@ -252,7 +253,11 @@ impl Ingest for IngestService {
                         break;
                     }
                 };
-                if batch_tx.send((batch.0, batch.1, permit)).await.is_err() {
+                // Mapped here, while the applier has the NDC apply the batches before it.
+                let dictionary = crate::dictionary::current();
+                let transform = pipeline::Transform { dictionary: &dictionary, province: province.as_deref() };
+                let staged = Staged::new(batch.0, batch.1, transform);
+                if batch_tx.send((staged, permit)).await.is_err() {
                     break;
                 }
             }
@@ -269,11 +274,11 @@ impl Ingest for IngestService {
                 };
                 let Some(first) = first else { break };
                 let mut batches = vec![first];
-                let mut n = batches[0].0.changes.len();
+                let mut n = batches[0].0.batch().changes.len();
                 while n < max_changes {
                     match batch_rx.try_recv() {
                         Ok(b) => {
-                            n += b.0.changes.len();
+                            n += b.0.batch().changes.len();
                             batches.push(b);
                         }
                         Err(_) => break,
@@ -281,11 +286,9 @@ impl Ingest for IngestService {
                 }
                 // The permits stay held until the run is applied and logged: that is what bounds
                 // the stream's memory, not only the queue.
-                let (run, _held): (Vec<(ChangeBatch, Vec<u8>)>, Vec<OwnedSemaphorePermit>) =
-                    batches.into_iter().map(|(b, bytes, permit)| ((b, bytes), permit)).unzip();
-                let dictionary = crate::dictionary::current();
-                let transform = pipeline::Transform { dictionary: &dictionary, province: acl.province.as_deref() };
-                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None, transform).await {
+                let (run, _held): (Vec<Staged>, Vec<OwnedSemaphorePermit>) = batches.into_iter().unzip();
+                let conflict = crate::dictionary::current().conflict;
+                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None, conflict).await {
                     Ok(durable_seq) => {
                         let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq })) };
                         if out_tx.send(Ok(ack)).await.is_err() {

@@ -9,13 +9,15 @@
 //!   peer's mistake) when it holds more than `limits.max_changes_per_batch` changes, no change,
 //!   changes of another agent than the authenticated one, seqs that do not rise (the wire
 //!   decoder's rule), or seqs other than its envelope says.
-//! - [`apply_and_log`] maps each batch through the national dictionary (the transform stage,
+//! - [`Staged::new`] maps each batch through the national dictionary (the transform stage,
 //!   [`crate::dictionary::Dictionary::transform`]: mapped tables become national ones, changes that
-//!   break a rule are set aside with the rule), applies the run in one NDC transaction (the set
-//!   aside, and later changes of their source rows, to the quarantine), then appends the
-//!   *transformed* batches to the fan-out log, so subscribers see national fields; it returns the
-//!   seq durable at both, the only one a transport may acknowledge (or record as its consumer
-//!   position).
+//!   break a rule are set aside with the rule) and encodes what the log will hold. It needs no
+//!   NDC, so a transport stages the next batch while the NDC applies the one before (the gRPC
+//!   stream does, in its reader task).
+//! - [`apply_and_log`] applies a run of staged batches in one NDC transaction (the set aside, and
+//!   later changes of their source rows, to the quarantine), then appends the *transformed*
+//!   batches to the fan-out log, so subscribers see national fields; it returns the seq durable at
+//!   both, the only one a transport may acknowledge (or record as its consumer position).
 //! - After a restart, whatever the NDC applied but the log does not hold yet (the hub died between
 //!   the NDC commit and the append) is logged again, rows and events: the transport reads those
 //!   batches again from where the log ends (the agent resends from the acknowledged seq; a Kafka
@@ -25,12 +27,14 @@
 //! - Errors say what to do: [`PipelineError::is_transient`] means try again from the last durable
 //!   position; anything else stops the stream with its reason.
 
+use std::borrow::Cow;
+
 use dongbo_connectors::model::ChangeBatch;
 use dongbo_connectors::wire;
 use tracing::warn;
 
 use crate::apply::{ApplyError, NdcApplier, OffsetMark};
-use crate::dictionary::{Dictionary, Transformed};
+use crate::dictionary::{ConflictRule, Dictionary, Refusal, Transformed};
 use crate::fanout::log::{Append, FanoutLog};
 
 /// Why a batch is refused: the peer's mistake, never retried as it is.
@@ -143,7 +147,7 @@ pub async fn adopt_stream(
     let (events, excluded) = applier.recorded(0, applied).await.inspect_err(|e| {
         warn!(stream, error = %e, "cannot start the fan-out log of this stream");
     })?;
-    log.append(Append { source_id, stream, next_offset, batches: &[], excluded, events, upto: applied })
+    log.append(Append { source_id, stream, next_offset, batches: Vec::new(), excluded, events, upto: applied })
         .await
         .map_err(log_error)?;
     Ok(applied)
@@ -164,7 +168,7 @@ pub async fn catch_up(
         return Ok(());
     }
     let (events, excluded) = applier.recorded(logged, applied).await?;
-    log.append(Append { source_id, stream, next_offset, batches: &[], excluded, events, upto: applied })
+    log.append(Append { source_id, stream, next_offset, batches: Vec::new(), excluded, events, upto: applied })
         .await
         .map_err(log_error)?;
     Ok(())
@@ -179,25 +183,76 @@ pub struct Transform<'d> {
     pub province: Option<&'d str>,
 }
 
-/// Applies a run of batches of one stream to the NDC (with the Kafka `mark`, if any), transformed
-/// by `transform`, then logs them for fan-out; returns the seq durable at both.
+/// One batch between decode and apply: as received, and as the dictionary mapped it (encoded for
+/// the log). Made apart from the apply, so a transport can map the next batch while the NDC
+/// applies the one before.
+#[derive(Debug)]
+pub struct Staged {
+    batch: ChangeBatch,
+    raw: Vec<u8>,
+    /// The mapped batch (refused changes left out) and its bytes for the log, when the dictionary
+    /// changed anything.
+    mapped: Option<(ChangeBatch, Vec<u8>)>,
+    refused: Vec<Refusal>,
+}
+
+impl Staged {
+    /// `batch` (received as `raw`) mapped by `transform`.
+    pub fn new(batch: ChangeBatch, raw: Vec<u8>, transform: Transform<'_>) -> Self {
+        let Transformed { changes, refused, .. } = transform.dictionary.transform(&batch, transform.province);
+        let mapped = match changes {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(mapped) => {
+                // Compressed as agents ship theirs: the log's writes stay as small as for a batch
+                // logged as received.
+                let bytes = wire::compress_batch(&wire::encode_batch(&mapped));
+                Some((mapped, bytes))
+            }
+        };
+        Self { batch, raw, mapped, refused }
+    }
+
+    /// The batch as decoded.
+    pub fn batch(&self) -> &ChangeBatch {
+        &self.batch
+    }
+
+    /// What the NDC applier takes.
+    fn transformed(&self) -> Transformed<'_> {
+        let changes = self.mapped.as_ref().map_or(&self.batch, |(m, _)| m);
+        Transformed { original: &self.batch, changes: Cow::Borrowed(changes), refused: self.refused.clone() }
+    }
+
+    /// What the fan-out log holds of it: the mapped batch if the dictionary changed it (nothing if
+    /// it refused every change: their seqs are among the excluded), else the batch as received.
+    fn logged(&self) -> Option<(&ChangeBatch, &[u8])> {
+        match &self.mapped {
+            Some((m, _)) if m.changes.is_empty() => None,
+            Some((m, bytes)) => Some((m, bytes)),
+            None => Some((&self.batch, &self.raw)),
+        }
+    }
+}
+
+/// Applies a run of staged batches of one stream to the NDC (with the Kafka `mark`, if any) under
+/// the `conflict` rule, then logs them for fan-out; returns the seq durable at both.
 pub async fn apply_and_log(
     applier: &mut NdcApplier,
     log: &FanoutLog,
     source_id: &str,
     stream: &str,
-    batches: &[(ChangeBatch, Vec<u8>)],
+    staged: &[Staged],
     mark: Option<&OffsetMark>,
-    transform: Transform<'_>,
+    conflict: ConflictRule,
 ) -> Result<u64, PipelineError> {
     let logged = log.logged_seq(stream).map_err(log_error)?.unwrap_or(0);
     applier.set_logged_seq(logged);
-    let staged: Vec<Transformed> =
-        batches.iter().map(|(b, _)| transform.dictionary.transform(b, transform.province)).collect();
-    let outcome = applier.apply_marked(&staged, mark, transform.dictionary.conflict).await?;
+    let transformed: Vec<Transformed> = staged.iter().map(Staged::transformed).collect();
+    let outcome = applier.apply_marked(&transformed, mark, conflict).await?;
+    drop(transformed);
     // The window a restart must recover: committed in the NDC, not yet in the log.
     dongbo_connectors::fault::crash_at("hub-applied-not-logged");
-    let last_seq = batches.iter().map(|(b, _)| b.last_seq()).max().unwrap_or(0);
+    let last_seq = staged.iter().map(|s| s.batch.last_seq()).max().unwrap_or(0);
     let mut events = outcome.events;
     let mut excluded = outcome.quarantined;
     excluded.extend(outcome.superseded);
@@ -211,29 +266,7 @@ pub async fn apply_and_log(
         excluded.extend(old_quarantined);
     }
     let next_offset = mark.map(|m| m.next_offset);
-    // The log holds what was applied: a batch the dictionary changed is encoded again (its refused
-    // changes are among `excluded`); the others are logged as received.
-    let transformed: Vec<(ChangeBatch, Vec<u8>)>;
-    let batches = if staged.iter().all(|t| matches!(t.changes, std::borrow::Cow::Borrowed(_))) {
-        batches
-    } else {
-        transformed = staged
-            .into_iter()
-            .zip(batches)
-            .map(|(t, (b, raw))| match t.changes {
-                std::borrow::Cow::Borrowed(_) => (b.clone(), raw.clone()),
-                std::borrow::Cow::Owned(mapped) => {
-                    // Refused changes are not in `mapped`; the log's seq range is the batch's.
-                    // Compressed as agents ship theirs: the log's writes stay as small as for a
-                    // batch logged as received.
-                    let bytes = wire::compress_batch(&wire::encode_batch(&mapped));
-                    (mapped, bytes)
-                }
-            })
-            .filter(|(b, _)| !b.changes.is_empty())
-            .collect();
-        &transformed
-    };
+    let batches = staged.iter().filter_map(Staged::logged).collect();
     let logged = log
         .append(Append { source_id, stream, next_offset, batches, excluded, events, upto: last_seq })
         .await

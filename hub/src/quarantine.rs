@@ -16,6 +16,10 @@
 //!   operator and the reason, which may not be empty. A dropped entry is never applied; the later
 //!   entries of its source row stay quarantined until replayed.
 //! - A replay or a drop needs a filter: to take everything, say so (`all`).
+//! - Refused with a reason (the admin API answers 400): a filter naming more than [`MAX_ENTRIES`]
+//!   seqs, a filter text or a drop reason over [`MAX_FILTER_TEXT`] bytes, seqs without their agent,
+//!   `resolved` on a replay or a drop. Filter values reach SQL only as parameters; reason words
+//!   match as plain text (`strpos`), never as a pattern.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +41,10 @@ use crate::fanout::Fanout;
 /// Entries one call answers or works on at most, so no request makes the hub hold an unbounded
 /// quarantine in memory; call again for the rest.
 pub const MAX_ENTRIES: usize = 10_000;
+
+/// The longest text a filter field (or a drop's reason) may hold: what a peer can make each query
+/// carry.
+pub const MAX_FILTER_TEXT: usize = 1024;
 
 /// Working with the quarantine failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +95,19 @@ pub struct Filter {
 
 impl Filter {
     fn check(&self, changing: bool) -> Result<(), QuarantineError> {
+        if self.seqs.len() > MAX_ENTRIES {
+            return Err(QuarantineError::Refused(format!(
+                "{} seqs named; one call takes at most {MAX_ENTRIES}",
+                self.seqs.len()
+            )));
+        }
+        for (what, text) in
+            [("agent", &self.agent), ("table", &self.table), ("rule", &self.rule), ("reason", &self.reason)]
+        {
+            if text.as_ref().is_some_and(|t| t.len() > MAX_FILTER_TEXT) {
+                return Err(QuarantineError::Refused(format!("the {what} filter is over {MAX_FILTER_TEXT} bytes")));
+            }
+        }
         if !self.seqs.is_empty() && self.agent.is_none() {
             return Err(QuarantineError::Refused("seqs are an agent's: name the agent too".into()));
         }
@@ -253,6 +274,9 @@ pub async fn drop_entries(
     if reason.trim().is_empty() {
         return Err(QuarantineError::Refused("a drop needs a reason, recorded with the entry".into()));
     }
+    if reason.len() > MAX_FILTER_TEXT {
+        return Err(QuarantineError::Refused(format!("a drop's reason is over {MAX_FILTER_TEXT} bytes")));
+    }
     let chosen = select(client, filter, MAX_ENTRIES).await?;
     let mut dropped = Vec::new();
     let mut by_agent: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
@@ -298,6 +322,24 @@ pub struct ReplayReport {
     pub entries: Vec<Replayed>,
     /// The call took [`MAX_ENTRIES`]: more may match; call again.
     pub more: bool,
+}
+
+impl ReplayReport {
+    /// One line for an operator: how many entries were replayed, refused again, left waiting.
+    pub fn summary(&self) -> String {
+        let count = |f: fn(&EntryOutcome) -> bool| self.entries.iter().filter(|e| f(&e.outcome)).count();
+        let replayed = count(|o| matches!(o, EntryOutcome::Applied | EntryOutcome::Superseded));
+        let refused = count(|o| matches!(o, EntryOutcome::Refused { .. }));
+        let waiting = count(|o| matches!(o, EntryOutcome::Waits { .. }));
+        let mut line = format!(
+            "{replayed} of {} replayed, {refused} refused again, {waiting} waiting behind an earlier entry",
+            self.entries.len()
+        );
+        if self.more {
+            line.push_str("; more entries match than one call takes: replay again");
+        }
+        line
+    }
 }
 
 /// Replays the unresolved entries `filter` selects, as `operator` (see the module doc).
@@ -387,14 +429,14 @@ pub async fn log_replays(client: &Client, log: &FanoutLog) -> Result<usize, Quar
             }
             let upto = changes.iter().map(|c| c.seq).max().unwrap_or(0);
             let batch = ChangeBatch { source_id: source_id.clone(), changes };
-            let bytes = wire::encode_batch(batch.clone());
-            let batches = if batch.changes.is_empty() { Vec::new() } else { vec![(batch, bytes)] };
+            let bytes = wire::encode_batch(&batch);
+            let batches = if batch.changes.is_empty() { Vec::new() } else { vec![(&batch, bytes.as_slice())] };
             log.append(Append {
                 source_id: &source_id,
                 stream: &stream,
                 next_offset: None,
                 upto,
-                batches: &batches,
+                batches,
                 excluded: Vec::new(),
                 events,
             })

@@ -512,11 +512,8 @@ impl NdcApplier {
         let mut work: Vec<(u64, &ChangeEvent, Result<&ChangeEvent, &Refusal>)> = Vec::new();
         for t in staged {
             for c in t.changes.changes.iter().filter(|c| c.seq > applied) {
-                let original = if t.refused.is_empty() && matches!(t.changes, std::borrow::Cow::Borrowed(_)) {
-                    c
-                } else {
-                    by_seq(t.original, c.seq).unwrap_or(c)
-                };
+                let original =
+                    if t.refused.is_empty() && t.is_unchanged() { c } else { by_seq(t.original, c.seq).unwrap_or(c) };
                 work.push((c.seq, original, Ok(c)));
             }
             for r in t.refused.iter().filter(|r| r.seq > applied) {

@@ -94,6 +94,11 @@ impl<'a> Transformed<'a> {
     pub fn unchanged(batch: &'a ChangeBatch) -> Self {
         Self { original: batch, changes: Cow::Borrowed(batch), refused: Vec::new() }
     }
+
+    /// Whether the changes are the original's, as decoded.
+    pub fn is_unchanged(&self) -> bool {
+        std::ptr::eq(self.changes.as_ref(), self.original)
+    }
 }
 
 /// The dictionary in use: mappings, the remap table and the conflict rule.

@@ -128,8 +128,8 @@ pub struct Append<'a> {
     /// The stream's seq after this append is at least this, batches or not: what recovering events
     /// from the NDC outbox alone logs up to.
     pub upto: u64,
-    /// The agent's batches of the transaction, decoded and as received.
-    pub batches: &'a [(ChangeBatch, Vec<u8>)],
+    /// The batches of the transaction, decoded and encoded (as received, or as mapped).
+    pub batches: Vec<(&'a ChangeBatch, &'a [u8])>,
     /// Seqs of these batches that were not applied.
     pub excluded: Vec<u64>,
     /// Events their changes raised (including events recovered from the outbox).
@@ -363,7 +363,7 @@ impl FanoutLog {
             logged_at_us: now_micros(),
         };
         let mut data = Vec::new();
-        for (_, raw) in a.batches {
+        for (_, raw) in &a.batches {
             data.extend_from_slice(&(raw.len() as u32).to_be_bytes());
             data.extend_from_slice(raw);
         }
@@ -650,6 +650,10 @@ mod tests {
         }
     }
 
+    fn borrowed(batches: &[(ChangeBatch, Vec<u8>)]) -> Vec<(&ChangeBatch, &[u8])> {
+        batches.iter().map(|(b, raw)| (b, raw.as_slice())).collect()
+    }
+
     fn seqs(items: &[(Cursor, Item)]) -> Vec<String> {
         items
             .iter()
@@ -664,22 +668,22 @@ mod tests {
     async fn appends_are_idempotent_reads_resume_anywhere_and_retention_spares_the_slowest() {
         let dir = std::env::temp_dir().join(format!("dongbo-log-test-{}", rand_suffix()));
         let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap(), &dir.join("segments")).unwrap();
-        let b1 = [batch("s", 1..=3)];
-        let a = |batches, excluded: Vec<u64>, events: Vec<DomainEvent>| Append {
+        let b1: &'static [(ChangeBatch, Vec<u8>)] = Box::leak(Box::new([batch("s", 1..=3)]));
+        let a = |batches: &'static [(ChangeBatch, Vec<u8>)], excluded: Vec<u64>, events: Vec<DomainEvent>| Append {
             source_id: "s",
             stream: "s",
             next_offset: None,
-            batches,
+            batches: borrowed(batches),
             excluded,
             events,
             upto: 0,
         };
-        assert_eq!(log.append(a(&b1, vec![2], vec![event(3)])).await.unwrap(), 3);
+        assert_eq!(log.append(a(b1, vec![2], vec![event(3)])).await.unwrap(), 3);
         // The same batches again (an agent resending after a lost ack) log nothing.
-        assert_eq!(log.append(a(&b1, vec![2], vec![event(3)])).await.unwrap(), 3);
+        assert_eq!(log.append(a(b1, vec![2], vec![event(3)])).await.unwrap(), 3);
         // Overlapping batches log only what is new.
-        let b2 = [batch("s", 3..=5)];
-        assert_eq!(log.append(a(&b2, vec![], vec![event(3), event(5)])).await.unwrap(), 5);
+        let b2: &'static [(ChangeBatch, Vec<u8>)] = Box::leak(Box::new([batch("s", 3..=5)]));
+        assert_eq!(log.append(a(b2, vec![], vec![event(3), event(5)])).await.unwrap(), 5);
         assert_eq!(*log.end().borrow(), 3, "two chunks");
 
         let (all, end) = log.read(Cursor { chunk: 1, item: 0 }, 100, true).unwrap();
@@ -715,7 +719,7 @@ mod tests {
             source_id: "s",
             stream: "s@t/0",
             next_offset: Some(next_offset),
-            batches,
+            batches: borrowed(batches),
             excluded: vec![],
             events,
             upto,

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoffBuilder;
-use dongbo_connectors::model::ChangeBatch;
 use dongbo_connectors::wire;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
@@ -24,7 +23,7 @@ use tracing::{info, warn};
 
 use super::{Shared, TopicPartition};
 use crate::apply::{ApplyError, NdcApplier, OffsetMark, RejectedMessage};
-use crate::pipeline::{self, adopt_stream, apply_and_log, catch_up, PipelineError};
+use crate::pipeline::{self, adopt_stream, apply_and_log, catch_up, PipelineError, Staged};
 
 /// Why a partition's worker starts its session again.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +135,9 @@ async fn session(
                 Err(_) => break,
             }
         }
-        let mut batches: Vec<(ChangeBatch, Vec<u8>)> = Vec::new();
+        let dictionary = crate::dictionary::current();
+        let transform = pipeline::Transform { dictionary: &dictionary, province: acl.province.as_deref() };
+        let mut batches: Vec<Staged> = Vec::new();
         let mut mark = OffsetMark::default();
         let mut last_offset = None;
         for m in run.into_iter().filter(|m| m.offset() >= expect) {
@@ -178,7 +179,7 @@ async fn session(
                             Some(p) if batch.changes.len() == whole => p.to_vec(),
                             _ => wire::encode_batch(batch.clone()),
                         };
-                        batches.push((batch, raw));
+                        batches.push(Staged::new(batch, raw, transform));
                     }
                 }
                 Err(reason) => mark.rejected.push(RejectedMessage {
@@ -191,9 +192,7 @@ async fn session(
         }
         let Some(last_offset) = last_offset else { continue };
         mark.next_offset = last_offset + 1;
-        let dictionary = crate::dictionary::current();
-        let transform = pipeline::Transform { dictionary: &dictionary, province: acl.province.as_deref() };
-        apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark), transform).await?;
+        apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark), dictionary.conflict).await?;
         crate::fleet::contact(&acl.id, crate::fleet::Transport::Kafka);
         crate::metrics::hub().contact(&acl.id);
         backoff.reset();
