@@ -6,7 +6,8 @@
 //!   client certificate alone, when the admin listener has mutual TLS) and sets a session cookie:
 //!   random, `HttpOnly`, `SameSite=Strict` (`Secure` over HTTPS), valid [`SESSION_TTL`], kept in
 //!   memory only (a hub restart logs everyone out). The session carries the operator's role.
-//! - Changing actions (replaying dead letters) are `POST` forms, need role `admin`, and are refused
+//! - Changing actions (replaying dead letters; replaying or dropping quarantined changes, a drop
+//!   with its reason) are `POST` forms, shown to role `admin` only, need role `admin`, and are refused
 //!   unless the request's `Origin`, when the browser sends one, is the dashboard's own host.
 //! - Every value shown is HTML-escaped here, including what agents report of themselves (host
 //!   names, errors) and what the NDC holds (quarantine reasons): nothing a peer sends is markup.
@@ -349,36 +350,82 @@ pub fn subscriptions(operator: &str, can_replay: bool, rows: &[SubscriptionRow],
     page("Subscriptions", Some(operator), &body)
 }
 
-/// Quarantined changes waiting, counted by agent, table and rule; the entries themselves with what
-/// became of them; and refused Kafka messages.
-pub fn quarantine(
-    operator: &str,
-    counts: &[(String, String, String, i64)],
-    entries: &[crate::quarantine::Entry],
-    messages: &[(String, String, i64)],
-) -> String {
-    let mut body = String::from(
-        "<h2>Waiting</h2><table id=\"quarantine\"><tr><th>Agent</th><th>Table</th><th>Rule</th><th>Count</th></tr>",
+/// What the quarantine page shows.
+pub struct QuarantinePage<'a> {
+    /// Whether the operator may replay and drop (role admin): the forms are shown.
+    pub can_change: bool,
+    /// Unresolved entries counted by agent, table and rule.
+    pub counts: &'a [(String, String, String, i64)],
+    /// Entries, resolved or not.
+    pub entries: &'a [crate::quarantine::Entry],
+    /// Refused Kafka messages counted by stream and reason.
+    pub messages: &'a [(String, String, i64)],
+    /// What the last form did.
+    pub note: Option<&'a str>,
+}
+
+/// A form posting `fields` (hidden) to `/ui/quarantine/{action}`, with a reason box for a drop.
+fn quarantine_form(action: &str, id: &str, fields: &[(&str, &str)]) -> String {
+    let mut form = format!("<form class=\"inline\" method=\"post\" action=\"/ui/quarantine/{action}\">");
+    for (name, value) in fields {
+        let _ = write!(form, "<input type=\"hidden\" name=\"{name}\" value=\"{}\">", esc(value));
+    }
+    if action == "drop" {
+        let _ = write!(form, "<input name=\"why\" id=\"why-{id}\" placeholder=\"why\" required>");
+    }
+    let label = if action == "drop" { "Drop" } else { "Replay" };
+    let _ = write!(form, "<button id=\"{action}-{id}\">{label}</button></form>");
+    form
+}
+
+/// Quarantined changes waiting, counted by agent, table and rule (with replay and drop forms for
+/// an admin); the entries themselves with what became of them; and refused Kafka messages.
+pub fn quarantine(operator: &str, p: &QuarantinePage<'_>) -> String {
+    let mut body = p.note.map(|n| format!("<p class=\"note\" id=\"note\">{}</p>", esc(n))).unwrap_or_default();
+    body.push_str(
+        "<h2>Waiting</h2><table id=\"quarantine\"><tr><th>Agent</th><th>Table</th><th>Rule</th><th>Count</th>\
+         <th></th></tr>",
     );
-    for (agent, table, rule, n) in counts {
-        let _ =
-            write!(body, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{n}</td></tr>", esc(agent), esc(table), esc(rule));
+    for (i, (agent, table, rule, n)) in p.counts.iter().enumerate() {
+        let actions = if p.can_change {
+            let fields = [("agent", agent.as_str()), ("table", table.as_str()), ("rule", rule.as_str())];
+            let id = format!("group-{i}");
+            quarantine_form("replay", &id, &fields) + &quarantine_form("drop", &id, &fields)
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            body,
+            "<tr id=\"group-{i}\"><td>{}</td><td>{}</td><td>{}</td><td>{n}</td><td>{actions}</td></tr>",
+            esc(agent),
+            esc(table),
+            esc(rule)
+        );
     }
     body.push_str(
-        "</table><p>Replay once the data or the rule is fixed, or drop with a reason: \
+        "</table><p>Replay once the data or the rule is fixed (entries go through the dictionary in use \
+         now, in order), or drop with a reason. The CLI does the same: \
          <code>dongbo-hub quarantine replay --agent …</code>, <code>dongbo-hub quarantine drop … --why …</code>.</p>\
          <h2>Entries</h2><table id=\"quarantine-entries\"><tr><th>Agent</th><th>Seq</th><th>Table</th><th>Rule</th>\
-         <th>Reason</th><th>State</th><th>By</th></tr>",
+         <th>Reason</th><th>State</th><th>By</th><th></th></tr>",
     );
-    for e in entries {
+    for e in p.entries {
         let state = match (&e.resolution, &e.resolution_note) {
             (Some(r), Some(n)) => format!("{r}: {n}"),
             (Some(r), None) => r.clone(),
             (None, _) => "waiting".into(),
         };
+        let actions = if p.can_change && e.resolution.is_none() {
+            let seq = e.seq.to_string();
+            let fields = [("agent", e.agent.as_str()), ("seq", seq.as_str())];
+            let id = format!("{}-{}", path_segment(&e.agent), e.seq);
+            quarantine_form("replay", &id, &fields) + &quarantine_form("drop", &id, &fields)
+        } else {
+            String::new()
+        };
         let _ = write!(
             body,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{actions}</td></tr>",
             esc(&e.agent),
             e.seq,
             esc(&e.table),
@@ -389,7 +436,7 @@ pub fn quarantine(
         );
     }
     body.push_str("</table><h2>Kafka messages</h2><table><tr><th>Stream</th><th>Reason</th><th>Count</th></tr>");
-    for (stream, reason, n) in messages {
+    for (stream, reason, n) in p.messages {
         let _ = write!(body, "<tr><td>{}</td><td>{}</td><td>{n}</td></tr>", esc(stream), esc(reason));
     }
     body.push_str("</table>");

@@ -370,6 +370,8 @@ pub async fn serve(
         .route("/ui/subscriptions", get(ui::subscriptions))
         .route("/ui/subscriptions/{id}/replay", post(ui::replay))
         .route("/ui/quarantine", get(ui::quarantine))
+        .route("/ui/quarantine/replay", post(ui::quarantine_replay))
+        .route("/ui/quarantine/drop", post(ui::quarantine_drop))
         .route("/ui/audit", get(ui::audit))
         .route("/subscriptions", get(list).post(add))
         .route("/subscriptions/{id}", axum::routing::delete(remove))

@@ -142,32 +142,29 @@ fn same_origin(headers: &HeaderMap) -> bool {
     origin.split_once("://").is_some_and(|(_, rest)| rest == host)
 }
 
+/// The answer to a changing form an operator may not send: one without role admin, or one from
+/// another site's page; `None` when it may go ahead.
+fn refuse_change(op: &UiOperator, headers: &HeaderMap, what: &str) -> Option<Response> {
+    let problem = if op.role < Role::Admin {
+        format!("{what} needs role admin.")
+    } else if !same_origin(headers) {
+        tracing::warn!(operator = %op.id, action = what, "dashboard form refused: it came from another site");
+        "This form did not come from the dashboard.".to_string()
+    } else {
+        return None;
+    };
+    let body = format!("<p class=\"err\">{}</p>", dashboard::esc(&problem));
+    Some(html(StatusCode::FORBIDDEN, dashboard::page("Not allowed", Some(&op.id), &body)))
+}
+
 pub(super) async fn replay(
     State(s): State<AppState>,
     op: UiOperator,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if op.role < Role::Admin {
-        return html(
-            StatusCode::FORBIDDEN,
-            dashboard::page(
-                "Not allowed",
-                Some(&op.id),
-                "<p class=\"err\">Replaying dead letters needs role admin.</p>",
-            ),
-        );
-    }
-    if !same_origin(&headers) {
-        tracing::warn!(operator = %op.id, "dashboard replay refused: the form came from another site");
-        return html(
-            StatusCode::FORBIDDEN,
-            dashboard::page(
-                "Not allowed",
-                Some(&op.id),
-                "<p class=\"err\">This form did not come from the dashboard.</p>",
-            ),
-        );
+    if let Some(refused) = refuse_change(&op, &headers, "Replaying dead letters") {
+        return refused;
     }
     let note = match s.fanout.replay(&id).await {
         Ok((delivered, kept)) => {
@@ -186,6 +183,11 @@ pub(super) async fn replay(
 const PAGE_ENTRIES: usize = 200;
 
 pub(super) async fn quarantine(State(s): State<AppState>, op: UiOperator) -> Response {
+    quarantine_page(&s, &op, None).await
+}
+
+/// The quarantine page, with `note` (what a form just did) above it.
+async fn quarantine_page(s: &AppState, op: &UiOperator, note: Option<&str>) -> Response {
     let read = async {
         let client = s.audit_session().await?;
         let counts = client
@@ -213,10 +215,83 @@ pub(super) async fn quarantine(State(s): State<AppState>, op: UiOperator) -> Res
     };
     match read.await {
         Ok((counts, messages, entries)) => {
-            html(StatusCode::OK, dashboard::quarantine(&op.id, &counts, &entries, &messages))
+            let page = dashboard::QuarantinePage {
+                can_change: op.role >= Role::Admin,
+                counts: &counts,
+                entries: &entries,
+                messages: &messages,
+                note,
+            };
+            html(StatusCode::OK, dashboard::quarantine(&op.id, &page))
         }
         Err(e) => failed(e),
     }
+}
+
+/// What a quarantine form on the dashboard sends: a group (agent, table, rule) or one entry (agent,
+/// seq), and for a drop, why.
+#[derive(Deserialize)]
+pub(super) struct QuarantineForm {
+    agent: String,
+    table: Option<String>,
+    rule: Option<String>,
+    seq: Option<u64>,
+    why: Option<String>,
+}
+
+impl QuarantineForm {
+    fn filter(&self) -> crate::quarantine::Filter {
+        crate::quarantine::Filter {
+            agent: Some(self.agent.clone()),
+            table: self.table.clone().filter(|t| !t.is_empty()),
+            rule: self.rule.clone().filter(|r| !r.is_empty()),
+            seqs: self.seq.into_iter().collect(),
+            ..Default::default()
+        }
+    }
+}
+
+pub(super) async fn quarantine_replay(
+    State(s): State<AppState>,
+    op: UiOperator,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<QuarantineForm>,
+) -> Response {
+    if let Some(refused) = refuse_change(&op, &headers, "Replaying quarantined changes") {
+        return refused;
+    }
+    let note = match crate::quarantine::replay(&s.fanout, &s.config, &form.filter(), &op.id).await {
+        Ok(report) => {
+            tracing::info!(operator = %op.id, agent = %form.agent, entries = report.entries.len(), "quarantine replayed from the dashboard");
+            format!("{}: {}", form.agent, report.summary())
+        }
+        Err(e) => format!("{}: replay failed: {e}", form.agent),
+    };
+    quarantine_page(&s, &op, Some(&note)).await
+}
+
+pub(super) async fn quarantine_drop(
+    State(s): State<AppState>,
+    op: UiOperator,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<QuarantineForm>,
+) -> Response {
+    if let Some(refused) = refuse_change(&op, &headers, "Dropping quarantined changes") {
+        return refused;
+    }
+    let why = form.why.as_deref().unwrap_or_default();
+    let dropped = async {
+        let client = s.audit_session().await?;
+        crate::quarantine::drop_entries(&client, &form.filter(), &op.id, why).await.map_err(|e| e.to_string())
+    };
+    let note = match dropped.await {
+        Ok(dropped) => {
+            tracing::info!(operator = %op.id, agent = %form.agent, entries = dropped.len(), "quarantine entries dropped from the dashboard");
+            format!("{}: {} dropped", form.agent, dropped.len())
+        }
+        Err(e) => format!("{}: drop refused: {e}", form.agent),
+    };
+    quarantine_page(&s, &op, Some(&note)).await
 }
 
 #[derive(Deserialize)]

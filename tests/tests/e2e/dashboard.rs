@@ -1,5 +1,6 @@
 //! The dashboard in a real headless Chromium (WebDriver): login, the fleet with its agent green,
-//! the agent red once stopped, a dead letter replayed from the page, the audit page; screenshots
+//! the agent red once stopped, a dead letter replayed from the page, the audit page, quarantined
+//! changes replayed and dropped from the page; screenshots
 //! are saved in `target/screenshots/`.
 
 use std::time::{Duration, Instant};
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 use dongbo_tests::browser::Browser;
 use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
 use dongbo_tests::fanout::{start_with_failing_webhook, wait_dead_letters, ADMIN_TOKEN};
+use dongbo_tests::hostile::{insert, message, schema, send};
 use dongbo_tests::Deployment;
 
 /// Where the screenshots go, kept after the test for a person to look at.
@@ -96,8 +98,39 @@ async fn the_dashboard_in_chromium_shows_the_fleet_a_stopped_agent_red_and_repla
         a.contains("Deliveries of citizen") && a.contains("bhyt") && a.contains("health-insurance")
     })
     .await?;
+
+    // Two changes the NDC cannot hold (a column name with NUL, a table name over 63 bytes), sent
+    // as the stopped agent: one replayed from the page (refused again, it still breaks its rule),
+    // the other dropped with a reason.
+    let (seq, _, quarantined) = d.applied().await?;
+    let (first, second) = (seq as u64 + 1, seq as u64 + 2);
+    let nul = schema("public", "nul", &[("id", "text"), ("a\0b", "text")]);
+    let long = schema("public", &"t".repeat(64), &[("id", "text")]);
+    let batch = message(&d.source_id, vec![insert(first, &nul, &["1", "2"]), insert(second, &long, &["1"])]);
+    send(d.hub_port, dongbo_tests::TOKEN, &d.source_id, vec![batch], second).await?;
+    anyhow::ensure!(d.applied().await?.2 == quarantined + 2, "both quarantined");
     b.goto(&format!("{ui}/quarantine")).await?;
-    b.find("#quarantine").await?;
+    let waiting = b.text("#quarantine").await?;
+    anyhow::ensure!(waiting.contains("public.nul") && waiting.contains("table.unusable"), "{waiting}");
+    let (replay_one, drop_two) = (format!("#replay-{}-{first}", d.source_id), format!("{}-{second}", d.source_id));
+    b.click(&replay_one).await?;
+    b.wait_text("#note", |n| n.contains("0 of 1 replayed, 1 refused again")).await?;
+    b.type_into(&format!("#why-{drop_two}"), "a test table, never national data").await?;
+    b.click(&format!("#drop-{drop_two}")).await?;
+    b.wait_text("#note", |n| n.contains("1 dropped")).await?;
+    let entries = b.text("#quarantine-entries").await?;
+    anyhow::ensure!(entries.contains("dropped: a test table, never national data"), "{entries}");
+    anyhow::ensure!(b.find(&format!("#drop-{drop_two}")).await.is_err(), "a resolved entry has no buttons");
+    b.find(&replay_one).await?;
+    b.screenshot(&shots.join("dashboard-quarantine.png")).await?;
+    let ndc = d.ndc().await?;
+    let fates: Vec<(i64, Option<String>)> = ndc
+        .query("SELECT seq, resolution FROM dongbo.quarantine WHERE seq >= $1 ORDER BY seq", &[&(first as i64)])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    anyhow::ensure!(fates == vec![(first as i64, None), (second as i64, Some("dropped".into()))], "{fates:?}");
     b.close().await;
     Ok(())
 }
