@@ -286,9 +286,11 @@ impl Ingest for IngestService {
                 }
                 // The permits stay held until the run is applied and logged: that is what bounds
                 // the stream's memory, not only the queue.
-                let (run, _held): (Vec<Staged>, Vec<OwnedSemaphorePermit>) = batches.into_iter().unzip();
+                let (run, held): (Vec<Staged>, Vec<OwnedSemaphorePermit>) = batches.into_iter().unzip();
                 let conflict = crate::dictionary::current().conflict;
-                match apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None, conflict).await {
+                let done = apply_and_log(&mut applier, &log, &acl.id, &acl.id, &run, None, conflict).await;
+                pipeline::release(run, held);
+                match done {
                     Ok(durable_seq) => {
                         let ack = HubMessage { kind: Some(hub_message::Kind::Ack(Ack { durable_seq })) };
                         if out_tx.send(Ok(ack)).await.is_err() {

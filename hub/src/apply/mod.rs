@@ -521,9 +521,9 @@ impl NdcApplier {
                 work.push((r.seq, original, Err(r)));
             }
         }
-        if staged.iter().any(|t| !t.refused.is_empty()) {
-            work.sort_by_key(|(seq, ..)| *seq);
-        }
+        // Already in order unless refusals were listed after their batch's changes (the sort is
+        // then one pass); the one-by-one path below looks changes up in it by seq.
+        work.sort_by_key(|(seq, ..)| *seq);
         let Some((_, last, _)) = work.last() else {
             txn.commit().await?;
             return Ok(ApplyOutcome { applied_seq: applied, applied_before: applied, ..Default::default() });
@@ -539,7 +539,9 @@ impl NdcApplier {
         let mut quarantine: Vec<Quarantined> = Vec::new();
         let mut accepted = Vec::with_capacity(work.len());
         for (seq, original, item) in &work {
-            let hold = source_hold(original);
+            // Nearly always nothing is held: the row's hold is worked out only when something is,
+            // or when this change is refused.
+            let mut hold = (!held.is_empty()).then(|| source_hold(original)).flatten();
             let refused = match item {
                 _ if hold.as_ref().is_some_and(|h| held.contains_key(h)) => {
                     let first = hold.as_ref().and_then(|h| held.get(h)).copied().unwrap_or_default();
@@ -565,7 +567,7 @@ impl NdcApplier {
             };
             match refused {
                 Some((rule, reason, detail)) => {
-                    if let Some(h) = hold {
+                    if let Some(h) = hold.take().or_else(|| source_hold(original)) {
                         held.entry(h).or_insert(*seq);
                     }
                     quarantine.push(Quarantined { original, rule, reason, detail });
@@ -584,7 +586,8 @@ impl NdcApplier {
         if mode == Mode::OneByOne {
             let mut kept = Vec::with_capacity(accepted.len());
             for c in accepted {
-                let original = work.iter().find(|(s, ..)| *s == c.seq).map_or(c, |(_, o, _)| *o);
+                // `work` is in seq order.
+                let original = work.binary_search_by_key(&c.seq, |(s, ..)| *s).map_or(c, |i| work[i].1);
                 let hold = source_hold(original);
                 if let Some(first) = hold.as_ref().and_then(|h| held.get(h)) {
                     let reason = format!("waits behind seq {first} of the same source row, quarantined before it");

@@ -86,12 +86,17 @@ fn lists() -> &'static Lists {
 
 /// The commune `code` names in `list`, if it names one.
 pub fn commune(list: CodeList, code: &str) -> Option<Commune> {
+    province_of(list, code).map(|p| Commune { code: code.to_string(), province: p.to_string() })
+}
+
+/// The province of commune `code` in `list`, if `code` names a commune there.
+pub fn province_of(list: CodeList, code: &str) -> Option<&'static str> {
     let l = lists();
     let provinces = match list {
         CodeList::Legacy => &l.legacy,
         CodeList::V2025 => &l.current,
     };
-    provinces.get(code).map(|p| Commune { code: code.to_string(), province: p.clone() })
+    provinces.get(code).map(String::as_str)
 }
 
 /// The 2-digit codes of the 63 provinces before 1 July 2025.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use dongbo_connectors::model::{ChangeEvent, Operation, Row, TableSchema, Value};
 use serde::{Deserialize, Serialize};
 
-use super::admin_units::{self, CodeList, Remap, Resolved};
+use super::admin_units::{self, CodeList, Commune, Remap, Resolved};
 use super::citizen_id::{self, CitizenIdError, Gender};
 use super::national::{self, Kind, NationalTable};
 use super::normalise::{self, Date, DateFormat};
@@ -146,17 +146,17 @@ impl Mapping {
     /// The national change `c` becomes, or the rule it breaks. `agent_province` is recorded on the
     /// row; `remap` turns legacy commune codes into 2025 ones.
     pub fn map(&self, c: &ChangeEvent, agent_province: Option<&str>, remap: &Remap) -> Result<ChangeEvent, Broken> {
-        self.map_bound(c, &self.bind(&c.table)?, agent_province, remap, Date::today())
+        self.map_bound(c, &self.bind(&c.table)?, agent_province, remap, &mut Stamps::new())
     }
 
-    /// [`Self::map`] with the mapping already bound to `c`'s schema and the day dates may not pass.
+    /// [`Self::map`] with the mapping already bound to `c`'s schema and the batch's [`Stamps`].
     pub fn map_bound(
         &self,
         c: &ChangeEvent,
         bound: &Bound,
         agent_province: Option<&str>,
         remap: &Remap,
-        today: Date,
+        stamps: &mut Stamps,
     ) -> Result<ChangeEvent, Broken> {
         // Field by field: cloning the change would copy its rows only to drop them.
         let mut out = ChangeEvent {
@@ -190,7 +190,7 @@ impl Mapping {
             }
             Operation::Insert | Operation::SnapshotRead | Operation::Update => {
                 let after = c.after.as_ref().ok_or_else(|| Broken::new("change.shape", "the change has no new row"))?;
-                let row = self.row(c, after, bound, agent_province, remap, today)?;
+                let row = self.row(c, after, bound, agent_province, remap, stamps)?;
                 let new_id = row[0].clone();
                 let old_id = if c.op == Operation::Update { self.old_id(c, bound)? } else { None };
                 out.key = vec![old_id.map_or(new_id, Value::Text)];
@@ -222,7 +222,7 @@ impl Mapping {
         bound: &Bound,
         agent_province: Option<&str>,
         remap: &Remap,
-        today: Date,
+        stamps: &mut Stamps,
     ) -> Result<Row, Broken> {
         let mut row: Row = Vec::with_capacity(self.table.schema.columns.len());
         let value = |i: usize| bound.index[i].and_then(|s| after.get(s)).unwrap_or(&Value::Null);
@@ -269,7 +269,7 @@ impl Mapping {
                     let format = if matches!(v, Value::Date(_)) { DateFormat::Iso } else { self.config.date_format };
                     let d = Date::parse(&text, format)
                         .map_err(|r| Broken::new("date.format", format!("{}: {r}", f.name)))?;
-                    let (low, high) = (Date { year: 1900, month: 1, day: 1 }, today);
+                    let (low, high) = (Date { year: 1900, month: 1, day: 1 }, stamps.today);
                     if d < low || d > high {
                         return Err(Broken::new(
                             "date.range",
@@ -277,21 +277,21 @@ impl Mapping {
                         ));
                     }
                     birth = Some(d);
-                    row.push(Value::Date(d.to_string()));
+                    row.push(Value::Date(d.iso()));
                 }
                 Kind::Commune => {
                     let list = self.config.commune_codes.unwrap_or(CodeList::V2025);
                     let code = commune_code(&text);
-                    let Some(found) = admin_units::commune(list, &code) else {
+                    let Some(province) = admin_units::province_of(list, &code) else {
                         return Err(Broken::new(
                             "commune.code",
                             format!("{} {text:?} is not a commune of the {} list", f.name, list.label()),
                         ));
                     };
                     let (current, legacy) = match list {
-                        CodeList::V2025 => (found, None),
-                        CodeList::Legacy => match remap.resolve(&found.code, village.as_deref()) {
-                            Resolved::To(c) => (c, Some(found.code)),
+                        CodeList::V2025 => (Commune { code: code.into_owned(), province: province.to_string() }, None),
+                        CodeList::Legacy => match remap.resolve(&code, village.as_deref()) {
+                            Resolved::To(c) => (c, Some(code.into_owned())),
                             Resolved::Unmapped => {
                                 return Err(Broken::new(
                                     "commune.unmapped",
@@ -332,19 +332,47 @@ impl Mapping {
         row.push(agent_province.map_or(Value::Null, |p| Value::Text(p.to_string())));
         row.push(Value::Text(bound.source_table.clone()));
         row.push(Value::Int(c.seq as i64));
-        row.push(Value::TimestampTz(rfc3339_micros(c.commit_time_us)));
+        row.push(Value::TimestampTz(stamps.committed(c.commit_time_us)));
         row.push(Value::Int(i64::from(self.config.priority)));
         Ok(row)
     }
 }
 
+/// What the rows of one batch share, worked out once: the day dates may not pass, and the last
+/// commit time as text (a transaction's changes share it).
+#[derive(Debug)]
+pub struct Stamps {
+    today: Date,
+    committed: Option<(i64, String)>,
+}
+
+impl Stamps {
+    /// Stamps for mapping changes now.
+    pub fn new() -> Self {
+        Self { today: Date::today(), committed: None }
+    }
+
+    fn committed(&mut self, us: i64) -> String {
+        match &self.committed {
+            Some((at, text)) if *at == us => text.clone(),
+            _ => self.committed.insert((us, rfc3339_micros(us))).1.clone(),
+        }
+    }
+}
+
+impl Default for Stamps {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A legacy system's commune code as the lists write it: digits, zero-padded to five (a numeric
 /// column drops the leading zeros).
-fn commune_code(text: &str) -> String {
+fn commune_code(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.is_empty() && text.len() < 5 && text.bytes().all(|b| b.is_ascii_digit()) {
-        format!("{text:0>5}")
+        std::borrow::Cow::Owned(format!("{text:0>5}"))
     } else {
-        text.to_string()
+        std::borrow::Cow::Borrowed(text)
     }
 }
 

@@ -28,8 +28,7 @@ use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableSchema};
 use serde::{Deserialize, Serialize};
 
 use self::admin_units::{Remap, SplitRule};
-use self::mapping::{Bound, Broken, Mapping, MappingConfig};
-use self::normalise::Date;
+use self::mapping::{Bound, Broken, Mapping, MappingConfig, Stamps};
 use std::rc::Rc;
 
 /// What decides when two sources hold the same row of a national table.
@@ -185,7 +184,7 @@ impl Dictionary {
         if found.iter().all(Option::is_none) {
             return Transformed::unchanged(batch);
         }
-        let today = Date::today();
+        let mut stamps = Stamps::new();
         let mut changes = Vec::with_capacity(batch.changes.len());
         let mut refused = Vec::new();
         for (c, m) in batch.changes.iter().zip(found) {
@@ -194,7 +193,7 @@ impl Dictionary {
                 continue;
             };
             let mapped = match &*bound {
-                Ok(bound) => m.map_bound(c, bound, province, &self.remap, today),
+                Ok(bound) => m.map_bound(c, bound, province, &self.remap, &mut stamps),
                 Err(broken) => Err(broken.clone()),
             };
             match mapped {

@@ -192,7 +192,9 @@ async fn session(
         }
         let Some(last_offset) = last_offset else { continue };
         mark.next_offset = last_offset + 1;
-        apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark), dictionary.conflict).await?;
+        let done = apply_and_log(&mut applier, log, &acl.id, &stream, &batches, Some(&mark), dictionary.conflict).await;
+        pipeline::release(batches, ());
+        done?;
         crate::fleet::contact(&acl.id, crate::fleet::Transport::Kafka);
         crate::metrics::hub().contact(&acl.id);
         backoff.reset();
