@@ -33,7 +33,7 @@ use dongbo_connectors::model::ChangeBatch;
 use dongbo_connectors::wire;
 use tracing::warn;
 
-use crate::apply::{ApplyError, NdcApplier, OffsetMark};
+use crate::apply::{ApplyError, NdcApplier, OffsetMark, Recorded};
 use crate::dictionary::{ConflictRule, Dictionary, Refusal, Transformed};
 use crate::fanout::log::{Append, FanoutLog};
 
@@ -144,12 +144,24 @@ pub async fn adopt_stream(
     if let Some(logged) = log.logged_seq(stream).map_err(log_error)? {
         return Ok(logged);
     }
-    let (events, excluded) = applier.recorded(0, applied).await.inspect_err(|e| {
+    let Recorded { events, excluded, .. } = applier.recorded(0, applied).await.inspect_err(|e| {
         warn!(stream, error = %e, "cannot start the fan-out log of this stream");
     })?;
-    log.append(Append { source_id, stream, next_offset, batches: Vec::new(), excluded, events, upto: applied })
-        .await
-        .map_err(log_error)?;
+    // No batch is logged, so no truncate's deletes either: a follower of a stream adopted this way
+    // starts from the NDC's rows as they are.
+    let removed = Default::default();
+    log.append(Append {
+        source_id,
+        stream,
+        next_offset,
+        batches: Vec::new(),
+        excluded,
+        removed,
+        events,
+        upto: applied,
+    })
+    .await
+    .map_err(log_error)?;
     Ok(applied)
 }
 
@@ -167,10 +179,20 @@ pub async fn catch_up(
     if logged >= applied {
         return Ok(());
     }
-    let (events, excluded) = applier.recorded(logged, applied).await?;
-    log.append(Append { source_id, stream, next_offset, batches: Vec::new(), excluded, events, upto: applied })
-        .await
-        .map_err(log_error)?;
+    let Recorded { events, excluded, .. } = applier.recorded(logged, applied).await?;
+    let removed = Default::default();
+    log.append(Append {
+        source_id,
+        stream,
+        next_offset,
+        batches: Vec::new(),
+        excluded,
+        removed,
+        events,
+        upto: applied,
+    })
+    .await
+    .map_err(log_error)?;
     Ok(())
 }
 
@@ -263,19 +285,21 @@ pub async fn apply_and_log(
     let mut events = outcome.events;
     let mut excluded = outcome.quarantined;
     excluded.extend(outcome.superseded);
+    let mut removed = outcome.removed;
     let replayed_upto = outcome.applied_before.min(last_seq);
     if replayed_upto > logged {
         // Applied before the hub last stopped but not logged: recover what that apply recorded.
-        let (old_events, old_quarantined) = applier.recorded(logged, replayed_upto).await.inspect_err(|e| {
+        let old = applier.recorded(logged, replayed_upto).await.inspect_err(|e| {
             warn!(stream, error = %e, "cannot recover the events of changes applied before a restart");
         })?;
-        events.splice(0..0, old_events);
-        excluded.extend(old_quarantined);
+        events.splice(0..0, old.events);
+        excluded.extend(old.excluded);
+        removed.extend(old.removed);
     }
     let next_offset = mark.map(|m| m.next_offset);
     let batches = staged.iter().filter_map(Staged::logged).collect();
     let logged = log
-        .append(Append { source_id, stream, next_offset, batches, excluded, events, upto: last_seq })
+        .append(Append { source_id, stream, next_offset, batches, excluded, removed, events, upto: last_seq })
         .await
         .map_err(log_error)?;
     Ok(logged.min(outcome.applied_seq))

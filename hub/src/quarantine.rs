@@ -438,6 +438,9 @@ pub async fn log_replays(client: &Client, log: &FanoutLog) -> Result<usize, Quar
                 upto,
                 batches,
                 excluded: Vec::new(),
+                // A replayed national truncate is not published (the replay records it as
+                // superseded), so there are no deletes to read it as.
+                removed: Default::default(),
                 events,
             })
             .await

@@ -22,13 +22,16 @@
 //! priority or the later source commit overwrites it (a guard on the upsert, so a concurrent
 //! writer is decided the same way), or, by default, the change is quarantined (rule `conflict`)
 //! with the row it would have replaced (the check and the write serialised per national table).
+//! A national truncate is published as a delete of each of the agent's rows it removed
+//! ([`ApplyOutcome::removed`], kept in `dongbo.removed_rows` until logged).
 
 pub mod plan;
 pub mod replay;
 pub mod target;
 pub mod types;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -90,10 +93,25 @@ pub struct ApplyOutcome {
     /// Seqs quarantined now.
     pub quarantined: Vec<u64>,
     /// Seqs applied now but not logged for fan-out: changes whose national row another agent keeps
-    /// (the conflict rule decided), and truncates of a national table (of one agent's rows).
+    /// (the conflict rule decided).
     pub superseded: Vec<u64>,
+    /// For each truncate of a national table applied now (by seq), the keys of the agent's rows it
+    /// removed: the log publishes it as a delete of each, since a follower cannot tell one agent's
+    /// rows from the whole table.
+    pub removed: BTreeMap<u64, Vec<String>>,
     /// Domain events the applied changes raised (also in `dongbo.event_outbox`).
     pub events: Vec<DomainEvent>,
+}
+
+/// What the NDC recorded of applied changes for the fan-out log.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// The events they raised (`dongbo.event_outbox`).
+    pub events: Vec<DomainEvent>,
+    /// The seqs the log leaves out: quarantined, or applied but not to be published.
+    pub excluded: Vec<u64>,
+    /// The keys each national truncate removed, by seq ([`ApplyOutcome::removed`]).
+    pub removed: BTreeMap<u64, Vec<String>>,
 }
 
 /// Creates the hub's own tables in the NDC. Idempotent, and safe when several hubs start at once.
@@ -143,11 +161,19 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
                  logged boolean NOT NULL DEFAULT false);
              CREATE INDEX IF NOT EXISTS quarantine_replayed ON dongbo.quarantine (replay_id) WHERE replay_id IS NOT NULL;
              -- Applied changes the fan-out log must leave out (the conflict rule kept another
-             -- agent's row; a national truncate), kept until the log holds their seqs, so a batch
+             -- agent's row; a national truncate before dongbo.removed_rows), kept until the log
+             -- holds their seqs, so a batch
              -- read again after a crash is logged without them.
              CREATE TABLE IF NOT EXISTS dongbo.unpublished (
                  stream text NOT NULL,
                  seq bigint NOT NULL,
+                 PRIMARY KEY (stream, seq));
+             -- The keys each national truncate removed, kept until the log holds its seq, so a
+             -- truncate applied before a crash but not logged is still published as its deletes.
+             CREATE TABLE IF NOT EXISTS dongbo.removed_rows (
+                 stream text NOT NULL,
+                 seq bigint NOT NULL,
+                 keys text[] NOT NULL,
                  PRIMARY KEY (stream, seq));
              CREATE INDEX IF NOT EXISTS quarantine_holds ON dongbo.quarantine (source_id, source_hold)
                  WHERE resolved_at IS NULL;
@@ -329,10 +355,9 @@ impl NdcApplier {
         self.logged_seq = seq;
     }
 
-    /// The events recorded for seqs in `after+1..=upto`, and the seqs there the log leaves out
-    /// (quarantined, or applied but not to be published): what a replay of already-applied changes
-    /// needs to log them.
-    pub async fn recorded(&self, after: u64, upto: u64) -> Result<(Vec<DomainEvent>, Vec<u64>), ApplyError> {
+    /// What the NDC recorded for seqs in `after+1..=upto`: what logging already-applied changes
+    /// again needs.
+    pub async fn recorded(&self, after: u64, upto: u64) -> Result<Recorded, ApplyError> {
         let (a, u) = (after as i64, upto as i64);
         let events = self
             .client
@@ -371,7 +396,17 @@ impl NdcApplier {
             )
             .map(|r| r.get::<_, i64>(0) as u64)
             .collect();
-        Ok((events, quarantined))
+        let removed = self
+            .client
+            .query(
+                "SELECT seq, keys FROM dongbo.removed_rows WHERE stream = $1 AND seq > $2 AND seq <= $3",
+                &[&self.stream, &a, &u],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<String>>(1)))
+            .collect();
+        Ok(Recorded { events, excluded: quarantined, removed })
     }
 
     /// The last seq durable in the NDC for this stream.
@@ -583,6 +618,7 @@ impl NdcApplier {
         };
         let mut used_stages = HashSet::new();
         let mut superseded = Superseded::new();
+        let mut removed = BTreeMap::new();
         if mode == Mode::OneByOne {
             let mut kept = Vec::with_capacity(accepted.len());
             for c in accepted {
@@ -598,9 +634,12 @@ impl NdcApplier {
                 plan.add(c);
                 let sp = txn.savepoint("dongbo_change").await?;
                 match execute(&sp, &plan, targets, &mut used_stages, None, &acl.id, Some(conflict)).await {
-                    Ok(lost) => {
+                    Ok(done) => {
                         sp.commit().await?;
-                        superseded.extend(lost);
+                        superseded.extend(done.superseded);
+                        if let Some(keys) = done.truncated.into_values().next() {
+                            removed.insert(c.seq, keys);
+                        }
                         kept.push(c);
                     }
                     Err(e) if e.code().is_some_and(|code| !sqlstate_is_transient(code.code())) => {
@@ -621,22 +660,29 @@ impl NdcApplier {
             let mut plan = Plan::default();
             accepted.iter().for_each(|c| plan.add(c));
             let direct = (mode == Mode::Direct).then_some(&*mixed);
-            superseded = execute(&txn, &plan, targets, &mut used_stages, direct, &acl.id, Some(conflict)).await?;
+            let done = execute(&txn, &plan, targets, &mut used_stages, direct, &acl.id, Some(conflict)).await?;
+            superseded = done.superseded;
+            removed = removed_by_truncates(&accepted, done.truncated);
         }
         // A change the conflict rule decided against is applied in effect (the rule kept the
         // other agent's row) but raises nothing and is not logged: subscribers see what the NDC
         // holds.
-        // A national truncate empties only this agent's rows, which a follower could not tell
-        // from the whole table: it is not logged either (the snapshot after it upserts every row).
         let superseded_seqs: Vec<u64> = accepted
             .iter()
             .filter(|c| c.table.national)
-            .filter(|c| {
-                c.op == Operation::Truncate
-                    || national_key(c).is_some_and(|k| superseded.contains(&(c.table.table.clone(), k)))
-            })
+            .filter(|c| national_key(c).is_some_and(|k| superseded.contains(&(c.table.table.clone(), k))))
             .map(|c| c.seq)
             .collect();
+        // A national truncate empties only this agent's rows, which a follower could not tell
+        // from the whole table: the log publishes it as a delete of each, from this record (which
+        // outlives a crash before the log append).
+        for (seq, keys) in &removed {
+            txn.execute(
+                "INSERT INTO dongbo.removed_rows (stream, seq, keys) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&*stream, &(*seq as i64), keys],
+            )
+            .await?;
+        }
         if !superseded_seqs.is_empty() {
             let seqs: Vec<i64> = superseded_seqs.iter().map(|&s| s as i64).collect();
             txn.execute(
@@ -673,7 +719,8 @@ impl NdcApplier {
         if *logged_seq > *pruned_seq {
             // Both in one statement: this runs after nearly every logged transaction.
             txn.execute(
-                "WITH events AS (DELETE FROM dongbo.event_outbox WHERE stream = $1 AND seq <= $2) \
+                "WITH events AS (DELETE FROM dongbo.event_outbox WHERE stream = $1 AND seq <= $2), \
+                 removed AS (DELETE FROM dongbo.removed_rows WHERE stream = $1 AND seq <= $2) \
                  DELETE FROM dongbo.unpublished WHERE stream = $1 AND seq <= $2",
                 &[&*stream, &(*logged_seq as i64)],
             )
@@ -702,6 +749,7 @@ impl NdcApplier {
             applied: n_applied as u64,
             quarantined: quarantine.iter().map(|q| q.original.seq).collect(),
             superseded: superseded_seqs,
+            removed,
             events: raised,
         })
     }
@@ -738,6 +786,61 @@ async fn held_rows(
 
 /// National rows (table, key) an upsert left to the agent that holds them, as the conflict rule said.
 type Superseded = HashSet<(TableId, String)>;
+
+/// What executing a plan did besides writing rows.
+#[derive(Debug, Default)]
+struct Executed {
+    superseded: Superseded,
+    /// National tables the plan truncated (of the agent's rows), with the keys the NDC removed.
+    truncated: HashMap<TableId, Vec<String>>,
+}
+
+/// For each truncate of a national table among `accepted` (in seq order), the keys of the agent's
+/// rows it removed as followers have seen them: the rows the NDC held before the run (`before`, what
+/// the plan's one delete returned; the plan skips the run's changes before a truncate) as the run's
+/// earlier changes left them, or for a later truncate of the run, the rows the changes since the one
+/// before it put there.
+fn removed_by_truncates(
+    accepted: &[&ChangeEvent],
+    mut before: HashMap<TableId, Vec<String>>,
+) -> BTreeMap<u64, Vec<String>> {
+    let mut live: HashMap<&TableId, BTreeSet<String>> = HashMap::new();
+    let mut removed = BTreeMap::new();
+    for c in accepted.iter().filter(|c| c.table.national) {
+        let rows = match live.entry(&c.table.table) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => match before.remove(&c.table.table) {
+                Some(held) => e.insert(held.into_iter().collect()),
+                None => continue,
+            },
+        };
+        change_live(rows, c, &mut removed);
+    }
+    removed
+}
+
+/// `c`'s effect on the set of the agent's rows of its national table.
+fn change_live(rows: &mut BTreeSet<String>, c: &ChangeEvent, removed: &mut BTreeMap<u64, Vec<String>>) {
+    let old_key = || c.key.first().and_then(pg_text);
+    match c.op {
+        Operation::Truncate => {
+            removed.insert(c.seq, std::mem::take(rows).into_iter().collect());
+        }
+        Operation::Delete => {
+            if let Some(k) = old_key() {
+                rows.remove(&k);
+            }
+        }
+        Operation::Insert | Operation::SnapshotRead | Operation::Update => {
+            if let Some(k) = old_key() {
+                rows.remove(&k);
+            }
+            if let Some(k) = national_key(c) {
+                rows.insert(k);
+            }
+        }
+    }
+}
 
 /// The key text of a national change's new row.
 fn national_key(c: &ChangeEvent) -> Option<String> {
@@ -855,14 +958,19 @@ async fn execute(
     direct_snapshot_copy: Option<&HashSet<TableId>>,
     agent: &str,
     conflict: Option<ConflictRule>,
-) -> Result<Superseded, tokio_postgres::Error> {
-    let mut superseded = Superseded::new();
+) -> Result<Executed, tokio_postgres::Error> {
+    let mut done = Executed::default();
     let scope: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&agent];
     for table in &plan.tables {
         let Some(target) = targets.get(&target_key(&table.schema)) else { continue };
         // A national table's statements are scoped to the agent's rows by `$1`.
         let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = if target.national { &scope } else { &[] };
-        if table.truncate {
+        if table.truncate && target.national {
+            // Which of the agent's rows went, so followers are told of each.
+            let sql = format!("{} RETURNING {}::text", target.truncate_sql(), target.key_columns[0]);
+            let keys = txn.query(sql.as_str(), params).await?.into_iter().map(|r| r.get::<_, String>(0)).collect();
+            done.truncated.insert(table.schema.table.clone(), keys);
+        } else if table.truncate {
             txn.execute(target.truncate_sql().as_str(), params).await?;
         }
         if table.schema.is_keyless() {
@@ -929,7 +1037,8 @@ async fn execute(
                         target = target.qualified
                     );
                     let kept = txn.query(&sql, params).await?;
-                    superseded.extend(kept.into_iter().map(|r| (table.schema.table.clone(), r.get::<_, String>(0))));
+                    done.superseded
+                        .extend(kept.into_iter().map(|r| (table.schema.table.clone(), r.get::<_, String>(0))));
                 }
                 continue;
             }
@@ -937,7 +1046,7 @@ async fn execute(
             txn.execute(target.upsert_sql_under(&present, conflict).as_str(), &[]).await?;
         }
     }
-    Ok(superseded)
+    Ok(done)
 }
 
 /// Applies a keyless table's changes in order: runs of inserts as one COPY, each update and delete
@@ -1020,4 +1129,45 @@ async fn copy_rows<'r>(
     }
     sink.finish().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn citizen(seq: u64, op: Operation, old: &str, new: Option<&str>) -> ChangeEvent {
+        let schema = &crate::dictionary::national::table("citizens").expect("the citizens table").schema;
+        let after = new.map(|id| {
+            let mut row = vec![Value::Null; schema.columns.len()];
+            row[0] = Value::Text(id.into());
+            row
+        });
+        let key = if old.is_empty() { Vec::new() } else { vec![Value::Text(old.into())] };
+        ChangeEvent::for_test(seq, schema, op, key, after)
+    }
+
+    #[test]
+    fn a_truncate_removes_what_followers_saw_the_agent_hold() {
+        let table = crate::dictionary::national::table("citizens").unwrap().schema.table.clone();
+        let changes = [
+            citizen(1, Operation::Insert, "c", Some("c")),
+            citizen(2, Operation::Delete, "a", None),
+            citizen(3, Operation::Update, "b", Some("b2")),
+            citizen(4, Operation::Truncate, "", None),
+            citizen(5, Operation::Insert, "d", Some("d")),
+            citizen(6, Operation::Truncate, "", None),
+            citizen(7, Operation::Truncate, "", None),
+            citizen(8, Operation::Insert, "e", Some("e")),
+        ];
+        let accepted: Vec<&ChangeEvent> = changes.iter().collect();
+        // The NDC held a, b and x before the run: the plan skips changes 1–3 and deletes those.
+        let before = HashMap::from([(table, vec!["a".to_string(), "b".into(), "x".into()])]);
+        let removed = removed_by_truncates(&accepted, before);
+        let keys = |seq: u64| removed[&seq].iter().map(String::as_str).collect::<Vec<_>>();
+        assert_eq!(keys(4), ["b2", "c", "x"], "as the changes before it left the rows");
+        assert_eq!(keys(6), ["d"], "only what the run put there since");
+        assert!(keys(7).is_empty());
+        assert_eq!(removed.len(), 3);
+        assert!(removed_by_truncates(&accepted[..3], HashMap::new()).is_empty(), "no truncate, nothing removed");
+    }
 }

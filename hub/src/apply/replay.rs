@@ -203,10 +203,11 @@ impl NdcApplier {
                     let mut plan = Plan::default();
                     plan.add(c);
                     match execute(&sp, &plan, targets, &mut used_stages, None, &acl.id, guard).await {
-                        Ok(lost) => {
+                        Ok(done) => {
                             sp.commit().await?;
                             let kept_elsewhere = c.op == Operation::Truncate && c.table.national
-                                || national_key(c).is_some_and(|k| lost.contains(&(c.table.table.clone(), k)));
+                                || national_key(c)
+                                    .is_some_and(|k| done.superseded.contains(&(c.table.table.clone(), k)));
                             if kept_elsewhere {
                                 superseded_seqs.push(p.seq);
                                 outcome.entries.push((p.seq, EntryOutcome::Superseded));

@@ -8,15 +8,19 @@
 //! offsets count up from 1; inside a chunk, items are its applied changes in seq order and then its
 //! events, so a position in the log is `(chunk, item)`, printed `chunk.item` as a resume token.
 //!
+//! A truncate of a national table empties only one agent's rows, so it is logged with the keys it
+//! removed (after the batches, one protobuf row of keys per such truncate) and read as a delete of
+//! each, in key order, sharing the truncate's seq and told apart by their `part`.
+//!
 //! Appending is idempotent per source: the source's last logged seq is written in the same atomic
 //! sled batch as the chunk, and a chunk only takes seqs above it. The ingest path appends after the
 //! NDC commit and before acknowledging the agent, so everything in the log is applied, and a hub
 //! that dies between the two logs the changes on the replay the missing acknowledgement causes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Operation, Value};
 use dongbo_connectors::segments::{Location, Segments, SEGMENT_BYTES};
 use dongbo_connectors::wire;
 use serde::{Deserialize, Serialize};
@@ -92,6 +96,10 @@ pub struct ChunkHeader {
     pub events: Vec<Arc<DomainEvent>>,
     /// When the chunk was logged, microseconds since the epoch.
     pub logged_at_us: i64,
+    /// National truncates read as deletes: each one's seq and how many keys it removed, in the
+    /// order their key rows follow the batches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<(u64, u32)>,
 }
 
 impl ChunkHeader {
@@ -109,6 +117,9 @@ pub enum Item {
         source_id: String,
         /// The change.
         change: ChangeEvent,
+        /// For a delete a national truncate is read as, which of its deletes (their event ids differ
+        /// by it).
+        part: Option<u32>,
         /// When it was logged.
         logged_at_us: i64,
     },
@@ -132,6 +143,8 @@ pub struct Append<'a> {
     pub batches: Vec<(&'a ChangeBatch, &'a [u8])>,
     /// Seqs of these batches that were not applied.
     pub excluded: Vec<u64>,
+    /// The keys each national truncate among them removed, by seq: logged as a delete of each.
+    pub removed: BTreeMap<u64, Vec<String>>,
     /// Events their changes raised (including events recovered from the outbox).
     pub events: Vec<DomainEvent>,
 }
@@ -340,12 +353,18 @@ impl FanoutLog {
             return Ok(logged);
         }
         let first_seq = logged + 1;
-        let n_changes = a
-            .batches
-            .iter()
-            .flat_map(|(b, _)| &b.changes)
-            .filter(|c| c.seq >= first_seq && !a.excluded.contains(&c.seq))
-            .count() as u32;
+        let logged_changes = || {
+            a.batches
+                .iter()
+                .flat_map(|(b, _)| &b.changes)
+                .filter(|c| c.seq >= first_seq && !a.excluded.contains(&c.seq))
+        };
+        let removed: Vec<(u64, &Vec<String>)> = logged_changes()
+            .filter(|c| c.op == Operation::Truncate)
+            .filter_map(|c| a.removed.get(&c.seq).map(|keys| (c.seq, keys)))
+            .collect();
+        let n_changes =
+            (logged_changes().count() - removed.len() + removed.iter().map(|(_, k)| k.len()).sum::<usize>()) as u32;
         let events: Vec<Arc<DomainEvent>> = a.events.into_iter().filter(|e| e.seq >= first_seq).map(Arc::new).collect();
         if n_changes == 0 && events.is_empty() {
             // Nothing a reader would see: only the stream's position moves.
@@ -361,11 +380,16 @@ impl FanoutLog {
             n_changes,
             events,
             logged_at_us: now_micros(),
+            removed: removed.iter().map(|(seq, keys)| (*seq, keys.len() as u32)).collect(),
         };
         let mut data = Vec::new();
-        for (_, raw) in &a.batches {
+        let key_rows = removed.iter().map(|(_, keys)| {
+            let values: Vec<Value> = keys.iter().map(|k| Value::Text(k.clone())).collect();
+            wire::encode_values(&values)
+        });
+        for raw in a.batches.iter().map(|(_, raw)| std::borrow::Cow::Borrowed(*raw)).chain(key_rows.map(Into::into)) {
             data.extend_from_slice(&(raw.len() as u32).to_be_bytes());
-            data.extend_from_slice(raw);
+            data.extend_from_slice(&raw);
         }
         let mut payload = serde_json::to_vec(&header).expect("headers serialise");
         let header_len = payload.len() as u32;
@@ -460,13 +484,10 @@ impl FanoutLog {
                 examined += 1;
                 if i < h.n_changes {
                     if changes {
+                        let (part, change) = decoded[i as usize].clone();
                         out.push((
                             at,
-                            Item::Change {
-                                source_id: h.source_id.clone(),
-                                change: decoded[i as usize].clone(),
-                                logged_at_us: h.logged_at_us,
-                            },
+                            Item::Change { source_id: h.source_id.clone(), change, part, logged_at_us: h.logged_at_us },
                         ));
                     }
                 } else {
@@ -481,25 +502,51 @@ impl FanoutLog {
         Ok((out, at))
     }
 
-    fn changes_of(&self, offset: u64, h: &ChunkHeader) -> Result<Vec<ChangeEvent>, LogError> {
-        let entry = self.entry(offset)?.ok_or_else(|| LogError::Corrupt(offset, "no index entry".into()))?;
+    fn changes_of(&self, offset: u64, h: &ChunkHeader) -> Result<Vec<(Option<u32>, ChangeEvent)>, LogError> {
+        let corrupt = |what: String| LogError::Corrupt(offset, what);
+        let entry = self.entry(offset)?.ok_or_else(|| corrupt("no index entry".into()))?;
         let data = self.read_at(entry.data())?;
-        let mut out = Vec::with_capacity(h.n_changes as usize);
+        let mut entries = Vec::new();
         let mut rest: &[u8] = &data;
         while rest.len() >= 4 {
             let n = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-            let raw = rest.get(4..4 + n).ok_or_else(|| LogError::Corrupt(offset, "truncated batch".into()))?;
+            entries.push(rest.get(4..4 + n).ok_or_else(|| corrupt("truncated batch".into()))?);
             rest = &rest[4 + n..];
-            let batch = wire::decode_batch(raw).map_err(|e| LogError::Corrupt(offset, e.to_string()))?;
-            out.extend(
-                batch
-                    .changes
-                    .into_iter()
-                    .filter(|c| c.seq >= h.first_seq && c.seq <= h.last_seq && !h.excluded.contains(&c.seq)),
-            );
+        }
+        let batches = entries.len().checked_sub(h.removed.len()).ok_or_else(|| corrupt("missing key rows".into()))?;
+        let mut removed: HashMap<u64, Vec<Value>> = HashMap::new();
+        for (&(seq, count), raw) in h.removed.iter().zip(&entries[batches..]) {
+            let keys = wire::decode_row(raw).map_err(|e| corrupt(e.to_string()))?;
+            if keys.len() != count as usize {
+                return Err(corrupt(format!("truncate {seq} removed {} keys, header says {count}", keys.len())));
+            }
+            removed.insert(seq, keys);
+        }
+        let mut out = Vec::with_capacity(h.n_changes as usize);
+        for raw in &entries[..batches] {
+            let batch = wire::decode_batch(raw).map_err(|e| corrupt(e.to_string()))?;
+            let logged = batch
+                .changes
+                .into_iter()
+                .filter(|c| c.seq >= h.first_seq && c.seq <= h.last_seq && !h.excluded.contains(&c.seq));
+            for c in logged {
+                match removed.remove(&c.seq).filter(|_| c.op == Operation::Truncate) {
+                    Some(keys) => out.extend(keys.into_iter().enumerate().map(|(n, key)| {
+                        let delete = ChangeEvent {
+                            op: Operation::Delete,
+                            key: vec![key],
+                            before: None,
+                            after: None,
+                            ..c.clone()
+                        };
+                        (Some(n as u32), delete)
+                    })),
+                    None => out.push((None, c)),
+                }
+            }
         }
         if out.len() != h.n_changes as usize {
-            return Err(LogError::Corrupt(offset, format!("{} changes, header says {}", out.len(), h.n_changes)));
+            return Err(corrupt(format!("{} changes, header says {}", out.len(), h.n_changes)));
         }
         Ok(out)
     }
@@ -588,6 +635,7 @@ mod tests {
             n_changes: 0,
             events: (0..events).map(|_| Arc::new(e.clone())).collect(),
             logged_at_us: 0,
+            removed: vec![],
         })
     }
 
@@ -675,6 +723,7 @@ mod tests {
             next_offset: None,
             batches: borrowed(batches),
             excluded,
+            removed: BTreeMap::new(),
             events,
             upto: 0,
         };
@@ -721,6 +770,7 @@ mod tests {
             next_offset: Some(next_offset),
             batches: borrowed(batches),
             excluded: vec![],
+            removed: BTreeMap::new(),
             events,
             upto,
         };
@@ -732,6 +782,56 @@ mod tests {
         assert_eq!(log.append(p(again, vec![], 14, 0)).await.unwrap(), 8);
         assert_eq!(log.logged_position("s@t/0").unwrap(), Some((8, Some(14))));
         assert_eq!(log.logged_seq("s").unwrap(), Some(5), "streams are apart");
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_truncate_logged_with_its_removed_keys_reads_as_a_delete_of_each() {
+        let dir = std::env::temp_dir().join(format!("dongbo-log-truncate-{}", rand_suffix()));
+        let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap(), &dir.join("segments")).unwrap();
+        let (mut b, _) = batch("s", 1..=3);
+        b.changes[1].op = Operation::Truncate;
+        b.changes[1].key.clear();
+        b.changes[1].after = None;
+        let raw = wire::encode_batch(&b);
+        let removed =
+            BTreeMap::from([(2, vec!["k1".to_string(), "k2".into()]), (9, vec!["not in these batches".into()])]);
+        let append = Append {
+            source_id: "s",
+            stream: "s",
+            next_offset: None,
+            batches: vec![(&b, raw.as_slice())],
+            excluded: vec![],
+            removed,
+            events: vec![event(2)],
+            upto: 0,
+        };
+        assert_eq!(log.append(append).await.unwrap(), 3);
+        let read = |log: &FanoutLog| {
+            let (items, _) = log.read(Cursor { chunk: 1, item: 0 }, 100, true).unwrap();
+            items
+                .into_iter()
+                .map(|(_, i)| match i {
+                    Item::Change { change, part, .. } => {
+                        format!("{:?} {} {part:?} {:?}", change.op, change.seq, change.key)
+                    }
+                    Item::Event(e) => format!("event {}", e.seq),
+                })
+                .collect::<Vec<_>>()
+        };
+        let expected = [
+            "Insert 1 None [Text(\"000000000001\")]",
+            "Delete 2 Some(0) [Text(\"k1\")]",
+            "Delete 2 Some(1) [Text(\"k2\")]",
+            "Insert 3 None [Text(\"000000000003\")]",
+            "event 2",
+        ];
+        assert_eq!(read(&log), expected);
+        // Read from disk, not the header cache: the same.
+        drop(log);
+        let log = FanoutLog::open(reopen(&dir), &dir.join("segments")).unwrap();
+        assert_eq!(read(&log), expected);
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }

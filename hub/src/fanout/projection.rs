@@ -115,7 +115,7 @@ impl Subscription {
                     vec![("event_id", Json::String(e.event_id.clone())), ("event", Json::String(e.event.clone()))];
                 (e.event.clone(), std::borrow::Cow::Borrowed(&e.payload), e.citizen_id.clone(), envelope)
             }
-            Item::Change { source_id, change, .. } => {
+            Item::Change { source_id, change, part, .. } => {
                 let table = change.table.table.to_string();
                 let column = &self.citizen_columns.iter().find(|(t, _)| *t == table)?.1;
                 let data = change_data(change);
@@ -125,7 +125,14 @@ impl Subscription {
                     None => String::new(),
                 };
                 let envelope = vec![
-                    ("event_id", Json::String(format!("{source_id}:{}", change.seq))),
+                    // The deletes one national truncate is read as share its seq.
+                    (
+                        "event_id",
+                        Json::String(match part {
+                            Some(n) => format!("{source_id}:{}.{n}", change.seq),
+                            None => format!("{source_id}:{}", change.seq),
+                        }),
+                    ),
                     ("table", Json::String(table.clone())),
                     ("op", Json::String(op_name(change.op).into())),
                 ];
@@ -280,7 +287,7 @@ mod tests {
             text("forged.table"),
         ];
         let change = ChangeEvent::for_test(42, &schema, Operation::Update, vec![text("079090001234")], Some(row));
-        let item = Item::Change { source_id: "hcm".into(), change, logged_at_us: 0 };
+        let item = Item::Change { source_id: "hcm".into(), change, part: None, logged_at_us: 0 };
         let out = sub.project(Cursor::default(), &item).expect("followed");
         assert_eq!(
             Json::Object(out.body.clone()),

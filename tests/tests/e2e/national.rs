@@ -682,3 +682,68 @@ async fn a_change_the_conflict_rule_kept_out_stays_unpublished_when_the_hub_dies
     assert_eq!(national(&ndc).await?["001080000009"][0], "Phạm Văn Xuân");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_national_truncate_reaches_followers_as_a_delete_of_each_row_it_removed_even_when_the_hub_dies_before_logging_it(
+) -> anyhow::Result<()> {
+    let (mut d, _hn, hcm) = hanoi_holds_x("national-truncate").await?;
+    hcm.batch_execute(
+        "INSERT INTO nhan_khau VALUES ('079090000051', 'Hồ Văn Một', '01/03/1990', 'Nam', '26740', NULL, NULL),
+                                      ('079090000052', 'Hồ Văn Hai', '01/04/1990', 'Nam', '26740', NULL, NULL);",
+    )
+    .await?;
+    let config = hub_toml(pg::free_port());
+    d.start_hub_with(&config).await?;
+    let ndc = d.ndc().await?;
+    let _hanoi = start_hanoi_agent(&d)?;
+    wait_until("Hà Nội's citizen", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await.unwrap_or_default().contains_key("001080000009"))
+    })
+    .await?;
+    d.start_agent()?;
+    wait_until("Hồ Chí Minh City's snapshot", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await?.contains_key("079090000052"))
+    })
+    .await?;
+
+    // The province empties its table; the hub dies after the NDC removed that province's rows and
+    // before its fan-out log holds the truncate, so the next hub logs it from what the NDC kept.
+    d.hub.as_mut().context("hub")?.kill9();
+    d.hub_env = vec![("DONGBO_FAULT".into(), "hub-applied-not-logged".into())];
+    d.start_hub_with(&config).await?;
+    hcm.batch_execute("TRUNCATE nhan_khau").await?;
+    let status = d.hub.as_mut().context("hub")?.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "the fault point did not fire");
+    let left: Vec<String> = national(&ndc).await?.into_keys().collect();
+    assert_eq!(left, ["001080000009"], "only Hồ Chí Minh City's rows went, before the hub died");
+    d.hub_env.clear();
+    d.start_hub_with(&config).await?;
+    hcm.batch_execute(
+        "INSERT INTO nhan_khau VALUES ('079090000053', 'Hồ Văn Ba', '01/05/1990', 'Nam', '26740', NULL, NULL)",
+    )
+    .await?;
+
+    let url = format!("http://127.0.0.1:{}", d.hub_port);
+    let mut moet = Subscription::open(&url, MOET_TOKEN, "moet-citizens", None, 64).await?;
+    let mut rows = Vec::new();
+    while !rows.iter().any(|r: &dongbo_subscribers::Received| r.body["citizen_id"] == "079090000053") {
+        rows.extend(collect(&mut moet, 1, Duration::from_secs(30)).await?);
+    }
+    let deletes: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.body["op"] == "delete")
+        .map(|r| (r.body["citizen_id"].as_str().unwrap_or("?"), r.event_id.as_str()))
+        .collect();
+    assert_eq!(
+        deletes.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        ["079090000051", "079090000052"],
+        "one delete per row the truncate removed, once, and none of Hà Nội's: {rows:?}"
+    );
+    let ids: HashSet<&str> = deletes.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids.len(), 2, "each delete has its own event id: {deletes:?}");
+    assert!(deletes.iter().all(|(_, id)| id.starts_with("hcm-population:")), "{deletes:?}");
+    assert!(!rows.iter().any(|r| r.body["op"] == "truncate"), "no bare truncate of the whole table: {rows:?}");
+    let held: Vec<String> = national(&ndc).await?.into_keys().collect();
+    assert_eq!(held, ["001080000009", "079090000053"]);
+    Ok(())
+}
