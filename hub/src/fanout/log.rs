@@ -10,7 +10,9 @@
 //!
 //! A truncate of a national table empties only one agent's rows, so it is logged with the keys it
 //! removed (after the batches, one protobuf row of keys per such truncate) and read as a delete of
-//! each, in key order, sharing the truncate's seq and told apart by their `part`.
+//! each, in key order, sharing the truncate's seq and told apart by their `part`. The keys are kept
+//! [`KEYS_PER_ROW`] to a row, and a read opens only the rows of the items it returns, so paging
+//! through the truncate of a whole province costs each page its own keys, not the province's.
 //!
 //! Appending is idempotent per source: the source's last logged seq is written in the same atomic
 //! sled batch as the chunk, and a chunk only takes seqs above it. The ingest path appends after the
@@ -148,6 +150,9 @@ pub struct Append<'a> {
     /// Events their changes raised (including events recovered from the outbox).
     pub events: Vec<DomainEvent>,
 }
+
+/// Keys of a national truncate per stored row (see the module doc).
+pub const KEYS_PER_ROW: usize = 10_000;
 
 /// Index entries, by chunk offset.
 const INDEX: u8 = b'i';
@@ -383,7 +388,7 @@ impl FanoutLog {
             removed: removed.iter().map(|(seq, keys)| (*seq, keys.len() as u32)).collect(),
         };
         let mut data = Vec::new();
-        let key_rows = removed.iter().map(|(_, keys)| {
+        let key_rows = removed.iter().flat_map(|(_, keys)| keys.chunks(KEYS_PER_ROW)).map(|keys| {
             let values: Vec<Value> = keys.iter().map(|k| Value::Text(k.clone())).collect();
             wire::encode_values(&values)
         });
@@ -477,14 +482,17 @@ impl FanoutLog {
                 at = Cursor { chunk: at.chunk + 1, item: 0 };
                 continue;
             };
-            let decoded = if changes && at.item < h.n_changes { self.changes_of(at.chunk, &h)? } else { Vec::new() };
+            // Only the changes this call returns are decoded.
+            let want = at.item..h.n_changes.min(at.item.saturating_add((max - out.len()) as u32));
+            let first = want.start;
+            let decoded = if changes && !want.is_empty() { self.changes_of(at.chunk, &h, want)? } else { Vec::new() };
             while at.item < h.items() && out.len() < max {
                 let i = at.item;
                 at.item += 1;
                 examined += 1;
                 if i < h.n_changes {
                     if changes {
-                        let (part, change) = decoded[i as usize].clone();
+                        let (part, change) = decoded[(i - first) as usize].clone();
                         out.push((
                             at,
                             Item::Change { source_id: h.source_id.clone(), change, part, logged_at_us: h.logged_at_us },
@@ -502,7 +510,14 @@ impl FanoutLog {
         Ok((out, at))
     }
 
-    fn changes_of(&self, offset: u64, h: &ChunkHeader) -> Result<Vec<(Option<u32>, ChangeEvent)>, LogError> {
+    /// The chunk's changes with item numbers in `want` (deletes a national truncate is read as
+    /// counted one each), with their part.
+    fn changes_of(
+        &self,
+        offset: u64,
+        h: &ChunkHeader,
+        want: std::ops::Range<u32>,
+    ) -> Result<Vec<(Option<u32>, ChangeEvent)>, LogError> {
         let corrupt = |what: String| LogError::Corrupt(offset, what);
         let entry = self.entry(offset)?.ok_or_else(|| corrupt("no index entry".into()))?;
         let data = self.read_at(entry.data())?;
@@ -513,40 +528,58 @@ impl FanoutLog {
             entries.push(rest.get(4..4 + n).ok_or_else(|| corrupt("truncated batch".into()))?);
             rest = &rest[4 + n..];
         }
-        let batches = entries.len().checked_sub(h.removed.len()).ok_or_else(|| corrupt("missing key rows".into()))?;
-        let mut removed: HashMap<u64, Vec<Value>> = HashMap::new();
-        for (&(seq, count), raw) in h.removed.iter().zip(&entries[batches..]) {
-            let keys = wire::decode_row(raw).map_err(|e| corrupt(e.to_string()))?;
-            if keys.len() != count as usize {
-                return Err(corrupt(format!("truncate {seq} removed {} keys, header says {count}", keys.len())));
-            }
-            removed.insert(seq, keys);
+        // Each truncate's count of keys and its first key row.
+        let mut truncates: HashMap<u64, (u32, usize)> = HashMap::new();
+        let mut key_rows = 0;
+        for &(seq, count) in &h.removed {
+            truncates.insert(seq, (count, key_rows));
+            key_rows += (count as usize).div_ceil(KEYS_PER_ROW);
         }
-        let mut out = Vec::with_capacity(h.n_changes as usize);
-        for raw in &entries[..batches] {
+        let batches = entries.len().checked_sub(key_rows).ok_or_else(|| corrupt("missing key rows".into()))?;
+        let (key_entries, batch_entries) = (&entries[batches..], &entries[..batches]);
+        let mut opened: HashMap<usize, Vec<Value>> = HashMap::new();
+        let mut out = Vec::with_capacity(want.len());
+        let mut item = 0u32;
+        'batches: for raw in batch_entries {
             let batch = wire::decode_batch(raw).map_err(|e| corrupt(e.to_string()))?;
             let logged = batch
                 .changes
                 .into_iter()
                 .filter(|c| c.seq >= h.first_seq && c.seq <= h.last_seq && !h.excluded.contains(&c.seq));
             for c in logged {
-                match removed.remove(&c.seq).filter(|_| c.op == Operation::Truncate) {
-                    Some(keys) => out.extend(keys.into_iter().enumerate().map(|(n, key)| {
-                        let delete = ChangeEvent {
-                            op: Operation::Delete,
-                            key: vec![key],
-                            before: None,
-                            after: None,
-                            ..c.clone()
-                        };
-                        (Some(n as u32), delete)
-                    })),
-                    None => out.push((None, c)),
+                if item >= want.end {
+                    break 'batches;
                 }
+                let Some(&(count, first_row)) = truncates.get(&c.seq).filter(|_| c.op == Operation::Truncate) else {
+                    if item >= want.start {
+                        out.push((None, c));
+                    }
+                    item += 1;
+                    continue;
+                };
+                let parts = want.start.saturating_sub(item).min(count)..(want.end - item).min(count);
+                for part in parts {
+                    let row = first_row + part as usize / KEYS_PER_ROW;
+                    let keys = match opened.entry(row) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let raw = key_entries.get(row).ok_or_else(|| corrupt(format!("no key row {row}")))?;
+                            e.insert(wire::decode_row(raw).map_err(|e| corrupt(e.to_string()))?)
+                        }
+                    };
+                    let key = keys
+                        .get(part as usize % KEYS_PER_ROW)
+                        .cloned()
+                        .ok_or_else(|| corrupt(format!("truncate {} has no key {part}", c.seq)))?;
+                    let delete =
+                        ChangeEvent { op: Operation::Delete, key: vec![key], before: None, after: None, ..c.clone() };
+                    out.push((Some(part), delete));
+                }
+                item += count;
             }
         }
-        if out.len() != h.n_changes as usize {
-            return Err(corrupt(format!("{} changes, header says {}", out.len(), h.n_changes)));
+        if out.len() != want.len() {
+            return Err(corrupt(format!("{} of changes {want:?} found, header says {}", out.len(), h.n_changes)));
         }
         Ok(out)
     }
@@ -832,6 +865,45 @@ mod tests {
         drop(log);
         let log = FanoutLog::open(reopen(&dir), &dir.join("segments")).unwrap();
         assert_eq!(read(&log), expected);
+
+        // A truncate of more keys than a row holds, read a page at a time from anywhere.
+        let (mut b, _) = batch("s", 4..=5);
+        b.changes[0].op = Operation::Truncate;
+        b.changes[0].key.clear();
+        b.changes[0].after = None;
+        let raw = wire::encode_batch(&b);
+        let n = 2 * KEYS_PER_ROW + 3;
+        let keys: Vec<String> = (0..n).map(|i| format!("{i:012}")).collect();
+        let append = Append {
+            source_id: "s",
+            stream: "s",
+            next_offset: None,
+            batches: vec![(&b, raw.as_slice())],
+            excluded: vec![],
+            removed: BTreeMap::from([(4, keys.clone())]),
+            events: vec![],
+            upto: 0,
+        };
+        assert_eq!(log.append(append).await.unwrap(), 5);
+        let mut at = Cursor { chunk: 2, item: 0 };
+        let mut got = Vec::new();
+        while at.chunk < 3 {
+            let (page, next) = log.read(at, 997, true).unwrap();
+            got.extend(page.into_iter().map(|(_, i)| match i {
+                Item::Change { change, part, .. } => (change.seq, part, change.key),
+                Item::Event(_) => unreachable!("no events"),
+            }));
+            at = next;
+        }
+        assert_eq!(got.len(), n + 1);
+        for (i, (seq, part, key)) in got[..n].iter().enumerate() {
+            assert_eq!((*seq, *part, key), (4, Some(i as u32), &vec![Value::Text(keys[i].clone())]));
+        }
+        assert_eq!((got[n].0, got[n].1), (5, None));
+        let (page, _) = log.read(Cursor { chunk: 2, item: KEYS_PER_ROW as u32 - 1 }, 2, true).unwrap();
+        let parts: Vec<_> =
+            page.iter().map(|(c, i)| (c.item, matches!(i, Item::Change { part: Some(_), .. }))).collect();
+        assert_eq!(parts, [(KEYS_PER_ROW as u32, true), (KEYS_PER_ROW as u32 + 1, true)], "across two key rows");
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
