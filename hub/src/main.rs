@@ -268,6 +268,30 @@ enum QuarantineAction {
         #[arg(long, required = true)]
         why: String,
     },
+    /// List Kafka messages that were not change batches (they cannot be replayed).
+    Messages {
+        /// The partition's stream, `<topic>/<partition>`.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Dropped ones too.
+        #[arg(long)]
+        resolved: bool,
+    },
+    /// Drop quarantined Kafka messages, resolved with your reason.
+    DropMessages {
+        /// The partition's stream, `<topic>/<partition>`.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only these offsets of the stream (repeat the flag).
+        #[arg(long = "offset")]
+        offsets: Vec<i64>,
+        /// Every unresolved one.
+        #[arg(long)]
+        all: bool,
+        /// Why, recorded with each message.
+        #[arg(long, required = true)]
+        why: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -527,6 +551,34 @@ async fn quarantine_command(admin: &AdminArgs, action: QuarantineAction) -> anyh
                 serde_json::from_str(&text).context("the hub's answer is not a list of entries")?;
             for e in &dropped {
                 println!("dropped {} seq {} ({})", e.agent, e.seq, e.rule);
+            }
+            println!("{} dropped", dropped.len());
+            Ok(())
+        }
+        QuarantineAction::Messages { stream, resolved } => {
+            let mut pairs = vec![("resolved", resolved.to_string())];
+            pairs.extend(stream.map(|s| ("stream", s)));
+            let path = format!("/quarantine/messages?{}", serde_urlencoded::to_string(&pairs)?);
+            let text = admin_request(admin, reqwest::Method::GET, &path, None).await?;
+            let messages: Vec<dongbo_hub::quarantine::Message> =
+                serde_json::from_str(&text).context("the hub's answer is not a list of messages")?;
+            println!("{:<40} {:>10} {:>8} {:<10} REASON", "STREAM", "OFFSET", "BYTES", "STATE");
+            for m in &messages {
+                let state = if m.resolved_at.is_some() { "dropped" } else { "waiting" };
+                let bytes = m.payload_bytes.map_or("-".to_string(), |b| b.to_string());
+                println!("{:<40} {:>10} {bytes:>8} {state:<10} {}", m.stream, m.offset, m.reason);
+            }
+            println!("{} message{}", messages.len(), if messages.len() == 1 { "" } else { "s" });
+            Ok(())
+        }
+        QuarantineAction::DropMessages { stream, offsets, all, why } => {
+            let filter = dongbo_hub::quarantine::MessageFilter { stream, offsets, resolved: false, all };
+            let body = serde_json::to_vec(&serde_json::json!({ "filter": filter, "reason": why }))?;
+            let text = admin_request(admin, reqwest::Method::POST, "/quarantine/messages/drop", Some(body)).await?;
+            let dropped: Vec<dongbo_hub::quarantine::Message> =
+                serde_json::from_str(&text).context("the hub's answer is not a list of messages")?;
+            for m in &dropped {
+                println!("dropped {} offset {}", m.stream, m.offset);
             }
             println!("{} dropped", dropped.len());
             Ok(())

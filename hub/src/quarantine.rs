@@ -20,6 +20,11 @@
 //!   seqs, a filter text or a drop reason over [`MAX_FILTER_TEXT`] bytes, seqs without their agent,
 //!   `resolved` on a replay or a drop. Filter values reach SQL only as parameters; reason words
 //!   match as plain text (`strpos`), never as a pattern.
+//! - Kafka messages that were not change batches at all (`dongbo.stream_quarantine`: no agent's
+//!   seq, nothing to map) are listed by [`list_messages`] and dropped with a reason by
+//!   [`drop_messages`], under the same limits. They cannot be replayed: a message the hub could not
+//!   decode holds no change it could apply in order with the partition's later ones; the agent's
+//!   spool still has what it meant to send, and a resnapshot repairs the rest.
 
 use std::collections::BTreeMap;
 
@@ -271,12 +276,7 @@ pub async fn drop_entries(
     reason: &str,
 ) -> Result<Vec<Entry>, QuarantineError> {
     filter.check(true)?;
-    if reason.trim().is_empty() {
-        return Err(QuarantineError::Refused("a drop needs a reason, recorded with the entry".into()));
-    }
-    if reason.len() > MAX_FILTER_TEXT {
-        return Err(QuarantineError::Refused(format!("a drop's reason is over {MAX_FILTER_TEXT} bytes")));
-    }
+    check_drop_reason(reason)?;
     let chosen = select(client, filter, MAX_ENTRIES).await?;
     let mut dropped = Vec::new();
     let mut by_agent: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
@@ -299,6 +299,17 @@ pub async fn drop_entries(
         dropped.extend(rows.iter().map(entry));
     }
     Ok(dropped)
+}
+
+/// A drop's reason: not blank, at most [`MAX_FILTER_TEXT`] bytes.
+fn check_drop_reason(reason: &str) -> Result<(), QuarantineError> {
+    if reason.trim().is_empty() {
+        return Err(QuarantineError::Refused("a drop needs a reason, recorded with the entry".into()));
+    }
+    if reason.len() > MAX_FILTER_TEXT {
+        return Err(QuarantineError::Refused(format!("a drop's reason is over {MAX_FILTER_TEXT} bytes")));
+    }
+    Ok(())
 }
 
 /// What a replay did, per entry.
@@ -451,4 +462,131 @@ pub async fn log_replays(client: &Client, log: &FanoutLog) -> Result<usize, Quar
         info!(source_id, replay_id, "replayed changes logged for fan-out");
     }
     Ok(pending.len())
+}
+/// Which quarantined Kafka messages a call is about.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageFilter {
+    /// The partition's stream, `<topic>/<partition>`.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// These offsets of the stream only.
+    #[serde(default)]
+    pub offsets: Vec<i64>,
+    /// Resolved messages too (listing only).
+    #[serde(default)]
+    pub resolved: bool,
+    /// Every message, when nothing else narrows a drop.
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl MessageFilter {
+    fn check(&self, changing: bool) -> Result<(), QuarantineError> {
+        if self.offsets.len() > MAX_ENTRIES {
+            return Err(QuarantineError::Refused(format!(
+                "{} offsets named; one call takes at most {MAX_ENTRIES}",
+                self.offsets.len()
+            )));
+        }
+        if self.stream.as_ref().is_some_and(|t| t.len() > MAX_FILTER_TEXT) {
+            return Err(QuarantineError::Refused(format!("the stream filter is over {MAX_FILTER_TEXT} bytes")));
+        }
+        if !self.offsets.is_empty() && self.stream.is_none() {
+            return Err(QuarantineError::Refused("offsets are a stream's: name the stream too".into()));
+        }
+        if changing && self.stream.is_none() && !self.all {
+            return Err(QuarantineError::Refused("say which messages (stream, offsets), or `all`".into()));
+        }
+        if changing && self.resolved {
+            return Err(QuarantineError::Refused("a resolved message cannot be dropped again".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A Kafka message quarantined because it was not a change batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    /// `<topic>/<partition>`.
+    pub stream: String,
+    /// Its offset.
+    pub offset: i64,
+    /// Why it was refused.
+    pub reason: String,
+    /// Its key, hex.
+    pub key: Option<String>,
+    /// Bytes of its value (the value itself stays in the NDC).
+    pub payload_bytes: Option<i32>,
+    /// When it was quarantined (RFC 3339).
+    pub quarantined_at: String,
+    /// When it was dropped, if it was.
+    pub resolved_at: Option<String>,
+    /// The operator who dropped it.
+    pub resolved_by: Option<String>,
+    /// The reason they gave.
+    pub resolution_note: Option<String>,
+}
+
+const MESSAGE_COLUMNS: &str = "stream, kafka_offset, reason, encode(message_key, 'hex'), octet_length(payload), \
+     (extract(epoch FROM quarantined_at) * 1000000)::int8, (extract(epoch FROM resolved_at) * 1000000)::int8, \
+     resolved_by, resolution_note";
+
+fn message(r: &tokio_postgres::Row) -> Message {
+    Message {
+        stream: r.get(0),
+        offset: r.get(1),
+        reason: r.get(2),
+        key: r.get(3),
+        payload_bytes: r.get(4),
+        quarantined_at: rfc3339_micros(r.get(5)),
+        resolved_at: r.get::<_, Option<i64>>(6).map(rfc3339_micros),
+        resolved_by: r.get(7),
+        resolution_note: r.get(8),
+    }
+}
+
+/// The quarantined Kafka messages `filter` selects, by stream and offset, at most [`MAX_ENTRIES`].
+pub async fn list_messages(client: &Client, filter: &MessageFilter) -> Result<Vec<Message>, QuarantineError> {
+    filter.check(false)?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {MESSAGE_COLUMNS} FROM dongbo.stream_quarantine WHERE ($1::text IS NULL OR stream = $1) \
+                 AND (cardinality($2::int8[]) = 0 OR kafka_offset = ANY($2)) AND ($3 OR resolved_at IS NULL) \
+                 ORDER BY stream, kafka_offset LIMIT $4"
+            ),
+            &[&filter.stream, &filter.offsets, &filter.resolved, &(MAX_ENTRIES as i64)],
+        )
+        .await?;
+    Ok(rows.iter().map(message).collect())
+}
+
+/// Drops the unresolved messages `filter` selects, recording `operator` and `reason`; returns them.
+pub async fn drop_messages(
+    client: &Client,
+    filter: &MessageFilter,
+    operator: &str,
+    reason: &str,
+) -> Result<Vec<Message>, QuarantineError> {
+    filter.check(true)?;
+    check_drop_reason(reason)?;
+    let rows = client
+        .query(
+            &format!(
+                "WITH chosen AS (SELECT stream, kafka_offset FROM dongbo.stream_quarantine \
+                 WHERE ($1::text IS NULL OR stream = $1) AND (cardinality($2::int8[]) = 0 OR kafka_offset = ANY($2)) \
+                 AND resolved_at IS NULL ORDER BY stream, kafka_offset LIMIT $5) \
+                 UPDATE dongbo.stream_quarantine q SET resolved_at = now(), resolved_by = $3, resolution_note = $4 \
+                 FROM chosen WHERE q.stream = chosen.stream AND q.kafka_offset = chosen.kafka_offset AND q.resolved_at IS NULL \
+                 RETURNING {}",
+                MESSAGE_COLUMNS.replace("stream, kafka_offset", "q.stream, q.kafka_offset")
+            ),
+            &[&filter.stream, &filter.offsets, &operator, &reason, &(MAX_ENTRIES as i64)],
+        )
+        .await?;
+    info!(operator, dropped = rows.len(), reason, "quarantined Kafka messages dropped");
+    let mut dropped: Vec<Message> = rows.iter().map(message).collect();
+    dropped.sort_by(|a, b| (&a.stream, a.offset).cmp(&(&b.stream, b.offset)));
+    Ok(dropped)
 }

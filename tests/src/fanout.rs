@@ -262,3 +262,14 @@ pub async fn start_with_failing_webhook(d: &mut crate::Deployment) -> anyhow::Re
     d.wait_same("citizens", "citizen_id", Duration::from_secs(60)).await?;
     Ok(FailingWebhook { receiver, admin_port })
 }
+
+/// Runs `dongbo-hub quarantine ARGS` against the admin API on `admin_port`; its success and output.
+pub fn quarantine_cli(admin_port: u16, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = std::process::Command::new(crate::procs::binary("dongbo-hub")?)
+        .args(["quarantine", "--admin", &format!("http://127.0.0.1:{admin_port}")])
+        .args(args)
+        .env("DONGBO_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), text))
+}

@@ -23,6 +23,8 @@
 //! | GET | `/quarantine/{agent}/{seq}` | one, with its change |
 //! | POST | `/quarantine/replay` | replay those a JSON filter selects: `{"entries": […], "more": …}` (role `admin`) |
 //! | POST | `/quarantine/drop` | drop them, `{"filter": …, "reason": …}` (role `admin`) |
+//! | GET | `/quarantine/messages?stream=&resolved=` | Kafka messages that were not change batches |
+//! | POST | `/quarantine/messages/drop` | drop them, `{"filter": …, "reason": …}` (role `admin`) |
 //!
 //! The audit calls share one NDC connection, one call at a time: however many operators (or one
 //! operator's script) ask at once, the API holds one NDC session beside the hub's appliers.
@@ -339,6 +341,44 @@ async fn quarantine_drop(State(s): State<AppState>, op: Changer, body: axum::bod
     }
 }
 
+async fn messages_list(
+    State(s): State<AppState>,
+    _: Reader,
+    axum::extract::Query(filter): axum::extract::Query<quarantine::MessageFilter>,
+) -> Response {
+    let client = match s.audit_session().await {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, vec![e]),
+    };
+    match quarantine::list_messages(&client, &filter).await {
+        Ok(messages) => Json(messages).into_response(),
+        Err(e) => quarantine_error(e),
+    }
+}
+
+/// What `/quarantine/messages/drop` takes.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageDropRequest {
+    filter: quarantine::MessageFilter,
+    reason: String,
+}
+
+async fn messages_drop(State(s): State<AppState>, op: Changer, body: axum::body::Bytes) -> Response {
+    let req: MessageDropRequest = match json_body(&body, "the drop request") {
+        Ok(r) => r,
+        Err(p) => return error(StatusCode::BAD_REQUEST, vec![p]),
+    };
+    let client = match s.audit_session().await {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, vec![e]),
+    };
+    match quarantine::drop_messages(&client, &req.filter, &op.0, &req.reason).await {
+        Ok(dropped) => Json(dropped).into_response(),
+        Err(e) => quarantine_error(e),
+    }
+}
+
 fn verification_json(v: &audit::Verification) -> serde_json::Value {
     json!({
         "entries_checked": v.entries,
@@ -383,6 +423,8 @@ pub async fn serve(
         .route("/quarantine/{agent}/{seq}", get(quarantine_show))
         .route("/quarantine/replay", post(quarantine_replay))
         .route("/quarantine/drop", post(quarantine_drop))
+        .route("/quarantine/messages", get(messages_list))
+        .route("/quarantine/messages/drop", post(messages_drop))
         .with_state(AppState {
             fanout,
             auth,

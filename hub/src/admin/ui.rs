@@ -200,7 +200,8 @@ async fn quarantine_page(s: &AppState, op: &UiOperator, note: Option<&str>) -> R
             .map_err(|e| e.to_string())?;
         let messages = client
             .query(
-                "SELECT stream, reason, count(*) FROM dongbo.stream_quarantine GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 200",
+                "SELECT stream, reason, count(*) FROM dongbo.stream_quarantine WHERE resolved_at IS NULL \
+                 GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 200",
                 &[],
             )
             .await

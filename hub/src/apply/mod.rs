@@ -185,6 +185,9 @@ pub async fn bootstrap(client: &mut Client) -> Result<(), ApplyError> {
                  payload bytea,
                  quarantined_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (stream, kafka_offset));
+             ALTER TABLE dongbo.stream_quarantine ADD COLUMN IF NOT EXISTS resolved_at timestamptz,
+                 ADD COLUMN IF NOT EXISTS resolved_by text,
+                 ADD COLUMN IF NOT EXISTS resolution_note text;
              CREATE TABLE IF NOT EXISTS dongbo.source_columns (
                  ndc_schema text NOT NULL,
                  ndc_table text NOT NULL,

@@ -5,11 +5,14 @@
 use std::time::Duration;
 
 use dongbo_tests::citizens::{insert_citizens, CitizenGen, CITIZENS_DDL};
+use dongbo_tests::fanout::{admin, quarantine_cli, ADMIN_TOKEN};
 use dongbo_tests::kafka::Broker;
 use dongbo_tests::workload::mixed_small_txns;
 use dongbo_tests::Deployment;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use reqwest::Method;
+use serde_json::json;
 
 /// A deployment whose agent produces to `broker` and whose hub consumes it, with the librdkafka
 /// settings of a test client of that broker. `secure`: the broker takes only SASL/SCRAM over TLS,
@@ -43,7 +46,9 @@ async fn through_kafka_the_ndc_equals_the_source_and_bad_messages_are_quarantine
     let mut gen = CitizenGen::new(41);
     let mut ids = insert_citizens(&src, &mut gen, 1_000).await?;
     let mut changes = 1 + ids.len() as u64; // the snapshot's opening truncate and its rows
-    d.start_hub().await?;
+    let admin_port = dongbo_tests::pg::free_port();
+    let admin_toml = format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n");
+    d.start_hub_with(&(d.default_agents_toml() + &admin_toml)).await?;
     d.start_agent()?;
     // Counting changes below needs the snapshot done first: rows it reads are not streamed.
     d.wait_same("citizens", "citizen_id", Duration::from_secs(90)).await?;
@@ -81,6 +86,55 @@ async fn through_kafka_the_ndc_equals_the_source_and_bad_messages_are_quarantine
         .await?
         .get(0);
     assert!(next as u64 >= changes + 2, "next offset {next} for {changes} changes and 2 bad messages");
+
+    // An operator lists them and drops one with a reason; they cannot be replayed.
+    let stream = format!("{t}/0");
+    let (status, listed) = admin(admin_port, Method::GET, "/quarantine/messages", None).await?;
+    assert_eq!(status, 200, "{listed}");
+    let listed = listed.as_array().cloned().unwrap_or_default();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["stream"], stream.as_str());
+    assert_eq!(listed[0]["key"], "6a756e6b", "the key, hex: junk");
+    assert_eq!(listed[0]["payload_bytes"], 21);
+    assert!(listed[1]["payload_bytes"].is_null(), "a tombstone has no value");
+    let junk = listed[0]["offset"].clone();
+    let drop = |filter: serde_json::Value, reason: &str| {
+        admin(admin_port, Method::POST, "/quarantine/messages/drop", Some(json!({"filter": filter, "reason": reason})))
+    };
+    for (filter, reason, why) in [
+        (json!({}), "load tool junk", "say which"),
+        (json!({"offsets": [junk]}), "load tool junk", "offsets are a stream's"),
+        (json!({"stream": stream, "offsets": [junk]}), "  ", "needs a reason"),
+        (json!({"stream": stream, "resolved": true}), "load tool junk", "resolved"),
+    ] {
+        let (status, body) = drop(filter, reason).await?;
+        assert_eq!(status, 400, "{why}: {body}");
+        assert!(body.to_string().contains(why), "{why}: {body}");
+    }
+    let (status, dropped) = drop(json!({"stream": stream, "offsets": [junk]}), "load tool junk").await?;
+    assert_eq!(status, 200, "{dropped}");
+    assert_eq!(dropped.as_array().map(Vec::len), Some(1), "{dropped}");
+    assert_eq!(dropped[0]["resolution_note"], "load tool junk");
+    assert!(dropped[0]["resolved_by"].as_str().is_some_and(|o| !o.is_empty()), "{dropped}");
+    let (_, again) = drop(json!({"stream": stream, "offsets": [junk]}), "load tool junk").await?;
+    assert_eq!(again, json!([]), "a dropped message is not dropped twice");
+    let (_, waiting) = admin(admin_port, Method::GET, "/quarantine/messages", None).await?;
+    assert_eq!(waiting.as_array().map(Vec::len), Some(1), "the tombstone still waits: {waiting}");
+    let (_, all) = admin(admin_port, Method::GET, "/quarantine/messages?resolved=true", None).await?;
+    assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
+    let (ok, text) = quarantine_cli(admin_port, &["messages", "--resolved", "--stream", &stream])?;
+    assert!(
+        ok && text.contains("dropped") && text.contains("the message has no value") && text.contains("2 messages"),
+        "{text}"
+    );
+    let (ok, text) = quarantine_cli(admin_port, &["drop-messages", "--stream", &stream, "--why", "empty record"])?;
+    assert!(ok && text.contains("1 dropped"), "{text}");
+    let anonymous = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{admin_port}/quarantine/messages/drop"))
+        .json(&json!({"filter": {"all": true}, "reason": "x"}))
+        .send()
+        .await?;
+    assert_eq!(anonymous.status().as_u16(), 401);
 
     // The agent reaches the hubs only through Kafka, yet the fleet registry shows it: its status
     // records on the topic (every second here) are kept, not applied.

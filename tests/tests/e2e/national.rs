@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dongbo_subscribers::grpc::Subscription;
-use dongbo_tests::fanout::{collect, grpc_subscription, ADMIN_TOKEN, BHXH_TOKEN, MOET_TOKEN};
+use dongbo_tests::fanout::{collect, grpc_subscription, quarantine_cli, ADMIN_TOKEN, BHXH_TOKEN, MOET_TOKEN};
 use dongbo_tests::procs::DongboProcess;
 use dongbo_tests::{pg, Deployment, TOKEN};
 use tokio_postgres::Client;
@@ -354,17 +354,6 @@ async fn waiting_seqs(ndc: &Client, citizen: &str) -> anyhow::Result<Vec<i64>> {
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Runs `dongbo-hub quarantine ARGS` against the admin API on `admin_port`; its success and output.
-fn quarantine_cli(admin_port: u16, args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let out = std::process::Command::new(dongbo_tests::procs::binary("dongbo-hub")?)
-        .args(["quarantine", "--admin", &format!("http://127.0.0.1:{admin_port}")])
-        .args(args)
-        .env("DONGBO_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    Ok((out.status.success(), text))
 }
 
 /// Like [`quarantine_cli`], failing unless the command succeeded.
