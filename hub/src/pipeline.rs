@@ -144,11 +144,25 @@ pub async fn adopt_stream(
     if let Some(logged) = log.logged_seq(stream).map_err(log_error)? {
         return Ok(logged);
     }
-    let Recorded { events, excluded, .. } = applier.recorded(0, applied).await.inspect_err(|e| {
+    log_recorded(applier, log, source_id, stream, 0, applied, next_offset).await.inspect_err(|e| {
         warn!(stream, error = %e, "cannot start the fan-out log of this stream");
     })?;
-    // No batch is logged, so no truncate's deletes either: a follower of a stream adopted this way
-    // starts from the NDC's rows as they are.
+    Ok(applied)
+}
+
+/// Logs for `stream` what the NDC recorded of seqs `after+1..=applied` (events, what to leave out)
+/// without their rows, which nothing can read again. No batch is logged, so no truncate's deletes
+/// either: a follower starts from the NDC's rows as they are.
+async fn log_recorded(
+    applier: &NdcApplier,
+    log: &FanoutLog,
+    source_id: &str,
+    stream: &str,
+    after: u64,
+    applied: u64,
+    next_offset: Option<i64>,
+) -> Result<(), PipelineError> {
+    let Recorded { events, excluded, .. } = applier.recorded(after, applied).await?;
     let removed = Default::default();
     log.append(Append {
         source_id,
@@ -162,7 +176,7 @@ pub async fn adopt_stream(
     })
     .await
     .map_err(log_error)?;
-    Ok(applied)
+    Ok(())
 }
 
 /// Brings the fan-out log of `stream` up to the NDC's `applied` seq when the hub stopped between an
@@ -179,21 +193,7 @@ pub async fn catch_up(
     if logged >= applied {
         return Ok(());
     }
-    let Recorded { events, excluded, .. } = applier.recorded(logged, applied).await?;
-    let removed = Default::default();
-    log.append(Append {
-        source_id,
-        stream,
-        next_offset,
-        batches: Vec::new(),
-        excluded,
-        removed,
-        events,
-        upto: applied,
-    })
-    .await
-    .map_err(log_error)?;
-    Ok(())
+    log_recorded(applier, log, source_id, stream, logged, applied, next_offset).await
 }
 
 /// What an agent's batches are mapped with: the dictionary in use and the agent's province.

@@ -731,6 +731,15 @@ mod tests {
         }
     }
 
+    /// `b` with its change at `i` a truncate, and its bytes.
+    fn truncating(mut b: ChangeBatch, i: usize) -> (ChangeBatch, Vec<u8>) {
+        b.changes[i].op = Operation::Truncate;
+        b.changes[i].key.clear();
+        b.changes[i].after = None;
+        let raw = wire::encode_batch(&b);
+        (b, raw)
+    }
+
     fn borrowed(batches: &[(ChangeBatch, Vec<u8>)]) -> Vec<(&ChangeBatch, &[u8])> {
         batches.iter().map(|(b, raw)| (b, raw.as_slice())).collect()
     }
@@ -823,11 +832,7 @@ mod tests {
     async fn a_truncate_logged_with_its_removed_keys_reads_as_a_delete_of_each() {
         let dir = std::env::temp_dir().join(format!("dongbo-log-truncate-{}", rand_suffix()));
         let log = FanoutLog::open(sled::Config::new().path(&dir).open().unwrap(), &dir.join("segments")).unwrap();
-        let (mut b, _) = batch("s", 1..=3);
-        b.changes[1].op = Operation::Truncate;
-        b.changes[1].key.clear();
-        b.changes[1].after = None;
-        let raw = wire::encode_batch(&b);
+        let (b, raw) = truncating(batch("s", 1..=3).0, 1);
         let removed =
             BTreeMap::from([(2, vec!["k1".to_string(), "k2".into()]), (9, vec!["not in these batches".into()])]);
         let append = Append {
@@ -867,11 +872,7 @@ mod tests {
         assert_eq!(read(&log), expected);
 
         // A truncate of more keys than a row holds, read a page at a time from anywhere.
-        let (mut b, _) = batch("s", 4..=5);
-        b.changes[0].op = Operation::Truncate;
-        b.changes[0].key.clear();
-        b.changes[0].after = None;
-        let raw = wire::encode_batch(&b);
+        let (b, raw) = truncating(batch("s", 4..=5).0, 0);
         let n = 2 * KEYS_PER_ROW + 3;
         let keys: Vec<String> = (0..n).map(|i| format!("{i:012}")).collect();
         let append = Append {

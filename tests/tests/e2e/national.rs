@@ -613,6 +613,45 @@ async fn the_same_citizen_from_two_provinces_is_quarantined_with_both_versions_a
     Ok(())
 }
 
+/// Starts the hub with `config` and Hà Nội's agent, waits for Hà Nội's citizen, then starts Hồ Chí
+/// Minh City's agent; the NDC's connection and Hà Nội's agent.
+async fn start_hanoi_then_hcm(d: &mut Deployment, config: &str) -> anyhow::Result<(Client, DongboProcess)> {
+    d.start_hub_with(config).await?;
+    let ndc = d.ndc().await?;
+    let hanoi = start_hanoi_agent(d)?;
+    wait_until("Hà Nội's citizen", Duration::from_secs(60), || async {
+        Ok(national(&ndc).await.unwrap_or_default().contains_key("001080000009"))
+    })
+    .await?;
+    d.start_agent()?;
+    Ok((ndc, hanoi))
+}
+
+/// Kills the hub, starts it again to die (fault point) right after the NDC commit of the next run,
+/// which `sql` at Hồ Chí Minh City's source makes, and before its fan-out log append; the hub is
+/// left down, without the fault.
+async fn die_after_applying(d: &mut Deployment, config: &str, hcm: &Client, sql: &str) -> anyhow::Result<()> {
+    d.hub.as_mut().context("hub")?.kill9();
+    d.hub_env = vec![("DONGBO_FAULT".into(), "hub-applied-not-logged".into())];
+    d.start_hub_with(config).await?;
+    hcm.batch_execute(sql).await?;
+    let status = d.hub.as_mut().context("hub")?.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "the fault point did not fire");
+    d.hub_env.clear();
+    Ok(())
+}
+
+/// What education's table follower receives from the start until a row of `citizen` arrives.
+async fn followed_until(d: &Deployment, citizen: &str) -> anyhow::Result<Vec<dongbo_subscribers::Received>> {
+    let url = format!("http://127.0.0.1:{}", d.hub_port);
+    let mut moet = Subscription::open(&url, MOET_TOKEN, "moet-citizens", None, 64).await?;
+    let mut rows = Vec::new();
+    while !rows.iter().any(|r: &dongbo_subscribers::Received| r.body["citizen_id"] == citizen) {
+        rows.extend(collect(&mut moet, 1, Duration::from_secs(30)).await?);
+    }
+    Ok(rows)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_the_conflict_rule_kept_out_stays_unpublished_when_the_hub_dies_before_logging_it(
 ) -> anyhow::Result<()> {
@@ -622,14 +661,7 @@ async fn a_change_the_conflict_rule_kept_out_stays_unpublished_when_the_hub_dies
     )
     .await?;
     let config = hub_toml(pg::free_port());
-    d.start_hub_with(&config).await?;
-    let ndc = d.ndc().await?;
-    let _hanoi = start_hanoi_agent(&d)?;
-    wait_until("Hà Nội's citizen", Duration::from_secs(60), || async {
-        Ok(national(&ndc).await.unwrap_or_default().contains_key("001080000009"))
-    })
-    .await?;
-    d.start_agent()?;
+    let (ndc, _hanoi) = start_hanoi_then_hcm(&mut d, &config).await?;
     let hcm_applied = || async {
         let r = ndc
             .query_opt("SELECT changes_applied FROM dongbo.applied_position WHERE source_id = 'hcm-population'", &[])
@@ -641,27 +673,16 @@ async fn a_change_the_conflict_rule_kept_out_stays_unpublished_when_the_hub_dies
 
     // The hub dies after the NDC applied Hồ Chí Minh City's edit (which Hà Nội's priority keeps
     // out) and before its fan-out log holds it; the agent sends it again to the next hub.
-    d.hub.as_mut().context("hub")?.kill9();
-    d.hub_env = vec![("DONGBO_FAULT".into(), "hub-applied-not-logged".into())];
-    d.start_hub_with(&config).await?;
     let before = hcm_applied().await?;
-    hcm.batch_execute("UPDATE nhan_khau SET ho_ten = 'Phạm Văn Xuân (sửa ở HCM)' WHERE so_dinh_danh = '001080000009'")
-        .await?;
-    let status = d.hub.as_mut().context("hub")?.wait_exit(Duration::from_secs(30));
-    assert!(status.is_some_and(|s| !s.success()), "the fault point did not fire");
+    let edit = "UPDATE nhan_khau SET ho_ten = 'Phạm Văn Xuân (sửa ở HCM)' WHERE so_dinh_danh = '001080000009'";
+    die_after_applying(&mut d, &config, &hcm, edit).await?;
     assert_eq!(hcm_applied().await?, before + 1, "the edit was applied (in effect) before the hub died");
-    d.hub_env.clear();
     d.start_hub_with(&config).await?;
     hcm.batch_execute(
         "INSERT INTO nhan_khau VALUES ('079090000041', 'Lý Văn Cuối', '01/05/1990', 'Nam', '26740', NULL, NULL)",
     )
     .await?;
-    let url = format!("http://127.0.0.1:{}", d.hub_port);
-    let mut moet = Subscription::open(&url, MOET_TOKEN, "moet-citizens", None, 64).await?;
-    let mut rows = Vec::new();
-    while !rows.iter().any(|r: &dongbo_subscribers::Received| r.body["citizen_id"] == "079090000041") {
-        rows.extend(collect(&mut moet, 1, Duration::from_secs(30)).await?);
-    }
+    let rows = followed_until(&d, "079090000041").await?;
     let names: Vec<&str> = rows
         .iter()
         .filter(|r| r.body["citizen_id"] == "001080000009")
@@ -682,14 +703,7 @@ async fn a_national_truncate_reaches_followers_as_a_delete_of_each_row_it_remove
     )
     .await?;
     let config = hub_toml(pg::free_port());
-    d.start_hub_with(&config).await?;
-    let ndc = d.ndc().await?;
-    let _hanoi = start_hanoi_agent(&d)?;
-    wait_until("Hà Nội's citizen", Duration::from_secs(60), || async {
-        Ok(national(&ndc).await.unwrap_or_default().contains_key("001080000009"))
-    })
-    .await?;
-    d.start_agent()?;
+    let (ndc, _hanoi) = start_hanoi_then_hcm(&mut d, &config).await?;
     wait_until("Hồ Chí Minh City's snapshot", Duration::from_secs(60), || async {
         Ok(national(&ndc).await?.contains_key("079090000052"))
     })
@@ -697,27 +711,16 @@ async fn a_national_truncate_reaches_followers_as_a_delete_of_each_row_it_remove
 
     // The province empties its table; the hub dies after the NDC removed that province's rows and
     // before its fan-out log holds the truncate, so the next hub logs it from what the NDC kept.
-    d.hub.as_mut().context("hub")?.kill9();
-    d.hub_env = vec![("DONGBO_FAULT".into(), "hub-applied-not-logged".into())];
-    d.start_hub_with(&config).await?;
-    hcm.batch_execute("TRUNCATE nhan_khau").await?;
-    let status = d.hub.as_mut().context("hub")?.wait_exit(Duration::from_secs(30));
-    assert!(status.is_some_and(|s| !s.success()), "the fault point did not fire");
+    die_after_applying(&mut d, &config, &hcm, "TRUNCATE nhan_khau").await?;
     let left: Vec<String> = national(&ndc).await?.into_keys().collect();
     assert_eq!(left, ["001080000009"], "only Hồ Chí Minh City's rows went, before the hub died");
-    d.hub_env.clear();
     d.start_hub_with(&config).await?;
     hcm.batch_execute(
         "INSERT INTO nhan_khau VALUES ('079090000053', 'Hồ Văn Ba', '01/05/1990', 'Nam', '26740', NULL, NULL)",
     )
     .await?;
 
-    let url = format!("http://127.0.0.1:{}", d.hub_port);
-    let mut moet = Subscription::open(&url, MOET_TOKEN, "moet-citizens", None, 64).await?;
-    let mut rows = Vec::new();
-    while !rows.iter().any(|r: &dongbo_subscribers::Received| r.body["citizen_id"] == "079090000053") {
-        rows.extend(collect(&mut moet, 1, Duration::from_secs(30)).await?);
-    }
+    let rows = followed_until(&d, "079090000053").await?;
     let deletes: Vec<(&str, &str)> = rows
         .iter()
         .filter(|r| r.body["op"] == "delete")
