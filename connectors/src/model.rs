@@ -43,6 +43,20 @@ pub enum Value {
     },
 }
 
+impl Value {
+    /// Whether this is [`Value::UnchangedToast`]: a match, not a comparison, because rows are
+    /// scanned for it once per change on the apply path.
+    #[inline]
+    pub fn is_unchanged_toast(&self) -> bool {
+        matches!(self, Value::UnchangedToast)
+    }
+}
+
+/// The column indexes of `row` whose values were sent (not [`Value::UnchangedToast`]).
+pub fn present_columns(row: &[Value]) -> Vec<usize> {
+    (0..row.len()).filter(|&i| !row[i].is_unchanged_toast()).collect()
+}
+
 /// Values in the column order of a [`TableSchema`].
 pub type Row = Vec<Value>;
 

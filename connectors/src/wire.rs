@@ -75,15 +75,21 @@ const COMPRESSION_LEVEL: i32 = 1;
 /// Compresses encoded batch bytes into one zstd frame that states its opened size (so a receiver
 /// can refuse it, or charge its buffer for it, before opening it).
 pub fn compress_batch(bytes: &[u8]) -> Vec<u8> {
+    compress_batch_at(bytes, COMPRESSION_LEVEL)
+}
+
+/// [`compress_batch`] at zstd level `level` (negative levels are its fast mode); the frame opens
+/// the same way whatever the level.
+pub fn compress_batch_at(bytes: &[u8], level: i32) -> Vec<u8> {
     thread_local! {
-        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
             const { std::cell::RefCell::new(None) };
     }
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         let compressor = match c.as_mut() {
-            Some(z) => z,
-            None => c.insert(zstd::bulk::Compressor::new(COMPRESSION_LEVEL).expect("zstd compressor")),
+            Some((at, z)) if *at == level => z,
+            _ => &mut c.insert((level, zstd::bulk::Compressor::new(level).expect("zstd compressor"))).1,
         };
         // The frame states its content size by default; compression into a Vec cannot fail
         // short of memory.

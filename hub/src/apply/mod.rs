@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use dongbo_connectors::error::sqlstate_is_transient;
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent, Operation, TableId, TableSchema, Value};
+use dongbo_connectors::model::{present_columns, ChangeBatch, ChangeEvent, Operation, TableId, TableSchema, Value};
 use dongbo_connectors::postgres::text::{push_copy_value, write_value};
 use dongbo_connectors::wire;
 use futures::SinkExt;
@@ -68,6 +68,9 @@ pub enum ApplyError {
     /// A row the hub wrote itself no longer decodes: someone edited the NDC's `dongbo` schema.
     #[error("{0}: the hub's own bookkeeping in the NDC was altered; restore it or delete the row")]
     Corrupt(String),
+    /// The hub broke one of its own invariants (a defect): the transaction is not committed.
+    #[error("internal error, nothing of this run was committed: {0}")]
+    Internal(String),
 }
 
 impl ApplyError {
@@ -75,7 +78,7 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Ndc(e) => e.code().is_none_or(|c| sqlstate_is_transient(c.code())),
-            ApplyError::Config(_) | ApplyError::Corrupt(_) | ApplyError::Tls(_) => false,
+            ApplyError::Config(_) | ApplyError::Corrupt(_) | ApplyError::Tls(_) | ApplyError::Internal(_) => false,
             ApplyError::Saturated => true,
         }
     }
@@ -299,6 +302,29 @@ struct Quarantined<'c> {
 fn source_hold(c: &ChangeEvent) -> Option<String> {
     (!c.table.is_keyless() && c.op != Operation::Truncate)
         .then(|| serde_json::json!([c.table.table.to_string(), key_text(&c.key)]).to_string())
+}
+
+/// `c` as the agent sent it: itself, or decoded again from its batch's bytes when the transform
+/// moved values out of it (`resent` keeps each batch decoded once).
+fn as_sent<'c>(
+    staged: &'c [Transformed<'_>],
+    c: &'c ChangeEvent,
+    resent: &'c mut HashMap<usize, ChangeBatch>,
+) -> Result<&'c ChangeEvent, ApplyError> {
+    let Some((i, sent)) = staged.iter().enumerate().find_map(|(i, t)| {
+        t.sent.filter(|_| t.original.changes.as_ptr_range().contains(&std::ptr::from_ref(c))).map(|s| (i, s))
+    }) else {
+        return Ok(c);
+    };
+    let batch = match resent.entry(i) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(
+            wire::decode_batch(sent)
+                .map_err(|e| ApplyError::Internal(format!("a batch decoded once no longer decodes: {e}")))?,
+        ),
+    };
+    by_seq(batch, c.seq)
+        .ok_or_else(|| ApplyError::Internal(format!("seq {} is not in the bytes its batch was decoded from", c.seq)))
 }
 
 /// The change of `batch` with seq `seq`.
@@ -696,8 +722,9 @@ impl NdcApplier {
             info!(source_id = %acl.id, changes = superseded_seqs.len(), "changes to national rows another agent holds, left as the conflict rule says");
             raised.retain(|e| !superseded_seqs.contains(&e.seq));
         }
+        let mut resent = HashMap::new();
         for q in &quarantine {
-            let c = q.original;
+            let c = as_sent(staged, q.original, &mut resent)?;
             let op = format!("{:?}", c.op).to_lowercase();
             let one = ChangeBatch { source_id: acl.id.clone(), changes: vec![c.clone()] };
             txn.execute(
@@ -993,25 +1020,27 @@ async fn execute(
         }
         let mut deletes = Vec::new();
         let mut upserts: HashMap<Vec<usize>, Vec<&[Value]>> = HashMap::new();
-        if !table.snapshot_rows.is_empty() {
-            let all: Vec<usize> = (0..target.columns.len()).collect();
-            upserts.entry(all).or_default().extend(table.snapshot_rows.iter().copied());
-        }
+        let mut whole: Vec<&[Value]> = table.snapshot_rows.clone();
         for op in table.ops.values() {
             match op {
                 RowOp::Delete(key) => deletes.push(*key),
                 RowOp::Upsert { row, toast_from: Some(old_key) } => {
                     // Rare (a key change on a row with out-of-line values), so one statement each,
                     // before the old key's row is deleted below.
-                    let present: Vec<usize> = (0..row.len()).filter(|&i| row[i] != Value::UnchangedToast).collect();
+                    let present = present_columns(row);
                     let params: Vec<Option<String>> =
                         present.iter().map(|&i| &row[i]).chain(old_key.iter()).map(pg_text).collect();
                     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
                     txn.execute(&target.rekey_sql(&present), &refs).await?;
                 }
                 RowOp::Upsert { row, toast_from: None } => {
-                    let present: Vec<usize> = (0..row.len()).filter(|&i| row[i] != Value::UnchangedToast).collect();
-                    upserts.entry(present).or_default().push(row.as_ref());
+                    // Almost every row has all its values: those share one entry without a
+                    // presence list built and hashed for each.
+                    if row.iter().any(Value::is_unchanged_toast) {
+                        upserts.entry(present_columns(row)).or_default().push(row.as_ref());
+                    } else {
+                        whole.push(row.as_ref());
+                    }
                 }
             }
         }
@@ -1023,7 +1052,9 @@ async fn execute(
             copy_rows(txn, &target.copy_delete_sql(), deletes.into_iter(), &all).await?;
             txn.execute(target.delete_sql().as_str(), params).await?;
         }
-        for (present, rows) in upserts {
+        let all_columns = || (0..target.columns.len()).collect::<Vec<usize>>();
+        let whole = (!whole.is_empty()).then(|| (all_columns(), whole));
+        for (present, rows) in whole.into_iter().chain(upserts) {
             if !used_stages.insert(target.stage.clone()) {
                 txn.execute(format!("DELETE FROM {}", target.stage).as_str(), &[]).await?;
             }
@@ -1079,7 +1110,7 @@ async fn apply_keyless(
             KeylessOp::Delete(before) => (target.delete_one_sql(), before.iter().map(pg_text).collect()),
             KeylessOp::Update { before, after } => {
                 // An unchanged out-of-line value keeps the one the row has.
-                let present: Vec<usize> = (0..after.len()).filter(|&c| after[c] != Value::UnchangedToast).collect();
+                let present = present_columns(after);
                 let values = present.iter().map(|&c| &after[c]).chain(before.iter());
                 (target.update_one_sql(&present), values.map(pg_text).collect())
             }

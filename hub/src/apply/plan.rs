@@ -152,7 +152,7 @@ impl<'a> Plan<'a> {
                 let old_text = if c.op == Operation::Update { key_text(&c.key) } else { new_text.clone() };
                 let mut row = Cow::Borrowed(after.as_slice());
                 let mut toast_from = None;
-                if row.contains(&Value::UnchangedToast) {
+                if row.iter().any(Value::is_unchanged_toast) {
                     // The unchanged values belong to the row as it was under its old key.
                     let previous = if old_text != new_text { plan.ops.get(&old_text) } else { plan.ops.get(&new_text) };
                     match previous {
@@ -160,7 +160,7 @@ impl<'a> Plan<'a> {
                             let merged: Vec<Value> = row
                                 .iter()
                                 .zip(prev.iter())
-                                .map(|(v, p)| if *v == Value::UnchangedToast { p.clone() } else { v.clone() })
+                                .map(|(v, p)| if v.is_unchanged_toast() { p.clone() } else { v.clone() })
                                 .collect();
                             row = Cow::Owned(merged);
                             // Values the plan does not have are in the NDC row under the key the
@@ -171,7 +171,7 @@ impl<'a> Plan<'a> {
                             toast_from = (old_text != new_text).then_some(c.key.as_slice());
                         }
                     }
-                    if !row.contains(&Value::UnchangedToast) {
+                    if !row.iter().any(Value::is_unchanged_toast) {
                         toast_from = None;
                     }
                 }

@@ -6,6 +6,7 @@
 //! mapped by [`Mapping::map`], which is pure: the same change, mapping and remap table always give
 //! the same row or the same refusal, which is what makes a replay after a fix predictable.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -146,10 +147,14 @@ impl Mapping {
     /// The national change `c` becomes, or the rule it breaks. `agent_province` is recorded on the
     /// row; `remap` turns legacy commune codes into 2025 ones.
     pub fn map(&self, c: &ChangeEvent, agent_province: Option<&str>, remap: &Remap) -> Result<ChangeEvent, Broken> {
-        self.map_bound(c, &self.bind(&c.table)?, agent_province, remap, &mut Stamps::new())
+        self.map_bound(c, &self.bind(&c.table)?, agent_province, remap, &mut Stamps::new(), None)
     }
 
     /// [`Self::map`] with the mapping already bound to `c`'s schema and the batch's [`Stamps`].
+    ///
+    /// With `moves`, a text value that is national already is not copied: the national row holds
+    /// `Null` in its place, and `moves` says (national column, source column) for the caller to
+    /// move it from `c` once the change passed every rule.
     pub fn map_bound(
         &self,
         c: &ChangeEvent,
@@ -157,7 +162,11 @@ impl Mapping {
         agent_province: Option<&str>,
         remap: &Remap,
         stamps: &mut Stamps,
+        mut moves: Option<&mut Moves>,
     ) -> Result<ChangeEvent, Broken> {
+        if let Some(m) = moves.as_deref_mut() {
+            m.0.clear();
+        }
         // Field by field: cloning the change would copy its rows only to drop them.
         let mut out = ChangeEvent {
             seq: c.seq,
@@ -190,7 +199,7 @@ impl Mapping {
             }
             Operation::Insert | Operation::SnapshotRead | Operation::Update => {
                 let after = c.after.as_ref().ok_or_else(|| Broken::new("change.shape", "the change has no new row"))?;
-                let row = self.row(c, after, bound, agent_province, remap, stamps)?;
+                let row = self.row(c, after, bound, agent_province, remap, stamps, moves)?;
                 let new_id = row[0].clone();
                 let old_id = if c.op == Operation::Update { self.old_id(c, bound)? } else { None };
                 out.key = vec![old_id.map_or(new_id, Value::Text)];
@@ -209,12 +218,13 @@ impl Mapping {
         };
         match from {
             None | Some(Value::Null) | Some(Value::UnchangedToast) => Ok(None),
-            Some(v) => source_text(v).map(|s| Some(normalise::text(&s))).ok_or_else(|| {
+            Some(v) => source_text(v).map(|s| Some(normalise::text(&s).into_owned())).ok_or_else(|| {
                 Broken::new("citizen_id.shape", format!("the old row's citizen id {v:?} is not text or a number"))
             }),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn row(
         &self,
         c: &ChangeEvent,
@@ -223,6 +233,7 @@ impl Mapping {
         agent_province: Option<&str>,
         remap: &Remap,
         stamps: &mut Stamps,
+        mut moves: Option<&mut Moves>,
     ) -> Result<Row, Broken> {
         let mut row: Row = Vec::with_capacity(self.table.schema.columns.len());
         let value = |i: usize| bound.index[i].and_then(|s| after.get(s)).unwrap_or(&Value::Null);
@@ -239,7 +250,12 @@ impl Mapping {
                 }
                 continue;
             }
-            let text = source_text(v).map(|s| normalise::text(&s)).filter(|s| !s.is_empty());
+            let text = match source_text(v) {
+                Some(Cow::Borrowed(s)) => Some(normalise::text(s)),
+                Some(Cow::Owned(s)) => Some(Cow::Owned(normalise::text(&s).into_owned())),
+                None => None,
+            }
+            .filter(|s| !s.is_empty());
             let Some(text) = text else {
                 if f.required {
                     return Err(Broken::new(
@@ -258,7 +274,19 @@ impl Mapping {
                 continue;
             };
             match f.kind {
-                Kind::CitizenId | Kind::Text => row.push(Value::Text(text)),
+                // Moved only when the text is the source's whole value, unchanged (not a number's
+                // digits, not a timestamp's date), from a column no other field moved already.
+                // The citizen id is copied: the rules below read it.
+                Kind::Text
+                    if matches!((&text, v), (Cow::Borrowed(_), Value::Text(_)))
+                        && moves.as_deref().is_some_and(|m| m.0.iter().all(|&(_, s)| Some(s) != bound.index[i])) =>
+                {
+                    if let (Some(m), Some(source)) = (moves.as_deref_mut(), bound.index[i]) {
+                        m.0.push((row.len(), source));
+                    }
+                    row.push(Value::Null);
+                }
+                Kind::CitizenId | Kind::Text => row.push(Value::Text(text.into_owned())),
                 Kind::Gender => {
                     let code = normalise::gender(&text).map_err(|r| Broken::new("gender.code", r))?;
                     gender = Some(if code == "1" { Gender::Male } else { Gender::Female });
@@ -335,6 +363,18 @@ impl Mapping {
         row.push(Value::TimestampTz(stamps.committed(c.commit_time_us)));
         row.push(Value::Int(i64::from(self.config.priority)));
         Ok(row)
+    }
+}
+
+/// The clean text values a [`Mapping::map_bound`] left in the source row for its caller to move
+/// into the national row: (national column, source column).
+#[derive(Debug, Default)]
+pub struct Moves(Vec<(usize, usize)>);
+
+impl Moves {
+    /// (national column, source column) of each value to move.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.0.iter().copied()
     }
 }
 

@@ -24,11 +24,11 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableSchema};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableSchema, Value};
 use serde::{Deserialize, Serialize};
 
 use self::admin_units::{Remap, SplitRule};
-use self::mapping::{Bound, Broken, Mapping, MappingConfig, Stamps};
+use self::mapping::{Bound, Broken, Mapping, MappingConfig, Moves, Stamps};
 use std::rc::Rc;
 
 /// What decides when two sources hold the same row of a national table.
@@ -86,12 +86,15 @@ pub struct Transformed<'a> {
     pub changes: Cow<'a, ChangeBatch>,
     /// The refused, in seq order.
     pub refused: Vec<Refusal>,
+    /// Set when [`Dictionary::transform_moving`] moved text out of `original`'s mapped changes:
+    /// the bytes they are decoded from again as the agent sent them (only to quarantine one).
+    pub sent: Option<&'a [u8]>,
 }
 
 impl<'a> Transformed<'a> {
     /// A batch the dictionary has nothing to do with.
     pub fn unchanged(batch: &'a ChangeBatch) -> Self {
-        Self { original: batch, changes: Cow::Borrowed(batch), refused: Vec::new() }
+        Self { original: batch, changes: Cow::Borrowed(batch), refused: Vec::new(), sent: None }
     }
 
     /// Whether the changes are the original's, as decoded.
@@ -159,15 +162,50 @@ impl Dictionary {
 
     /// The transform stage: `batch` of an agent serving `province`, mapped (see the module doc).
     pub fn transform<'a>(&self, batch: &'a ChangeBatch, province: Option<&str>) -> Transformed<'a> {
+        match self.map_batch(batch, province, None) {
+            None => Transformed::unchanged(batch),
+            Some((changes, refused)) => {
+                Transformed { original: batch, changes: Cow::Owned(changes), refused, sent: None }
+            }
+        }
+    }
+
+    /// [`Self::transform`] for a batch the caller owns: text already national is moved out of
+    /// `batch` into the national rows, not copied (most of a row, most of the transform's
+    /// allocations). `batch`'s mapped changes then lack those values; the caller keeps the bytes
+    /// it decoded them from and passes them as [`Transformed::sent`]. `None` when the dictionary
+    /// has nothing to do with the batch (`batch` is untouched).
+    pub fn transform_moving(&self, batch: &mut ChangeBatch, province: Option<&str>) -> Option<Mapped> {
+        let mut moved = Vec::new();
+        let (mut changes, refused) = self.map_batch(batch, province, Some(&mut moved))?;
+        for m in &moved {
+            let (Some(from), Some(to)) =
+                (batch.changes[m.change].after.as_mut(), changes.changes[m.mapped].after.as_mut())
+            else {
+                continue;
+            };
+            to[m.national] = std::mem::replace(&mut from[m.source], Value::Null);
+        }
+        Some(Mapped { changes, refused, moved: !moved.is_empty() })
+    }
+
+    /// The mapped changes and refusals of `batch`, or `None` when no mapping concerns it. With
+    /// `moved`, text values to move are left as `Null` in the mapped rows and listed there.
+    fn map_batch<'b>(
+        &self,
+        batch: &'b ChangeBatch,
+        province: Option<&str>,
+        mut moved: Option<&mut Vec<Moved>>,
+    ) -> Option<(ChangeBatch, Vec<Refusal>)> {
         let agent = batch.source_id.as_str();
         if !self.mappings.keys().any(|(a, _)| a == agent) {
-            return Transformed::unchanged(batch);
+            return None;
         }
         // Changes of one table share their schema: one lookup and one binding per run, not per
         // change.
         type Found<'m> = Option<(&'m Mapping, Rc<Result<Bound, Broken>>)>;
         let mut last: Option<(&std::sync::Arc<TableSchema>, Found)> = None;
-        let mut lookup = |c: &'a ChangeEvent| -> Found {
+        let mut lookup = |c: &'b ChangeEvent| -> Found {
             match &last {
                 Some((schema, found)) if std::sync::Arc::ptr_eq(schema, &c.table) => found.clone(),
                 _ => {
@@ -182,31 +220,63 @@ impl Dictionary {
         };
         let found: Vec<Found> = batch.changes.iter().map(&mut lookup).collect();
         if found.iter().all(Option::is_none) {
-            return Transformed::unchanged(batch);
+            return None;
         }
         let mut stamps = Stamps::new();
         let mut changes = Vec::with_capacity(batch.changes.len());
         let mut refused = Vec::new();
-        for (c, m) in batch.changes.iter().zip(found) {
+        let mut moves = moved.is_some().then(Moves::default);
+        for (i, (c, m)) in batch.changes.iter().zip(found).enumerate() {
             let Some((m, bound)) = m else {
                 changes.push(c.clone());
                 continue;
             };
             let mapped = match &*bound {
-                Ok(bound) => m.map_bound(c, bound, province, &self.remap, &mut stamps),
+                Ok(bound) => m.map_bound(c, bound, province, &self.remap, &mut stamps, moves.as_mut()),
                 Err(broken) => Err(broken.clone()),
             };
             match mapped {
-                Ok(mapped) => changes.push(mapped),
+                Ok(mapped) => {
+                    if let (Some(moved), Some(moves)) = (moved.as_deref_mut(), moves.as_ref()) {
+                        let at = changes.len();
+                        moved.extend(moves.iter().map(|(national, source)| Moved {
+                            change: i,
+                            mapped: at,
+                            national,
+                            source,
+                        }));
+                    }
+                    changes.push(mapped);
+                }
                 Err(broken) => refused.push(Refusal { seq: c.seq, rule: broken.rule, reason: broken.reason }),
             }
         }
-        Transformed {
-            original: batch,
-            changes: Cow::Owned(ChangeBatch { source_id: batch.source_id.clone(), changes }),
-            refused,
-        }
+        Some((ChangeBatch { source_id: batch.source_id.clone(), changes }, refused))
     }
+}
+
+/// What [`Dictionary::transform_moving`] made of a batch.
+#[derive(Debug)]
+pub struct Mapped {
+    /// What to apply and log, as [`Transformed::changes`].
+    pub changes: ChangeBatch,
+    /// The refused, in seq order.
+    pub refused: Vec<Refusal>,
+    /// Whether values were moved out of the source batch.
+    pub moved: bool,
+}
+
+/// One value to move from a source change into its national change.
+#[derive(Debug, Clone, Copy)]
+struct Moved {
+    /// Index of the source change in its batch.
+    change: usize,
+    /// Index of the national change among the mapped.
+    mapped: usize,
+    /// Column of the national row.
+    national: usize,
+    /// Column of the source row.
+    source: usize,
 }
 
 /// The dictionary every stream maps with: installed when the hub starts, replaced whole by a
@@ -229,4 +299,86 @@ pub fn current() -> std::sync::Arc<Dictionary> {
             std::sync::Arc::new(Dictionary::load(&NationalConfig::default()).expect("the shipped remap table loads"))
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use admin_units::CodeList;
+    use dongbo_connectors::model::{Column, Operation, TableId};
+    use normalise::DateFormat;
+    use std::sync::Arc;
+
+    fn schema(table: &str) -> Arc<TableSchema> {
+        let col = |n: &str| Column { name: n.into(), type_name: "text".into(), type_oid: 25 };
+        let cols = ["so_cccd", "ho_ten", "ngay_sinh", "gioi_tinh", "ma_xa", "ghi_chu"];
+        Arc::new(TableSchema::new(TableId::new("public", table), cols.iter().map(|c| col(c)).collect(), vec![0]))
+    }
+
+    fn dictionary() -> Dictionary {
+        let columns = [
+            ("so_cccd", "citizen_id"),
+            ("ho_ten", "full_name"),
+            ("ngay_sinh", "birth_date"),
+            ("gioi_tinh", "gender"),
+            ("ma_xa", "commune_code"),
+        ];
+        let mapping = MappingConfig {
+            agent: "hcm".into(),
+            source_table: "public.nhan_khau".into(),
+            table: "citizens".into(),
+            columns: columns.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            date_format: DateFormat::DayMonthYearSlash,
+            commune_codes: Some(CodeList::Legacy),
+            priority: 1,
+        };
+        Dictionary::load(&NationalConfig { mappings: vec![mapping], ..Default::default() }).unwrap()
+    }
+
+    fn change(seq: u64, table: &Arc<TableSchema>, id: &str, name: &str) -> ChangeEvent {
+        let row: Vec<Value> =
+            [id, name, "17/05/1990", "Nam", "00001", "ghi chú"].iter().map(|v| Value::Text(v.to_string())).collect();
+        ChangeEvent::for_test(seq, table, Operation::Insert, vec![row[0].clone()], Some(row))
+    }
+
+    #[test]
+    fn moving_the_clean_text_gives_what_copying_it_gives() {
+        let (mapped, unmapped) = (schema("nhan_khau"), schema("ho_khau"));
+        let sent = ChangeBatch {
+            source_id: "hcm".into(),
+            changes: vec![
+                change(1, &mapped, "079090000123", "Nguyễn Văn A"),
+                change(2, &mapped, "079090000124", " Nguye\u{0302}\u{0303}n  Văn B"),
+                change(3, &mapped, "003090000125", "Trần Văn C"),
+                change(4, &unmapped, "079090000126", "Lê Văn D"),
+                change(5, &mapped, "079090000127", "Phạm Văn E"),
+            ],
+        };
+        let d = dictionary();
+        let copied = d.transform(&sent, Some("79"));
+        let mut batch = sent.clone();
+        let moved = d.transform_moving(&mut batch, Some("79")).expect("the batch is mapped");
+        assert_eq!(moved.changes, *copied.changes);
+        assert_eq!(moved.refused, copied.refused);
+        assert_eq!(moved.refused.iter().map(|r| (r.seq, r.rule)).collect::<Vec<_>>(), [(3, "citizen_id.province")]);
+        assert!(moved.moved);
+        // The clean names went; the one normalised was copied; the refused and the unmapped
+        // changes, and every other column, are as sent.
+        let name = |b: &ChangeBatch, i: usize| b.changes[i].after.as_ref().unwrap()[1].clone();
+        assert_eq!((name(&batch, 0), name(&batch, 4)), (Value::Null, Value::Null));
+        assert_eq!(name(&moved.changes, 0), Value::Text("Nguyễn Văn A".into()));
+        for i in [1, 2, 3] {
+            assert_eq!(batch.changes[i], sent.changes[i], "change {i}");
+        }
+        for i in [0, 4] {
+            let (now, then) = (batch.changes[i].after.as_ref().unwrap(), sent.changes[i].after.as_ref().unwrap());
+            assert_eq!(now[0], then[0], "the citizen id is copied, not moved");
+            assert_eq!(now[2..], then[2..]);
+        }
+        // Nothing to do with a batch no mapping concerns: it is left alone.
+        let mut other =
+            ChangeBatch { source_id: "hanoi".into(), changes: vec![change(1, &mapped, "079090000123", "A")] };
+        assert!(d.transform_moving(&mut other, None).is_none());
+        assert_eq!(other.changes[0], change(1, &mapped, "079090000123", "A"));
+    }
 }

@@ -5,14 +5,14 @@
 
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
-/// Trimmed, NFC, inner runs of white space as one space.
-pub fn text(s: &str) -> String {
+/// Trimmed, NFC, inner runs of white space as one space: `s` itself when it is so already.
+pub fn text(s: &str) -> std::borrow::Cow<'_, str> {
     // Nearly every value is clean already: one pass to say so, no rebuilding.
     if is_clean(s) {
-        return s.to_string();
+        return std::borrow::Cow::Borrowed(s);
     }
     let nfc: String = s.nfc().collect();
-    nfc.split_whitespace().collect::<Vec<_>>().join(" ")
+    std::borrow::Cow::Owned(nfc.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 /// Whether `s` is already what [`text`] makes of it: no white space but single inner spaces, and
