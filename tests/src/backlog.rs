@@ -35,15 +35,20 @@ pub async fn bench_clusters(name: &str) -> anyhow::Result<BenchClusters> {
     src.batch_execute(TABLE).await?;
     src.batch_execute("ALTER TABLE citizens OWNER TO dongbo; CREATE PUBLICATION dongbo FOR TABLE citizens").await?;
     let ndc = ndc_pg.connect("ndc").await?;
-    // A checkpoint forced by WAL volume in the middle of one run and not another would be most of
-    // the difference between them; runs call [`settle`] first instead.
+    // A checkpoint forced by WAL volume, or an autovacuum worker woken (once a minute) in the
+    // middle of one run and not another, would be most of the difference between them; runs call
+    // [`settle`] first instead.
     ndc.execute("ALTER SYSTEM SET max_wal_size = '16GB'", &[]).await?;
+    ndc.execute("ALTER SYSTEM SET autovacuum = off", &[]).await?;
     ndc.execute("SELECT pg_reload_conf()", &[]).await?;
     Ok(BenchClusters { province, ndc_pg, dir, src, ndc })
 }
 
-/// Writes out what earlier runs left dirty in the NDC, so each run starts from the same state.
+/// Clears what earlier runs left in the NDC, so each run starts from the same state: their dead
+/// rows are vacuumed (else autovacuum does it during the next run, on the same two cores) and
+/// their dirty pages written out.
 pub async fn settle(ndc: &Client) -> anyhow::Result<()> {
+    ndc.batch_execute("VACUUM (ANALYZE)").await?;
     ndc.batch_execute("CHECKPOINT").await?;
     Ok(())
 }

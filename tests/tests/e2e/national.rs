@@ -287,6 +287,16 @@ async fn two_provinces_feed_national_citizens_with_rules_remap_priority_and_head
         "Hà Nội has the higher priority: Hồ Chí Minh City's version and later edit do not replace it"
     );
     assert_eq!(n.len(), 5, "only valid rows are national: {n:?}");
+    // The provenance staged in binary reads back as written: commit times of this test's minutes
+    // (not off by the epoch's 30 years), seqs and priorities as configured.
+    let odd: i64 = ndc
+        .query_one(
+            "SELECT count(*) FROM national.citizens WHERE source_committed_at NOT BETWEEN now() - interval '15 minutes' AND now()              OR source_seq < 1 OR source_priority NOT IN (1, 2)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(odd, 0, "national rows with a commit time, seq or priority not as their source wrote it");
 
     // Every remapped pair is a row of the shipped remap table.
     let remap: HashSet<(String, String)> = include_str!("../../../data/admin-units/commune_remap_2025.csv")
