@@ -34,7 +34,7 @@ use dongbo_connectors::wire;
 use tracing::warn;
 
 use crate::apply::{ApplyError, NdcApplier, OffsetMark, Recorded};
-use crate::dictionary::{ConflictRule, Dictionary, Mapped, Refusal, Transformed};
+use crate::dictionary::{ConflictRule, Dictionary, Mapped, PerStream, Refusal, Transformed};
 use crate::fanout::log::{Append, FanoutLog};
 
 /// Why a batch is refused: the peer's mistake, never retried as it is.
@@ -219,6 +219,7 @@ pub struct Staged {
     mapped: Option<(ChangeBatch, Vec<u8>)>,
     refused: Vec<Refusal>,
     moved: bool,
+    per_stream: PerStream,
 }
 
 /// The zstd level of the batches the hub encodes for its log: zstd's fast mode. It compresses
@@ -230,10 +231,12 @@ impl Staged {
     /// `batch` (received as `raw`) mapped by `transform`.
     pub fn new(mut batch: ChangeBatch, raw: Vec<u8>, transform: Transform<'_>) -> Self {
         match transform.dictionary.transform_moving(&mut batch, transform.province) {
-            None => Self { batch, raw, mapped: None, refused: Vec::new(), moved: false },
-            Some(Mapped { changes, refused, moved }) => {
+            None => {
+                Self { batch, raw, mapped: None, refused: Vec::new(), moved: false, per_stream: PerStream::default() }
+            }
+            Some(Mapped { changes, refused, moved, per_stream }) => {
                 let bytes = wire::compress_batch_at(&wire::encode_batch(&changes), LOG_COMPRESSION_LEVEL);
-                Self { batch, raw, mapped: Some((changes, bytes)), refused, moved }
+                Self { batch, raw, mapped: Some((changes, bytes)), refused, moved, per_stream }
             }
         }
     }
@@ -251,6 +254,7 @@ impl Staged {
             changes: Cow::Borrowed(changes),
             refused: self.refused.clone(),
             sent: self.moved.then_some(self.raw.as_slice()),
+            per_stream: Cow::Borrowed(&self.per_stream),
         }
     }
 

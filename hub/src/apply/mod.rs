@@ -471,8 +471,13 @@ impl NdcApplier {
         mark: Option<&OffsetMark>,
         conflict: ConflictRule,
     ) -> Result<ApplyOutcome, ApplyError> {
+        // Changes of one table share their schema: one lookup a run of them, not one a change.
+        let mut last: Option<&Arc<TableSchema>> = None;
         for c in staged.iter().flat_map(|t| &t.changes.changes) {
-            self.ensure_target(c).await?;
+            if !last.is_some_and(|l| Arc::ptr_eq(l, &c.table)) {
+                self.ensure_target(c).await?;
+                last = Some(&c.table);
+            }
         }
         // Snapshot rows of a table just emptied are copied straight in; should one meet a row
         // after all (the table took other changes before a hub restart), the batch is applied
@@ -650,6 +655,8 @@ impl NdcApplier {
         let mut removed = BTreeMap::new();
         if mode == Mode::OneByOne {
             let mut kept = Vec::with_capacity(accepted.len());
+            let mut declared = Plan::default();
+            staged.iter().for_each(|t| declared.declare(&t.per_stream));
             for c in accepted {
                 // `work` is in seq order.
                 let original = work.binary_search_by_key(&c.seq, |(s, ..)| *s).map_or(c, |i| work[i].1);
@@ -659,7 +666,7 @@ impl NdcApplier {
                     quarantine.push(Quarantined { original, rule: "held", reason, detail: None });
                     continue;
                 }
-                let mut plan = Plan::default();
+                let mut plan = declared.anew();
                 plan.add(c);
                 let sp = txn.savepoint("dongbo_change").await?;
                 match execute(&sp, &plan, targets, &mut used_stages, None, &acl.id, Some(conflict)).await {
@@ -687,6 +694,7 @@ impl NdcApplier {
             raised.retain(|e| !refused.contains(&e.seq));
         } else {
             let mut plan = Plan::default();
+            staged.iter().for_each(|t| plan.declare(&t.per_stream));
             accepted.iter().for_each(|c| plan.add(c));
             let direct = (mode == Mode::Direct).then_some(&*mixed);
             let done = execute(&txn, &plan, targets, &mut used_stages, direct, &acl.id, Some(conflict)).await?;
@@ -1015,7 +1023,7 @@ async fn execute(
             // Should a key exist after all, the unique violation rolls the transaction back and the
             // change-by-change retry applies these rows as upserts.
             let all: Vec<usize> = (0..target.columns.len()).collect();
-            copy_rows(txn, &target.copy_target_sql(), table.snapshot_rows.iter().copied(), &all).await?;
+            copy_rows(txn, &target.copy_target_sql(), table.snapshot_rows.iter().copied(), &all, None).await?;
             continue;
         }
         let mut deletes = Vec::new();
@@ -1049,7 +1057,7 @@ async fn execute(
                 txn.execute(format!("DELETE FROM {}", target.delete_stage).as_str(), &[]).await?;
             }
             let all: Vec<usize> = (0..target.key_columns.len()).collect();
-            copy_rows(txn, &target.copy_delete_sql(), deletes.into_iter(), &all).await?;
+            copy_rows(txn, &target.copy_delete_sql(), deletes.into_iter(), &all, None).await?;
             txn.execute(target.delete_sql().as_str(), params).await?;
         }
         let all_columns = || (0..target.columns.len()).collect::<Vec<usize>>();
@@ -1060,8 +1068,21 @@ async fn execute(
             }
             if target.national {
                 let staged = rows.len() as u64;
-                copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
-                let written = txn.execute(target.upsert_sql_under(&present, conflict).as_str(), &[]).await?;
+                // The provenance the transform adds (agent, province, table, priority), and often
+                // the code version, is the same on every row of a stream's batch: sent once as a
+                // parameter instead of once a row through the COPY, the apply's critical path.
+                let (bound, values) = per_stream_columns(&table.schema, &present, plan.shared(&table.schema.table));
+                debug_assert!(
+                    rows.iter().all(|r| bound.iter().zip(&values).all(|(&i, v)| r.get(i) == Some(*v))),
+                    "a transform declared per-stream values its rows do not hold"
+                );
+                let copied: Vec<usize> = present.iter().copied().filter(|i| !bound.contains(i)).collect();
+                let values: Vec<Option<String>> = values.into_iter().map(pg_text).collect();
+                let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values.iter().map(|v| v as _).collect();
+                copy_rows(txn, &target.copy_stage_sql(&copied), rows.into_iter(), &copied, target.commit_micros)
+                    .await?;
+                let upsert = target.upsert_sql_under(&present, &bound, conflict);
+                let written = txn.execute(upsert.as_str(), &values).await?;
                 if written < staged {
                     // Rare: the conflict rule left some rows another agent's; which ones, by key.
                     let sql = format!(
@@ -1076,8 +1097,8 @@ async fn execute(
                 }
                 continue;
             }
-            copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present).await?;
-            txn.execute(target.upsert_sql_under(&present, conflict).as_str(), &[]).await?;
+            copy_rows(txn, &target.copy_stage_sql(&present), rows.into_iter(), &present, target.commit_micros).await?;
+            txn.execute(target.upsert_sql_under(&present, &[], conflict).as_str(), &[]).await?;
         }
     }
     Ok(done)
@@ -1103,7 +1124,7 @@ async fn apply_keyless(
             .collect();
         if !inserts.is_empty() {
             i += inserts.len();
-            copy_rows(txn, &target.copy_columns_sql(&all), inserts.into_iter(), &all).await?;
+            copy_rows(txn, &target.copy_columns_sql(&all), inserts.into_iter(), &all, None).await?;
             continue;
         }
         let (sql, params): (String, Vec<Option<String>>) = match &sequence[i] {
@@ -1125,18 +1146,46 @@ async fn apply_keyless(
     Ok(())
 }
 
+/// The columns of `present` a national table's upsert takes as parameters, with their values: the
+/// per-stream provenance, when the plan knows every row shares it.
+fn per_stream_columns<'v>(
+    schema: &TableSchema,
+    present: &[usize],
+    shared: Option<&'v [Value; 4]>,
+) -> (Vec<usize>, Vec<&'v Value>) {
+    let Some(shared) = shared else { return Default::default() };
+    crate::dictionary::national::PER_STREAM
+        .iter()
+        .zip(shared)
+        .filter_map(|(name, v)| Some((schema.columns.iter().position(|c| c.name == *name)?, v)))
+        .filter(|(i, _)| present.contains(i))
+        .unzip()
+}
+
+/// The microseconds of a commit time in the form the hub writes it.
+fn commit_micros(v: &Value) -> Option<i64> {
+    match v {
+        Value::TimestampTz(s) => crate::fanout::record::parse_rfc3339_micros(s),
+        _ => None,
+    }
+}
+
 fn pg_text(v: &Value) -> Option<String> {
     let mut s = String::new();
     write_value(v, &mut s).map(|()| s)
 }
 
-/// Streams rows into `COPY ... FROM STDIN` in text format, sending about 1 MiB at a time.
+/// Streams rows into `COPY ... FROM STDIN` in text format, sending about 1 MiB at a time. Column
+/// `micros` (a national commit time, [`Target::copy_stage_sql`]) is sent as two: `NULL` and the
+/// microseconds when the hub wrote the text, else the text and `NULL`.
 async fn copy_rows<'r>(
     txn: &Transaction<'_>,
     sql: &str,
     rows: impl Iterator<Item = &'r [Value]>,
     columns: &[usize],
+    micros: Option<usize>,
 ) -> Result<(), tokio_postgres::Error> {
+    use std::io::Write as _;
     const CHUNK: usize = 1 << 20;
     let sink = txn.copy_in::<_, Bytes>(sql).await?;
     futures::pin_mut!(sink);
@@ -1147,9 +1196,20 @@ async fn copy_rows<'r>(
             if n > 0 {
                 buf.push(b'\t');
             }
-            match row.get(i) {
+            let value = row.get(i);
+            if micros == Some(i) {
+                if let Some(us) = value.and_then(commit_micros) {
+                    buf.extend_from_slice(b"\\N\t");
+                    write!(buf, "{us}").expect("writing to a Vec");
+                    continue;
+                }
+            }
+            match value {
                 Some(v) if push_copy_value(v, &mut buf, &mut text) => {}
                 _ => buf.extend_from_slice(b"\\N"),
+            }
+            if micros == Some(i) {
+                buf.extend_from_slice(b"\t\\N");
             }
         }
         buf.push(b'\n');

@@ -17,6 +17,10 @@ use std::sync::Arc;
 
 use dongbo_connectors::model::{ChangeEvent, Operation, TableId, TableSchema, Value};
 
+#[cfg(doc)]
+use crate::dictionary::national::PER_STREAM;
+use crate::dictionary::PerStream;
+
 /// The final operation on one key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowOp<'a> {
@@ -74,11 +78,34 @@ pub struct Plan<'a> {
     /// Table plans in the order they must run.
     pub tables: Vec<TablePlan<'a>>,
     open: HashMap<TableId, usize>,
+    /// Per national table, the per-stream provenance its rows share, as the transforms of the
+    /// changes declared it (`None`: not all alike).
+    shared: HashMap<&'a TableId, Option<&'a [Value; 4]>>,
 }
 
 pub use dongbo_connectors::postgres::text::key_text;
 
 impl<'a> Plan<'a> {
+    /// Takes in what a transform declared its national rows share; declarations that differ
+    /// for a table cancel out, so [`Self::shared`] only answers for what every batch agrees on.
+    pub fn declare(&mut self, per_stream: &'a PerStream) {
+        for (table, values) in &per_stream.0 {
+            let values = values.as_ref();
+            self.shared.entry(table).and_modify(|v| *v = v.filter(|v| Some(*v) == values)).or_insert(values);
+        }
+    }
+
+    /// An empty plan with this one's declarations.
+    pub fn anew(&self) -> Self {
+        Self { shared: self.shared.clone(), ..Self::default() }
+    }
+
+    /// What every row of national `table` in the plan holds in the [`PER_STREAM`] columns, when
+    /// every transform that wrote them declared the same.
+    pub fn shared(&self, table: &TableId) -> Option<&'a [Value; 4]> {
+        self.shared.get(table).copied().flatten()
+    }
+
     /// Adds the next change, in seq order. Rows are borrowed from the change, not copied.
     pub fn add(&mut self, c: &'a ChangeEvent) {
         let idx = match self.open.get(&c.table.table) {
@@ -372,5 +399,33 @@ mod tests {
     fn null_and_empty_keys_differ() {
         assert_ne!(key_text(&[Value::Null]), key_text(&[t("")]));
         assert_ne!(key_text(&[t("a"), t("b")]), key_text(&[t("ab"), t("")]));
+    }
+
+    #[test]
+    fn only_what_every_batch_declares_alike_is_shared() {
+        let citizens = TableId::new("national", "citizens");
+        let values = |priority: i64| {
+            [Value::Text("hcm".into()), Value::Text("79".into()), Value::Text("public.nk".into()), Value::Int(priority)]
+        };
+        let one = PerStream(vec![(citizens.clone(), Some(values(1)))]);
+        let again = one.clone();
+        let reloaded = PerStream(vec![(citizens.clone(), Some(values(2)))]);
+        let mixed = PerStream(vec![(citizens.clone(), None)]);
+        let mut plan = Plan::default();
+        assert_eq!(plan.shared(&citizens), None, "nothing declared");
+        plan.declare(&one);
+        plan.declare(&again);
+        assert_eq!(plan.shared(&citizens), Some(&values(1)));
+        assert_eq!(plan.anew().shared(&citizens), Some(&values(1)), "a fresh plan keeps the declarations");
+        assert_eq!(plan.shared(&TableId::new("national", "other")), None);
+        // A reload between two batches of a run changed the rank: the rows differ.
+        plan.declare(&reloaded);
+        assert_eq!(plan.shared(&citizens), None);
+        plan.declare(&one);
+        assert_eq!(plan.shared(&citizens), None, "once different, never shared again");
+        let mut plan = Plan::default();
+        plan.declare(&mixed);
+        plan.declare(&one);
+        assert_eq!(plan.shared(&citizens), None);
     }
 }

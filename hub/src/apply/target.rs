@@ -20,6 +20,7 @@
 use dongbo_connectors::model::TableSchema;
 
 use super::types::{column_type, ndc_ident, NdcType};
+use crate::dictionary::national::PROVENANCE;
 use crate::dictionary::ConflictRule;
 
 /// A target table and the SQL to load it.
@@ -49,7 +50,15 @@ pub struct Target {
     /// its own rows (`source_agent`, bound as `$1`), and an upsert overwrites another agent's row
     /// only as the conflict rule allows.
     pub national: bool,
+    /// A national table's commit-time column: loaded through the stage as microseconds (in
+    /// [`COMMITTED_US`]) where the hub wrote the time, because parsing timestamp text was a third
+    /// of the NDC's COPY of a national row.
+    pub commit_micros: Option<usize>,
 }
+
+/// The stage column holding a national row's commit time as microseconds since the epoch; `NULL`
+/// where the time came as text the hub did not write (that is then in the commit-time column).
+pub const COMMITTED_US: &str = "\"dongbo_committed_us\"";
 
 /// The `WHERE` of a national table's upsert under `rule`: when a row another agent holds may be
 /// overwritten. Built from the closed rule, never from a peer's text.
@@ -106,6 +115,7 @@ impl Target {
             key_index: schema.key_columns.clone(),
             columns,
             national: false,
+            commit_micros: None,
         })
     }
 
@@ -116,6 +126,7 @@ impl Target {
         t.table_name = schema.table.name.clone();
         t.qualified = format!("{}.{}", t.schema_sql, ndc_ident(&schema.table.name, "NDC table")?);
         t.national = true;
+        t.commit_micros = schema.columns.iter().position(|c| c.name == PROVENANCE[4].0);
         Ok(t)
     }
 
@@ -138,8 +149,10 @@ impl Target {
         }
         sql.push(format!("DROP TABLE IF EXISTS pg_temp.{}", self.stage));
         sql.push(format!("DROP TABLE IF EXISTS pg_temp.{}", self.delete_stage));
+        let micros =
+            if self.commit_micros.is_some() { format!(", NULL::bigint AS {COMMITTED_US}") } else { String::new() };
         sql.push(format!(
-            "CREATE TEMP TABLE {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA",
+            "CREATE TEMP TABLE {} ON COMMIT DELETE ROWS AS SELECT {}{micros} FROM {} WITH NO DATA",
             self.stage,
             self.columns.join(", "),
             self.qualified
@@ -163,27 +176,38 @@ impl Target {
     }
 
     /// Upsert from the stage for the columns in `present` (indexes into `columns`); into a
-    /// national table, guarded by `rule`, or unguarded where an operator decided (`None`).
-    pub fn upsert_sql_under(&self, present: &[usize], rule: Option<ConflictRule>) -> String {
-        let sql = self.upsert_sql(present);
-        if !self.national {
-            return sql;
-        }
+    /// national table, guarded by `rule`, or unguarded where an operator decided (`None`). The
+    /// columns in `bound` (a subset of `present`, never a key) are not in the stage: they take
+    /// parameters `$1..` (as text), in `bound`'s order, the same value for every row.
+    pub fn upsert_sql_under(&self, present: &[usize], bound: &[usize], rule: Option<ConflictRule>) -> String {
         // Aliased either way, so the guard and any caller name the row as `t`.
-        let sql = sql.replacen(
-            &format!("INSERT INTO {} ", self.qualified),
-            &format!("INSERT INTO {} AS t ", self.qualified),
-            1,
-        );
+        let sql = self.upsert_sql_bound(present, bound, if self.national { " AS t" } else { "" });
         match rule {
-            Some(rule) => format!("{sql} WHERE {}", conflict_guard(rule)),
-            None => sql,
+            Some(rule) if self.national => format!("{sql} WHERE {}", conflict_guard(rule)),
+            _ => sql,
         }
     }
 
     /// Upsert from the stage for the columns in `present` (indexes into `columns`).
     pub fn upsert_sql(&self, present: &[usize]) -> String {
+        self.upsert_sql_bound(present, &[], "")
+    }
+
+    fn upsert_sql_bound(&self, present: &[usize], bound: &[usize], alias: &str) -> String {
         let cols: Vec<&str> = present.iter().map(|&i| self.columns[i].as_str()).collect();
+        let values: Vec<String> = present
+            .iter()
+            .map(|&i| match bound.iter().position(|&b| b == i) {
+                Some(n) => format!("${}::text::{}", n + 1, self.types[i]),
+                // Exact: a bigint below 2^53 is a whole double, and interval times one are whole
+                // microseconds.
+                None if self.commit_micros == Some(i) => format!(
+                    "COALESCE('epoch'::timestamptz + {COMMITTED_US} * interval '1 microsecond', {})",
+                    self.columns[i]
+                ),
+                None => self.columns[i].clone(),
+            })
+            .collect();
         let updates: Vec<String> = cols
             .iter()
             .filter(|c| !self.key_columns.iter().any(|k| k == *c))
@@ -192,11 +216,12 @@ impl Target {
         let action =
             if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
         format!(
-            "INSERT INTO {} ({c}) SELECT {c} FROM {} ON CONFLICT ({}) {action}",
+            "INSERT INTO {}{alias} ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
             self.qualified,
+            cols.join(", "),
+            values.join(", "),
             self.stage,
             self.key_columns.join(", "),
-            c = cols.join(", ")
         )
     }
 
@@ -241,9 +266,16 @@ impl Target {
         )
     }
 
-    /// COPY into the stage for the columns in `present`.
+    /// COPY into the stage for the columns in `present`; a national table's commit time is
+    /// followed by [`COMMITTED_US`], one of the two `NULL` in each row (see `copy_rows`).
     pub fn copy_stage_sql(&self, present: &[usize]) -> String {
-        let cols: Vec<&str> = present.iter().map(|&i| self.columns[i].as_str()).collect();
+        let mut cols: Vec<&str> = Vec::with_capacity(present.len() + 1);
+        for &i in present {
+            cols.push(self.columns[i].as_str());
+            if self.commit_micros == Some(i) {
+                cols.push(COMMITTED_US);
+            }
+        }
         format!("COPY {} ({}) FROM STDIN", self.stage, cols.join(", "))
     }
 
@@ -347,14 +379,31 @@ mod tests {
         assert_eq!(t.truncate_sql(), "DELETE FROM \"national\".\"citizens\" WHERE \"source_agent\" = $1");
         assert!(t.delete_sql().ends_with("AND t.\"source_agent\" = $1"), "{}", t.delete_sql());
         let all: Vec<usize> = (0..t.columns.len()).collect();
-        let upsert = t.upsert_sql_under(&all, Some(ConflictRule::Priority));
+        let upsert = t.upsert_sql_under(&all, &[], Some(ConflictRule::Priority));
         assert!(upsert.starts_with("INSERT INTO \"national\".\"citizens\" AS t ("), "{upsert}");
         assert!(upsert.ends_with("OR EXCLUDED.\"source_priority\" > t.\"source_priority\""), "{upsert}");
         assert!(t
-            .upsert_sql_under(&all, Some(ConflictRule::Quarantine))
+            .upsert_sql_under(&all, &[], Some(ConflictRule::Quarantine))
             .ends_with("WHERE t.\"source_agent\" = EXCLUDED.\"source_agent\""));
+        // Columns one value fills come from parameters, in the order given, cast from text.
+        let source_agent = t.columns.iter().position(|c| c == "\"source_agent\"").unwrap();
+        let priority = t.columns.iter().position(|c| c == "\"source_priority\"").unwrap();
+        let bound = t.upsert_sql_under(&all, &[priority, source_agent], Some(ConflictRule::Priority));
+        assert!(bound.contains("$2::text::text, \"source_province\""), "{bound}");
+        assert!(bound.contains("$1::text::integer FROM dongbo_stage_0 ON CONFLICT"), "{bound}");
+        assert!(bound.contains("\"source_agent\" = EXCLUDED.\"source_agent\""), "still updated: {bound}");
+        // The commit time is staged as microseconds beside its text column, either one set.
+        let committed = t.commit_micros.expect("a national table has a commit time");
+        assert_eq!(t.columns[committed], "\"source_committed_at\"");
+        assert!(t.ddl().iter().any(|d| d.contains("NULL::bigint AS \"dongbo_committed_us\" FROM \"national\"")));
+        assert!(t
+            .copy_stage_sql(&all)
+            .contains("\"source_committed_at\", \"dongbo_committed_us\", \"source_priority\""));
+        assert!(upsert.contains(
+            "COALESCE('epoch'::timestamptz + \"dongbo_committed_us\" * interval '1 microsecond', \"source_committed_at\")"
+        ));
         // An operator's decision overwrites unguarded, the row still named `t`.
-        let decided = t.upsert_sql_under(&all, None);
+        let decided = t.upsert_sql_under(&all, &[], None);
         assert!(
             decided.starts_with("INSERT INTO \"national\".\"citizens\" AS t (") && !decided.contains("WHERE"),
             "{decided}"
@@ -366,8 +415,10 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(own.upsert_sql_under(&[0], Some(ConflictRule::Priority)), own.upsert_sql(&[0]));
+        assert_eq!(own.upsert_sql_under(&[0], &[], Some(ConflictRule::Priority)), own.upsert_sql(&[0]));
         assert_eq!(own.truncate_sql(), "TRUNCATE \"hcm\".\"x\"");
+        assert_eq!(own.commit_micros, None);
+        assert_eq!(own.copy_stage_sql(&[0]), "COPY dongbo_stage_0 (\"id\") FROM STDIN");
     }
 
     #[test]

@@ -356,13 +356,23 @@ impl Mapping {
                 Broken::new(rule, e.to_string())
             })?;
         }
-        row.push(Value::Text(self.config.agent.clone()));
-        row.push(agent_province.map_or(Value::Null, |p| Value::Text(p.to_string())));
-        row.push(Value::Text(bound.source_table.clone()));
+        let [agent, province, source_table, priority] = self.per_stream(bound, agent_province);
+        row.extend([agent, province, source_table]);
         row.push(Value::Int(c.seq as i64));
         row.push(Value::TimestampTz(stamps.committed(c.commit_time_us)));
-        row.push(Value::Int(i64::from(self.config.priority)));
+        row.push(priority);
         Ok(row)
+    }
+
+    /// What every row this mapping writes for a stream serving `agent_province` holds in the
+    /// columns [`super::national::PER_STREAM`] names, in that order.
+    pub fn per_stream(&self, bound: &Bound, agent_province: Option<&str>) -> [Value; 4] {
+        [
+            Value::Text(self.config.agent.clone()),
+            agent_province.map_or(Value::Null, |p| Value::Text(p.to_string())),
+            Value::Text(bound.source_table.clone()),
+            Value::Int(i64::from(self.config.priority)),
+        ]
     }
 }
 

@@ -24,7 +24,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableSchema, Value};
+use dongbo_connectors::model::{ChangeBatch, ChangeEvent, TableId, TableSchema, Value};
 use serde::{Deserialize, Serialize};
 
 use self::admin_units::{Remap, SplitRule};
@@ -89,12 +89,40 @@ pub struct Transformed<'a> {
     /// Set when [`Dictionary::transform_moving`] moved text out of `original`'s mapped changes:
     /// the bytes they are decoded from again as the agent sent them (only to quarantine one).
     pub sent: Option<&'a [u8]>,
+    /// The national tables `changes` write and what their rows share.
+    pub per_stream: Cow<'a, PerStream>,
+}
+
+/// The national tables a batch's mapped changes write, each with what every one of its rows holds
+/// in the [`national::PER_STREAM`] columns, or `None` where more than one mapping wrote it. Only
+/// the transform makes one, from the values it writes, so the applier can send them once rather
+/// than once a row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PerStream(pub Vec<(TableId, Option<[Value; 4]>)>);
+
+impl PerStream {
+    /// Records that `mapping`, bound as `bound`, wrote rows for a stream serving `province`.
+    fn wrote(&mut self, mapping: &Mapping, bound: &Bound, province: Option<&str>) {
+        let table = &mapping.table.schema.table;
+        let values = mapping.per_stream(bound, province);
+        match self.0.iter_mut().find(|(t, _)| t == table) {
+            None => self.0.push((table.clone(), Some(values))),
+            Some((_, shared)) if shared.as_ref() != Some(&values) => *shared = None,
+            Some(_) => {}
+        }
+    }
 }
 
 impl<'a> Transformed<'a> {
     /// A batch the dictionary has nothing to do with.
     pub fn unchanged(batch: &'a ChangeBatch) -> Self {
-        Self { original: batch, changes: Cow::Borrowed(batch), refused: Vec::new(), sent: None }
+        Self {
+            original: batch,
+            changes: Cow::Borrowed(batch),
+            refused: Vec::new(),
+            sent: None,
+            per_stream: Cow::Owned(PerStream::default()),
+        }
     }
 
     /// Whether the changes are the original's, as decoded.
@@ -164,9 +192,13 @@ impl Dictionary {
     pub fn transform<'a>(&self, batch: &'a ChangeBatch, province: Option<&str>) -> Transformed<'a> {
         match self.map_batch(batch, province, None) {
             None => Transformed::unchanged(batch),
-            Some((changes, refused)) => {
-                Transformed { original: batch, changes: Cow::Owned(changes), refused, sent: None }
-            }
+            Some((changes, refused, per_stream)) => Transformed {
+                original: batch,
+                changes: Cow::Owned(changes),
+                refused,
+                sent: None,
+                per_stream: Cow::Owned(per_stream),
+            },
         }
     }
 
@@ -177,7 +209,7 @@ impl Dictionary {
     /// has nothing to do with the batch (`batch` is untouched).
     pub fn transform_moving(&self, batch: &mut ChangeBatch, province: Option<&str>) -> Option<Mapped> {
         let mut moved = Vec::new();
-        let (mut changes, refused) = self.map_batch(batch, province, Some(&mut moved))?;
+        let (mut changes, refused, per_stream) = self.map_batch(batch, province, Some(&mut moved))?;
         for m in &moved {
             let (Some(from), Some(to)) =
                 (batch.changes[m.change].after.as_mut(), changes.changes[m.mapped].after.as_mut())
@@ -186,7 +218,7 @@ impl Dictionary {
             };
             to[m.national] = std::mem::replace(&mut from[m.source], Value::Null);
         }
-        Some(Mapped { changes, refused, moved: !moved.is_empty() })
+        Some(Mapped { changes, refused, moved: !moved.is_empty(), per_stream })
     }
 
     /// The mapped changes and refusals of `batch`, or `None` when no mapping concerns it. With
@@ -196,7 +228,7 @@ impl Dictionary {
         batch: &'b ChangeBatch,
         province: Option<&str>,
         mut moved: Option<&mut Vec<Moved>>,
-    ) -> Option<(ChangeBatch, Vec<Refusal>)> {
+    ) -> Option<(ChangeBatch, Vec<Refusal>, PerStream)> {
         let agent = batch.source_id.as_str();
         if !self.mappings.keys().any(|(a, _)| a == agent) {
             return None;
@@ -226,13 +258,22 @@ impl Dictionary {
         let mut changes = Vec::with_capacity(batch.changes.len());
         let mut refused = Vec::new();
         let mut moves = moved.is_some().then(Moves::default);
+        let mut per_stream = PerStream::default();
+        let mut last_writer: Option<*const Mapping> = None;
         for (i, (c, m)) in batch.changes.iter().zip(found).enumerate() {
             let Some((m, bound)) = m else {
                 changes.push(c.clone());
                 continue;
             };
             let mapped = match &*bound {
-                Ok(bound) => m.map_bound(c, bound, province, &self.remap, &mut stamps, moves.as_mut()),
+                Ok(bound) => {
+                    // One mapping writes the same per-stream values on each row: checked once a run.
+                    if last_writer != Some(m as *const Mapping) {
+                        last_writer = Some(m);
+                        per_stream.wrote(m, bound, province);
+                    }
+                    m.map_bound(c, bound, province, &self.remap, &mut stamps, moves.as_mut())
+                }
                 Err(broken) => Err(broken.clone()),
             };
             match mapped {
@@ -251,7 +292,7 @@ impl Dictionary {
                 Err(broken) => refused.push(Refusal { seq: c.seq, rule: broken.rule, reason: broken.reason }),
             }
         }
-        Some((ChangeBatch { source_id: batch.source_id.clone(), changes }, refused))
+        Some((ChangeBatch { source_id: batch.source_id.clone(), changes }, refused, per_stream))
     }
 }
 
@@ -264,6 +305,8 @@ pub struct Mapped {
     pub refused: Vec<Refusal>,
     /// Whether values were moved out of the source batch.
     pub moved: bool,
+    /// What the national rows share, as [`Transformed::per_stream`].
+    pub per_stream: PerStream,
 }
 
 /// One value to move from a source change into its national change.
@@ -380,5 +423,35 @@ mod tests {
             ChangeBatch { source_id: "hanoi".into(), changes: vec![change(1, &mapped, "079090000123", "A")] };
         assert!(d.transform_moving(&mut other, None).is_none());
         assert_eq!(other.changes[0], change(1, &mapped, "079090000123", "A"));
+    }
+
+    #[test]
+    fn a_batch_declares_what_its_national_rows_share() {
+        let (nhan_khau, ho_khau) = (schema("nhan_khau"), schema("ho_khau"));
+        let sent = ChangeBatch {
+            source_id: "hcm".into(),
+            changes: vec![
+                change(1, &nhan_khau, "079090000123", "Nguyễn Văn A"),
+                change(2, &nhan_khau, "079090000124", "Trần Văn B"),
+                change(3, &ho_khau, "079090000125", "Lê Văn C"),
+            ],
+        };
+        let d = dictionary();
+        let t = d.transform(&sent, Some("79"));
+        assert!(!t.changes.changes[2].table.national, "an unmapped table passes as it is, declaring nothing");
+        let [(table, Some(shared))] = &t.per_stream.0[..] else { panic!("one table, shared: {:?}", t.per_stream) };
+        assert_eq!(*table, TableId::new("national", "citizens"));
+        let columns = &national::table("citizens").unwrap().schema.columns;
+        for c in t.changes.changes.iter().filter(|c| c.table.national) {
+            let row = c.after.as_ref().unwrap();
+            for (name, v) in national::PER_STREAM.iter().zip(shared) {
+                assert_eq!(&row[columns.iter().position(|c| c.name == *name).unwrap()], v, "{name}");
+            }
+        }
+        assert_eq!(shared[0], Value::Text("hcm".into()));
+        assert_eq!(shared[2], Value::Text("public.nhan_khau".into()));
+        assert_eq!(Transformed::unchanged(&sent).per_stream.0, [], "nothing declared of a batch as it came");
+        let mut batch = sent.clone();
+        assert_eq!(d.transform_moving(&mut batch, Some("79")).unwrap().per_stream, *t.per_stream);
     }
 }

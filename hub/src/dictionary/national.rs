@@ -65,6 +65,10 @@ pub const PROVENANCE: [(&str, &str, u32); 6] = [
     ("source_priority", "integer", 23),
 ];
 
+/// The provenance columns one mapping fills alike on every row of a stream (who sent it, from
+/// which table, at what rank), unlike the seq and commit time of each change.
+pub const PER_STREAM: [&str; 4] = ["source_agent", "source_province", "source_table", "source_priority"];
+
 const CITIZEN_FIELDS: &[Field] = &[
     Field { name: "citizen_id", kind: Kind::CitizenId, required: true },
     Field { name: "full_name", kind: Kind::Text, required: true },

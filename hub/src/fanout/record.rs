@@ -43,6 +43,36 @@ pub fn rfc3339_micros(us: i64) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
+/// Microseconds since the epoch of text in the one form [`rfc3339_micros`] writes
+/// (`YYYY-MM-DDTHH:MM:SS.ffffffZ`, years 1 to 9999); `None` for any other text, which a caller
+/// then hands on as text.
+pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (26, b'Z')];
+    if b.len() != 27 || separators.iter().any(|&(i, c)| b[i] != c) {
+        return None;
+    }
+    let num = |from: usize, to: usize| {
+        b[from..to].iter().try_fold(0i64, |n, &d| d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0')))
+    };
+    let (y, m, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, min, sec, frac) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 26)?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if y == 0 || !(1..=12).contains(&m) || d == 0 || d > month_days[m as usize - 1] || hour > 23 || min > 59 || sec > 59
+    {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date, counted from March so the leap day
+    // ends a year (H. Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some((days * 86_400 + hour * 3_600 + min * 60 + sec) * 1_000_000 + frac)
+}
+
 /// Now, microseconds since the epoch.
 pub fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
@@ -109,6 +139,33 @@ pub fn field<'a>(record: &'a Map<String, Json>, path: &str) -> Option<&'a Json> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn commit_times_read_back_as_written() {
+        let mut us: i64 = 0;
+        // Steps of about 3.7 days and odd microseconds, to 9999-12-31.
+        while us < 253_402_300_800_000_000 {
+            assert_eq!(parse_rfc3339_micros(&rfc3339_micros(us)), Some(us), "{}", rfc3339_micros(us));
+            us += 321_987_654_321;
+        }
+        for us in [0, 951_782_400_000_000, 1_796_321_506_699_042, 253_402_300_799_999_999] {
+            assert_eq!(parse_rfc3339_micros(&rfc3339_micros(us)), Some(us), "{}", rfc3339_micros(us));
+        }
+        for other in [
+            "2026-12-03 18:11:46.699042+00",
+            "2026-12-03T18:11:46Z",
+            "2026-12-03T18:11:46.699042+07",
+            "2023-02-29T00:00:00.000000Z",
+            "2024-13-01T00:00:00.000000Z",
+            "2024-01-01T24:00:00.000000Z",
+            "0000-01-01T00:00:00.000000Z",
+            "2024-01-01T00:00:00.00000aZ",
+            "infinity",
+        ] {
+            assert_eq!(parse_rfc3339_micros(other), None, "{other}");
+        }
+        assert_eq!(parse_rfc3339_micros("2024-02-29T00:00:00.000001Z"), Some(1_709_164_800_000_001));
+    }
+
     use super::*;
 
     #[test]

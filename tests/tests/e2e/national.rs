@@ -287,8 +287,9 @@ async fn two_provinces_feed_national_citizens_with_rules_remap_priority_and_head
         "Hà Nội has the higher priority: Hồ Chí Minh City's version and later edit do not replace it"
     );
     assert_eq!(n.len(), 5, "only valid rows are national: {n:?}");
-    // The provenance staged in binary reads back as written: commit times of this test's minutes
-    // (not off by the epoch's 30 years), seqs and priorities as configured.
+    // The provenance reads back as written: commit times of this test's minutes (not off by the
+    // epoch's 30 years), seqs and priorities as configured, and the three applied changes of the
+    // one streamed transaction share its commit time to the microsecond.
     let odd: i64 = ndc
         .query_one(
             "SELECT count(*) FROM national.citizens WHERE source_committed_at NOT BETWEEN now() - interval '15 minutes' AND now()              OR source_seq < 1 OR source_priority NOT IN (1, 2)",
@@ -297,6 +298,17 @@ async fn two_provinces_feed_national_citizens_with_rules_remap_priority_and_head
         .await?
         .get(0);
     assert_eq!(odd, 0, "national rows with a commit time, seq or priority not as their source wrote it");
+    let commits: Vec<String> = ndc
+        .query(
+            "SELECT DISTINCT to_char(source_committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') \
+             FROM national.citizens WHERE citizen_id IN ('079090000001', '079195000002', '079199000010')",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(commits.len(), 1, "one source transaction, one commit time: {commits:?}");
 
     // Every remapped pair is a row of the shipped remap table.
     let remap: HashSet<(String, String)> = include_str!("../../../data/admin-units/commune_remap_2025.csv")
