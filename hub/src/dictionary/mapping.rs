@@ -438,6 +438,21 @@ fn source_text(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
+/// Agent `hcm`'s legacy `public.nhan_khau` onto `national.citizens` (`dd/mm/yyyy` dates, rank 1),
+/// `columns` as (source column, national field): the tests' mapping.
+#[cfg(test)]
+pub(crate) fn nhan_khau_config(columns: &[(&str, &str)], codes: CodeList) -> MappingConfig {
+    MappingConfig {
+        agent: "hcm".into(),
+        source_table: "public.nhan_khau".into(),
+        table: "citizens".into(),
+        columns: columns.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        date_format: DateFormat::DayMonthYearSlash,
+        commune_codes: Some(codes),
+        priority: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,16 +485,7 @@ mod tests {
             ("ma_xa", "commune_code"),
             ("thon", "village"),
         ];
-        Mapping::compile(MappingConfig {
-            agent: "hcm".into(),
-            source_table: "public.nhan_khau".into(),
-            table: "citizens".into(),
-            columns: columns.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
-            date_format: DateFormat::DayMonthYearSlash,
-            commune_codes: Some(codes),
-            priority: 1,
-        })
-        .unwrap()
+        Mapping::compile(nhan_khau_config(&columns, codes)).unwrap()
     }
 
     fn change(op: Operation, values: [&str; 7]) -> ChangeEvent {

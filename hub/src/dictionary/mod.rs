@@ -349,7 +349,6 @@ mod tests {
     use super::*;
     use admin_units::CodeList;
     use dongbo_connectors::model::{Column, Operation, TableId};
-    use normalise::DateFormat;
     use std::sync::Arc;
 
     fn schema(table: &str) -> Arc<TableSchema> {
@@ -366,15 +365,7 @@ mod tests {
             ("gioi_tinh", "gender"),
             ("ma_xa", "commune_code"),
         ];
-        let mapping = MappingConfig {
-            agent: "hcm".into(),
-            source_table: "public.nhan_khau".into(),
-            table: "citizens".into(),
-            columns: columns.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
-            date_format: DateFormat::DayMonthYearSlash,
-            commune_codes: Some(CodeList::Legacy),
-            priority: 1,
-        };
+        let mapping = mapping::nhan_khau_config(&columns, CodeList::Legacy);
         Dictionary::load(&NationalConfig { mappings: vec![mapping], ..Default::default() }).unwrap()
     }
 
